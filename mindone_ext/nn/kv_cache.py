@@ -1,0 +1,51 @@
+"""A static key/value cache: fixed-shape buffers written at explicit positions.
+
+The buffers never change shape, so a decode step that takes and returns them compiles once.
+`valid` records which slots hold real tokens (prompt padding and unwritten slots are 0).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+
+from .ops import arange
+
+
+def write_kv(cache, new, start):
+    """Return `cache` (B, KV, S, D) with `new` (B, KV, T, D) written at slots start..start+T-1.
+
+    `start` is a scalar tensor, so one compiled graph serves every position."""
+    slots, t = cache.shape[2], new.shape[2]
+    offset = arange(slots) - start
+    inside = ops.logical_and(offset >= 0, offset < t).reshape(1, 1, slots, 1)
+    if t > 1:
+        new = ops.gather(new, ops.clip(offset, 0, t - 1), 2)
+    return ops.where(inside, new, cache)
+
+
+@dataclass
+class StaticCache:
+    layers: tuple  # per layer: (keys, values), each (B, KV, S, D)
+    valid: np.ndarray  # (B, S) int32, 1 where a slot holds a real token
+    length: int = 0  # slots written so far (shared by all rows: prompts are left padded)
+
+    @classmethod
+    def allocate(cls, num_layers, batch, kv_heads, slots, head_dim, dtype):
+        zeros = lambda: ops.zeros((batch, kv_heads, slots, head_dim), dtype)  # noqa: E731
+        return cls(tuple((zeros(), zeros()) for _ in range(num_layers)), np.zeros((batch, slots), np.int32))
+
+    @property
+    def slots(self):
+        return self.valid.shape[1]
+
+    def release(self):
+        self.layers = ()
+
+
+def causal_mask(valid, start, t):
+    """(B, 1, T, S) boolean mask: query i (at slot start+i) sees valid slots up to its own."""
+    slots = valid.shape[1]
+    query_slots = (arange(t) + start).reshape(t, 1)
+    causal = arange(slots).reshape(1, slots) <= query_slots
+    return ops.logical_and(causal.reshape(1, 1, t, slots), valid.astype(ms.bool_).reshape(-1, 1, 1, slots))

@@ -1,0 +1,54 @@
+"""Parameter-holding layers whose attribute names match the Hugging Face checkpoints
+(`weight`, `bias`), so weights load by name."""
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+from mindspore.common.initializer import Zero
+
+from . import ops as P
+from .device import storage_dtype
+
+
+def empty_parameter(shape, dtype, name):
+    # Lazily initialised: the loader overwrites it, so nothing is allocated twice.
+    return Parameter(Tensor(shape=shape, dtype=storage_dtype(dtype), init=Zero()), name=name)
+
+
+class Linear(nn.Cell):
+    def __init__(self, in_features, out_features, bias=True, dtype=ms.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = empty_parameter((out_features, in_features), dtype, "weight")
+        self.bias = empty_parameter((out_features,), dtype, "bias") if bias else None
+
+    def construct(self, x):
+        return mint.nn.functional.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, size, eps=1e-6, dtype=ms.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_parameter((size,), dtype, "weight")
+
+    def construct(self, x):
+        return P.rms_norm(x, self.weight, self.eps)
+
+
+class Embedding(nn.Cell):
+    def __init__(self, num_embeddings, dim, dtype=ms.float32):
+        super().__init__()
+        self.weight = empty_parameter((num_embeddings, dim), dtype, "weight")
+
+    def construct(self, ids):
+        return P.embedding(ids, self.weight)
+
+
+def fill_parameters(cell, init_fn, seed=0):
+    """Give every parameter of `cell` values from `init_fn(name, shape, rng) -> np.ndarray`.
+
+    Used for random-weight models (benchmarks, tiny checkpoints), never for real weights."""
+    rng = np.random.default_rng(seed)
+    for name, param in cell.parameters_and_names():
+        value = init_fn(name, tuple(param.shape), rng).astype(np.float32)
+        param.set_data(Tensor(value, dtype=param.dtype))

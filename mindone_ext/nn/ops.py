@@ -1,0 +1,150 @@
+"""Portable ops: the fused Ascend kernel on Ascend, a CPU-registered equivalent elsewhere.
+
+Each op `x` dispatches between `ascend_x` (the kernel that only Ascend registers) and `exact_x`
+(ops that have CPU kernels, with the reference's numerics). Model code calls only the
+dispatching names; tests call both sides directly.
+"""
+import mindspore as ms
+from mindspore import mint, ops
+
+from .device import on_ascend
+
+# ---------------------------------------------------------------- normalisation
+
+
+def ascend_rms_norm(x, weight, eps):
+    return ops.rms_norm(x, weight, eps)[0]
+
+
+def exact_rms_norm(x, weight, eps):
+    # Qwen2RMSNorm: statistics in float32, scale applied in the input dtype.
+    dtype = x.dtype
+    h = x.astype(ms.float32)
+    h = h * ops.rsqrt((h * h).mean(-1, keep_dims=True) + eps)
+    return weight * h.astype(dtype)
+
+
+def rms_norm(x, weight, eps):
+    if on_ascend():
+        return ascend_rms_norm(x, weight, eps)
+    return exact_rms_norm(x, weight, eps)
+
+
+def ascend_layer_norm(x, weight, bias, eps):
+    return mint.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def exact_layer_norm(x, weight, bias, eps):
+    dtype = x.dtype
+    h = x.astype(ms.float32)
+    mean = h.mean(-1, keep_dims=True)
+    centred = h - mean
+    h = centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)
+    h = h.astype(dtype)
+    if weight is not None:
+        h = h * weight
+    if bias is not None:
+        h = h + bias
+    return h
+
+
+def layer_norm(x, weight, bias, eps):
+    if on_ascend():
+        return ascend_layer_norm(x, weight, bias, eps)
+    return exact_layer_norm(x, weight, bias, eps)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def ascend_gelu(x, approximate="none"):
+    return mint.nn.functional.gelu(x, approximate=approximate)
+
+
+def exact_gelu(x, approximate="none"):
+    return ops.gelu(x, approximate=approximate)
+
+
+def gelu(x, approximate="none"):
+    if on_ascend():
+        return ascend_gelu(x, approximate)
+    return exact_gelu(x, approximate)
+
+
+def silu(x):
+    # x * sigmoid(x) has CPU kernels everywhere; one formula serves both devices.
+    return x * ops.sigmoid(x)
+
+
+# ---------------------------------------------------------------- lookups and ranges
+
+
+def ascend_embedding(ids, table):
+    return mint.nn.functional.embedding(ids, table)
+
+
+def exact_embedding(ids, table):
+    return ops.gather(table, ids, 0)
+
+
+def embedding(ids, table):
+    if on_ascend():
+        return ascend_embedding(ids, table)
+    return exact_embedding(ids, table)
+
+
+def ascend_arange(n, dtype=ms.int32):
+    return mint.arange(0, n, dtype=dtype)
+
+
+def exact_arange(n, dtype=ms.int32):
+    return ops.arange(0, n, dtype=dtype)
+
+
+def arange(n, dtype=ms.int32):
+    if on_ascend():
+        return ascend_arange(n, dtype)
+    return exact_arange(n, dtype)
+
+
+def ascend_cumsum(x, axis):
+    return mint.cumsum(x, axis)
+
+
+def exact_cumsum(x, axis):
+    return ops.cumsum(x, axis)
+
+
+def cumsum(x, axis):
+    if on_ascend():
+        return ascend_cumsum(x, axis)
+    return exact_cumsum(x, axis)
+
+
+def ascend_topk(x, k):
+    return mint.topk(x, k)
+
+
+def exact_topk(x, k):
+    return ops.topk(x, k)
+
+
+def topk(x, k):
+    """Largest k values along the last axis and their indices, descending."""
+    if on_ascend():
+        return ascend_topk(x, k)
+    return exact_topk(x, k)
+
+
+def ascend_argmax(x):
+    return mint.argmax(x, -1)
+
+
+def exact_argmax(x):
+    return ops.argmax(x, -1)
+
+
+def argmax(x):
+    if on_ascend():
+        return ascend_argmax(x)
+    return exact_argmax(x)

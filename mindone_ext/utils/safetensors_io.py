@@ -1,0 +1,106 @@
+"""Read and write safetensors files with numpy only, bfloat16 included.
+
+The `safetensors` package's numpy backend cannot represent bfloat16 (the dtype of the
+official checkpoints), so the format is handled here directly: an 8-byte little-endian header
+length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes.
+Tensors are read lazily from a memory map, so peak memory stays near one tensor.
+"""
+import json
+import os
+import struct
+
+import numpy as np
+
+_NUMPY_OF = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_NAME_OF = {np.dtype(v): k for k, v in _NUMPY_OF.items() if k != "BF16"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    pass
+
+
+def bf16_bits_to_float32(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(x):
+    # Round to nearest even, as torch does when casting float32 -> bfloat16.
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounding = ((u >> 16) & 1) + 0x7FFF
+    return ((u + rounding) >> 16).astype(np.uint16)
+
+
+def round_to_bf16(x):
+    return bf16_bits_to_float32(float32_to_bf16_bits(x))
+
+
+class SafetensorsFile:
+    def __init__(self, path):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise SafetensorsError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._entries = header
+        self._data_start = 8 + n
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in _NUMPY_OF:
+                raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_NUMPY_OF[entry["dtype"]]).itemsize
+            if end - begin != expected or self._data_start + end > size:
+                raise SafetensorsError(f"{path}: corrupt or truncated safetensors file (tensor {name} out of bounds)")
+        self._map = np.memmap(path, np.uint8, "r") if size > self._data_start else np.zeros(0, np.uint8)
+
+    def keys(self):
+        return list(self._entries)
+
+    def shape(self, name):
+        return tuple(self._entries[name]["shape"])
+
+    def dtype_name(self, name):
+        return self._entries[name]["dtype"]
+
+    def get(self, name):
+        """The tensor as a numpy array; bfloat16 is widened to float32 (exactly)."""
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        raw = self._map[self._data_start + begin:self._data_start + end]
+        arr = raw.view(_NUMPY_OF[entry["dtype"]]).reshape(entry["shape"])
+        return bf16_bits_to_float32(arr) if entry["dtype"] == "BF16" else np.array(arr)
+
+
+def save_file(tensors, path, metadata=None, bf16_names=()):
+    """Write {name: np.ndarray} to `path`; names in `bf16_names` are stored as bfloat16."""
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if name in bf16_names:
+            dtype, data = "BF16", float32_to_bf16_bits(arr).tobytes()
+        else:
+            dtype, data = _NAME_OF[arr.dtype], arr.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for blob in blobs:
+            f.write(blob)

@@ -1,0 +1,239 @@
+"""Build a tiny random Qwen2.5-Omni checkpoint folder in the exact Hugging Face layout.
+
+The weights come from the PyTorch reference (`Qwen2_5OmniForConditionalGeneration(config)
+.save_pretrained(...)`, sharded), re-initialised so activations and logits are O(0.1-1) rather
+than the near-uniform outputs of the reference's small-std init. Next to them: a byte-level BPE
+tokenizer trained here that carries every special token of the real one at the ids the config
+uses, the chat template, the processor configs, a generation config and spk_dict.pt.
+
+    python tools/tiny_checkpoint.py OUT_DIR [--seed 0] [--shard-size 200KB] [--tied]
+
+Needs torch (the reference); the folder it writes does not.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+# Special tokens in the real tokenizer's order: ids follow the byte-level vocabulary.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>",
+    "<|IMAGE|>", "<|VIDEO|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]
+EXTRA_SPECIAL_TOKENS = {
+    "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+}
+# The ids after the named specials that the Talker uses as text-side markers (tts pad/start/end)
+# and the speakers' text bos ids; in the real vocabulary these are unnamed rows past the specials.
+EXTRA_ROWS = 16
+
+CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: {% endif %}"
+    "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech.",
+    "You are a helpful assistant. Hello! How are you today? What is in this picture? Please describe the audio.",
+    "Transcribe the speech into text. Translate it into English. What sound is this? The quick brown fox "
+    "jumps over the lazy dog. 1 + 1 = 2, 3 * 4 = 12, x^2 + y^2 = z^2.",
+    "system user assistant image video audio music speech question answer the of and to in is that it for",
+]
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+
+
+def build_tokenizer(vocab_size=400):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, errors="replace", clean_up_tokenization_spaces=False,
+                              model_max_length=32768, extra_special_tokens=EXTRA_SPECIAL_TOKENS)
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    fast.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    fast.add_tokens([t for t in SPECIAL_TOKENS if t not in fast.get_vocab()], special_tokens=True)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(ids, vocab, tie_word_embeddings=False):
+    """A Qwen2.5-Omni config small enough for CI, with every branch the full model has:
+    GQA, several audio windows, window and full attention ViT blocks, DiT look-ahead/back."""
+    from transformers import Qwen2_5OmniConfig
+
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, max_position_embeddings=4096,
+                rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+                tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6)
+    thinker = dict(
+        text_config=text,
+        audio_config=dict(num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                          encoder_ffn_dim=64, n_window=10, output_dim=64, max_source_positions=1500),
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
+                           fullatt_block_indexes=[1, 3]),
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        vision_token_id=ids["<|vision_pad|>"], user_token_id=ids["user"] if "user" in ids else 0,
+        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    base = len(SPECIAL_TOKENS)
+    talker = dict(
+        vocab_size=8448, embedding_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+        rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+        tts_text_start_token_id=vocab - EXTRA_ROWS + 1, tts_text_end_token_id=vocab - EXTRA_ROWS + 2,
+        tts_text_pad_token_id=vocab - EXTRA_ROWS, tts_codec_start_token_id=8293, tts_codec_end_token_id=8294,
+        tts_codec_pad_token_id=8292, tts_codec_mask_token_id=8296,
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+    )
+    del base
+    token2wav = dict(
+        dit_config=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, head_dim=16, ff_mult=2,
+                        emb_dim=16, block_size=24, look_ahead_layers=[2], look_backward_layers=[0, 3], repeats=2,
+                        num_embeds=8193, mel_dim=80, enc_emb_dim=16, enc_dim=32, enc_channels=[32, 32, 32, 32, 96],
+                        enc_kernel_sizes=[5, 3, 3, 3, 1], enc_dilations=[1, 2, 3, 4, 1], enc_attention_channels=16,
+                        enc_res2net_scale=2, enc_se_channels=16),
+        bigvgan_config=dict(mel_dim=80, upsample_initial_channel=128, resblock_kernel_sizes=[3, 7],
+                            resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]], upsample_rates=[5, 3, 2, 2, 2, 2],
+                            upsample_kernel_sizes=[11, 7, 4, 4, 4, 4]),
+    )
+    return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav,
+                             enable_audio_output=True)
+
+
+def reinitialise(model, seed):
+    """Weights with O(1) activations: matrices ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2),
+    biases ~ N(0, 0.1^2), embeddings ~ N(0, 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                fan_in = int(np.prod(p.shape[1:]))
+                std = 1.0 if "embed" in name else fan_in**-0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+
+
+def processor_configs():
+    from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
+
+    audio = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300,
+                                    n_fft=400, padding_value=0.0, return_attention_mask=True).to_dict()
+    image = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
+                                  merge_size=2).to_dict()
+    pre = {k: v for k, v in {**audio, **image}.items() if k not in ("mel_filters", "size")}
+    pre.update(feature_extractor_type="WhisperFeatureExtractor", image_processor_type="Qwen2VLImageProcessor",
+               processor_class="Qwen2_5OmniProcessor")
+    video = {k: image[k] for k in ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                                   "image_std", "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size",
+                                   "min_pixels", "max_pixels")}
+    video.update(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2_5OmniProcessor",
+                 min_frames=4, max_frames=768, fps=2.0)
+    return pre, video
+
+
+def speakers(config, ids, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    dit = config.token2wav_config.dit_config
+    vocab = config.thinker_config.text_config.vocab_size
+    return {
+        name: {"cond": torch.randn(1, dit.enc_emb_dim, generator=g),
+               "ref_mel": torch.randn(1, 60, dit.mel_dim, generator=g),
+               "bos_token": vocab - EXTRA_ROWS + 4 + i}
+        for i, name in enumerate(["Chelsie", "Ethan"])
+    }
+
+
+def build(out_dir, seed=0, shard_size="200KB", tie_word_embeddings=False):
+    """Write the folder; returns its path. The folder appears complete or not at all."""
+    import torch
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    out_dir = os.path.abspath(out_dir)
+    work = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(out_dir) or ".")
+    try:
+        tokenizer = build_tokenizer()
+        ids = tokenizer.get_vocab()
+        vocab = len(tokenizer) + EXTRA_ROWS
+        config = tiny_config(ids, vocab, tie_word_embeddings)
+        torch.manual_seed(seed)
+        model = Qwen2_5OmniForConditionalGeneration(config).eval()
+        reinitialise(model, seed)
+        model.save_pretrained(work, max_shard_size=shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        pre, video = processor_configs()
+        for name, content in (("preprocessor_config.json", pre), ("video_preprocessor_config.json", video),
+                              ("chat_template.json", {"chat_template": CHAT_TEMPLATE}),
+                              ("generation_config.json", {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                                          "pad_token_id": ids["<|endoftext|>"]})):
+            with open(os.path.join(work, name), "w") as f:
+                json.dump(content, f, indent=2)
+        torch.save(speakers(config, ids, seed), os.path.join(work, "spk_dict.pt"))
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(work, out_dir)
+    finally:
+        if os.path.exists(work):
+            shutil.rmtree(work)
+    return out_dir
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-size", default="200KB")
+    ap.add_argument("--tied", action="store_true", help="tie the thinker's lm_head to its embeddings")
+    a = ap.parse_args()
+    print(build(a.out_dir, a.seed, a.shard_size, a.tied))
+
+
+if __name__ == "__main__":
+    main()
