@@ -82,11 +82,11 @@ def build_tokenizer(vocab_size=400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)  # first, so their ids follow the vocabulary in order
     fast = Qwen2TokenizerFast(tokenizer_object=tok, errors="replace", clean_up_tokenization_spaces=False,
-                              model_max_length=32768, extra_special_tokens=EXTRA_SPECIAL_TOKENS)
-    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    fast.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    fast.add_tokens([t for t in SPECIAL_TOKENS if t not in fast.get_vocab()], special_tokens=True)
+                              model_max_length=32768, extra_special_tokens=EXTRA_SPECIAL_TOKENS,
+                              eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
+                              additional_special_tokens=SPECIAL_TOKENS[1:])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -110,11 +110,10 @@ def tiny_config(ids, vocab, tie_word_embeddings=False):
         audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        vision_token_id=ids["<|vision_pad|>"], user_token_id=ids["user"] if "user" in ids else 0,
+        vision_token_id=ids["<|vision_pad|>"], user_token_id=ids["user_token"],
         pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         tie_word_embeddings=tie_word_embeddings,
     )
-    base = len(SPECIAL_TOKENS)
     talker = dict(
         vocab_size=8448, embedding_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
@@ -126,7 +125,6 @@ def tiny_config(ids, vocab, tie_word_embeddings=False):
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
     )
-    del base
     token2wav = dict(
         dit_config=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, head_dim=16, ff_mult=2,
                         emb_dim=16, block_size=24, look_ahead_layers=[2], look_backward_layers=[0, 3], repeats=2,
@@ -191,21 +189,24 @@ def speakers(config, ids, seed):
     }
 
 
-def build(out_dir, seed=0, shard_size="200KB", tie_word_embeddings=False):
-    """Write the folder; returns its path. The folder appears complete or not at all."""
+def build(out_dir, seed=0, shard_size="200KB", tie_word_embeddings=False, dtype="float32"):
+    """Write the folder; returns its path. The folder appears complete or not at all.
+    `dtype="bfloat16"` stores the weights as the official release does (half the size)."""
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     out_dir = os.path.abspath(out_dir)
     work = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(out_dir) or ".")
+    os.chmod(work, 0o755)
     try:
         tokenizer = build_tokenizer()
-        ids = tokenizer.get_vocab()
+        ids = dict(tokenizer.get_vocab(), user_token=tokenizer.encode("user")[0])
         vocab = len(tokenizer) + EXTRA_ROWS
         config = tiny_config(ids, vocab, tie_word_embeddings)
         torch.manual_seed(seed)
         model = Qwen2_5OmniForConditionalGeneration(config).eval()
         reinitialise(model, seed)
+        model.to(getattr(torch, dtype))
         model.save_pretrained(work, max_shard_size=shard_size, safe_serialization=True)
         tokenizer.save_pretrained(work)
         pre, video = processor_configs()
@@ -231,8 +232,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", default="200KB")
     ap.add_argument("--tied", action="store_true", help="tie the thinker's lm_head to its embeddings")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args()
-    print(build(a.out_dir, a.seed, a.shard_size, a.tied))
+    print(build(a.out_dir, a.seed, a.shard_size, a.tied, a.dtype))
 
 
 if __name__ == "__main__":

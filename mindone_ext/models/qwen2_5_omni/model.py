@@ -9,6 +9,7 @@ from ...generation import CompiledDecoder, SamplingConfig, generate_tokens
 from ...nn.attention import check_attn_implementation
 from ...utils.checkpoint import CheckpointFolder, load_into
 from .config import load_config
+from .rope_index import text_rope_index
 from .thinker import Qwen2_5OmniThinkerForConditionalGeneration, as_numpy
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,13 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         folder = CheckpointFolder(path)
         config = load_config(folder)
         model = cls(config, mindspore_dtype, attn_implementation, enable_audio_output)
-        skipped = sorted({p for k in folder.keys() for p in NOT_YET_PORTED if k.startswith(p)})
+        unused = NOT_YET_PORTED if enable_audio_output else [p for p in NOT_YET_PORTED if p not in SPEECH_PREFIXES]
+        skipped = sorted({p for k in folder.keys() for p in unused if k.startswith(p)})
         if skipped:
             logger.warning("not loading %s: not ported yet", ", ".join(p.rstrip(".") for p in skipped))
         optional = ["thinker.lm_head.weight"] if model.thinker.tied_word_embeddings else []
-        load_into(model, folder, mindspore_dtype, skip_prefixes=NOT_YET_PORTED, optional=optional)
+        skip = NOT_YET_PORTED if enable_audio_output else NOT_YET_PORTED + SPEECH_PREFIXES
+        load_into(model, folder, mindspore_dtype, skip_prefixes=skip, optional=optional)
         model.generation_defaults = folder.read_json("generation_config.json") or {}
         model.set_train(False)
         return model
@@ -89,7 +92,6 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         eos, pad = self._stop_ids(eos_token_id, pad_token_id)
 
-        from .rope_index import text_rope_index
         position_ids, rope_deltas = text_rope_index(mask)
         runner = self.thinker_runner()
         cache = runner.allocate(ids.shape[0], ids.shape[1] + max_new, self.thinker.model.embed_tokens.weight.dtype)

@@ -1,0 +1,94 @@
+"""Thinker text decoding, ours against the PyTorch reference on the same random weights.
+
+    python bench/thinker_decode.py            # Qwen2.5-0.5B-shaped thinker, fp32, CPU
+    python bench/thinker_decode.py --tiny     # a few-second smoke run
+
+Prints one JSON line per implementation (prefill ms for the prompt, decode tokens/s) and a
+summary line with ratios ours / reference. Decode rate = (new - 1) / (t(new) - t(1)): the time of
+`generate` for `new` tokens minus the time for one token (prefill and first token), median of
+repeats, after a warm-up call (which includes our graph compilation).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit, median_seconds  # noqa: E402
+
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=1000),
+}
+
+
+def build_config(shape):
+    from transformers import Qwen2_5OmniConfig
+
+    text = dict(SHAPES[shape], rope_theta=1000000.0, max_position_embeddings=32768,
+                rope_scaling={"mrope_section": [16, 24, 24] if shape != "tiny" else [2, 3, 3], "rope_type": "default",
+                              "type": "default"})
+    tiny_audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=text["hidden_size"])
+    tiny_vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                       fullatt_block_indexes=[0])
+    return Qwen2_5OmniConfig(thinker_config=dict(text_config=text, audio_config=tiny_audio, vision_config=tiny_vision,
+                                                 vision_start_token_id=151652),
+                             enable_audio_output=False)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--prompt_len", type=int, default=128)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    shape = "tiny" if args.tiny else "qwen2.5-0.5b"
+
+    import torch
+    import mindspore as ms
+    from mindspore import Tensor
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+
+    config = build_config(shape)
+    torch.manual_seed(0)
+    reference = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config).eval()
+    ours = Qwen2_5OmniForConditionalGeneration(config, ms.float32, enable_audio_output=False)
+    state = reference.state_dict()
+    for name, param in ours.parameters_and_names():
+        param.set_data(Tensor(state[name[len("thinker."):]].numpy()))
+
+    ids = np.random.default_rng(0).integers(0, SHAPES[shape]["vocab_size"], size=(1, args.prompt_len))
+    common = dict(shape=shape, batch=1, prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype="float32",
+                  device="CPU", torch_threads=torch.get_num_threads())
+
+    def run_ours(n):
+        return ours.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])
+
+    def run_reference(n):
+        with torch.no_grad():
+            return reference.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0).numpy()
+
+    same = bool(np.array_equal(run_ours(args.new_tokens), run_reference(args.new_tokens)))
+    results = {}
+    for impl, run in (("mindone_ext", run_ours), ("torch", run_reference)):
+        first = median_seconds(lambda: run(1), args.repeats)
+        full = median_seconds(lambda: run(args.new_tokens), args.repeats)
+        results[impl] = dict(prefill_ms=round(first * 1e3, 2),
+                             decode_tok_s=round((args.new_tokens - 1) / max(full - first, 1e-9), 2))
+        emit(dict(bench="thinker_decode", impl=impl, **results[impl], **common))
+    emit(dict(bench="thinker_decode",
+              ratio_decode_tok_s=round(results["mindone_ext"]["decode_tok_s"] / results["torch"]["decode_tok_s"], 3),
+              ratio_prefill_ms=round(results["mindone_ext"]["prefill_ms"] / results["torch"]["prefill_ms"], 3),
+              greedy_tokens_identical=same))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny checkpoints built once per session with the PyTorch reference."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `tools.` is importable from the tests
+
+SHIPPED_CHECKPOINT = os.path.join(ROOT, "examples", "qwen2_5_omni", "tiny-qwen2.5-omni")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A float32 tiny checkpoint, sharded into many files (the index path)."""
+    from tools.tiny_checkpoint import build
+
+    return build(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=0, shard_size="200KB")
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_checkpoint(tmp_path_factory):
+    """Tied thinker embeddings, saved as one safetensors file."""
+    from tools.tiny_checkpoint import build
+
+    return build(str(tmp_path_factory.mktemp("ckpt") / "tied"), seed=1, shard_size="1GB", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_checkpoint):
+    import torch
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def our_model(tiny_checkpoint):
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def padded_batch():
+    """Two prompts of different lengths, left padded, as the processor pads them."""
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 400, size=(2, 13))
+    mask = np.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 400, 0  # <|endoftext|> is the pad token
+    return ids, mask
+
+
+def max_abs_diff(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())

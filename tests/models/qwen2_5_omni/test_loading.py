@@ -1,0 +1,155 @@
+"""The loader reads the Hugging Face folder as it is, and says clearly what is wrong with one
+that cannot be loaded."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import mindspore as ms
+from safetensors.torch import load_file, save_file
+
+from mindone_ext import Qwen2_5OmniForConditionalGeneration
+from mindone_ext.utils.checkpoint import CheckpointError
+
+from tests.conftest import max_abs_diff
+
+THINKER_WEIGHT = "thinker.model.layers.1.mlp.up_proj.weight"
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def edit_tensor(folder, name, change):
+    """Rewrite the shard holding `name` with `change(tensors)` applied."""
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shard = index["weight_map"][name]
+    tensors = load_file(os.path.join(folder, shard))
+    change(tensors)
+    save_file(tensors, os.path.join(folder, shard), metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in tensors or v != shard}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+
+
+def test_sharded_checkpoint_loads_every_thinker_tensor_unchanged(tiny_checkpoint, our_model):
+    ours = dict(our_model.parameters_and_names())
+    assert THINKER_WEIGHT in ours and "thinker.lm_head.weight" in ours
+    from safetensors import safe_open
+    with open(os.path.join(tiny_checkpoint, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 1, "the fixture must exercise the sharded index"
+    for name, param in ours.items():
+        with safe_open(os.path.join(tiny_checkpoint, weight_map[name]), "pt") as f:
+            np.testing.assert_array_equal(param.asnumpy(), f.get_tensor(name).numpy())
+
+
+def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "missing")
+    edit_tensor(folder, THINKER_WEIGHT, lambda t: t.pop(THINKER_WEIGHT))
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): " + THINKER_WEIGHT.replace(".", r"\.")):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_wrong_shape_is_named(tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "shape")
+    edit_tensor(folder, THINKER_WEIGHT, lambda t: t.__setitem__(THINKER_WEIGHT, torch.zeros(3, 3)))
+    with pytest.raises(CheckpointError, match=r"wrong shape.*up_proj\.weight \(checkpoint \[3, 3\], model \[128, 64\]\)"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_unexpected_tensor_is_named(tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "extra")
+    edit_tensor(folder, THINKER_WEIGHT, lambda t: t.__setitem__("thinker.model.bogus.weight", torch.zeros(2)))
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    index["weight_map"]["thinker.model.bogus.weight"] = index["weight_map"][THINKER_WEIGHT]
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\): thinker\.model\.bogus\.weight"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "shard")
+    os.remove(os.path.join(folder, "model-00002-of-00024.safetensors"))
+    with pytest.raises(CheckpointError, match="missing: model-00002-of-00024.safetensors"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_empty_folder_and_folder_without_weights(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(str(tmp_path / "nowhere"))
+    shutil.copy(os.path.join(tiny_checkpoint, "config.json"), tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="has no weights: expected model.safetensors"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(str(tmp_path))
+
+
+def test_config_of_another_model_is_refused(tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "other")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config["model_type"] = "llama"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_speech_weights_are_not_read_without_audio_output(tiny_checkpoint, tmp_path):
+    """With enable_audio_output=False the talker/token2wav shards may even be unreadable."""
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "nospeech")
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    thinker_shards = {v for k, v in weight_map.items() if k.startswith("thinker.")}
+    speech_only = {v for k, v in weight_map.items() if k.startswith(("talker.", "token2wav."))} - thinker_shards
+    assert speech_only
+    for shard in speech_only:
+        with open(os.path.join(folder, shard), "wb") as f:
+            f.write(b"garbage")
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(folder, enable_audio_output=False)
+    assert not model.has_talker
+    assert not any(n.startswith(("talker.", "token2wav.")) for n, _ in model.parameters_and_names())
+
+
+def test_tied_embeddings_single_file(tiny_tied_checkpoint):
+    assert os.path.exists(os.path.join(tiny_tied_checkpoint, "model.safetensors"))
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_tied_checkpoint)
+    thinker = model.thinker
+    assert thinker.lm_head.weight is thinker.model.embed_tokens.weight
+    from transformers import Qwen2_5OmniForConditionalGeneration as Reference
+    reference = Reference.from_pretrained(tiny_tied_checkpoint, dtype=torch.float32).eval()
+    ids = np.arange(3, 20).reshape(1, -1)
+    with torch.no_grad():
+        want = reference.thinker(input_ids=torch.tensor(ids)).logits.numpy()
+    assert max_abs_diff(thinker(input_ids=ids).logits.asnumpy(), want) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(ms.float16, 0.03), (ms.bfloat16, 0.08)])
+def test_half_precision_loads_stay_close_to_float32(tiny_checkpoint, our_model, padded_batch, dtype, tolerance):
+    """Tolerance relative to the largest logit: fp16 rounds weights and activations (~1e-3
+    per op), bf16 rounds weights to 8 bits of mantissa (computed in float32 on CPU)."""
+    ids, mask = padded_batch
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, mindspore_dtype=dtype)
+    assert model.thinker.lm_head.weight.dtype == (ms.float16 if dtype == ms.float16 else ms.float32)
+    half = model.thinker(input_ids=ids, attention_mask=mask).logits.asnumpy().astype(np.float32)
+    full = our_model.thinker(input_ids=ids, attention_mask=mask).logits.asnumpy()
+    valid = mask.astype(bool)
+    assert np.isfinite(half).all()
+    scale = np.abs(full[valid]).max()
+    assert max_abs_diff(half[valid], full[valid]) <= tolerance * scale
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
+    assert out.shape == (2, ids.shape[1] + 4)
+
+
+def test_unsupported_dtype_and_attention_are_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="mindspore_dtype"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, mindspore_dtype=ms.int8)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="xformers")
