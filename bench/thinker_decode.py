@@ -29,7 +29,7 @@ def build_config(shape):
     from transformers import Qwen2_5OmniConfig
 
     text = dict(SHAPES[shape], rope_theta=1000000.0, max_position_embeddings=32768,
-                rope_scaling={"mrope_section": [16, 24, 24] if shape != "tiny" else [2, 3, 3], "rope_type": "default",
+                rope_scaling={"mrope_section": [8, 12, 12] if shape != "tiny" else [2, 3, 3], "rope_type": "default",
                               "type": "default"})
     tiny_audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=text["hidden_size"])
     tiny_vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],

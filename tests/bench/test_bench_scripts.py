@@ -1,0 +1,24 @@
+"""The benchmark scripts keep working and keep their output form (JSON lines: one per
+implementation, then a summary of ratios). Timings are printed, never asserted."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_bench(script, *args):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_thinker_decode_bench_output_form():
+    lines = run_bench("thinker_decode.py", "--tiny", "--repeats", "1", "--new_tokens", "8", "--prompt_len", "20")
+    assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
+    for record in lines[:2]:
+        assert record["bench"] == "thinker_decode" and record["prefill_ms"] > 0 and record["decode_tok_s"] > 0
+    summary = lines[-1]
+    assert summary["ratio_decode_tok_s"] > 0 and summary["greedy_tokens_identical"] is True
