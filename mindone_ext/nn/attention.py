@@ -4,8 +4,9 @@ Layouts: q (B, H, T, D), k and v (B, KV, S, D) with H a multiple of KV (grouped-
 attention), mask (B, 1, T, S) boolean, True where a query may attend a key.
 Returns (B, T, H * D).
 """
+import numpy as np
 import mindspore as ms
-from mindspore import ops
+from mindspore import Tensor, ops
 
 from .device import on_ascend
 
@@ -51,3 +52,33 @@ def attention(q, k, v, mask, scale, flash=False):
     if flash:
         return ascend_attention(q, k, v, mask, scale)
     return exact_attention(q, k, v, mask, scale)
+
+
+class SegmentLayout:
+    """How a flat sequence of N tokens, cut into consecutive segments, maps to a padded
+    (segments, longest) batch: attention within segments (the reference's `cu_seqlens`) then
+    runs as ordinary batched attention with a key padding mask."""
+
+    def __init__(self, lengths):
+        lengths = np.asarray(lengths, np.int64)
+        longest = int(lengths.max())
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        offsets = np.arange(longest)
+        valid = offsets[None, :] < lengths[:, None]
+        self.shape = (len(lengths), longest)
+        self.gather = Tensor(np.where(valid, starts[:, None] + offsets[None, :], 0).reshape(-1).astype(np.int32))
+        self.scatter = Tensor(np.flatnonzero(valid).astype(np.int32))
+        self.mask = Tensor(np.broadcast_to(valid[:, None, None, :], (len(lengths), 1, longest, longest)).copy())
+
+
+def segmented_attention(q, k, v, layout, scale, flash=False):
+    """q, k, v (N, H, D) for a flat sequence; each token attends only within its segment.
+    Returns (N, H * D)."""
+    n, h, d = q.shape
+    s, longest = layout.shape
+
+    def batch(x):
+        return ops.gather(x, layout.gather, 0).reshape(s, longest, h, d).swapaxes(1, 2)
+
+    out = attention(batch(q), batch(k), batch(v), layout.mask, scale, flash)
+    return ops.gather(out.reshape(s * longest, h * d), layout.scatter, 0)

@@ -8,10 +8,10 @@ cached forward (keys are static cache buffers, written at `start`).
 import mindspore as ms
 from mindspore import nn, ops
 
-from . import ops as P
 from .attention import attention, use_flash
 from .kv_cache import causal_mask, write_kv
 from .layers import Embedding, Linear, RMSNorm
+from .mlp import GatedMLP
 from .rotary import MultimodalRotaryEmbedding, apply_rotary
 
 
@@ -45,22 +45,11 @@ class Qwen2Attention(nn.Cell):
         return self.o_proj(out), (k, v)
 
 
-class Qwen2MLP(nn.Cell):
-    def __init__(self, hidden, intermediate, dtype):
-        super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, False, dtype)
-        self.up_proj = Linear(hidden, intermediate, False, dtype)
-        self.down_proj = Linear(intermediate, hidden, False, dtype)
-
-    def construct(self, x):
-        return self.down_proj(P.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Qwen2DecoderLayer(nn.Cell):
     def __init__(self, config, dtype, attn_implementation):
         super().__init__()
         self.self_attn = Qwen2Attention(config, dtype, attn_implementation)
-        self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size, dtype)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, act=config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 

@@ -25,6 +25,36 @@ class Linear(nn.Cell):
         return mint.nn.functional.linear(x, self.weight, self.bias)
 
 
+class Conv1d(nn.Cell):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 dtype=ms.float32):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.weight = empty_parameter((out_channels, in_channels // groups, kernel_size), dtype, "weight")
+        self.bias = empty_parameter((out_channels,), dtype, "bias") if bias else None
+
+    def construct(self, x):
+        return P.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class LayerNorm(nn.Cell):
+    def __init__(self, size, eps=1e-5, dtype=ms.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_parameter((size,), dtype, "weight")
+        self.bias = empty_parameter((size,), dtype, "bias")
+
+    def construct(self, x):
+        return P.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class GELU(nn.Cell):
+    """Exact (erf) GELU as a layer, for checkpoints that number it inside a Sequential."""
+
+    def construct(self, x):
+        return P.gelu(x)
+
+
 class RMSNorm(nn.Cell):
     def __init__(self, size, eps=1e-6, dtype=ms.float32):
         super().__init__()

@@ -148,3 +148,41 @@ def argmax(x):
     if on_ascend():
         return ascend_argmax(x)
     return exact_argmax(x)
+
+
+def gelu_tanh(x):
+    return exact_gelu(x, "tanh") if not on_ascend() else ascend_gelu(x, "tanh")
+
+
+def quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh,
+               "quick_gelu": quick_gelu, "relu": ops.relu}
+
+
+def activation(name):
+    """The activation a Hugging Face config names (`hidden_act`, `activation_function`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------- convolution
+
+
+def ascend_conv1d(x, weight, bias, stride=1, padding=0, dilation=1, groups=1):
+    return mint.nn.functional.conv1d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def exact_conv1d(x, weight, bias, stride=1, padding=0, dilation=1, groups=1):
+    out = ops.conv1d(x, weight, None, stride, "pad" if padding else "valid", padding, dilation, groups)
+    return out if bias is None else out + bias.reshape(1, -1, 1)
+
+
+def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """x (B, C_in, L), weight (C_out, C_in / groups, K): torch.nn.functional.conv1d semantics."""
+    if on_ascend():
+        return ascend_conv1d(x, weight, bias, stride, padding, dilation, groups)
+    return exact_conv1d(x, weight, bias, stride, padding, dilation, groups)

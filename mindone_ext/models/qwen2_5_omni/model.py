@@ -9,15 +9,14 @@ from ...generation import CompiledDecoder, SamplingConfig, generate_tokens
 from ...nn.attention import check_attn_implementation
 from ...utils.checkpoint import CheckpointFolder, load_into
 from .config import load_config
-from .rope_index import text_rope_index
 from .thinker import Qwen2_5OmniThinkerForConditionalGeneration, as_numpy
 
 logger = logging.getLogger(__name__)
 
 SPEECH_PREFIXES = ("talker.", "token2wav.")
 # Parts of the checkpoint this release does not run yet; they are left unread (not an error)
-# until their issues land: the encoders (hearing and seeing) and speech output.
-NOT_YET_PORTED = ("thinker.audio_tower.", "thinker.visual.") + SPEECH_PREFIXES
+# until their issue lands: speech output.
+NOT_YET_PORTED = SPEECH_PREFIXES
 SUPPORTED_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 
 
@@ -69,9 +68,11 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
 
     def generate(self, input_ids=None, attention_mask=None, return_audio=False, max_new_tokens=None,
                  thinker_max_new_tokens=1024, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
-                 repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, seed=None, **unused):
-        """Text generation with the Thinker. Returns token ids (B, prompt + new) as int64 numpy,
-        like the reference's `generate(..., return_audio=False)`."""
+                 repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, seed=None, input_features=None,
+                 feature_attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                 video_grid_thw=None, use_audio_in_video=False, video_second_per_grid=None, **unused):
+        """Generation with the Thinker from what the processor returns. Returns token ids
+        (B, prompt + new) as int64 numpy, like the reference's `generate(..., return_audio=False)`."""
         if return_audio:
             raise NotImplementedError("speech output (return_audio=True) is not available in this release yet")
         if input_ids is None:
@@ -92,12 +93,16 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         eos, pad = self._stop_ids(eos_token_id, pad_token_id)
 
-        position_ids, rope_deltas = text_rope_index(mask)
+        prompt = self.thinker.prepare_inputs(
+            ids, mask, input_features=input_features, feature_attention_mask=feature_attention_mask,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw, use_audio_in_video=use_audio_in_video,
+            video_second_per_grid=video_second_per_grid)
         runner = self.thinker_runner()
         cache = runner.allocate(ids.shape[0], ids.shape[1] + max_new, self.thinker.model.embed_tokens.weight.dtype)
         try:
-            new = generate_tokens(runner, cache, self.thinker.embed(ids), ids, mask, position_ids, rope_deltas,
-                                  max_new, sampling, eos, pad)
+            new = generate_tokens(runner, cache, prompt.inputs_embeds, ids, mask, prompt.position_ids,
+                                  prompt.rope_deltas, max_new, sampling, eos, pad)
         finally:
             cache.release()
         return np.concatenate([ids, new], 1)

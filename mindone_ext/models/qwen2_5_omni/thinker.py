@@ -1,18 +1,22 @@
-"""The Thinker: Qwen2.5 text decoder with TMRoPE and its LM head.
+"""The Thinker: audio and vision encoders whose features replace the placeholder tokens' embeddings,
+and the Qwen2.5 text decoder with TMRoPE plus its LM head.
 
-Names and forward arguments mirror the reference (`thinker.model.layers.N...`, `thinker.lm_head`,
-`thinker(input_ids=..., attention_mask=...)` returning an output with `.logits`).
+Names and forward arguments mirror the reference (`thinker.model.layers.N...`, `thinker.audio_tower`,
+`thinker.visual`, `thinker.lm_head`; `thinker(input_ids=..., attention_mask=..., input_features=...,
+pixel_values=..., ...)` returning an output with `.logits`).
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from ...nn.decoder import Qwen2Decoder
 from ...nn.layers import Linear
-from .rope_index import text_rope_index
+from .audio_encoder import Qwen2_5OmniAudioEncoder, output_lengths
+from .rope_index import RopeTokens, get_rope_index
+from .vision_encoder import Qwen2_5OmniVisionEncoder
 
 
 @dataclass
@@ -20,6 +24,15 @@ class ThinkerOutput:
     logits: Tensor
     last_hidden_state: Tensor
     rope_deltas: Optional[np.ndarray] = None
+
+
+@dataclass
+class PreparedInputs:
+    """What the decoder needs for a prompt: merged embeddings and TMRoPE positions."""
+    inputs_embeds: Tensor  # (B, T, H)
+    position_ids: np.ndarray  # (3, B, T)
+    rope_deltas: np.ndarray  # (B, 1): decode position = cache slot + delta
+    attention_mask: np.ndarray  # (B, T)
 
 
 def as_numpy(x, dtype=None):
@@ -31,16 +44,33 @@ def as_numpy(x, dtype=None):
     return x.astype(dtype) if dtype is not None else x
 
 
+def scatter_rows(embeds, ids, token_id, features, what):
+    """Replace the embeddings at every `token_id` with `features`, in order (the reference's
+    masked_scatter), as one gather over [embeddings; features] so it is differentiable."""
+    b, t, h = embeds.shape
+    where = np.flatnonzero(ids.reshape(-1) == token_id)
+    if len(where) != features.shape[0]:
+        raise ValueError(f"{what} features and {what} tokens do not match: {len(where)} placeholder tokens in "
+                         f"input_ids, {features.shape[0]} feature rows (was the prompt built by the processor?)")
+    source = np.arange(b * t)
+    source[where] = b * t + np.arange(len(where))
+    table = ops.cat((embeds.reshape(b * t, h), features.astype(embeds.dtype)), 0)
+    return ops.gather(table, Tensor(source.astype(np.int32)), 0).reshape(b, t, h)
+
+
 class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
     def __init__(self, config, dtype=ms.float32, attn_implementation="eager"):
         super().__init__()
         self.config = config
         text = config.text_config
+        self.audio_tower = Qwen2_5OmniAudioEncoder(config.audio_config, dtype, attn_implementation)
+        self.visual = Qwen2_5OmniVisionEncoder(config.vision_config, dtype, attn_implementation)
         self.model = Qwen2Decoder(text, dtype, attn_implementation)
         self.lm_head = Linear(text.hidden_size, text.vocab_size, False, dtype)
         self.tied_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         if self.tied_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope_tokens = RopeTokens.from_config(config)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -48,19 +78,67 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
     def embed(self, input_ids):
         return self.model.embed_tokens(Tensor(as_numpy(input_ids, np.int32)))
 
-    def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **unused):
+    # ------------------------------------------------------------------ encoders
+
+    def get_audio_features(self, input_features, feature_attention_mask):
+        """input_features (clips, mel, frames) padded; mask (clips, frames) -> (tokens, hidden)."""
+        features = as_numpy(input_features, np.float32)
+        mask = as_numpy(feature_attention_mask, bool)
+        if features.ndim != 3 or mask is None or mask.shape != (features.shape[0], features.shape[2]):
+            raise ValueError("input_features must be (clips, mel bins, frames) with a feature_attention_mask of "
+                             f"(clips, frames); got {features.shape} and {None if mask is None else mask.shape}")
+        lengths = mask.sum(1)
+        valid_frames = features.transpose(1, 0, 2)[:, mask]  # (mel, all valid frames, clip after clip)
+        audio = self.audio_tower(valid_frames, lengths)
+        expected = int(output_lengths(lengths)[1].sum())
+        if audio.shape[0] != expected:
+            raise ValueError(f"audio encoder returned {audio.shape[0]} tokens, expected {expected}")
+        return audio
+
+    def get_image_features(self, pixel_values, image_grid_thw):
+        return self.visual(pixel_values, image_grid_thw)
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw):
+        return self.visual(pixel_values_videos, video_grid_thw)
+
+    def prepare_inputs(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None,
+                       pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                       use_audio_in_video=False, video_second_per_grid=None, position_ids=None, inputs_embeds=None):
+        ids = as_numpy(input_ids, np.int64)
+        embeds = self.embed(ids) if inputs_embeds is None else inputs_embeds
+        b, t = embeds.shape[:2]
+        mask = np.ones((b, t), np.int64) if attention_mask is None else as_numpy(attention_mask, np.int64)
+        c = self.config
+        if input_features is not None:
+            embeds = scatter_rows(embeds, ids, c.audio_token_index, self.get_audio_features(
+                input_features, feature_attention_mask), "audio")
+        if pixel_values is not None:
+            embeds = scatter_rows(embeds, ids, c.image_token_index, self.get_image_features(
+                pixel_values, image_grid_thw), "image")
+        if pixel_values_videos is not None:
+            embeds = scatter_rows(embeds, ids, c.video_token_index, self.get_video_features(
+                pixel_values_videos, video_grid_thw), "video")
+        if position_ids is None:
+            audio_lengths = None if feature_attention_mask is None else as_numpy(feature_attention_mask).sum(1)
+            position_ids, deltas = get_rope_index(
+                self.rope_tokens, ids if ids is not None else np.zeros((b, t), np.int64),
+                as_numpy(image_grid_thw), as_numpy(video_grid_thw), mask, use_audio_in_video, audio_lengths,
+                as_numpy(video_second_per_grid))
+            rope_deltas = deltas - (1 - mask).sum(-1, keepdims=True)  # the reference shifts by the padding
+        else:
+            position_ids = as_numpy(position_ids, np.int64)
+            if position_ids.ndim == 2:
+                position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
+            rope_deltas = position_ids.max(0).max(-1, keepdims=True) + 1 - t
+        return PreparedInputs(embeds, position_ids, rope_deltas, mask)
+
+    def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **multimodal):
         """Full-sequence forward without a cache (parity tests, training)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        b, t = inputs_embeds.shape[:2]
-        mask = np.ones((b, t), np.int32) if attention_mask is None else as_numpy(attention_mask, np.int32)
-        rope_deltas = None
-        if position_ids is None:
-            position_ids, rope_deltas = text_rope_index(mask)
-        position_ids = as_numpy(position_ids, np.int32)
-        if position_ids.ndim == 2:
-            position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
-        hidden, _ = self.model(inputs_embeds, Tensor(position_ids), Tensor(mask))
-        return ThinkerOutput(self.lm_head(hidden), hidden, rope_deltas)
+        known = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                 "video_grid_thw", "use_audio_in_video", "video_second_per_grid")
+        p = self.prepare_inputs(input_ids, attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                **{k: v for k, v in multimodal.items() if k in known})
+        hidden, _ = self.model(p.inputs_embeds, Tensor(p.position_ids, ms.int32), Tensor(p.attention_mask, ms.int32))
+        return ThinkerOutput(self.lm_head(hidden), hidden, p.rope_deltas)

@@ -1,0 +1,141 @@
+"""The vision encoder (Qwen2.5-VL ViT): 3D patch embedding, 2D rotary embedding, window attention
+in most blocks and full (per-frame) attention in `fullatt_block_indexes`, and the patch merger.
+Names mirror the reference (`thinker.visual.*`). Images and videos alike: a video is frames in
+pairs (temporal_patch_size), an image one such pair.
+
+Token order: patches arrive in the processor's order (2x2 merge groups contiguous). Window
+attention wants each window contiguous, so the sequence is permuted by `window_index` (in units of
+merge groups) before the blocks and put back after the merger, as in the reference.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ...nn.attention import SegmentLayout, segmented_attention, use_flash
+from ...nn.layers import GELU, Linear, RMSNorm, empty_parameter
+from ...nn.mlp import GatedMLP
+from ...nn.rotary import rope_inv_freq, rotate_half
+
+
+def rotary_positions(grid_thw, merge):
+    """(h, w) patch coordinates in the processor's patch order (merge groups contiguous)."""
+    out = []
+    for t, h, w in grid_thw:
+        hpos = np.broadcast_to(np.arange(h)[:, None], (h, w))
+        wpos = np.broadcast_to(np.arange(w)[None, :], (h, w))
+        order = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
+        out.append(np.tile(np.stack([order(hpos), order(wpos)], -1), (t, 1)))
+    return np.concatenate(out)
+
+
+def window_index(grid_thw, merge, patch, window_size):
+    """Permutation of merge groups that makes each attention window contiguous, and the window
+    lengths in patches (empty windows dropped)."""
+    groups_per_window = window_size // merge // patch
+    index, lengths, offset = [], [], 0
+    for t, h, w in grid_thw:
+        gh, gw = h // merge, w // merge
+        ids = np.arange(t * gh * gw).reshape(t, gh, gw)
+        ph, pw = groups_per_window - gh % groups_per_window, groups_per_window - gw % groups_per_window
+        padded = np.pad(ids, ((0, 0), (0, ph), (0, pw)), constant_values=-1)
+        nh, nw = padded.shape[1] // groups_per_window, padded.shape[2] // groups_per_window
+        padded = padded.reshape(t, nh, groups_per_window, nw, groups_per_window).transpose(0, 1, 3, 2, 4)
+        padded = padded.reshape(t * nh * nw, -1)
+        counts = (padded >= 0).sum(1)
+        index.append(padded[padded >= 0] + offset)
+        lengths.extend((counts[counts > 0] * merge * merge).tolist())
+        offset += t * gh * gw
+    return np.concatenate(index), np.asarray(lengths)
+
+
+class VisionAttention(nn.Cell):
+    def __init__(self, dim, heads, dtype, flash):
+        super().__init__()
+        self.heads, self.head_dim, self.flash = heads, dim // heads, flash
+        self.q = Linear(dim, dim, True, dtype)
+        self.k = Linear(dim, dim, True, dtype)
+        self.v = Linear(dim, dim, True, dtype)
+        self.proj = Linear(dim, dim, True, dtype)
+
+    def construct(self, x, cos, sin, layout):
+        n = x.shape[0]
+        q, k, v = (p(x).reshape(n, self.heads, self.head_dim) for p in (self.q, self.k, self.v))
+        # rotary in float32, as the reference
+        q = (q.astype(ms.float32) * cos + rotate_half(q.astype(ms.float32)) * sin).astype(x.dtype)
+        k = (k.astype(ms.float32) * cos + rotate_half(k.astype(ms.float32)) * sin).astype(x.dtype)
+        return self.proj(segmented_attention(q, k, v, layout, self.head_dim**-0.5, self.flash))
+
+
+class VisionBlock(nn.Cell):
+    def __init__(self, config, dtype, flash):
+        super().__init__()
+        self.norm1 = RMSNorm(config.hidden_size, 1e-6, dtype)
+        self.norm2 = RMSNorm(config.hidden_size, 1e-6, dtype)
+        self.attn = VisionAttention(config.hidden_size, config.num_heads, dtype, flash)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, bias=True, act=config.hidden_act)
+
+    def construct(self, x, cos, sin, layout):
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Cell):
+    """Conv3d with kernel = stride = (temporal_patch, patch, patch) over pre-cut patches: a matmul."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.proj = nn.Cell()
+        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.proj.weight = empty_parameter((config.hidden_size, config.in_channels) + kernel, dtype, "weight")
+
+    def construct(self, x):
+        w = self.proj.weight
+        return ops.matmul(x.astype(w.dtype), w.reshape(w.shape[0], -1).T)
+
+
+class PatchMerger(nn.Cell):
+    def __init__(self, dim, context_dim, merge, dtype):
+        super().__init__()
+        self.hidden = context_dim * merge * merge
+        self.ln_q = RMSNorm(context_dim, 1e-6, dtype)
+        self.mlp = nn.SequentialCell([Linear(self.hidden, self.hidden, True, dtype), GELU(),
+                                      Linear(self.hidden, dim, True, dtype)])
+
+    def construct(self, x):
+        return self.mlp(self.ln_q(x).reshape(-1, self.hidden))
+
+
+class Qwen2_5OmniVisionEncoder(nn.Cell):
+    def __init__(self, config, dtype=ms.float32, attn_implementation="eager"):
+        super().__init__()
+        self.merge = config.spatial_merge_size
+        self.patch = config.patch_size
+        self.window_size = config.window_size
+        self.fullatt_block_indexes = set(config.fullatt_block_indexes)
+        self.patch_embed = PatchEmbed(config, dtype)
+        self.inv_freq = rope_inv_freq(config.hidden_size // config.num_heads // 2, 10000.0)
+        flash = use_flash(attn_implementation, dtype)
+        self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
+        self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
+
+    def construct(self, pixel_values, grid_thw):
+        """pixel_values (patches, C * T * P * P) from the processor, grid_thw (items, 3).
+        Returns (patches / merge^2, out_hidden_size) in the processor's order."""
+        grid_thw = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+        unit = self.merge * self.merge
+        order, window_lengths = window_index(grid_thw, self.merge, self.patch, self.window_size)
+        patch_order = (order[:, None] * unit + np.arange(unit)[None, :]).reshape(-1).astype(np.int32)
+
+        x = self.patch_embed(pixel_values if isinstance(pixel_values, Tensor) else Tensor(pixel_values))
+        x = ops.gather(x, Tensor(patch_order), 0)
+        freqs = rotary_positions(grid_thw, self.merge)[patch_order].astype(np.float32)  # (N, 2)
+        angles = (freqs[:, :, None] * self.inv_freq[None, None, :]).reshape(len(patch_order), -1)
+        angles = np.concatenate([angles, angles], -1)[:, None, :]  # (N, 1, head_dim)
+        cos, sin = Tensor(np.cos(angles)), Tensor(np.sin(angles))
+
+        frames = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        full, windowed = SegmentLayout(frames), SegmentLayout(window_lengths)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, full if i in self.fullatt_block_indexes else windowed)
+        x = self.merger(x)
+        return ops.gather(x, Tensor(np.argsort(order).astype(np.int32)), 0)
