@@ -1,0 +1,93 @@
+"""Hearing and seeing against the PyTorch reference: encoders, TMRoPE position ids, merged
+prompts, and generation after a multimodal prompt."""
+import numpy as np
+import pytest
+import torch
+
+from mindone_ext.models.qwen2_5_omni.audio_encoder import output_lengths
+from tests.conftest import max_abs_diff
+from tests.models.qwen2_5_omni.multimodal_inputs import CASES, case
+
+TORCH_KEYS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "pixel_values",
+              "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+
+
+def to_torch(inputs):
+    return {k: torch.tensor(v) for k, v in inputs.items() if k in TORCH_KEYS}
+
+
+def test_audio_encoder_several_windows_two_lengths(our_model, reference_model):
+    rng = np.random.default_rng(3)
+    lens = np.array([57, 23, 40])  # windows of 20 frames: 20+20+17, 20+3, 20+20
+    feats = rng.standard_normal((128, lens.sum())).astype(np.float32)
+    got = our_model.thinker.audio_tower(feats, lens).asnumpy()
+    tower = reference_model.thinker.audio_tower
+    with torch.no_grad():
+        cnn, out = tower._get_feat_extract_output_lengths(torch.tensor(lens))
+        want = tower(torch.tensor(feats), feature_lens=torch.tensor(lens), aftercnn_lens=cnn).last_hidden_state.numpy()
+    assert got.shape == want.shape == (int(output_lengths(lens)[1].sum()), 64)
+    assert np.abs(want).mean() > 0.1
+    assert max_abs_diff(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("grid", [[[1, 6, 10]], [[4, 8, 6]], [[1, 4, 4], [2, 6, 8]]], ids=["image", "video", "both"])
+def test_vision_encoder_window_and_full_attention(our_model, reference_model, grid):
+    config = reference_model.config.thinker_config.vision_config
+    assert set(config.fullatt_block_indexes) and len(config.fullatt_block_indexes) < config.depth
+    grid = np.asarray(grid)
+    pixels = np.random.default_rng(4).standard_normal((int(grid.prod(1).sum()), 1176)).astype(np.float32)
+    got = our_model.thinker.visual(pixels, grid).asnumpy()
+    with torch.no_grad():
+        want = reference_model.thinker.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).numpy()
+    assert np.abs(want).mean() > 0.1
+    assert max_abs_diff(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rope_index_equals_reference(our_model, reference_model, tiny_checkpoint, name):
+    from mindone_ext.models.qwen2_5_omni.rope_index import get_rope_index
+
+    inputs, in_video = case(tiny_checkpoint, name)
+    mask = inputs["attention_mask"]
+    audio_lengths = inputs["feature_attention_mask"].sum(1) if "feature_attention_mask" in inputs else None
+    got_ids, got_deltas = get_rope_index(our_model.thinker.rope_tokens, inputs["input_ids"], inputs.get("image_grid_thw"),
+                                         inputs.get("video_grid_thw"), mask, in_video, audio_lengths,
+                                         inputs.get("video_second_per_grid"))
+    t = to_torch(inputs)
+    want_ids, want_deltas = reference_model.thinker.get_rope_index(
+        t["input_ids"], t.get("image_grid_thw"), t.get("video_grid_thw"), t["attention_mask"], in_video,
+        None if audio_lengths is None else torch.tensor(audio_lengths), t.get("video_second_per_grid"))
+    np.testing.assert_array_equal(got_ids, want_ids.numpy())
+    np.testing.assert_array_equal(got_deltas, want_deltas.numpy())
+
+
+@pytest.mark.parametrize("name", ["audio_image_video", "audio_in_video", "mixed_batch_padded"])
+def test_thinker_logits_with_media(our_model, reference_model, tiny_checkpoint, name):
+    inputs, in_video = case(tiny_checkpoint, name)
+    with torch.no_grad():
+        ref = reference_model.thinker(**to_torch(inputs), use_audio_in_video=in_video)
+    out = our_model.thinker(**inputs, use_audio_in_video=in_video)
+    valid = inputs["attention_mask"].astype(bool)
+    want = ref.logits.numpy()
+    assert np.abs(want[valid]).mean() > 0.1
+    assert max_abs_diff(out.logits.asnumpy()[valid], want[valid]) <= 1e-4
+    np.testing.assert_array_equal(out.rope_deltas, ref.rope_deltas.numpy())
+
+
+@pytest.mark.parametrize("name", ["audio_image_video", "audio_in_video", "mixed_batch_padded"])
+def test_greedy_generation_after_multimodal_prompt(our_model, reference_model, tiny_checkpoint, name):
+    inputs, in_video = case(tiny_checkpoint, name)
+    with torch.no_grad():
+        want = reference_model.generate(**to_torch(inputs), use_audio_in_video=in_video, return_audio=False,
+                                        thinker_max_new_tokens=16, thinker_do_sample=False,
+                                        thinker_eos_token_id=None).numpy()
+    got = our_model.generate(**inputs, use_audio_in_video=in_video, max_new_tokens=16, eos_token_id=[])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_placeholder_count_mismatch_is_explained(our_model, tiny_checkpoint):
+    inputs, _ = case(tiny_checkpoint, "image")
+    inputs["image_grid_thw"] = np.array([[1, 6, 12]])  # 18 feature rows for a prompt made for 15
+    inputs["pixel_values"] = np.zeros((72, 1176), np.float32)
+    with pytest.raises(ValueError, match="image features and image tokens do not match: 15 placeholder tokens"):
+        our_model.thinker(**inputs)
