@@ -2,6 +2,7 @@
 
 Every import finder is wrapped so `torch` (and its submodules) cannot be found, which is what
 `importlib.util.find_spec` and `import torch` see on a machine without it."""
+import os
 import runpy
 import sys
 
@@ -29,4 +30,5 @@ def hide_torch():
 if __name__ == "__main__":
     hide_torch()
     script, sys.argv = sys.argv[1], sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script.py` does
     runpy.run_path(script, run_name="__main__")

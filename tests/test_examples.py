@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, SHIPPED_CHECKPOINT
 
 HIDE_TORCH = os.path.join(ROOT, "tests", "hide_torch.py")
@@ -25,6 +27,19 @@ def test_text_only_generation_runs_on_bundled_checkpoint_without_torch():
     done = run_without_torch("examples/qwen2_5_omni/text_only_generation.py", "--max_new_tokens", "12")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "assistant:" in done.stdout and "[12 tokens in" in done.stdout
+
+
+MEDIA_EXAMPLES = ["universal_audio_understanding", "video_information_extracting", "screen_recording_interaction",
+                  "omni_chatting_for_music", "omni_chatting_for_math", "multi_round_omni_chatting"]
+
+
+@pytest.mark.parametrize("name", MEDIA_EXAMPLES)
+def test_media_examples_run_without_torch(name):
+    """Processor + media loading + model + generate, with torch not importable."""
+    done = run_without_torch(f"examples/qwen2_5_omni/{name}.py", "--max_new_tokens", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = [line for line in done.stdout.splitlines() if line.startswith("assistant:")]
+    assert answers and "new tokens in" in done.stdout
 
 
 def test_text_only_generation_reports_a_bad_model_path():

@@ -140,21 +140,26 @@ def tiny_config(ids, vocab, tie_word_embeddings=False):
 
 
 def reinitialise(model, seed):
-    """Weights with O(1) activations: matrices ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2),
-    biases ~ N(0, 0.1^2), embeddings ~ N(0, 1)."""
+    """Weights with O(0.1-1) activations: matrices and conv kernels ~ N(0, 1/fan_in), embedding
+    tables ~ N(0, 1), biases ~ N(0, 0.1^2), norm scales and snake parameters ~ 1 + N(0, 0.1^2);
+    the vocoder's last conv is scaled down so the waveform stays inside its [-1, 1] clamp."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                fan_in = int(np.prod(p.shape[1:]))
-                std = 1.0 if "embed" in name else fan_in**-0.5
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+        for module_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, torch.nn.Embedding):
+                    value = torch.randn(p.shape, generator=g)
+                elif p.ndim >= 2:
+                    value = torch.randn(p.shape, generator=g) * int(np.prod(p.shape[1:])) ** -0.5
+                    if module_name.endswith("conv_post"):
+                        value *= 0.1
+                elif name == "bias":
+                    value = torch.randn(p.shape, generator=g) * 0.1
+                else:
+                    value = 1.0 + torch.randn(p.shape, generator=g) * 0.1
+                p.copy_(value)
 
 
 def processor_configs():

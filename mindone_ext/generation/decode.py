@@ -7,64 +7,68 @@ from mindspore import Tensor, ops
 from ..nn.kv_cache import StaticCache
 from ..nn.decoder import head_dim_of
 
-PREFILL_BUCKET = 32  # prompt lengths are rounded up to a multiple of this
-CACHE_BUCKET = 128  # cache sizes are rounded up to a multiple of this
+PREFILL_BUCKET = 32  # smallest prompt bucket
+CACHE_BUCKET = 128  # smallest cache bucket
 
 
 def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-class CompiledDecoder:
-    """Owns the compiled graphs for one (decoder, head) pair. The graphs are pure functions of
-    (inputs, positions, valid slots, write position, cache buffers) -> (logits, hidden, buffers)."""
+def bucket(n, smallest):
+    """Round `n` up to one of 8 sizes per power of two (at most 12.5% padding), so that a
+    handful of compiled shapes serve every length."""
+    step = max(smallest, (1 << max(int(n) - 1, 1).bit_length()) // 8)
+    return round_up(n, step)
 
-    def __init__(self, decoder, head, config):
+
+class CompiledDecoder:
+    """Owns the compiled graphs for one decoder: `input_proj` (optional) -> decoder -> `head`.
+    The graphs are pure functions of (input embeddings, positions, valid slots, write position,
+    cache buffers) -> (float32 logits of the last position, hidden states, buffers)."""
+
+    def __init__(self, decoder, head, config, input_proj=None):
         self.decoder, self.head = decoder, head
         self.num_layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
 
-        @ms.jit
-        def prefill(embeds, position_ids, valid, start, last_index, layers):
+        def step(embeds, position_ids, valid, start, last_index, layers):
+            if input_proj is not None:
+                embeds = input_proj(embeds)
             hidden, presents = decoder(embeds, position_ids, valid, layers, start)
             last = ops.gather(hidden, last_index, 1)
-            return head(last)[:, 0].astype(ms.float32), last, presents
+            return head(last)[:, 0].astype(ms.float32), hidden, presents
 
-        @ms.jit
-        def decode(ids, position_ids, valid, start, layers):
-            hidden, presents = decoder(decoder.embed_tokens(ids), position_ids, valid, layers, start)
-            return head(hidden)[:, 0].astype(ms.float32), hidden, presents
-
-        self._prefill, self._decode = prefill, decode
+        self._step = ms.jit(step)  # compiled once per input shape: each prompt bucket, and one token
 
     def allocate(self, batch, slots, dtype):
-        return StaticCache.allocate(self.num_layers, batch, self.kv_heads, round_up(slots, CACHE_BUCKET),
+        return StaticCache.allocate(self.num_layers, batch, self.kv_heads, bucket(slots, CACHE_BUCKET),
                                     self.head_dim, dtype)
 
     def prefill(self, cache, embeds, position_ids, attention_mask):
-        """Write a left-padded prompt (B, T, H) at slots 0..T-1. Returns last-token logits (B, V)
-        as numpy and the last hidden state. The prompt is right-padded to a bucket length with
-        invalid slots so a handful of graphs serve all prompt lengths."""
-        b, t, h = embeds.shape
-        padded = min(round_up(t, PREFILL_BUCKET), cache.slots)
+        """Write a left-padded prompt (B, T, E) at slots 0..T-1. Returns last-token logits (B, V)
+        as numpy and the prompt's hidden states (B, T, H). The prompt is right-padded to a bucket
+        length with invalid slots so a handful of graphs serve all prompt lengths."""
+        b, t, e = embeds.shape
+        padded = min(bucket(t, PREFILL_BUCKET), cache.slots)
         if padded > t:
-            embeds = ops.cat((embeds, ops.zeros((b, padded - t, h), embeds.dtype)), 1)
+            embeds = ops.cat((embeds, ops.zeros((b, padded - t, e), embeds.dtype)), 1)
             position_ids = np.concatenate([position_ids, np.zeros((3, b, padded - t), position_ids.dtype)], -1)
         cache.valid[:, :t] = attention_mask
-        logits, hidden, cache.layers = self._prefill(
+        logits, hidden, cache.layers = self._step(
             embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(0, ms.int32),
             Tensor([t - 1], ms.int32), ms.mutable(cache.layers))
         cache.length = t
-        return logits.asnumpy(), hidden
+        return logits.asnumpy(), hidden[:, :t]
 
-    def decode(self, cache, ids, position_ids):
-        """One token per row at slot `cache.length`."""
+    def decode(self, cache, embeds, position_ids):
+        """One token per row (embeds (B, 1, E)) at slot `cache.length`."""
         if cache.length >= cache.slots:
             raise ValueError(f"the KV cache is full ({cache.slots} slots)")
         cache.valid[:, cache.length] = 1
-        logits, hidden, cache.layers = self._decode(
-            Tensor(ids.reshape(-1, 1), ms.int32), Tensor(position_ids, ms.int32), Tensor(cache.valid),
-            Tensor(cache.length, ms.int32), ms.mutable(cache.layers))
+        logits, hidden, cache.layers = self._step(
+            embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(cache.length, ms.int32),
+            Tensor([0], ms.int32), ms.mutable(cache.layers))
         cache.length += 1
         return logits.asnumpy(), hidden

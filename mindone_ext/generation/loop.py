@@ -1,32 +1,38 @@
-"""The autoregressive loop shared by every generating model: prefill once, then one compiled
+"""The autoregressive loop shared by the Thinker and the Talker: prefill once, then one compiled
 decode step per token, stopping rows at their stop tokens as the reference does."""
 import numpy as np
 
 from .sampling import Sampler
 
 
-def generate_tokens(runner, cache, embeds, input_ids, attention_mask, position_ids, rope_deltas,
-                    max_new_tokens, sampling, eos_token_ids, pad_token_id, on_token=None):
-    """Returns the new tokens (B, n) as int64; finished rows are filled with `pad_token_id`.
+def iter_tokens(runner, cache, embeds, input_ids, attention_mask, position_ids, rope_deltas, max_new_tokens,
+                sampling, eos_token_ids, pad_token_id, embed_next, suppress_ids=()):
+    """Yields, per generated token, (tokens (B,), the step's input embeddings, its hidden states):
+    the first step's inputs are the prompt (B, T, .), later ones one token (B, 1, .).
 
-    `on_token(step, tokens, hidden)` is called after each token, for callers that need the
-    hidden states (the Talker) or stream text."""
+    `embed_next(step, tokens)` gives the (B, 1, E) input for the token just chosen. Finished rows
+    get `pad_token_id`. Closing the generator stops decoding."""
     sampler = Sampler(sampling)
     eos = np.asarray(sorted(eos_token_ids or []), np.int64)
     seen = np.asarray(input_ids, np.int64)
     unfinished = np.ones(seen.shape[0], bool)
     logits, hidden = runner.prefill(cache, embeds, position_ids, attention_mask)
-    new = []
+    step_embeds = embeds
     for step in range(max_new_tokens):
-        tokens = sampler(logits, seen).astype(np.int64)
-        tokens = np.where(unfinished, tokens, pad_token_id)
-        new.append(tokens)
+        if len(suppress_ids):
+            logits[:, list(suppress_ids)] = -np.inf
+        tokens = np.where(unfinished, sampler(logits, seen).astype(np.int64), pad_token_id)
         seen = np.concatenate([seen, tokens[:, None]], 1)
-        if on_token is not None:
-            on_token(step, tokens, hidden)
+        yield tokens, step_embeds, hidden
         unfinished &= ~np.isin(tokens, eos)
         if not unfinished.any() or step == max_new_tokens - 1:
-            break
+            return
+        step_embeds = embed_next(step, tokens)
         positions = np.broadcast_to(cache.length + rope_deltas.reshape(1, -1, 1), (3, len(tokens), 1))
-        logits, hidden = runner.decode(cache, tokens, positions)
-    return np.stack(new, 1) if new else np.zeros((seen.shape[0], 0), np.int64)
+        logits, hidden = runner.decode(cache, step_embeds, positions)
+
+
+def generate_tokens(*args, **kwargs):
+    """All new tokens (B, n) as int64, from `iter_tokens`."""
+    steps = [tokens for tokens, _, _ in iter_tokens(*args, **kwargs)]
+    return np.stack(steps, 1) if steps else np.zeros((np.asarray(args[3]).shape[0], 0), np.int64)

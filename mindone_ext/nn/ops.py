@@ -186,3 +186,25 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if on_ascend():
         return ascend_conv1d(x, weight, bias, stride, padding, dilation, groups)
     return exact_conv1d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def pad1d(x, left, right, mode="constant"):
+    """Pad the last axis; mode "constant" (zeros), "reflect" or "replicate", as torch's F.pad.
+    ops.pad has CPU kernels for all three; Ascend registers them too."""
+    return ops.pad(x, (left, right), mode=mode)
+
+
+def conv_transpose1d(x, weight, bias=None, stride=1, padding=0, groups=1):
+    """torch.nn.functional.conv_transpose1d (weight (C_in, C_out / groups, K)) written as a
+    convolution over the input with stride-1 zeros inserted between samples and the kernel
+    flipped: the same sums, through the portable conv1d on every device."""
+    b, c, length = x.shape
+    k = weight.shape[-1]
+    if stride > 1:
+        spread = ops.cat((x.expand_dims(-1), ops.zeros((b, c, length, stride - 1), x.dtype)), -1)
+        x = spread.reshape(b, c, length * stride)[..., :(length - 1) * stride + 1]
+    x = pad1d(x, k - 1 - padding, k - 1 - padding)
+    c_in, c_out_per_group = weight.shape[0], weight.shape[1]
+    w = weight.reshape(groups, c_in // groups, c_out_per_group, k).swapaxes(1, 2)
+    w = ops.reverse(w.reshape(groups * c_out_per_group, c_in // groups, k), [-1])
+    return conv1d(x, w, bias, 1, 0, 1, groups)

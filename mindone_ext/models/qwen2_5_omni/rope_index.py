@@ -24,11 +24,11 @@ class RopeTokens:
     seconds_per_chunk: float = 2.0
 
     @classmethod
-    def from_config(cls, thinker_config):
-        c = thinker_config
+    def from_config(cls, c):
+        """From the Thinker's config (merge size in its vision config) or the Talker's (its own)."""
+        merge = c.vision_config.spatial_merge_size if hasattr(c, "vision_config") else c.spatial_merge_size
         return cls(c.image_token_index, c.video_token_index, c.audio_token_index, c.vision_start_token_id,
-                   c.audio_start_token_id, c.vision_config.spatial_merge_size, c.position_id_per_seconds,
-                   c.seconds_per_chunk)
+                   c.audio_start_token_id, merge, c.position_id_per_seconds, c.seconds_per_chunk)
 
 
 def text_rope_index(attention_mask):
@@ -53,8 +53,9 @@ def vision_ids(start, t_index, grid_h, grid_w, merge):
     return np.stack([t, rows, cols]) + start
 
 
-def chunk_bounds(time_ids, tokens_per_chunk, start):
-    """Cut monotone time ids into runs whose (id - start) fall in successive chunks."""
+def chunk_bounds(time_ids, tokens_per_chunk, start=0):
+    """Cut monotone time ids into runs whose (id - start) fall in successive chunks of
+    `tokens_per_chunk` (the reference's `get_chunked_index`)."""
     bounds, begin, chunk = [], 0, 1
     for i, value in enumerate(time_ids):
         if value - start >= chunk * tokens_per_chunk:

@@ -81,7 +81,7 @@ def test_greedy_generation_after_multimodal_prompt(our_model, reference_model, t
         want = reference_model.generate(**to_torch(inputs), use_audio_in_video=in_video, return_audio=False,
                                         thinker_max_new_tokens=16, thinker_do_sample=False,
                                         thinker_eos_token_id=None).numpy()
-    got = our_model.generate(**inputs, use_audio_in_video=in_video, max_new_tokens=16, eos_token_id=[])
+    got = our_model.generate(return_audio=False, **inputs, use_audio_in_video=in_video, max_new_tokens=16, eos_token_id=[])
     np.testing.assert_array_equal(got, want)
 
 

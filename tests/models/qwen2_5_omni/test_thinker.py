@@ -48,7 +48,7 @@ def test_greedy_generation_matches_reference_token_for_token(our_model, referenc
     ids, mask = padded_batch
     want = reference_generate(reference_model, ids, mask, thinker_max_new_tokens=32, thinker_do_sample=False,
                               thinker_eos_token_id=None)
-    got = our_model.generate(input_ids=ids, attention_mask=mask, thinker_max_new_tokens=32, eos_token_id=[])
+    got = our_model.generate(return_audio=False, input_ids=ids, attention_mask=mask, thinker_max_new_tokens=32, eos_token_id=[])
     assert want.shape == (2, ids.shape[1] + 32)
     np.testing.assert_array_equal(got, want)
 
@@ -60,7 +60,7 @@ def test_stop_tokens_and_padding_of_finished_rows_match_reference(our_model, ref
     stop = int(free[0, ids.shape[1] + 3])  # row 0 emits this at its 4th step
     kwargs = dict(thinker_max_new_tokens=12, thinker_do_sample=False, thinker_eos_token_id=stop, thinker_pad_token_id=400)
     want = reference_generate(reference_model, ids, mask, **kwargs)
-    got = our_model.generate(input_ids=ids, attention_mask=mask, thinker_max_new_tokens=12, eos_token_id=stop,
+    got = our_model.generate(return_audio=False, input_ids=ids, attention_mask=mask, thinker_max_new_tokens=12, eos_token_id=stop,
                              pad_token_id=400)
     np.testing.assert_array_equal(got, want)
     assert (got[0, ids.shape[1] + 4:] == 400).all() if got.shape[1] > ids.shape[1] + 4 else True
@@ -70,7 +70,7 @@ def test_greedy_with_repetition_penalty_matches_reference(our_model, reference_m
     ids, mask = padded_batch
     want = reference_generate(reference_model, ids, mask, thinker_max_new_tokens=16, thinker_do_sample=False,
                               thinker_repetition_penalty=1.3, thinker_eos_token_id=None)
-    got = our_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, repetition_penalty=1.3,
+    got = our_model.generate(return_audio=False, input_ids=ids, attention_mask=mask, max_new_tokens=16, repetition_penalty=1.3,
                              eos_token_id=[])
     np.testing.assert_array_equal(got, want)
 
@@ -79,10 +79,10 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(our_model, padd
     ids, mask = padded_batch
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.8,
                   top_k=1, eos_token_id=[])
-    greedy = our_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
-    np.testing.assert_array_equal(our_model.generate(**kwargs, seed=3), greedy)  # top_k=1 is greedy
-    a = our_model.generate(**dict(kwargs, top_k=0, temperature=2.0), seed=5)
-    b = our_model.generate(**dict(kwargs, top_k=0, temperature=2.0), seed=5)
+    greedy = our_model.generate(return_audio=False, input_ids=ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    np.testing.assert_array_equal(our_model.generate(return_audio=False, **kwargs, seed=3), greedy)  # top_k=1 is greedy
+    a = our_model.generate(return_audio=False, **dict(kwargs, top_k=0, temperature=2.0), seed=5)
+    b = our_model.generate(return_audio=False, **dict(kwargs, top_k=0, temperature=2.0), seed=5)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, greedy)
 
@@ -90,10 +90,10 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(our_model, padd
 def test_generation_input_errors(our_model):
     ids = np.ones((1, 4), np.int64)
     with pytest.raises(ValueError, match="left padded"):
-        our_model.generate(input_ids=ids, attention_mask=np.array([[1, 1, 1, 0]]))
+        our_model.generate(return_audio=False, input_ids=ids, attention_mask=np.array([[1, 1, 1, 0]]))
     with pytest.raises(ValueError, match="exceeds the context length 4096"):
-        our_model.generate(input_ids=ids, max_new_tokens=5000)
+        our_model.generate(return_audio=False, input_ids=ids, max_new_tokens=5000)
     with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
-        our_model.generate(input_ids=np.ones(4, np.int64))
-    with pytest.raises(NotImplementedError, match="speech output"):
-        our_model.generate(input_ids=ids, return_audio=True)
+        our_model.generate(return_audio=False, input_ids=np.ones(4, np.int64))
+    with pytest.raises(ValueError, match="batch size 1"):
+        our_model.generate(input_ids=np.ones((2, 4), np.int64))

@@ -1,0 +1,67 @@
+"""What every example shares: the command line, loading model and processor, answering a
+conversation, and demo media when the user gives none."""
+import argparse
+import os
+import tempfile
+import time
+
+import mindspore as ms
+
+from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor, process_mm_info
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_CHECKPOINT = os.path.join(HERE, "tiny-qwen2.5-omni")
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+                 "auditory and visual inputs, as well as generating text and speech.")
+
+
+def parser(description):
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", default=TINY_CHECKPOINT,
+                    help="a Hugging Face Qwen2.5-Omni folder (default: the bundled tiny random checkpoint)")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
+    ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
+    return ap
+
+
+def load(args):
+    if args.device_target:
+        ms.set_context(device_target=args.device_target)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], attn_implementation=args.attn_implementation,
+        enable_audio_output=False)
+    return model, Qwen2_5OmniProcessor.from_pretrained(args.model_path)
+
+
+def demo_media():
+    """Demo media (a wav, a png, an mp4 with sound), generated once into a cache folder."""
+    from demo_media import demo_files
+
+    return demo_files(os.path.join(tempfile.gettempdir(), "mindone_ext_demo_media"))
+
+
+def answer(model, processor, conversation, max_new_tokens, use_audio_in_video=False):
+    """Runs one conversation; prints and returns the answer text."""
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    audios, images, videos, video_kwargs = process_mm_info(conversation, use_audio_in_video, return_video_kwargs=True)
+    inputs = processor(text, audio=audios, images=images, videos=videos, use_audio_in_video=use_audio_in_video,
+                       **video_kwargs)
+    start = time.time()
+    ids = model.generate(**inputs, use_audio_in_video=use_audio_in_video, return_audio=False,
+                         max_new_tokens=max_new_tokens)
+    new = ids[:, inputs["input_ids"].shape[1]:]
+    reply = processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+    print(f"assistant: {reply}")
+    print(f"[{inputs['input_ids'].shape[1]} prompt tokens, {new.shape[1]} new tokens in {time.time() - start:.2f} s]")
+    return reply
+
+
+def user_turn(*media, text):
+    return {"role": "user", "content": list(media) + [{"type": "text", "text": text}]}
+
+
+def system_turn(text=SYSTEM_PROMPT):
+    return {"role": "system", "content": [{"type": "text", "text": text}]}

@@ -1,0 +1,124 @@
+"""BigVGAN vocoder: mel (B, 80, T) -> 24 kHz waveform. Transposed-conv upsampling (x240 in all),
+multi-receptive-field AMP blocks with snake-beta activations applied at twice the sample rate
+through Kaiser-windowed sinc up/down-sampling (anti-aliasing). Names mirror the reference
+(`token2wav.code2wav_bigvgan_model.*`)."""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ...nn import ops as P
+from ...nn.layers import Conv1d, empty_parameter
+
+
+def kaiser_sinc_filter(cutoff, half_width, kernel_size):
+    """Low-pass filter taps (kernel_size,), float32, as the reference builds them."""
+    half = kernel_size // 2
+    attenuation = 2.285 * (half - 1) * math.pi * 4 * half_width + 7.95
+    if attenuation > 50.0:
+        beta = 0.1102 * (attenuation - 8.7)
+    elif attenuation >= 21.0:
+        beta = 0.5842 * (attenuation - 21) ** 0.4 + 0.07886 * (attenuation - 21.0)
+    else:
+        beta = 0.0
+    window = np.kaiser(kernel_size, beta).astype(np.float32)
+    t = (np.arange(-half, half) + 0.5) if kernel_size % 2 == 0 else (np.arange(kernel_size) - half)
+    taps = 2 * cutoff * window * np.sinc(2 * cutoff * t.astype(np.float32)).astype(np.float32)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+class SnakeBeta(nn.Cell):
+    """x + sin^2(x * e^alpha) / (e^beta + 1e-9), per channel."""
+
+    def __init__(self, channels, dtype):
+        super().__init__()
+        self.alpha = empty_parameter((channels,), dtype, "alpha")
+        self.beta = empty_parameter((channels,), dtype, "beta")
+
+    def construct(self, x):
+        alpha = ops.exp(self.alpha).reshape(1, -1, 1)
+        beta = ops.exp(self.beta).reshape(1, -1, 1)
+        return x + (1.0 / (beta + 1e-9)) * ops.sin(x * alpha) ** 2
+
+
+class AntiAliasedActivation(nn.Cell):
+    """Upsample x2, activate, downsample x2 (the reference's TorchActivation1d, kernels of 12)."""
+
+    def __init__(self, channels, dtype, ratio=2, kernel_size=12):
+        super().__init__()
+        self.act = SnakeBeta(channels, dtype)
+        self.channels, self.ratio, self.kernel_size = channels, ratio, kernel_size
+        taps = kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
+        self.filter = Tensor(np.tile(taps[None, None, :], (channels, 1, 1)))
+        self.up_pad = kernel_size // ratio - 1
+        self.up_crop = self.up_pad * ratio + (kernel_size - ratio) // 2, self.up_pad * ratio + (kernel_size - ratio + 1) // 2
+        self.down_pad = kernel_size // 2 - int(kernel_size % 2 == 0), kernel_size // 2
+
+    def construct(self, x):
+        f = self.filter.astype(x.dtype)
+        x = P.pad1d(x, self.up_pad, self.up_pad, "replicate")
+        x = self.ratio * P.conv_transpose1d(x, f, None, self.ratio, 0, self.channels)
+        x = x[..., self.up_crop[0]:x.shape[-1] - self.up_crop[1]]
+        x = self.act(x)
+        x = P.pad1d(x, self.down_pad[0], self.down_pad[1], "replicate")
+        return P.conv1d(x, f, None, self.ratio, 0, 1, self.channels)
+
+
+class AMPBlock(nn.Cell):
+    def __init__(self, channels, kernel_size, dilations, dtype):
+        super().__init__()
+        pad = lambda d: (kernel_size * d - d) // 2  # noqa: E731
+        self.convs1 = nn.CellList([Conv1d(channels, channels, kernel_size, 1, pad(d), d, dtype=dtype) for d in dilations])
+        self.convs2 = nn.CellList([Conv1d(channels, channels, kernel_size, 1, pad(1), 1, dtype=dtype) for _ in dilations])
+        self.activations = nn.CellList([AntiAliasedActivation(channels, dtype) for _ in range(2 * len(dilations))])
+
+    def construct(self, x):
+        for i in range(len(self.convs1)):
+            h = self.convs1[i](self.activations[2 * i](x))
+            x = x + self.convs2[i](self.activations[2 * i + 1](h))
+        return x
+
+
+class TransposedConv1d(nn.Cell):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dtype):
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        self.weight = empty_parameter((in_channels, out_channels, kernel_size), dtype, "weight")
+        self.bias = empty_parameter((out_channels,), dtype, "bias")
+
+    def construct(self, x):
+        return P.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
+    def __init__(self, config, dtype=ms.float32):
+        super().__init__()
+        c0 = config.upsample_initial_channel
+        self.num_kernels = len(config.resblock_kernel_sizes)
+        self.conv_pre = Conv1d(config.mel_dim, c0, 7, 1, 3, dtype=dtype)
+        self.ups = nn.CellList([
+            nn.CellList([TransposedConv1d(c0 // 2**i, c0 // 2**(i + 1), k, s, (k - s) // 2, dtype)])
+            for i, (s, k) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes))])
+        self.resblocks = nn.CellList([
+            AMPBlock(c0 // 2**(i + 1), k, d, dtype) for i in range(len(config.upsample_rates))
+            for k, d in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes)])
+        last = c0 // 2**len(config.upsample_rates)
+        self.activation_post = AntiAliasedActivation(last, dtype)
+        self.conv_post = Conv1d(last, 1, 7, 1, 3, bias=False, dtype=dtype)
+
+    @staticmethod
+    def normalise_mel(mel):
+        """log-mel -> the [-1, 1] dB scale the vocoder was trained on (amplitude floor -115 dB)."""
+        floor = math.exp(-115 / 20.0 * math.log(10))
+        db = 20 * ops.log10(ops.clamp(ops.exp(mel), min=floor)) - 20
+        return ops.clamp(2 * ((db + 115) / 115) - 1, -1.0, 1.0)
+
+    def construct(self, mel_spectrogram):
+        """mel (B, mel_dim, T) -> waveform (B * 240 T samples, squeezed), clamped to [-1, 1]."""
+        x = self.conv_pre(self.normalise_mel(mel_spectrogram))
+        for i, up in enumerate(self.ups):
+            x = up[0](x)
+            x = sum(self.resblocks[i * self.num_kernels + j](x) for j in range(self.num_kernels)) / self.num_kernels
+        x = self.conv_post(self.activation_post(x))
+        return ops.clamp(x, -1.0, 1.0).squeeze()

@@ -1,0 +1,208 @@
+"""The Token2Wav DiT: codec tokens + speaker condition -> mel frames by flow matching.
+
+A transformer over mel frames with AdaLN-zero modulation by the time step, and a block-wise
+attention mask: frames are grouped in blocks of `block_size`; a layer sees its own block plus
+one block back (`look_backward_layers`) and/or ahead (`look_ahead_layers`), which bounds the
+future context a chunk needs when streaming. Names mirror the reference
+(`token2wav.code2wav_dit_model.*`); forward arguments too.
+"""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from ...nn import ops as P
+from ...nn.attention import attention
+from ...nn.layers import Embedding, GELU, Linear
+from ...nn.rotary import rope_inv_freq
+from .ecapa import ECAPA_TimeDelayNet
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return P.silu(x)
+
+
+class GELUTanh(GELU):
+    def construct(self, x):
+        return P.gelu_tanh(x)
+
+
+def layer_norm_no_affine(x, eps=1e-6):
+    return P.layer_norm(x, None, None, eps)
+
+
+def timestep_features(t, dim=256, scale=1000.0):
+    """Sinusoidal features of the flow time (B,) -> (B, dim), float32 as the reference."""
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1))).astype(np.float32)
+    angles = (scale * t).expand_dims(1) * Tensor(freqs).expand_dims(0)
+    return ops.cat((ops.sin(angles), ops.cos(angles)), -1)
+
+
+def rotate_pairs(x):
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the DiT's interleaved rotary layout."""
+    pairs = x.reshape(x.shape[:-1] + (-1, 2))
+    return ops.stack((-pairs[..., 1], pairs[..., 0]), -1).reshape(x.shape)
+
+
+def block_mask(frames, block_size, back, ahead):
+    """(1, 1, T, T) boolean: query frame i sees frame j when block(j) - block(i) is in [-back, ahead]."""
+    block = np.arange(frames) // block_size
+    diff = block[None, :] - block[:, None]
+    return Tensor(((diff >= -back) & (diff <= ahead))[None, None])
+
+
+class DiTTimestepEmbedding(nn.Cell):
+    def __init__(self, dim, dtype, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_mlp = nn.SequentialCell([Linear(freq_dim, dim, True, dtype), SiLU(), Linear(dim, dim, True, dtype)])
+
+    def construct(self, t):
+        return self.time_mlp(timestep_features(t, self.freq_dim).astype(t.dtype))
+
+
+class DiTCodecEmbedding(nn.Cell):
+    def __init__(self, num_embeds, dim, repeats, dtype):
+        super().__init__()
+        self.repeats = repeats
+        self.codec_embed = Embedding(num_embeds + 1, dim, dtype)
+
+    def construct(self, code, drop_code=False):
+        if drop_code:
+            code = ops.zeros_like(code)
+        e = self.codec_embed(code)  # (B, N, D) -> each code covers `repeats` mel frames
+        b, n, d = e.shape
+        return ops.tile(e.expand_dims(2), (1, 1, self.repeats, 1)).reshape(b, n * self.repeats, d)
+
+
+class DiTInputEmbedding(nn.Cell):
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.proj = Linear(config.mel_dim + config.enc_dim + config.enc_emb_dim + config.emb_dim, config.hidden_size,
+                           True, dtype)
+        self.spk_encoder = ECAPA_TimeDelayNet(config, dtype)
+
+    def construct(self, x, speaker_embedding, condition_vector, code_embed, drop_audio_cond=False,
+                  code_embed_uncond=None, apply_cfg=True):
+        if apply_cfg:  # conditioned and unconditioned halves in one batch
+            x = ops.cat((x, x), 0)
+            speaker_embedding = ops.cat((speaker_embedding, ops.zeros_like(speaker_embedding)), 0)
+            condition_vector = ops.cat((condition_vector, ops.zeros_like(condition_vector)), 0)
+            code_embed = ops.cat((code_embed, code_embed_uncond), 0)
+        elif drop_audio_cond:
+            condition_vector = ops.zeros_like(condition_vector)
+            speaker_embedding = ops.zeros_like(speaker_embedding)
+        speaker = self.spk_encoder(condition_vector)
+        speaker = ops.tile(speaker.expand_dims(1), (1, x.shape[1], 1))
+        return self.proj(ops.cat((x, speaker, code_embed, speaker_embedding), -1))
+
+
+class AdaLayerNormZero(nn.Cell):
+    def __init__(self, dim, dtype, chunks):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = Linear(dim, dim * chunks, True, dtype)
+
+    def construct(self, emb):
+        return ops.chunk(self.linear(P.silu(emb)), self.chunks, 1)
+
+
+class DiTAttention(nn.Cell):
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        inner = config.head_dim * config.num_attention_heads
+        self.to_q = Linear(config.hidden_size, inner, True, dtype)
+        self.to_k = Linear(config.hidden_size, inner, True, dtype)
+        self.to_v = Linear(config.hidden_size, inner, True, dtype)
+        self.to_out = nn.CellList([Linear(inner, config.hidden_size, True, dtype)])
+
+    def construct(self, x, cos, sin, mask):
+        b, t, _ = x.shape
+        q, k, v = (p(x).reshape(b, t, self.heads, self.head_dim).swapaxes(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        # The reference rotates only the first head (query[:, :1]); mirrored exactly.
+        q = ops.cat((q[:, :1] * cos + rotate_pairs(q[:, :1]) * sin, q[:, 1:]), 1)
+        k = ops.cat((k[:, :1] * cos + rotate_pairs(k[:, :1]) * sin, k[:, 1:]), 1)
+        return self.to_out[0](attention(q, k, v, mask, self.head_dim**-0.5))
+
+
+class DiTMLP(nn.Cell):
+    def __init__(self, dim, mult, dtype):
+        super().__init__()
+        inner = int(dim * mult)
+        # ff.0 Linear, ff.1 GELU(tanh), ff.2 Dropout (identity at inference), ff.3 Linear
+        self.ff = nn.CellList([Linear(dim, inner, True, dtype), GELUTanh(), nn.Identity(), Linear(inner, dim, True, dtype)])
+
+    def construct(self, x):
+        return self.ff[3](self.ff[1](self.ff[0](x)))
+
+
+class DiTDecoderLayer(nn.Cell):
+    def __init__(self, config, look_ahead, look_backward, dtype):
+        super().__init__()
+        self.look_ahead, self.look_backward = look_ahead, look_backward
+        self.attn_norm = AdaLayerNormZero(config.hidden_size, dtype, 6)
+        self.attn = DiTAttention(config, dtype)
+        self.ff = DiTMLP(config.hidden_size, config.ff_mult, dtype)
+
+    def construct(self, x, t_emb, cos, sin, mask):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t_emb)
+        h = layer_norm_no_affine(x) * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1)
+        x = x + gate_msa.expand_dims(1) * self.attn(h, cos, sin, mask)
+        h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
+        return x + gate_mlp.expand_dims(1) * self.ff(h)
+
+
+class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
+    def __init__(self, config, dtype=ms.float32):
+        super().__init__()
+        self.mel_dim, self.repeats, self.block_size = config.mel_dim, config.repeats, config.block_size
+        self.num_embeds = config.num_embeds
+        self.head_dim = config.head_dim
+        self.time_embed = DiTTimestepEmbedding(config.hidden_size, dtype)
+        self.text_embed = DiTCodecEmbedding(config.num_embeds, config.emb_dim, config.repeats, dtype)
+        self.input_embed = DiTInputEmbedding(config, dtype)
+        self.transformer_blocks = nn.CellList([
+            DiTDecoderLayer(config, int(i in config.look_ahead_layers), int(i in config.look_backward_layers), dtype)
+            for i in range(config.num_hidden_layers)])
+        self.norm_out = nn.Cell()
+        self.norm_out.linear = Linear(config.hidden_size, config.hidden_size * 2, True, dtype)
+        self.proj_out = Linear(config.hidden_size, config.mel_dim, True, dtype)
+        # the checkpoint stores the rotary frequencies (a persistent buffer in the reference)
+        self.rotary_embed = nn.Cell()
+        self.rotary_embed.inv_freq = Parameter(Tensor(rope_inv_freq(config.head_dim, 10000.0)), name="inv_freq",
+                                               requires_grad=False)
+
+    def rotary(self, frames, dtype):
+        inv_freq = self.rotary_embed.inv_freq.asnumpy().astype(np.float32)
+        freqs = np.arange(frames, dtype=np.float32)[:, None] * inv_freq[None, :]
+        freqs = np.repeat(freqs, 2, axis=-1)  # interleaved pairs share a frequency
+        return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype)
+
+    def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
+                  drop_audio_conditioning=False, drop_code=False, apply_cfg=True):
+        """hidden_states (B, T, mel) noisy mel; condition_vector (B, T_ref, mel) reference mel;
+        speaker_embedding (B, T, enc_emb_dim); quantized_code (B, T / repeats); time_step () or (B,).
+        With apply_cfg the batch doubles: conditioned outputs first, unconditioned second."""
+        b = hidden_states.shape[0]
+        if time_step.ndim == 0:
+            time_step = ops.tile(time_step.reshape(1), (b,))
+        t_emb = self.time_embed(time_step)
+        code = self.text_embed(quantized_code, drop_code=False if apply_cfg else drop_code)
+        code_uncond = self.text_embed(quantized_code, drop_code=True) if apply_cfg else None
+        x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
+                             code_uncond, apply_cfg)
+        frames = x.shape[1]
+        cos, sin = self.rotary(frames, x.dtype)
+        masks = {}
+        for block in self.transformer_blocks:
+            key = (block.look_backward, block.look_ahead)
+            if key not in masks:
+                masks[key] = block_mask(frames, self.block_size, *key)
+            x = block(x, t_emb, cos, sin, masks[key])
+        scale, shift = ops.chunk(self.norm_out.linear(P.silu(t_emb)), 2, 1)
+        x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
+        return self.proj_out(x)

@@ -1,0 +1,171 @@
+"""`Qwen2_5OmniProcessor` without torch: chat template and tokenizer, Whisper log-mel features and
+the Qwen2-VL image processor from transformers (all numpy), and our own numpy video
+preprocessing (the library's video processor needs torchvision). Returns numpy arrays that feed
+`model.generate` directly, with the placeholder tokens expanded exactly as the reference does.
+"""
+import json
+import os
+import re
+
+import numpy as np
+from transformers import AutoTokenizer, Qwen2VLImageProcessor, WhisperFeatureExtractor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from .rope_index import chunk_bounds
+
+VIDEO_DEFAULTS = dict(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28, patch_size=14, temporal_patch_size=2,
+                      merge_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                      image_std=[0.26862954, 0.26130258, 0.27577711], rescale_factor=1 / 255)
+
+
+class VideoPreprocessor:
+    """Frames -> (patches, C * temporal_patch * patch * patch) and grid (t, h, w), in the order
+    Qwen2-VL's processors produce: frames resized to multiples of patch * merge within the pixel
+    budget, rescaled and normalised, padded to a whole temporal patch with the last frame."""
+
+    def __init__(self, **config):
+        c = {**VIDEO_DEFAULTS, **{k: v for k, v in config.items() if k in VIDEO_DEFAULTS}}
+        self.__dict__.update(c)
+
+    def __call__(self, frames):
+        from PIL import Image
+
+        frames = np.asarray(frames)
+        if frames.ndim != 4:
+            raise ValueError(f"a video must be frames (T, H, W, 3) or (T, 3, H, W); got shape {frames.shape}")
+        if frames.shape[1] == 3 and frames.shape[-1] != 3:
+            frames = frames.transpose(0, 2, 3, 1)
+        factor = self.patch_size * self.merge_size
+        height, width = smart_resize(frames.shape[1], frames.shape[2], factor, self.min_pixels, self.max_pixels)
+        if (height, width) != frames.shape[1:3]:
+            frames = np.stack([np.asarray(Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).resize(
+                (width, height), Image.BICUBIC)) for f in frames])
+        x = frames.astype(np.float32) * np.float32(self.rescale_factor)
+        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)
+        if len(x) % self.temporal_patch_size:
+            x = np.concatenate([x, np.repeat(x[-1:], self.temporal_patch_size - len(x) % self.temporal_patch_size, 0)])
+        t, c = len(x) // self.temporal_patch_size, x.shape[1]
+        gh, gw, m, p = height // self.patch_size, width // self.patch_size, self.merge_size, self.patch_size
+        x = x.reshape(t, self.temporal_patch_size, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(t * gh * gw, c * self.temporal_patch_size * p * p), np.array([t, gh, gw])
+
+
+class Qwen2_5OmniProcessor:
+    audio_token, image_token, video_token = "<|AUDIO|>", "<|IMAGE|>", "<|VIDEO|>"
+    vision_bos_token, vision_eos_token = "<|vision_bos|>", "<|vision_eos|>"
+    audio_bos_token, audio_eos_token = "<|audio_bos|>", "<|audio_eos|>"
+
+    def __init__(self, tokenizer, feature_extractor, image_processor, video_processor, chat_template=None,
+                 position_id_per_seconds=25, seconds_per_chunk=2.0):
+        self.tokenizer, self.feature_extractor = tokenizer, feature_extractor
+        self.image_processor, self.video_processor = image_processor, video_processor
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.position_id_per_seconds, self.seconds_per_chunk = position_id_per_seconds, seconds_per_chunk
+
+    @classmethod
+    def from_pretrained(cls, path):
+        if not os.path.isdir(path):
+            raise ValueError(f"processor folder {path!r} does not exist")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
+        image_processor = Qwen2VLImageProcessor.from_pretrained(path)
+        video_config = {}
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                with open(os.path.join(path, name)) as f:
+                    video_config = json.load(f)
+                if name.startswith("video"):
+                    break
+        template = None
+        if os.path.isfile(os.path.join(path, "chat_template.json")):
+            with open(os.path.join(path, "chat_template.json")) as f:
+                template = json.load(f).get("chat_template")
+        return cls(tokenizer, feature_extractor, image_processor, VideoPreprocessor(**video_config), template)
+
+    def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False, **kwargs):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def __call__(self, text, audio=None, images=None, videos=None, use_audio_in_video=False, fps=2.0,
+                 padding=True, return_tensors="np", **unused):
+        texts = [text] if isinstance(text, str) else list(text)
+        out = {}
+        audio_lengths = []
+        if audio is not None:
+            audio = [audio] if isinstance(audio, np.ndarray) else list(audio)
+            features = self.feature_extractor(audio, sampling_rate=self.feature_extractor.sampling_rate,
+                                              padding="max_length", return_attention_mask=True, return_tensors="np")
+            out["input_features"] = features["input_features"].astype(np.float32)
+            out["feature_attention_mask"] = features["attention_mask"].astype(np.int64)
+            frames = out["feature_attention_mask"].sum(-1)
+            audio_lengths = ((frames - 1) // 2 + 1 - 2) // 2 + 1
+        image_grids = []
+        if images is not None:
+            result = self.image_processor(images=images, return_tensors="np")
+            out["pixel_values"] = result["pixel_values"].astype(np.float32)
+            out["image_grid_thw"] = image_grids = result["image_grid_thw"].astype(np.int64)
+        video_grids, seconds = [], []
+        if videos is not None:
+            processed = [self.video_processor(v) for v in videos]
+            out["pixel_values_videos"] = np.concatenate([p for p, _ in processed]).astype(np.float32)
+            out["video_grid_thw"] = video_grids = np.stack([g for _, g in processed]).astype(np.int64)
+            rates = fps if isinstance(fps, (list, tuple)) else [fps] * len(videos)
+            seconds = [self.video_processor.temporal_patch_size / r for r in rates]
+            out["video_second_per_grid"] = np.asarray(seconds, np.float32)
+        texts = self.expand_placeholders(texts, iter(audio_lengths), iter(image_grids), iter(video_grids),
+                                         iter(seconds), use_audio_in_video)
+        self.tokenizer.padding_side = "left"
+        encoded = self.tokenizer(texts, padding=padding, return_tensors="np")
+        out["input_ids"] = encoded["input_ids"].astype(np.int64)
+        out["attention_mask"] = encoded["attention_mask"].astype(np.int64)
+        return out
+
+    def expand_placeholders(self, texts, audio_lengths, image_grids, video_grids, seconds, use_audio_in_video):
+        """Each <|AUDIO|>/<|IMAGE|>/<|VIDEO|> becomes as many tokens as its features; with
+        `use_audio_in_video` a video block interleaves its frames and audio in time chunks."""
+        merge = self.image_processor.merge_size ** 2
+        hold = {"audio": "<|audio_placeholder|>", "image": "<|image_placeholder|>", "video": "<|video_placeholder|>"}
+        done = []
+        for sample in texts:
+            pattern = "|".join(re.escape(t) for t in (self.audio_token, self.image_token, self.video_token))
+            for token in [m.group() for m in re.finditer(pattern, sample)]:
+                try:
+                    if token == self.audio_token:
+                        sample = sample.replace(token, hold["audio"] * int(next(audio_lengths)), 1)
+                    elif token == self.image_token:
+                        sample = sample.replace(token, hold["image"] * int(np.prod(next(image_grids)) // merge), 1)
+                    elif not use_audio_in_video:
+                        sample = sample.replace(token, hold["video"] * int(np.prod(next(video_grids)) // merge), 1)
+                    else:
+                        block = self._audio_video_block(int(next(audio_lengths)), next(video_grids), next(seconds), hold)
+                        sample = sample.replace(self.vision_bos_token + token + self.vision_eos_token, block, 1)
+                except StopIteration:
+                    raise ValueError(f"the text has more {token} placeholders than media were given") from None
+            for kind, token in (("audio", self.audio_token), ("image", self.image_token), ("video", self.video_token)):
+                sample = sample.replace(hold[kind], token)
+            done.append(sample)
+        return done
+
+    def _audio_video_block(self, n_audio, grid, seconds, hold):
+        t, h, w = (int(v) for v in grid)
+        m = self.video_processor.merge_size
+        video_times = np.repeat(np.arange(t), (h // m) * (w // m)) * seconds * self.position_id_per_seconds
+        per_chunk = int(self.position_id_per_seconds * self.seconds_per_chunk)
+        video_chunks = chunk_bounds(video_times, per_chunk)
+        audio_chunks = chunk_bounds(np.arange(n_audio), per_chunk)
+        block = self.vision_bos_token + self.audio_bos_token
+        for j in range(max(len(video_chunks), len(audio_chunks))):
+            if j < len(video_chunks):
+                block += hold["video"] * (video_chunks[j][1] - video_chunks[j][0])
+            if j < len(audio_chunks):
+                block += hold["audio"] * (audio_chunks[j][1] - audio_chunks[j][0])
+        return block + self.audio_eos_token + self.vision_eos_token
+

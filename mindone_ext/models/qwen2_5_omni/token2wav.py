@@ -1,0 +1,86 @@
+"""Token2Wav: codec tokens -> mel by the DiT under a Runge-Kutta flow-matching ODE with
+classifier-free guidance, then mel -> 24 kHz waveform by BigVGAN. Names mirror the reference
+(`token2wav.code2wav_dit_model`, `token2wav.code2wav_bigvgan_model`)."""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
+from .dit import Qwen2_5OmniToken2WavDiTModel
+
+NOISE_FRAMES = 30000  # the reference draws this much noise once and uses its first frames
+
+
+def sway_timesteps(num_steps, sway_coefficient):
+    """Flow times 0..1, bent towards 0 (where the ODE needs more resolution) by sway sampling."""
+    t = np.linspace(0, 1, num_steps, dtype=np.float32)
+    if sway_coefficient is not None:
+        t = t + np.float32(sway_coefficient) * (np.cos(np.float32(math.pi) / 2 * t) - 1 + t)
+    return t.astype(np.float32)
+
+
+def rk4_integrate(f, y0, times):
+    """The reference's fixed-grid RK4 (3/8-rule variant): y at the last time. Scalars are
+    float32-rounded and applied in the reference's order, so both round alike."""
+    third, two_thirds = np.float32(1 / 3), np.float32(2 / 3)
+    y = y0
+    for t0, t1 in zip(times[:-1], times[1:]):
+        h = np.float32(t1 - t0)
+        hf, third_f = float(h), float(third)
+        k1 = f(t0, y)
+        k2 = f(t0 + h * third, y + hf * k1 * third_f)
+        k3 = f(t0 + h * two_thirds, y + hf * (k2 - k1 * third_f))
+        k4 = f(t1, y + hf * (k1 - k2 + k3))
+        y = y + (k1 + 3 * (k2 + k3) + k4) * hf / 8
+    return y
+
+
+class Qwen2_5OmniToken2WavModel(nn.Cell):
+    def __init__(self, config, dtype=ms.float32):
+        super().__init__()
+        # float32 throughout, as the reference keeps token2wav in float32 whatever the model dtype
+        self.code2wav_dit_model = Qwen2_5OmniToken2WavDiTModel(config.dit_config, ms.float32)
+        self.code2wav_bigvgan_model = Qwen2_5OmniToken2WavBigVGANModel(config.bigvgan_config, ms.float32)
+
+    def clip_codes(self, code):
+        """The Talker's vocabulary is larger than the DiT's codec table: a code past the table
+        (a control token the Talker should not emit, but random or unlucky sampling can) would
+        index out of range, so it is dropped; the reference would crash on it."""
+        code = np.asarray(code, np.int64).reshape(1, -1)
+        limit = self.code2wav_dit_model.num_embeds
+        return code[:, (code[0] >= 0) & (code[0] < limit)]
+
+    def sample_mel(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
+                   noise=None, seed=None):
+        """codes (1, N) -> mel (1, mel_dim, N * repeats). `noise` (1, >= N * repeats, mel_dim) is the
+        ODE's start; without it, standard normal noise from `seed`."""
+        dit = self.code2wav_dit_model
+        frames = code.shape[1] * dit.repeats
+        if noise is None:
+            noise = np.random.default_rng(seed).standard_normal((1, frames, dit.mel_dim)).astype(np.float32)
+        noise = np.asarray(noise, np.float32)
+        if noise.ndim != 3 or noise.shape[1] < frames or noise.shape[2] != dit.mel_dim:
+            raise ValueError(f"noise must be (1, >= {frames}, {dit.mel_dim}); got {noise.shape}")
+        code_t = Tensor(code, ms.int32)
+        cond = Tensor(np.asarray(conditioning, np.float32).reshape(1, 1, -1))
+        cond = ops.tile(cond, (1, frames, 1))
+        ref = Tensor(np.asarray(reference_mel, np.float32))
+
+        def velocity(t, x):
+            if guidance_scale < 1e-5:
+                return dit(x, ref, cond, code_t, Tensor(t, ms.float32), apply_cfg=False)
+            guided, null = ops.chunk(dit(x, ref, cond, code_t, Tensor(t, ms.float32), apply_cfg=True), 2, 0)
+            return guided + (guided - null) * guidance_scale
+
+        mel = rk4_integrate(velocity, Tensor(noise[:, :frames]), sway_timesteps(num_steps, sway_coefficient))
+        return mel.swapaxes(1, 2)
+
+    def construct(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
+                  noise=None, seed=None):
+        code = self.clip_codes(code)
+        if code.shape[1] == 0:
+            return Tensor(np.zeros(0, np.float32))
+        mel = self.sample_mel(code, conditioning, reference_mel, num_steps, guidance_scale, sway_coefficient, noise, seed)
+        return self.code2wav_bigvgan_model(mel)
