@@ -42,6 +42,21 @@ def test_media_examples_run_without_torch(name):
     assert answers and "new tokens in" in done.stdout
 
 
+def test_voice_chatting_writes_a_24khz_mono_wav_without_torch(tmp_path):
+    import re
+    import wave
+
+    out = tmp_path / "answer.wav"
+    done = run_without_torch("examples/qwen2_5_omni/voice_chatting.py", "--output", str(out), "--max_new_tokens", "8",
+                             "--talker_max_new_tokens", "40")
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = int(re.search(r"speech: (\d+) codec tokens", done.stdout).group(1))
+    with wave.open(str(out)) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (24000, 1, 2)
+        assert codes > 0 and f.getnframes() == codes * 2 * 240  # 2 mel frames per code, 240 samples per frame
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_text_only_generation_reports_a_bad_model_path():
     done = run_without_torch("examples/qwen2_5_omni/text_only_generation.py", "--model_path", "/no/such/folder")
     assert done.returncode != 0

@@ -142,7 +142,7 @@ def tiny_config(ids, vocab, tie_word_embeddings=False):
 def reinitialise(model, seed):
     """Weights with O(0.1-1) activations: matrices and conv kernels ~ N(0, 1/fan_in), embedding
     tables ~ N(0, 1), biases ~ N(0, 0.1^2), norm scales and snake parameters ~ 1 + N(0, 0.1^2);
-    the vocoder's last conv is scaled down so the waveform stays inside its [-1, 1] clamp."""
+    the vocoder's last conv is scaled down (x0.02) so the waveform stays inside its [-1, 1] clamp."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +154,7 @@ def reinitialise(model, seed):
                 elif p.ndim >= 2:
                     value = torch.randn(p.shape, generator=g) * int(np.prod(p.shape[1:])) ** -0.5
                     if module_name.endswith("conv_post"):
-                        value *= 0.1
+                        value *= 0.02
                 elif name == "bias":
                     value = torch.randn(p.shape, generator=g) * 0.1
                 else:

@@ -27,13 +27,17 @@ def parser(description):
     return ap
 
 
-def load(args):
+def load(args, enable_audio_output=False):
     if args.device_target:
         ms.set_context(device_target=args.device_target)
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
         args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], attn_implementation=args.attn_implementation,
-        enable_audio_output=False)
+        enable_audio_output=enable_audio_output)
     return model, Qwen2_5OmniProcessor.from_pretrained(args.model_path)
+
+
+def load_with_speech(args):
+    return load(args, enable_audio_output=True)
 
 
 def demo_media():

@@ -176,33 +176,41 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         self.rotary_embed.inv_freq = Parameter(Tensor(rope_inv_freq(config.head_dim, 10000.0)), name="inv_freq",
                                                requires_grad=False)
 
-    def rotary(self, frames, dtype):
+    def frame_inputs(self, frames, dtype):
+        """Host-side tensors that depend only on the frame count: rotary cos/sin (T, head_dim) and
+        each layer's block mask, so the forward itself is pure tensor code (compilable)."""
         inv_freq = self.rotary_embed.inv_freq.asnumpy().astype(np.float32)
         freqs = np.arange(frames, dtype=np.float32)[:, None] * inv_freq[None, :]
         freqs = np.repeat(freqs, 2, axis=-1)  # interleaved pairs share a frequency
-        return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype)
+        masks = {}
+        for block in self.transformer_blocks:
+            key = (block.look_backward, block.look_ahead)
+            masks.setdefault(key, block_mask(frames, self.block_size, *key))
+        layer_masks = tuple(masks[(b.look_backward, b.look_ahead)] for b in self.transformer_blocks)
+        return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
+
+    def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True):
+        """The forward on prepared frame inputs (see `frame_inputs`)."""
+        b = hidden_states.shape[0]
+        if time_step.ndim == 0:
+            time_step = ops.tile(time_step.reshape(1), (b,))
+        t_emb = self.time_embed(time_step)
+        code = self.text_embed(quantized_code, False if apply_cfg else drop_code)
+        code_uncond = self.text_embed(quantized_code, True) if apply_cfg else None
+        x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
+                             code_uncond, apply_cfg)
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, t_emb, cos, sin, masks[i])
+        scale, shift = ops.chunk(self.norm_out.linear(P.silu(t_emb)), 2, 1)
+        x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
+        return self.proj_out(x)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
                   drop_audio_conditioning=False, drop_code=False, apply_cfg=True):
         """hidden_states (B, T, mel) noisy mel; condition_vector (B, T_ref, mel) reference mel;
         speaker_embedding (B, T, enc_emb_dim); quantized_code (B, T / repeats); time_step () or (B,).
         With apply_cfg the batch doubles: conditioned outputs first, unconditioned second."""
-        b = hidden_states.shape[0]
-        if time_step.ndim == 0:
-            time_step = ops.tile(time_step.reshape(1), (b,))
-        t_emb = self.time_embed(time_step)
-        code = self.text_embed(quantized_code, drop_code=False if apply_cfg else drop_code)
-        code_uncond = self.text_embed(quantized_code, drop_code=True) if apply_cfg else None
-        x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
-                             code_uncond, apply_cfg)
-        frames = x.shape[1]
-        cos, sin = self.rotary(frames, x.dtype)
-        masks = {}
-        for block in self.transformer_blocks:
-            key = (block.look_backward, block.look_ahead)
-            if key not in masks:
-                masks[key] = block_mask(frames, self.block_size, *key)
-            x = block(x, t_emb, cos, sin, masks[key])
-        scale, shift = ops.chunk(self.norm_out.linear(P.silu(t_emb)), 2, 1)
-        x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
-        return self.proj_out(x)
+        cos, sin, masks = self.frame_inputs(hidden_states.shape[1], hidden_states.dtype)
+        return self.run(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
+                        drop_audio_conditioning, drop_code, apply_cfg)

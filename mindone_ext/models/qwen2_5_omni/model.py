@@ -63,6 +63,12 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             pad = eos[0] if eos else 0
         return eos, pad
 
+    @property
+    def samples_per_codec_token(self):
+        """Waveform samples per Talker codec token: mel frames per code x vocoder hop."""
+        c = self.config.token2wav_config
+        return c.dit_config.repeats * int(np.prod(c.bigvgan_config.upsample_rates))
+
     def thinker_runner(self):
         if self._thinker_runner is None:
             self._thinker_runner = CompiledDecoder(self.thinker.model, self.thinker.lm_head,

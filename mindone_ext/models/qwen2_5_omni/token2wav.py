@@ -43,6 +43,25 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         # float32 throughout, as the reference keeps token2wav in float32 whatever the model dtype
         self.code2wav_dit_model = Qwen2_5OmniToken2WavDiTModel(config.dit_config, ms.float32)
         self.code2wav_bigvgan_model = Qwen2_5OmniToken2WavBigVGANModel(config.bigvgan_config, ms.float32)
+        self._graphs = {}
+
+    def _velocity_graph(self, guided):
+        """The ODE's right-hand side as one compiled graph (per frame count): the DiT with
+        classifier-free guidance, guided + (guided - unconditioned) * scale."""
+        key = "guided" if guided else "plain"
+        if key not in self._graphs:
+            dit = self.code2wav_dit_model
+
+            def velocity(x, ref, cond, code, t, cos, sin, masks, scale):
+                if not guided:
+                    return dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=False)
+                out = dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=True)
+                half = x.shape[0]
+                guided_out, null = out[:half], out[half:]
+                return guided_out + (guided_out - null) * scale
+
+            self._graphs[key] = ms.jit(velocity)
+        return self._graphs[key]
 
     def clip_codes(self, code):
         """The Talker's vocabulary is larger than the DiT's codec table: a code past the table
@@ -67,12 +86,12 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         cond = Tensor(np.asarray(conditioning, np.float32).reshape(1, 1, -1))
         cond = ops.tile(cond, (1, frames, 1))
         ref = Tensor(np.asarray(reference_mel, np.float32))
+        cos, sin, masks = dit.frame_inputs(frames, ms.float32)
+        step = self._velocity_graph(guidance_scale >= 1e-5)
+        scale = Tensor(np.float32(guidance_scale))
 
         def velocity(t, x):
-            if guidance_scale < 1e-5:
-                return dit(x, ref, cond, code_t, Tensor(t, ms.float32), apply_cfg=False)
-            guided, null = ops.chunk(dit(x, ref, cond, code_t, Tensor(t, ms.float32), apply_cfg=True), 2, 0)
-            return guided + (guided - null) * guidance_scale
+            return step(x, ref, cond, code_t, Tensor(t, ms.float32), cos, sin, ms.mutable(masks), scale)
 
         mel = rk4_integrate(velocity, Tensor(noise[:, :frames]), sway_timesteps(num_steps, sway_coefficient))
         return mel.swapaxes(1, 2)
@@ -83,4 +102,5 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         if code.shape[1] == 0:
             return Tensor(np.zeros(0, np.float32))
         mel = self.sample_mel(code, conditioning, reference_mel, num_steps, guidance_scale, sway_coefficient, noise, seed)
+        # The vocoder runs op by op: compiling it per waveform length costs more than it saves.
         return self.code2wav_bigvgan_model(mel)

@@ -1,0 +1,71 @@
+"""Talk to Qwen2.5-Omni: a spoken question in, a text answer and a spoken answer (24 kHz wav) out.
+
+    python examples/qwen2_5_omni/voice_chatting.py                          # bundled tiny checkpoint
+    python examples/qwen2_5_omni/voice_chatting.py --model_path /models/Qwen2.5-Omni-7B \
+        --audio question.wav --speaker Ethan --output answer.wav --mindspore_dtype bfloat16
+
+With no --audio, a short generated speech-like clip is the question. The bundled checkpoint has
+random weights: its text and voice mean nothing, but every stage runs. Needs no torch.
+"""
+import os
+import time
+import wave
+
+import numpy as np
+
+from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, user_turn
+
+from mindone_ext import process_mm_info
+
+SAMPLE_RATE = 24000
+
+
+def write_wav(path, samples, rate=SAMPLE_RATE):
+    """16-bit mono PCM, written to a temporary name first so no half-written file is left."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    tmp = f"{path}.partial"
+    with wave.open(tmp, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+    os.replace(tmp, path)
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("--audio", help="the spoken question (any format FFmpeg reads); default: a generated clip")
+    ap.add_argument("--speaker", default="Chelsie", help="voice of the answer (a name in the speaker file)")
+    ap.add_argument("--output", default="output.wav")
+    ap.add_argument("--talker_max_new_tokens", type=int, default=None,
+                    help="codec tokens at most (25 per second of speech); default 4096, or 100 on the bundled "
+                         "random checkpoint, whose Talker has no reason to stop")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the Talker's sampling and the ODE noise")
+    ap.set_defaults(max_new_tokens=128)
+    args = ap.parse_args()
+    if args.talker_max_new_tokens is None:
+        args.talker_max_new_tokens = 100 if os.path.samefile(args.model_path, TINY_CHECKPOINT) else 4096
+    model, processor = load_with_speech(args)
+    audio = args.audio or demo_media()["audio"]
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+                    user_turn({"type": "audio", "audio": audio}, text="")]
+    conversation[1]["content"] = conversation[1]["content"][:1]  # the question is the audio itself
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    audios, images, videos = process_mm_info(conversation)
+    inputs = processor(text, audio=audios, images=images, videos=videos)
+    start = time.time()
+    text_ids, waveform = model.generate(**inputs, spk=args.speaker, return_audio=True,
+                                        max_new_tokens=args.max_new_tokens,
+                                        talker_max_new_tokens=args.talker_max_new_tokens, seed=args.seed)
+    elapsed = time.time() - start
+    answer = processor.batch_decode(text_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    write_wav(args.output, waveform)
+    samples_per_code = model.samples_per_codec_token
+    print(f"assistant: {answer}")
+    print(f"speech: {len(waveform) // samples_per_code} codec tokens, {len(waveform) / SAMPLE_RATE:.2f} s "
+          f"at {SAMPLE_RATE} Hz -> {args.output}")
+    print(f"[{elapsed:.1f} s, first call includes graph compilation]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Speaking against the PyTorch reference: Talker, ECAPA, DiT, BigVGAN, the ODE, and the whole
+generate(..., return_audio=True) chain with the same injected noise."""
+import numpy as np
+import pytest
+import torch
+import mindspore as ms
+from mindspore import Tensor
+
+from tests.conftest import max_abs_diff
+
+rng = np.random.default_rng(11)
+
+
+@pytest.fixture(scope="module")
+def parts(our_model, reference_model):
+    return our_model.token2wav.code2wav_dit_model, reference_model.token2wav.code2wav_dit_model
+
+
+def assert_close(got, want, tol=1e-4, scale=0.1):
+    assert np.abs(want).mean() > scale, "reference output too small for the tolerance to mean anything"
+    assert got.shape == want.shape
+    assert max_abs_diff(got, want) <= tol
+
+
+def test_talker_prefill_and_five_decode_steps(our_model, reference_model):
+    from mindone_ext.models.qwen2_5_omni.speech import talker_runner
+
+    talker = our_model.talker
+    embeds = rng.standard_normal((1, 14, 64)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(14), (3, 1, 14)).copy()
+    positions[1:, :, 3:7] += np.array([[0, 1, 0, 1], [0, 0, 1, 1]])[:, None, :]  # a 2x2 image grid inside
+    with torch.no_grad():
+        want = reference_model.talker(inputs_embeds=torch.tensor(embeds), position_ids=torch.tensor(positions),
+                                      use_cache=False).logits.numpy()
+    full = talker(Tensor(embeds), positions, np.ones((1, 14), np.int32)).asnumpy()
+    assert_close(full, want)
+    runner = talker_runner(talker)
+    cache = runner.allocate(1, 14, ms.float32)
+    logits, _ = runner.prefill(cache, Tensor(embeds[:, :9]), positions[:, :, :9], np.ones((1, 9), np.int32))
+    steps = [logits]
+    for i in range(9, 14):
+        logits, _ = runner.decode(cache, Tensor(embeds[:, i:i + 1]), positions[:, :, i:i + 1])
+        steps.append(logits)
+    assert max_abs_diff(np.stack(steps, 1)[0], want[0, 8:14]) <= 1e-4
+
+
+def test_ecapa_speaker_embedding(parts):
+    ours, ref = parts
+    mel = rng.standard_normal((1, 73, 80)).astype(np.float32)
+    with torch.no_grad():
+        want = ref.input_embed.spk_encoder(torch.tensor(mel)).numpy()
+    assert_close(ours.input_embed.spk_encoder(Tensor(mel)).asnumpy(), want)
+
+
+@pytest.mark.parametrize("apply_cfg, drop", [(True, False), (False, False), (False, True)])
+def test_dit_forward_at_a_fixed_time_step(parts, apply_cfg, drop):
+    ours, ref = parts
+    frames = 62  # not a multiple of the block size: a partial last block
+    x = rng.standard_normal((1, frames, 80)).astype(np.float32)
+    mel = rng.standard_normal((1, 40, 80)).astype(np.float32)
+    spk = rng.standard_normal((1, frames, 16)).astype(np.float32)
+    code = rng.integers(0, 8193, size=(1, frames // 2))
+    args = dict(apply_cfg=apply_cfg, drop_audio_conditioning=drop, drop_code=drop)
+    with torch.no_grad():
+        want = ref(torch.tensor(x), torch.tensor(mel), torch.tensor(spk), torch.tensor(code), torch.tensor(0.37),
+                   **args).numpy()
+    got = ours(Tensor(x), Tensor(mel), Tensor(spk), Tensor(code, ms.int32), Tensor(np.float32(0.37)), **args)
+    assert_close(got.asnumpy(), want)
+
+
+def test_bigvgan_waveform_from_a_fixed_mel(our_model, reference_model):
+    mel = rng.standard_normal((1, 80, 23)).astype(np.float32) - 2
+    with torch.no_grad():
+        want = reference_model.token2wav.code2wav_bigvgan_model(torch.tensor(mel)).numpy()
+    got = our_model.token2wav.code2wav_bigvgan_model(Tensor(mel)).asnumpy()
+    assert (np.abs(want) < 1).mean() > 0.9  # mostly inside the final clamp, so differences show
+    assert_close(got, want)
+
+
+def test_ode_mel_with_the_same_noise(our_model, reference_model):
+    speaker = our_model.speakers["Chelsie"]
+    code = rng.integers(0, 8193, size=(1, 20))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = reference_model.token2wav.code2wav_dit_model.sample(
+            torch.tensor(speaker.cond), torch.tensor(speaker.ref_mel), torch.tensor(code)).numpy()
+    torch.manual_seed(5)
+    noise = torch.randn(1, 30000, 80).numpy()
+    got = our_model.token2wav.sample_mel(code, speaker.cond, speaker.ref_mel, noise=noise).asnumpy()
+    assert_close(got, want)
+
+
+def test_codes_beyond_the_dit_table_are_dropped_not_fatal(our_model, reference_model):
+    speaker = our_model.speakers["Chelsie"]
+    table = our_model.token2wav.code2wav_dit_model.num_embeds  # 8193 rows + 1; the Talker has 8448 codes
+    code = rng.integers(0, table, size=(1, 12))
+    mixed = np.insert(code, [3, 7], [8300, 8447], axis=1)
+    torch.manual_seed(2)
+    noise = torch.randn(1, 30000, 80).numpy()
+    with pytest.raises(IndexError):  # the reference indexes out of range
+        with torch.no_grad():
+            reference_model.token2wav(torch.tensor(mixed), torch.tensor(speaker.cond), torch.tensor(speaker.ref_mel))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        want = reference_model.token2wav(torch.tensor(code), torch.tensor(speaker.cond),
+                                          torch.tensor(speaker.ref_mel)).numpy()
+    got = our_model.token2wav(mixed, speaker.cond, speaker.ref_mel, noise=noise).asnumpy()
+    assert_close(got, want)
+
+
+def test_generate_with_audio_matches_reference(our_model, reference_model):
+    ids = np.array([[401, 5, 6, 7, 8, 9, 10, 402, 401, 20, 30, 40]])
+    mask = np.ones_like(ids)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        seq, wav = reference_model.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), speaker="Ethan", thinker_max_new_tokens=12,
+            thinker_do_sample=False, thinker_eos_token_id=None, talker_do_sample=False, talker_max_new_tokens=30)
+    torch.manual_seed(123)
+    noise = torch.randn(1, 30000, 80).numpy()
+    got_seq, got_wav = our_model.generate(input_ids=ids, attention_mask=mask, spk="Ethan", max_new_tokens=12,
+                                          eos_token_id=[], talker_do_sample=False, talker_max_new_tokens=30,
+                                          token2wav_noise=noise)
+    np.testing.assert_array_equal(got_seq, seq.numpy())
+    assert got_wav.dtype == np.float32 and got_wav.shape == tuple(wav.shape) and len(got_wav) % 480 == 0
+    assert_close(got_wav, wav.numpy())
+
+
+def test_speech_argument_errors(our_model, tiny_checkpoint):
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+
+    ids = np.array([[401, 5, 6]])
+    with pytest.raises(ValueError, match="unknown speaker 'Nobody'; available: Chelsie, Ethan"):
+        our_model.generate(input_ids=ids, speaker="Nobody")
+    with pytest.raises(ValueError, match="batch size 1"):
+        our_model.generate(input_ids=np.ones((2, 3), np.int64), return_audio=True)
+    text_only = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, enable_audio_output=False)
+    with pytest.raises(ValueError, match="enable_audio_output=True"):
+        text_only.generate(input_ids=ids, return_audio=True)
+    assert text_only.generate(input_ids=ids, max_new_tokens=2).shape == (1, 5)  # return_audio defaults to off
