@@ -17,3 +17,12 @@ def median_seconds(fn, repeats, warmup=1):
 
 def emit(record):
     print(json.dumps(record), flush=True)
+
+
+def copy_weights(reference, ours, prefix=""):
+    """Give our parameters the reference module's values (names match, minus `prefix`)."""
+    from mindspore import Tensor
+
+    state = reference.state_dict()
+    for name, param in ours.parameters_and_names():
+        param.set_data(Tensor(state[name[len(prefix):]].float().numpy()))

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, median_seconds  # noqa: E402
+from common import copy_weights, emit, median_seconds  # noqa: E402
 
 
 def configs(tiny):
@@ -30,13 +30,6 @@ def configs(tiny):
             Qwen2_5OmniVisionEncoderConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                                            out_hidden_size=64, fullatt_block_indexes=[1]))
 
-
-def copy_weights(reference, ours):
-    from mindspore import Tensor
-
-    state = reference.state_dict()
-    for name, param in ours.parameters_and_names():
-        param.set_data(Tensor(state[name].float().numpy()))
 
 
 def main():

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, median_seconds  # noqa: E402
+from common import copy_weights, emit, median_seconds  # noqa: E402
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -50,7 +50,6 @@ def main():
 
     import torch
     import mindspore as ms
-    from mindspore import Tensor
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     from mindone_ext import Qwen2_5OmniForConditionalGeneration
@@ -59,9 +58,7 @@ def main():
     torch.manual_seed(0)
     reference = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config).eval()
     ours = Qwen2_5OmniForConditionalGeneration(config, ms.float32, enable_audio_output=False)
-    state = reference.state_dict()
-    for name, param in ours.parameters_and_names():
-        param.set_data(Tensor(state[name[len("thinker."):]].numpy()))
+    copy_weights(reference, ours, prefix="thinker.")
 
     ids = np.random.default_rng(0).integers(0, SHAPES[shape]["vocab_size"], size=(1, args.prompt_len))
     common = dict(shape=shape, batch=1, prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype="float32",

@@ -31,8 +31,3 @@ def iter_tokens(runner, cache, embeds, input_ids, attention_mask, position_ids, 
         positions = np.broadcast_to(cache.length + rope_deltas.reshape(1, -1, 1), (3, len(tokens), 1))
         logits, hidden = runner.decode(cache, step_embeds, positions)
 
-
-def generate_tokens(*args, **kwargs):
-    """All new tokens (B, n) as int64, from `iter_tokens`."""
-    steps = [tokens for tokens, _, _ in iter_tokens(*args, **kwargs)]
-    return np.stack(steps, 1) if steps else np.zeros((np.asarray(args[3]).shape[0], 0), np.int64)

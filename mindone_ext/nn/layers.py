@@ -1,6 +1,5 @@
 """Parameter-holding layers whose attribute names match the Hugging Face checkpoints
 (`weight`, `bias`), so weights load by name."""
-import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import Zero
@@ -73,12 +72,3 @@ class Embedding(nn.Cell):
     def construct(self, ids):
         return P.embedding(ids, self.weight)
 
-
-def fill_parameters(cell, init_fn, seed=0):
-    """Give every parameter of `cell` values from `init_fn(name, shape, rng) -> np.ndarray`.
-
-    Used for random-weight models (benchmarks, tiny checkpoints), never for real weights."""
-    rng = np.random.default_rng(seed)
-    for name, param in cell.parameters_and_names():
-        value = init_fn(name, tuple(param.shape), rng).astype(np.float32)
-        param.set_data(Tensor(value, dtype=param.dtype))

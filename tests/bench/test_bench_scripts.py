@@ -22,3 +22,17 @@ def test_thinker_decode_bench_output_form():
         assert record["bench"] == "thinker_decode" and record["prefill_ms"] > 0 and record["decode_tok_s"] > 0
     summary = lines[-1]
     assert summary["ratio_decode_tok_s"] > 0 and summary["greedy_tokens_identical"] is True
+
+
+def test_encoders_bench_output_form():
+    lines = run_bench("encoders.py", "--tiny", "--repeats", "1", "--seconds", "3", "--image_size", "112")
+    assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
+    assert all(r["audio_ms"] > 0 and r["vision_ms"] > 0 for r in lines[:2])
+    assert lines[-1]["max_abs_diff_audio"] <= 1e-4 and lines[-1]["max_abs_diff_vision"] <= 1e-4
+
+
+def test_speech_bench_output_form():
+    lines = run_bench("speech.py", "--tiny", "--repeats", "1", "--seconds", "1", "--talker_tokens", "6")
+    assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
+    assert all(r["talker_tok_s"] > 0 and r["token2wav_rtf"] > 0 for r in lines[:2])
+    assert lines[-1]["ratio_talker_tok_s"] > 0 and lines[-1]["ratio_token2wav_rtf"] > 0

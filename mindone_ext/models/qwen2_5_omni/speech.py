@@ -8,7 +8,6 @@ embeddings, the pad repeated once the answer is used up), each added to the embe
 previous codec token.
 """
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, ops
 
 from ...generation import CompiledDecoder, SamplingConfig, iter_tokens
@@ -86,6 +85,3 @@ def generate_codes(talker, runner, prompt, positions, deltas, settings, seed):
 def talker_runner(talker):
     return CompiledDecoder(talker.model, talker.codec_head, talker.config, input_proj=talker.thinker_to_talker_proj)
 
-
-def as_float_tensor(x):
-    return x if isinstance(x, Tensor) else Tensor(np.asarray(x, np.float32), ms.float32)
