@@ -104,6 +104,12 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         thinker_args = {k[len("thinker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("thinker_")}
         talker_args = {k[len("talker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("talker_")}
         token2wav_args = {k[len("token2wav_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("token2wav_")}
+        sampling_keys = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                         "eos_token_id", "pad_token_id"}
+        unknown = sorted(set(kwargs) | {f"thinker_{k}" for k in set(thinker_args) - sampling_keys}
+                         | {f"talker_{k}" for k in set(talker_args) - sampling_keys})
+        if unknown:
+            raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)}")
         if return_audio is None:
             return_audio = self.has_talker
         if return_audio and not self.has_talker:

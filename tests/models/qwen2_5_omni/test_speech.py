@@ -134,6 +134,8 @@ def test_speech_argument_errors(our_model, tiny_checkpoint):
         our_model.generate(input_ids=ids, speaker="Nobody")
     with pytest.raises(ValueError, match="batch size 1"):
         our_model.generate(input_ids=np.ones((2, 3), np.int64), return_audio=True)
+    with pytest.raises(TypeError, match="unsupported arguments: num_beams, talker_typo"):
+        our_model.generate(input_ids=ids, num_beams=4, talker_typo=1)
     text_only = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, enable_audio_output=False)
     with pytest.raises(ValueError, match="enable_audio_output=True"):
         text_only.generate(input_ids=ids, return_audio=True)
