@@ -10,6 +10,7 @@ waveform (10 ODE steps with guidance, then the vocoder) divided by the audio's d
 faster than real time). Medians of repeats after a warm-up (ours compiles there).
 """
 import argparse
+import gc
 import os
 import sys
 from types import SimpleNamespace
@@ -59,38 +60,51 @@ def main():
     from mindone_ext.models.qwen2_5_omni.token2wav import Qwen2_5OmniToken2WavModel
 
     talker_config, t2w_config = configs(args.tiny)
-    torch.manual_seed(0)
-    ref_talker = ref.Qwen2_5OmniTalkerForConditionalGeneration._from_config(talker_config,
-                                                                           attn_implementation="eager").eval()
-    ref_t2w = ref.Qwen2_5OmniToken2WavModel._from_config(t2w_config).eval().float()
-    our_talker = Qwen2_5OmniTalkerForConditionalGeneration(talker_config)
-    our_t2w = Qwen2_5OmniToken2WavModel(t2w_config)
-    copy_weights(ref_talker, our_talker)
-    copy_weights(ref_t2w, our_t2w)
-
     rng = np.random.default_rng(0)
-    e, length = talker_config.embedding_size, 64
-    embeds = rng.standard_normal((1, length, e)).astype(np.float32) * 0.1
-    reply = rng.standard_normal((1, args.talker_tokens + 2, e)).astype(np.float32) * 0.1
-    text_ids = rng.integers(0, 1000, size=(1, length))
-    codec_ids = np.full((1, length), talker_config.tts_codec_mask_token_id)
-    positions = np.broadcast_to(np.arange(length), (3, 1, length)).copy()
-    prompt = SimpleNamespace(embeds=Tensor(embeds), codec_ids=codec_ids,
-                             reply_at=lambda step: Tensor(reply[:, min(step, reply.shape[1] - 1)][:, None]))
-    runner = speech.talker_runner(our_talker)
 
-    def ours_talker(n):
-        settings = dict(speech.TALKER_DEFAULTS, max_new_tokens=n, do_sample=False, eos_token_id=())
-        return speech.generate_codes(our_talker, runner, prompt, positions, np.zeros((1, 1), np.int64), settings, 0)
+    def measure_talkers():
+        """Talker tokens/s for both; the models are freed on return (two 7B talkers and two
+        token2wavs do not fit in memory at once)."""
+        torch.manual_seed(0)
+        ref_talker = ref.Qwen2_5OmniTalkerForConditionalGeneration._from_config(
+            talker_config, attn_implementation="eager").eval()
+        our_talker = Qwen2_5OmniTalkerForConditionalGeneration(talker_config)
+        copy_weights(ref_talker, our_talker)
+        e, length = talker_config.embedding_size, 64
+        embeds = rng.standard_normal((1, length, e)).astype(np.float32) * 0.1
+        reply = rng.standard_normal((1, args.talker_tokens + 2, e)).astype(np.float32) * 0.1
+        text_ids = rng.integers(0, 1000, size=(1, length))
+        codec_ids = np.full((1, length), talker_config.tts_codec_mask_token_id)
+        positions = np.broadcast_to(np.arange(length), (3, 1, length)).copy()
+        prompt = SimpleNamespace(embeds=Tensor(embeds), codec_ids=codec_ids,
+                                 reply_at=lambda step: Tensor(reply[:, min(step, reply.shape[1] - 1)][:, None]))
+        runner = speech.talker_runner(our_talker)
 
-    def ref_talker_run(n):
-        with torch.no_grad():
-            return ref_talker.generate(
-                input_ids=torch.tensor(codec_ids), input_text_ids=torch.tensor(text_ids),
-                thinker_reply_part=torch.tensor(reply), inputs_embeds=torch.tensor(embeds),
-                attention_mask=torch.ones(1, length, dtype=torch.long), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, eos_token_id=None, pad_token_id=0, suppress_tokens=[ref_talker.codec_bos_token])
+        def ours(n):
+            settings = dict(speech.TALKER_DEFAULTS, max_new_tokens=n, do_sample=False, eos_token_id=())
+            return speech.generate_codes(our_talker, runner, prompt, positions, np.zeros((1, 1), np.int64), settings, 0)
 
+        def reference(n):
+            with torch.no_grad():
+                return ref_talker.generate(
+                    input_ids=torch.tensor(codec_ids), input_text_ids=torch.tensor(text_ids),
+                    thinker_reply_part=torch.tensor(reply), inputs_embeds=torch.tensor(embeds),
+                    attention_mask=torch.ones(1, length, dtype=torch.long), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, eos_token_id=None, pad_token_id=0, suppress_tokens=[ref_talker.codec_bos_token])
+
+        speeds = {}
+        for impl, talk in (("mindone_ext", ours), ("torch", reference)):
+            one = median_seconds(lambda: talk(1), args.repeats)
+            full = median_seconds(lambda: talk(args.talker_tokens), args.repeats)
+            speeds[impl] = round((args.talker_tokens - 1) / max(full - one, 1e-9), 2)
+        return speeds
+
+    talker_speeds = measure_talkers()
+    gc.collect()
+    torch.manual_seed(0)
+    ref_t2w = ref.Qwen2_5OmniToken2WavModel._from_config(t2w_config).eval().float()
+    our_t2w = Qwen2_5OmniToken2WavModel(t2w_config)
+    copy_weights(ref_t2w, our_t2w)
     codes = rng.integers(0, t2w_config.dit_config.num_embeds, size=(1, int(args.seconds * 25)))
     cond = rng.standard_normal((1, t2w_config.dit_config.enc_emb_dim)).astype(np.float32)
     ref_mel = rng.standard_normal((1, 300, t2w_config.dit_config.mel_dim)).astype(np.float32)
@@ -105,13 +119,9 @@ def main():
     common = dict(config="tiny" if args.tiny else "qwen2.5-omni-7b", talker_tokens=args.talker_tokens,
                   speech_seconds=args.seconds, ode_steps=10, dtype="float32", device="CPU",
                   torch_threads=torch.get_num_threads())
-    results = {}
-    for impl, talk, t2w in (("mindone_ext", ours_talker, ours_t2w), ("torch", ref_talker_run, ref_t2w_run)):
-        one = median_seconds(lambda: talk(1), args.repeats)
-        full = median_seconds(lambda: talk(args.talker_tokens), args.repeats)
-        wav_s = median_seconds(t2w, args.repeats)
-        results[impl] = dict(talker_tok_s=round((args.talker_tokens - 1) / max(full - one, 1e-9), 2),
-                             token2wav_rtf=round(wav_s / args.seconds, 3))
+    results = {impl: {"talker_tok_s": speed} for impl, speed in talker_speeds.items()}
+    for impl, t2w in (("mindone_ext", ours_t2w), ("torch", ref_t2w_run)):
+        results[impl]["token2wav_rtf"] = round(median_seconds(t2w, args.repeats) / args.seconds, 3)
         emit(dict(bench="speech", impl=impl, **results[impl], **common))
     emit(dict(bench="speech",
               ratio_talker_tok_s=round(results["mindone_ext"]["talker_tok_s"] / results["torch"]["talker_tok_s"], 3),
