@@ -13,7 +13,6 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ...nn import ops as P
-from ...nn.attention import attention
 from ...nn.layers import Embedding, GELU, Linear
 from ...nn.rotary import rope_inv_freq
 from .ecapa import ECAPA_TimeDelayNet
@@ -47,11 +46,34 @@ def rotate_pairs(x):
     return ops.stack((-pairs[..., 1], pairs[..., 0]), -1).reshape(x.shape)
 
 
-def block_mask(frames, block_size, back, ahead):
-    """(1, 1, T, T) boolean: query frame i sees frame j when block(j) - block(i) is in [-back, ahead]."""
-    block = np.arange(frames) // block_size
-    diff = block[None, :] - block[:, None]
-    return Tensor(((diff >= -back) & (diff <= ahead))[None, None])
+def block_window(frames, block_size, back, ahead):
+    """The block mask as gathers: query frame i sees frame j when block(j) - block(i) is in
+    [-back, ahead]. Each query block attends to the (back + 1 + ahead) blocks around it, so
+    attention costs T x window instead of T x T (memory and time), with the same keys.
+    Returns (key frame per window slot (blocks * width,), valid slots (blocks, block_size, width))."""
+    blocks = -(-frames // block_size)
+    width = (back + 1 + ahead) * block_size
+    first = (np.arange(blocks) - back) * block_size  # first key frame of each query block's window
+    keys = first[:, None] + np.arange(width)[None, :]
+    valid = (keys >= 0) & (keys < frames)
+    return (Tensor(np.clip(keys, 0, frames - 1).reshape(-1).astype(np.int32)),
+            Tensor(np.broadcast_to(valid[:, None, :], (blocks, block_size, width)).copy()))
+
+
+def window_attention(q, k, v, window, scale):
+    """q, k, v (B, H, T, D) -> (B, T, H * D), each query block over its key window."""
+    keys, valid = window
+    b, h, t, d = q.shape
+    n, size, width = valid.shape
+    if n * size > t:
+        q = ops.cat((q, ops.zeros((b, h, n * size - t, d), q.dtype)), 2)
+    q = q.reshape(b, h, n, size, d)
+    k = ops.gather(k, keys, 2).reshape(b, h, n, width, d)
+    v = ops.gather(v, keys, 2).reshape(b, h, n, width, d)
+    scores = ops.matmul(q, k.swapaxes(-1, -2)) * scale  # (B, H, blocks, size, width)
+    scores = ops.masked_fill(scores.astype(ms.float32), ops.logical_not(valid), float("-inf"))
+    out = ops.matmul(ops.softmax(scores, -1).astype(q.dtype), v).reshape(b, h, n * size, d)[:, :, :t]
+    return out.swapaxes(1, 2).reshape(b, t, h * d)
 
 
 class DiTTimestepEmbedding(nn.Cell):
@@ -126,7 +148,7 @@ class DiTAttention(nn.Cell):
         # The reference rotates only the first head (query[:, :1]); mirrored exactly.
         q = ops.cat((q[:, :1] * cos + rotate_pairs(q[:, :1]) * sin, q[:, 1:]), 1)
         k = ops.cat((k[:, :1] * cos + rotate_pairs(k[:, :1]) * sin, k[:, 1:]), 1)
-        return self.to_out[0](attention(q, k, v, mask, self.head_dim**-0.5))
+        return self.to_out[0](window_attention(q, k, v, mask, self.head_dim**-0.5))
 
 
 class DiTMLP(nn.Cell):
@@ -185,7 +207,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         masks = {}
         for block in self.transformer_blocks:
             key = (block.look_backward, block.look_ahead)
-            masks.setdefault(key, block_mask(frames, self.block_size, *key))
+            masks.setdefault(key, block_window(frames, self.block_size, *key))
         layer_masks = tuple(masks[(b.look_backward, b.look_ahead)] for b in self.transformer_blocks)
         return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
 
