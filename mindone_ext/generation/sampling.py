@@ -20,6 +20,12 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
 
+    @classmethod
+    def from_settings(cls, settings, seed=None):
+        """From a dict with do_sample, temperature, top_k, top_p, repetition_penalty (other keys ignored)."""
+        return cls(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"],
+                   settings["repetition_penalty"], seed)
+
     def __post_init__(self):
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")

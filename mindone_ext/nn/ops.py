@@ -151,7 +151,7 @@ def argmax(x):
 
 
 def gelu_tanh(x):
-    return exact_gelu(x, "tanh") if not on_ascend() else ascend_gelu(x, "tanh")
+    return gelu(x, "tanh")
 
 
 def quick_gelu(x):

@@ -8,6 +8,7 @@ source and the problem.
 """
 import base64
 import io
+import itertools
 import os
 import urllib.parse
 import urllib.request
@@ -71,21 +72,30 @@ def _open_container(source, what):
         raise MediaError(f"{what} {describe(source)}: cannot be decoded ({type(e).__name__}: {e})") from None
 
 
-def resample(samples, rate, target=SAMPLE_RATE):
-    """Mono float32 `samples` at `rate` -> `target` Hz (FFmpeg's resampler)."""
-    samples = np.asarray(samples, np.float32)
-    if samples.ndim == 2:  # (channels, samples) or (samples, channels): downmix
-        samples = samples.mean(0 if samples.shape[0] < samples.shape[1] else 1)
-    if rate == target:
-        return np.ascontiguousarray(samples)
+def _to_16k_mono(frames):
+    """Audio frames through FFmpeg's resampler (mono float, 16 kHz), flushed at the end."""
     import av
 
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=target)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    out = []
+    for frame in itertools.chain(frames, [None]):  # None flushes the resampler
+        out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def resample(samples, rate):
+    """Mono float32 `samples` at `rate` -> 16 kHz; (channels, samples) or (samples, channels)
+    input is downmixed first."""
+    import av
+
+    samples = np.asarray(samples, np.float32)
+    if samples.ndim == 2:
+        samples = samples.mean(0 if samples.shape[0] < samples.shape[1] else 1)
+    if rate == SAMPLE_RATE:
+        return np.ascontiguousarray(samples)
     frame = av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
     frame.sample_rate = int(rate)
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+    return _to_16k_mono([frame])
 
 
 def load_audio(source, sample_rate=None, what="audio"):
@@ -99,15 +109,10 @@ def load_audio(source, sample_rate=None, what="audio"):
         with _open_container(source, what) as container:
             if not container.streams.audio:
                 raise MediaError(f"{what} {describe(source)}: has no audio track")
-            resampler = __import__("av").AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            chunks = []
             try:
-                for frame in container.decode(audio=0):
-                    chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+                audio = _to_16k_mono(container.decode(audio=0))
             except Exception as e:
                 raise MediaError(f"{what} {describe(source)}: corrupt audio ({type(e).__name__}: {e})") from None
-            audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if audio.size == 0:
         raise MediaError(f"{what} {describe(source)}: contains no audio samples")
     if not np.isfinite(audio).all():
@@ -130,6 +135,15 @@ def load_image(source):
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise MediaError(f"image {describe(source)}: cannot be decoded ({e})") from None
+
+
+def resize_frames(frames, height, width):
+    """uint8-range frames (T, H, W, 3) -> (T, height, width, 3), bicubic as PIL does it."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).resize((width, height),
+                                                                                             Image.BICUBIC))
+                     for f in frames])
 
 
 def load_video_frames(source):

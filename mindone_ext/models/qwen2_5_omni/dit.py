@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ...nn import ops as P
-from ...nn.layers import Embedding, GELU, Linear
+from ...nn.layers import Embedding, Linear
 from ...nn.rotary import rope_inv_freq
 from .ecapa import ECAPA_TimeDelayNet
 
@@ -23,7 +23,7 @@ class SiLU(nn.Cell):
         return P.silu(x)
 
 
-class GELUTanh(GELU):
+class GELUTanh(nn.Cell):
     def construct(self, x):
         return P.gelu_tanh(x)
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from ...utils.media import MediaError, describe, load_audio, load_image, load_video_frames
+from ...utils.media import MediaError, describe, load_audio, load_image, load_video_frames, resize_frames
 
 FACTOR = 28
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
@@ -41,16 +41,13 @@ def frame_count(total, video_fps, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames
 def sample_video(frames, video_fps, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
                  min_pixels=VIDEO_MIN_PIXELS, max_pixels=None, total_pixels=VIDEO_TOTAL_PIXELS):
     """uint8 frames (T, H, W, 3) at `video_fps` -> (sampled, resized frames, their fps)."""
-    from PIL import Image
-
     total = len(frames)
     n = frame_count(total, video_fps, fps, min_frames, max_frames)
     index = np.round(np.linspace(0, total - 1, n)).astype(np.int64)
     budget = max(min(VIDEO_MAX_PIXELS, total_pixels / n * FRAME_FACTOR), int(min_pixels * 1.05))
     budget = min(max_pixels, budget) if max_pixels else budget
     height, width = smart_resize(frames.shape[1], frames.shape[2], FACTOR, min_pixels, budget)
-    resized = np.stack([np.asarray(Image.fromarray(frames[i]).resize((width, height), Image.BICUBIC)) for i in index])
-    return resized, n / max(total, 1e-6) * video_fps
+    return resize_frames(frames[index], height, width), n / max(total, 1e-6) * video_fps
 
 
 def _media_items(conversations):

@@ -1,6 +1,4 @@
 """The composite Qwen2.5-Omni model: loading from a Hugging Face folder, and generate()."""
-import logging
-
 import numpy as np
 import mindspore as ms
 from mindspore import nn
@@ -14,8 +12,6 @@ from .speakers import load_speakers
 from .talker import Qwen2_5OmniTalkerForConditionalGeneration
 from .thinker import Qwen2_5OmniThinkerForConditionalGeneration, as_numpy
 from .token2wav import Qwen2_5OmniToken2WavModel
-
-logger = logging.getLogger(__name__)
 
 SPEECH_PREFIXES = ("talker.", "token2wav.")
 SUPPORTED_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
@@ -137,8 +133,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         settings.update(thinker_args)
-        sampling = SamplingConfig(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"],
-                                  settings["repetition_penalty"], seed)
+        sampling = SamplingConfig.from_settings(settings, seed)
         eos, pad = self._stop_ids(settings["eos_token_id"], settings["pad_token_id"])
 
         media = {k: v for k, v in dict(input_features=input_features, feature_attention_mask=feature_attention_mask,
@@ -169,7 +164,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         talker_prompt = speech.TalkerPrompt(
             self.talker, self.thinker, ids,
             speech.zero_media_positions(prompt_embeds, ids, self.config.thinker_config, media), prompt_hidden,
-            [int(t[0]) for t, _, _ in steps], [e for _, e, _ in steps[1:]], [h for _, _, h in steps[1:]],
+            int(steps[0][0][0]), [e for _, e, _ in steps[1:]], [h for _, _, h in steps[1:]],
             voice.bos_token)
         positions, deltas = speech.talker_positions(self.config.talker_config, talker_prompt, media, use_audio_in_video)
         codes = speech.generate_codes(self.talker, self.talker_runner(), talker_prompt, positions, deltas, settings,

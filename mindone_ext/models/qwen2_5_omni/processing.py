@@ -11,6 +11,7 @@ import numpy as np
 from transformers import AutoTokenizer, Qwen2VLImageProcessor, WhisperFeatureExtractor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from ...utils.media import resize_frames
 from .rope_index import chunk_bounds
 
 VIDEO_DEFAULTS = dict(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28, patch_size=14, temporal_patch_size=2,
@@ -28,8 +29,6 @@ class VideoPreprocessor:
         self.__dict__.update(c)
 
     def __call__(self, frames):
-        from PIL import Image
-
         frames = np.asarray(frames)
         if frames.ndim != 4:
             raise ValueError(f"a video must be frames (T, H, W, 3) or (T, 3, H, W); got shape {frames.shape}")
@@ -38,8 +37,7 @@ class VideoPreprocessor:
         factor = self.patch_size * self.merge_size
         height, width = smart_resize(frames.shape[1], frames.shape[2], factor, self.min_pixels, self.max_pixels)
         if (height, width) != frames.shape[1:3]:
-            frames = np.stack([np.asarray(Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).resize(
-                (width, height), Image.BICUBIC)) for f in frames])
+            frames = resize_frames(frames, height, width)
         x = frames.astype(np.float32) * np.float32(self.rescale_factor)
         x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)

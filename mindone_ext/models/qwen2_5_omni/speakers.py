@@ -6,6 +6,7 @@ The release ships them as `spk_dict.pt` (a torch pickle). Inference reads a pick
 metadata), written by tools/convert/convert_spk_dict_pt2np.py; `spk_dict.pt` is read only when
 torch happens to be installed, with `weights_only=True`.
 """
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -82,10 +83,6 @@ def load_speakers(folder):
     safe, pickled = os.path.join(folder, SAFE_NAME), os.path.join(folder, TORCH_NAME)
     if os.path.isfile(safe):
         return read_speakers(safe)
-    if os.path.isfile(pickled):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return {}
+    if os.path.isfile(pickled) and importlib.util.find_spec("torch") is not None:
         return read_torch_speakers(pickled)
     return {}

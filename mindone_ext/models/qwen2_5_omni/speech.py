@@ -32,7 +32,7 @@ def zero_media_positions(embeds, ids, thinker_config, media):
 class TalkerPrompt:
     """The Talker's inputs for one answer (batch 1)."""
 
-    def __init__(self, talker, thinker, prompt_ids, prompt_embeds, prompt_hidden, answer_ids, answer_embeds,
+    def __init__(self, talker, thinker, prompt_ids, prompt_embeds, prompt_hidden, first_answer_id, answer_embeds,
                  answer_hidden, speaker_bos):
         embed = lambda ids: thinker.embed(np.asarray(ids).reshape(1, -1))  # noqa: E731
         # the answer tokens the Talker reads one by one: all but the last one generated, then eos, pad
@@ -43,7 +43,7 @@ class TalkerPrompt:
         codec = talker.codec_embedding(np.array([[talker.codec_pad_token, talker.codec_bos_token]]))
         tail = ops.cat((embed([speaker_bos]), first), 1) + codec
         self.embeds = ops.cat((prompt_hidden + prompt_embeds, tail), 1)
-        self.text_ids = np.concatenate([prompt_ids, [[speaker_bos, answer_ids[0]]]], 1)
+        self.text_ids = np.concatenate([prompt_ids, [[speaker_bos, first_answer_id]]], 1)
         self.codec_ids = np.concatenate([np.full_like(prompt_ids, talker.codec_mask_token),
                                          [[talker.codec_pad_token, talker.codec_bos_token]]], 1)
 
@@ -64,8 +64,7 @@ def talker_positions(talker_config, prompt, media, use_audio_in_video):
 def generate_codes(talker, runner, prompt, positions, deltas, settings, seed):
     """Codec tokens (n,) for one answer; the last token (the stop token, or the last of an answer
     cut at max_new_tokens) is dropped, as the reference does."""
-    sampling = SamplingConfig(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"],
-                              settings["repetition_penalty"], seed)
+    sampling = SamplingConfig.from_settings(settings, seed)
     cache = runner.allocate(1, prompt.embeds.shape[1] + settings["max_new_tokens"], prompt.embeds.dtype)
     mask = np.ones_like(prompt.codec_ids)
 
