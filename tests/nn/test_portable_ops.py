@@ -14,6 +14,7 @@ W = (1 + 0.1 * rng.standard_normal(64)).astype(np.float32)
 B = (0.1 * rng.standard_normal(64)).astype(np.float32)
 IDS = np.array([[3, 0, 9], [1, 1, 4]], np.int32)
 TABLE = rng.standard_normal((10, 8)).astype(np.float32)
+CONV_W = rng.standard_normal((8, 32, 3)).astype(np.float32)  # groups=2 over 64 input channels
 
 
 def torch_rms_norm(x, w, eps):
@@ -31,6 +32,9 @@ CASES = {
     "cumsum": (lambda f: f(Tensor(X), 1), lambda: torch.cumsum(torch.tensor(X), 1)),
     "topk": (lambda f: f(Tensor(X), 5)[0], lambda: torch.topk(torch.tensor(X), 5).values),
     "argmax": (lambda f: f(Tensor(X)), lambda: torch.argmax(torch.tensor(X), -1)),
+    "conv1d": (lambda f: f(Tensor(X.swapaxes(1, 2)), Tensor(CONV_W), Tensor(B[:8]), 2, 1, 2, 2),
+               lambda: torch.nn.functional.conv1d(torch.tensor(X.swapaxes(1, 2)), torch.tensor(CONV_W),
+                                                  torch.tensor(B[:8]), stride=2, padding=1, dilation=2, groups=2)),
 }
 
 
@@ -74,3 +78,29 @@ def test_rms_norm_half_precision_keeps_float32_statistics():
     assert got.dtype == ms.float16
     ref = torch_rms_norm(torch.tensor(X * 100).half().float(), torch.tensor(W).half().float(), 1e-6)
     np.testing.assert_allclose(got.asnumpy().astype(np.float32), ref.numpy(), atol=2e-2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, groups", [(8, 4, 11, 5, 3, 1), (6, 6, 12, 2, 0, 6),
+                                                                     (4, 4, 7, 3, 2, 2)])
+def test_conv_transpose1d_matches_torch(c_in, c_out, k, stride, padding, groups):
+    x = rng.standard_normal((2, c_in, 9)).astype(np.float32)
+    w = rng.standard_normal((c_in, c_out // groups, k)).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32)
+    got = P.conv_transpose1d(Tensor(x), Tensor(w), Tensor(b), stride, padding, groups).asnumpy()
+    want = torch.nn.functional.conv_transpose1d(torch.tensor(x), torch.tensor(w), torch.tensor(b), stride=stride,
+                                                padding=padding, groups=groups).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
+def test_pad1d_matches_torch(mode):
+    got = P.pad1d(Tensor(X), 2, 3, mode).asnumpy()
+    np.testing.assert_array_equal(got, torch.nn.functional.pad(torch.tensor(X), (2, 3), mode=mode).numpy())
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu"])
+def test_activations_by_config_name_match_transformers(name):
+    from transformers.activations import ACT2FN
+
+    want = ACT2FN[name](torch.tensor(X)).numpy()
+    np.testing.assert_allclose(P.activation(name)(Tensor(X)).asnumpy(), want, atol=1e-5)

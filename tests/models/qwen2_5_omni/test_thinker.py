@@ -63,7 +63,9 @@ def test_stop_tokens_and_padding_of_finished_rows_match_reference(our_model, ref
     got = our_model.generate(return_audio=False, input_ids=ids, attention_mask=mask, thinker_max_new_tokens=12, eos_token_id=stop,
                              pad_token_id=400)
     np.testing.assert_array_equal(got, want)
-    assert (got[0, ids.shape[1] + 4:] == 400).all() if got.shape[1] > ids.shape[1] + 4 else True
+    row = got[0, ids.shape[1]:]
+    first_stop = int(np.flatnonzero(row == stop)[0])  # row 0 emits the stop token by its 4th step...
+    assert first_stop <= 3 and (row[first_stop + 1:] == 400).all()  # ...and is padded from then on
 
 
 def test_greedy_with_repetition_penalty_matches_reference(our_model, reference_model, padded_batch):
