@@ -46,17 +46,20 @@ def rotate_pairs(x):
     return ops.stack((-pairs[..., 1], pairs[..., 0]), -1).reshape(x.shape)
 
 
-def block_window(frames, block_size, back, ahead):
+def block_window(frames, block_size, back, ahead, length=None):
     """The block mask as gathers: query frame i sees frame j when block(j) - block(i) is in
     [-back, ahead]. Each query block attends to the (back + 1 + ahead) blocks around it, so
     attention costs T x window instead of T x T (memory and time), with the same keys.
+    `length` >= frames pads the sequence: padded frames are never keys, so the real frames'
+    outputs do not depend on them (one compiled shape serves many frame counts).
     Returns (key frame per window slot (blocks * width,), valid slots (blocks, block_size, width))."""
-    blocks = -(-frames // block_size)
+    length = length or frames
+    blocks = -(-length // block_size)
     width = (back + 1 + ahead) * block_size
     first = (np.arange(blocks) - back) * block_size  # first key frame of each query block's window
     keys = first[:, None] + np.arange(width)[None, :]
     valid = (keys >= 0) & (keys < frames)
-    return (Tensor(np.clip(keys, 0, frames - 1).reshape(-1).astype(np.int32)),
+    return (Tensor(np.clip(keys, 0, length - 1).reshape(-1).astype(np.int32)),
             Tensor(np.broadcast_to(valid[:, None, :], (blocks, block_size, width)).copy()))
 
 
@@ -71,7 +74,10 @@ def window_attention(q, k, v, window, scale):
     k = ops.gather(k, keys, 2).reshape(b, h, n, width, d)
     v = ops.gather(v, keys, 2).reshape(b, h, n, width, d)
     scores = ops.matmul(q, k.swapaxes(-1, -2)) * scale  # (B, H, blocks, size, width)
-    scores = ops.masked_fill(scores.astype(ms.float32), ops.logical_not(valid), float("-inf"))
+    # A finite floor, not -inf: MindSpore's CPU softmax corrupts every row of the tensor when one
+    # row is entirely -inf (a padded block with no valid key): measured with MindSpore 2.7.1.
+    floor = ops.full_like(scores, -3.4028234663852886e38, dtype=ms.float32)
+    scores = ops.where(valid, scores.astype(ms.float32), floor)
     out = ops.matmul(ops.softmax(scores, -1).astype(q.dtype), v).reshape(b, h, n * size, d)[:, :, :t]
     return out.swapaxes(1, 2).reshape(b, t, h * d)
 
@@ -198,16 +204,18 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         self.rotary_embed.inv_freq = Parameter(Tensor(rope_inv_freq(config.head_dim, 10000.0)), name="inv_freq",
                                                requires_grad=False)
 
-    def frame_inputs(self, frames, dtype):
+    def frame_inputs(self, frames, dtype, length=None):
         """Host-side tensors that depend only on the frame count: rotary cos/sin (T, head_dim) and
-        each layer's block mask, so the forward itself is pure tensor code (compilable)."""
+        each layer's block mask, so the forward itself is pure tensor code (compilable). With
+        `length` the inputs are padded to that many frames (see `block_window`)."""
+        length = length or frames
         inv_freq = self.rotary_embed.inv_freq.asnumpy().astype(np.float32)
-        freqs = np.arange(frames, dtype=np.float32)[:, None] * inv_freq[None, :]
+        freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
         freqs = np.repeat(freqs, 2, axis=-1)  # interleaved pairs share a frequency
         masks = {}
         for block in self.transformer_blocks:
             key = (block.look_backward, block.look_ahead)
-            masks.setdefault(key, block_window(frames, self.block_size, *key))
+            masks.setdefault(key, block_window(frames, self.block_size, *key, length))
         layer_masks = tuple(masks[(b.look_backward, b.look_ahead)] for b in self.transformer_blocks)
         return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
 

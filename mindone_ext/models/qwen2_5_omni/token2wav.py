@@ -7,6 +7,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ...generation.decode import bucket
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
 from .dit import Qwen2_5OmniToken2WavDiTModel
 
@@ -71,29 +72,53 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         limit = self.code2wav_dit_model.num_embeds
         return code[:, (code[0] >= 0) & (code[0] < limit)]
 
-    def sample_mel(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
-                   noise=None, seed=None):
-        """codes (1, N) -> mel (1, mel_dim, N * repeats). `noise` (1, >= N * repeats, mel_dim) is the
-        ODE's start; without it, standard normal noise from `seed`."""
-        dit = self.code2wav_dit_model
-        frames = code.shape[1] * dit.repeats
+    def noise(self, frames, noise=None, seed=None):
+        """The ODE's start (1, frames, mel_dim): `noise` checked and cut, or standard normal from `seed`
+        (drawn frame after frame, so a longer draw starts with the same frames)."""
+        mel_dim = self.code2wav_dit_model.mel_dim
         if noise is None:
-            noise = np.random.default_rng(seed).standard_normal((1, frames, dit.mel_dim)).astype(np.float32)
+            return np.random.default_rng(seed).standard_normal((1, frames, mel_dim)).astype(np.float32)
         noise = np.asarray(noise, np.float32)
-        if noise.ndim != 3 or noise.shape[1] < frames or noise.shape[2] != dit.mel_dim:
-            raise ValueError(f"noise must be (1, >= {frames}, {dit.mel_dim}); got {noise.shape}")
+        if noise.ndim != 3 or noise.shape[1] < frames or noise.shape[2] != mel_dim:
+            raise ValueError(f"noise must be (1, >= {frames}, {mel_dim}); got {noise.shape}")
+        return noise[:, :frames]
+
+    def solve(self, code, conditioning, reference_mel, noise, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
+              length=None):
+        """The ODE from `noise` (1, T, mel_dim) under codes (1, T / repeats) -> mel (1, T, mel_dim).
+        `length` (a multiple of the DiT block) pads the frames so one compiled graph serves
+        several frame counts; the padding never reaches the real frames."""
+        dit = self.code2wav_dit_model
+        frames = noise.shape[1]
+        length = max(length or frames, frames)
+        code = np.asarray(code, np.int64).reshape(1, -1)
+        if length > frames:
+            code = np.pad(code, ((0, 0), (0, (length - frames) // dit.repeats)))
+            noise = np.pad(noise, ((0, 0), (0, length - frames), (0, 0)))
         code_t = Tensor(code, ms.int32)
         cond = Tensor(np.asarray(conditioning, np.float32).reshape(1, 1, -1))
-        cond = ops.tile(cond, (1, frames, 1))
+        cond = ops.tile(cond, (1, length, 1))
         ref = Tensor(np.asarray(reference_mel, np.float32))
-        cos, sin, masks = dit.frame_inputs(frames, ms.float32)
+        cos, sin, masks = dit.frame_inputs(frames, ms.float32, length)
         step = self._velocity_graph(guidance_scale >= 1e-5)
         scale = Tensor(np.float32(guidance_scale))
 
         def velocity(t, x):
             return step(x, ref, cond, code_t, Tensor(t, ms.float32), cos, sin, ms.mutable(masks), scale)
 
-        mel = rk4_integrate(velocity, Tensor(noise[:, :frames]), sway_timesteps(num_steps, sway_coefficient))
+        mel = rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))
+        return mel[:, :frames]
+
+    def sample_mel(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
+                   noise=None, seed=None):
+        """codes (1, N) -> mel (1, mel_dim, N * repeats). `noise` (1, >= N * repeats, mel_dim) is the
+        ODE's start; without it, standard normal noise from `seed`."""
+        dit = self.code2wav_dit_model
+        frames = code.shape[1] * dit.repeats
+        # frame counts rounded up to a few sizes per power of two: a handful of compiled graphs
+        length = bucket(frames, 2 * dit.block_size)
+        mel = self.solve(code, conditioning, reference_mel, self.noise(frames, noise, seed), num_steps, guidance_scale,
+                         sway_coefficient, length)
         return mel.swapaxes(1, 2)
 
     def construct(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
