@@ -1,0 +1,92 @@
+"""Token2Wav on codes as they arrive, against the whole-answer Token2Wav on the same noise."""
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from mindone_ext.models.qwen2_5_omni.dit import block_window, window_attention
+from mindone_ext.models.qwen2_5_omni.token2wav_stream import NoiseFrames, StreamChunking, Token2WavStream
+from tests.conftest import max_abs_diff
+
+CODES = np.random.default_rng(5).integers(0, 8000, size=(1, 60))  # 120 mel frames = 5 DiT blocks
+
+
+def snr_db(got, want):
+    return 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / max(np.sum((got.astype(np.float64) - want) ** 2), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def whole(our_model):
+    speaker = our_model.speakers["Ethan"]
+    t2w = our_model.token2wav
+    mel = t2w.sample_mel(CODES, speaker.cond, speaker.ref_mel, seed=3).asnumpy()[0].T
+    return mel, t2w(CODES, speaker.cond, speaker.ref_mel, seed=3).asnumpy()
+
+
+def stream(model, chunking, pieces_of=1, noise=None):
+    speaker = model.speakers["Ethan"]
+    s = Token2WavStream(model.token2wav, speaker.cond, speaker.ref_mel, chunking, noise=noise, seed=3)
+    pieces = [p for i in range(0, CODES.shape[1], pieces_of) for p in s.push(CODES[:, i:i + pieces_of])]
+    return s, pieces + s.finish()
+
+
+@pytest.mark.parametrize("chunking, pieces_of, min_snr", [
+    (StreamChunking(), 1, 60),  # the defaults
+    (StreamChunking(chunk_blocks=1, past_blocks=1, future_blocks=1), 5, 45),  # a single DiT block per chunk
+    (StreamChunking(chunk_blocks=2, past_blocks=0, future_blocks=2), 7, 30),  # no past: the join shows most
+])
+def test_streamed_audio_matches_the_whole_answer(our_model, whole, chunking, pieces_of, min_snr):
+    whole_mel, whole_wav = whole
+    s, pieces = stream(our_model, chunking, pieces_of)
+    assert len(pieces) >= 2
+    wav = np.concatenate(pieces)
+    assert wav.dtype == np.float32 and wav.shape == whole_wav.shape
+    assert snr_db(s.mel, whole_mel) >= min_snr
+    assert snr_db(wav, whole_wav) >= min_snr
+    # the vocoder's chunk joins are exact: the pieces equal the vocoder on the streamed mel at once
+    at_once = our_model.token2wav.code2wav_bigvgan_model(Tensor(s.mel.T[None])).asnumpy()
+    assert max_abs_diff(wav, at_once) <= 1e-5
+
+
+def test_a_chunk_longer_than_the_answer_is_the_whole_answer(our_model, whole):
+    _, pieces = stream(our_model, StreamChunking(chunk_blocks=8), pieces_of=4)
+    assert len(pieces) == 1
+    assert max_abs_diff(pieces[0], whole[1]) <= 1e-5
+
+
+def test_codes_past_the_dit_table_are_dropped_as_in_the_whole_answer(our_model, whole):
+    speaker = our_model.speakers["Ethan"]
+    s = Token2WavStream(our_model.token2wav, speaker.cond, speaker.ref_mel, StreamChunking(chunk_blocks=8), seed=3)
+    mixed = np.insert(CODES, [5, 40], [8300, 8447], axis=1)
+    wav = np.concatenate(s.push(mixed) + s.finish())
+    assert max_abs_diff(wav, whole[1]) <= 1e-5
+
+
+def test_padded_frames_never_reach_real_ones():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 2, 72, 16)).astype(np.float32) for _ in range(3))
+    for back, ahead in ((1, 0), (0, 0), (0, 1), (2, 1)):
+        exact = window_attention(*(Tensor(a[:, :, :30]) for a in (q, k, v)), block_window(30, 24, back, ahead), 0.25)
+        padded = window_attention(Tensor(q), Tensor(k), Tensor(v), block_window(30, 24, back, ahead, 72), 0.25)
+        assert max_abs_diff(padded.asnumpy()[:, :30], exact.asnumpy()) <= 1e-6
+
+
+def test_noise_frames_are_one_draw_and_checked():
+    whole = np.random.default_rng(9).standard_normal((1, 50, 8)).astype(np.float32)
+    frames = NoiseFrames(8, seed=9)
+    np.testing.assert_array_equal(np.concatenate([frames[slice(30, 50)], frames[slice(0, 30)]], 1),
+                                  np.concatenate([whole[:, 30:], whole[:, :30]], 1))
+    given = NoiseFrames(8, noise=whole)
+    with pytest.raises(ValueError, match="noise has 50 frames; the answer needs at least 60"):
+        given[slice(40, 60)]
+    with pytest.raises(ValueError, match=r"noise must be \(1, frames, 8\)"):
+        NoiseFrames(8, noise=whole[0])
+
+
+def test_bad_chunking_and_pushing_after_finish(our_model):
+    with pytest.raises(ValueError, match="chunk_blocks must be >= 1"):
+        StreamChunking(chunk_blocks=0)
+    speaker = our_model.speakers["Ethan"]
+    s = Token2WavStream(our_model.token2wav, speaker.cond, speaker.ref_mel)
+    assert s.finish() == []
+    with pytest.raises(ValueError, match="finished"):
+        s.push(CODES[:, :3])
