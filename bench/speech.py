@@ -82,7 +82,7 @@ def main():
 
         def ours(n):
             settings = dict(speech.TALKER_DEFAULTS, max_new_tokens=n, do_sample=False, eos_token_id=())
-            return speech.generate_codes(our_talker, runner, prompt, positions, np.zeros((1, 1), np.int64), settings, 0)
+            return list(speech.iter_codes(our_talker, runner, prompt, positions, np.zeros((1, 1), np.int64), settings, 0))
 
         def reference(n):
             with torch.no_grad():

@@ -1,5 +1,7 @@
 """Static-cache decoding for a Qwen2Decoder + head: a bucketed prefill and a fixed-shape decode
 step, each compiled once per shape with `mindspore.jit` and reused for every token."""
+import weakref
+
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
@@ -32,6 +34,7 @@ class CompiledDecoder:
         self.num_layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
+        self._caches = []  # weak references to the caches handed out
 
         def step(embeds, position_ids, valid, start, last_index, layers):
             if input_proj is not None:
@@ -43,8 +46,14 @@ class CompiledDecoder:
         self._step = ms.jit(step)  # compiled once per input shape: each prompt bucket, and one token
 
     def allocate(self, batch, slots, dtype):
-        return StaticCache.allocate(self.num_layers, batch, self.kv_heads, bucket(slots, CACHE_BUCKET),
-                                    self.head_dim, dtype)
+        cache = StaticCache.allocate(self.num_layers, batch, self.kv_heads, bucket(slots, CACHE_BUCKET),
+                                     self.head_dim, dtype)
+        self._caches = [ref for ref in self._caches if ref() is not None] + [weakref.ref(cache)]
+        return cache
+
+    def caches_in_use(self):
+        """Caches allocated here and not yet released (a closed stream must leave none)."""
+        return sum(1 for ref in self._caches if ref() is not None and ref().layers)
 
     def prefill(self, cache, embeds, position_ids, attention_mask):
         """Write a left-padded prompt (B, T, E) at slots 0..T-1. Returns last-token logits (B, V)

@@ -1,4 +1,7 @@
 """The composite Qwen2.5-Omni model: loading from a Hugging Face folder, and generate()."""
+import inspect
+from types import SimpleNamespace
+
 import numpy as np
 import mindspore as ms
 from mindspore import nn
@@ -6,7 +9,7 @@ from mindspore import nn
 from ...generation import CompiledDecoder, SamplingConfig, iter_tokens
 from ...nn.attention import check_attn_implementation
 from ...utils.checkpoint import CheckpointFolder, load_into
-from . import speech
+from . import speech, streaming
 from .config import load_config
 from .speakers import load_speakers
 from .talker import Qwen2_5OmniTalkerForConditionalGeneration
@@ -97,79 +100,113 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         ones the Talker (defaults: the reference's, sampling with top_k=40, top_p=0.8,
         temperature=0.9, repetition_penalty=1.05); `token2wav_*` the ODE (`num_steps`,
         `guidance_scale`, `sway_coefficient`, `noise`). `speaker` and `spk` both name the voice."""
-        thinker_args = {k[len("thinker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("thinker_")}
-        talker_args = {k[len("talker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("talker_")}
-        token2wav_args = {k[len("token2wav_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("token2wav_")}
+        plan = self._plan(locals(), kwargs)
+        cache = plan.runner.allocate(plan.ids.shape[0], plan.ids.shape[1] + plan.max_new, plan.cache_dtype)
+        try:
+            steps = list(self._thinker_steps(plan, cache))
+        finally:
+            cache.release()
+        new = np.stack([t for t, _, _ in steps], 1) if steps else np.zeros((plan.ids.shape[0], 0), np.int64)
+        sequences = np.concatenate([plan.ids, new], 1)
+        if not plan.return_audio:
+            return sequences
+        return sequences, self._speak(plan, steps)
+
+    def generate_stream(self, tokenizer=None, chunking=None, **kwargs):
+        """`generate`'s arguments (batch size 1); returns a generator of events in the order they
+        are ready: `TextDelta(token_id, text)` per Thinker token (text decoded with `tokenizer`
+        when given, never splitting a character) and, with audio, `AudioChunk(audio)` pieces of the
+        24 kHz waveform while the Thinker is still talking. `chunking` (a `StreamChunking`) sets
+        the Token2Wav chunk and context sizes. Joined, the text equals `generate`'s and the audio
+        is its waveform to within the chunking's error (README). Closing the generator frees the
+        caches; the model stays usable."""
+        bound = inspect.signature(self.generate).bind(**kwargs)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        plan = self._plan(args, dict(args.pop("kwargs")))
+        if plan.ids.shape[0] != 1:
+            raise ValueError(f"generate_stream streams one conversation (batch size 1); got a batch of {plan.ids.shape[0]}")
+        return streaming.stream_answer(self, plan, tokenizer, chunking)
+
+    def _plan(self, args, kwargs):
+        """generate()'s arguments checked and sorted: what the Thinker, Talker and Token2Wav get."""
+        plan = SimpleNamespace(**{k: v for k, v in args.items() if k not in ("self", "kwargs", "__class__")})
+        plan.thinker_args = {k[len("thinker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("thinker_")}
+        plan.talker_args = {k[len("talker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("talker_")}
+        plan.token2wav_args = {k[len("token2wav_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("token2wav_")}
         sampling_keys = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                          "eos_token_id", "pad_token_id"}
-        unknown = sorted(set(kwargs) | {f"thinker_{k}" for k in set(thinker_args) - sampling_keys}
-                         | {f"talker_{k}" for k in set(talker_args) - sampling_keys})
+        unknown = sorted(set(kwargs) | {f"thinker_{k}" for k in set(plan.thinker_args) - sampling_keys}
+                         | {f"talker_{k}" for k in set(plan.talker_args) - sampling_keys})
         if unknown:
             raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)}")
-        if return_audio is None:
-            return_audio = self.has_talker
-        if return_audio and not self.has_talker:
+        if plan.return_audio is None:
+            plan.return_audio = self.has_talker
+        if plan.return_audio and not self.has_talker:
             raise ValueError("return_audio=True needs the speech modules: load with enable_audio_output=True")
-        if input_ids is None:
+        if plan.input_ids is None:
             raise ValueError("generate() needs input_ids")
-        ids = as_numpy(input_ids, np.int64)
+        ids = plan.ids = as_numpy(plan.input_ids, np.int64)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {ids.shape}")
-        if return_audio and ids.shape[0] != 1:
+        if plan.return_audio and ids.shape[0] != 1:
             raise ValueError("audio output is generated for one conversation at a time (batch size 1), as in the "
                              f"reference; got a batch of {ids.shape[0]}")
-        voice = self.speaker(spk or speaker) if return_audio else None
-        mask = np.ones_like(ids, np.int32) if attention_mask is None else as_numpy(attention_mask, np.int32)
+        plan.voice = self.speaker(plan.spk or plan.speaker) if plan.return_audio else None
+        mask = plan.mask = (np.ones_like(ids, np.int32) if plan.attention_mask is None
+                            else as_numpy(plan.attention_mask, np.int32))
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
         if mask.shape[1] and (mask[:, -1] == 0).any():
             raise ValueError("batched prompts must be left padded (attention_mask is 0 on the last position)")
-        max_new = thinker_args.pop("max_new_tokens", max_new_tokens if max_new_tokens is not None
-                                   else thinker_max_new_tokens)
+        plan.max_new = plan.thinker_args.pop("max_new_tokens", plan.max_new_tokens if plan.max_new_tokens is not None
+                                             else plan.thinker_max_new_tokens)
         limit = self.config.thinker_config.text_config.max_position_embeddings
-        if ids.shape[1] + max_new > limit:
-            raise ValueError(f"prompt of {ids.shape[1]} tokens + {max_new} new tokens exceeds the context "
+        if ids.shape[1] + plan.max_new > limit:
+            raise ValueError(f"prompt of {ids.shape[1]} tokens + {plan.max_new} new tokens exceeds the context "
                              f"length {limit}")
-        settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        settings.update(thinker_args)
-        sampling = SamplingConfig.from_settings(settings, seed)
-        eos, pad = self._stop_ids(settings["eos_token_id"], settings["pad_token_id"])
+        settings = {k: args[k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                                         "eos_token_id", "pad_token_id")}
+        settings.update(plan.thinker_args)
+        plan.sampling = SamplingConfig.from_settings(settings, plan.seed)
+        plan.eos, plan.pad = self._stop_ids(settings["eos_token_id"], settings["pad_token_id"])
+        plan.media = {k: args[k] for k in ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
+                                           "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+                      if args[k] is not None}
+        plan.prompt = self.thinker.prepare_inputs(ids, mask, use_audio_in_video=plan.use_audio_in_video, **plan.media)
+        plan.runner = self.thinker_runner()
+        plan.cache_dtype = self.thinker.model.embed_tokens.weight.dtype
+        return plan
 
-        media = {k: v for k, v in dict(input_features=input_features, feature_attention_mask=feature_attention_mask,
-                                       pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                       pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                                       video_second_per_grid=video_second_per_grid).items() if v is not None}
-        prompt = self.thinker.prepare_inputs(ids, mask, use_audio_in_video=use_audio_in_video, **media)
-        runner = self.thinker_runner()
-        cache = runner.allocate(ids.shape[0], ids.shape[1] + max_new, self.thinker.model.embed_tokens.weight.dtype)
-        try:
-            steps = list(iter_tokens(runner, cache, prompt.inputs_embeds, ids, mask, prompt.position_ids,
-                                     prompt.rope_deltas, max_new, sampling, eos, pad,
-                                     lambda step, tokens: self.thinker.embed(tokens[:, None])))
-        finally:
-            cache.release()
-        new = np.stack([t for t, _, _ in steps], 1) if steps else np.zeros((ids.shape[0], 0), np.int64)
-        sequences = np.concatenate([ids, new], 1)
-        if not return_audio:
-            return sequences
-        return sequences, self._speak(ids, prompt, steps, voice, media, use_audio_in_video, talker_args,
-                                      token2wav_args, seed)
+    def _thinker_steps(self, plan, cache):
+        return iter_tokens(plan.runner, cache, plan.prompt.inputs_embeds, plan.ids, plan.mask, plan.prompt.position_ids,
+                           plan.prompt.rope_deltas, plan.max_new, plan.sampling, plan.eos, plan.pad,
+                           lambda step, tokens: self.thinker.embed(tokens[:, None]))
 
-    def _speak(self, ids, prompt, steps, voice, media, use_audio_in_video, talker_args, token2wav_args, seed):
+    def _talker_prompt(self, plan, first_step, second_step):
+        _, prompt_embeds, prompt_hidden = first_step
+        return speech.TalkerPrompt(
+            self.talker, self.thinker, plan.ids,
+            speech.zero_media_positions(prompt_embeds, plan.ids, self.config.thinker_config, plan.media), prompt_hidden,
+            int(first_step[0][0]), second_step[1], second_step[2], plan.voice.bos_token)
+
+    def _talker_codes(self, plan, talker_prompt):
+        """The Talker's codec tokens, one by one (see speech.iter_codes)."""
+        settings = {**speech.TALKER_DEFAULTS, **plan.talker_args}
+        positions, deltas = speech.talker_positions(self.config.talker_config, talker_prompt, plan.media,
+                                                    plan.use_audio_in_video)
+        return speech.iter_codes(self.talker, self.talker_runner(), talker_prompt, positions, deltas, settings,
+                                 None if plan.seed is None else plan.seed + 1)
+
+    def _speak(self, plan, steps):
         if len(steps) < 2:  # nothing was said before the stop token
             return np.zeros(0, np.float32)
-        settings = {**speech.TALKER_DEFAULTS, **talker_args}
-        _, prompt_embeds, prompt_hidden = steps[0]
-        talker_prompt = speech.TalkerPrompt(
-            self.talker, self.thinker, ids,
-            speech.zero_media_positions(prompt_embeds, ids, self.config.thinker_config, media), prompt_hidden,
-            int(steps[0][0][0]), [e for _, e, _ in steps[1:]], [h for _, _, h in steps[1:]],
-            voice.bos_token)
-        positions, deltas = speech.talker_positions(self.config.talker_config, talker_prompt, media, use_audio_in_video)
-        codes = speech.generate_codes(self.talker, self.talker_runner(), talker_prompt, positions, deltas, settings,
-                                      None if seed is None else seed + 1)
+        talker_prompt = self._talker_prompt(plan, steps[0], steps[1])
+        for _, embeds, hidden in steps[2:]:
+            talker_prompt.add_reply(embeds, hidden)
+        talker_prompt.finish()
+        codes = np.asarray(list(self._talker_codes(plan, talker_prompt))[:-1], np.int64)  # the stop token dropped
         if len(codes) == 0:
             return np.zeros(0, np.float32)
-        wav = self.token2wav(codes[None], voice.cond, voice.ref_mel, seed=seed, **token2wav_args)
+        wav = self.token2wav(codes[None], plan.voice.cond, plan.voice.ref_mel, seed=plan.seed, **plan.token2wav_args)
         return wav.asnumpy().astype(np.float32).reshape(-1)

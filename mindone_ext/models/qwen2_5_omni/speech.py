@@ -30,26 +30,38 @@ def zero_media_positions(embeds, ids, thinker_config, media):
 
 
 class TalkerPrompt:
-    """The Talker's inputs for one answer (batch 1)."""
+    """The Talker's inputs for one answer (batch 1). The prompt needs the Thinker's prompt and its
+    first answer token; the answer tokens after it are added as the Thinker produces them
+    (`add_reply`), then `finish()` appends the tts eos and pad the Talker reads at the end."""
 
-    def __init__(self, talker, thinker, prompt_ids, prompt_embeds, prompt_hidden, first_answer_id, answer_embeds,
-                 answer_hidden, speaker_bos):
-        embed = lambda ids: thinker.embed(np.asarray(ids).reshape(1, -1))  # noqa: E731
-        # the answer tokens the Talker reads one by one: all but the last one generated, then eos, pad
-        reply = [h + e for h, e in zip(answer_hidden, answer_embeds)]
-        reply += [embed([talker.text_eos_token]), embed([talker.text_pad_token])]
-        first = reply[0]
-        self.reply = ops.cat(reply[1:], 1)  # (1, n, E)
+    def __init__(self, talker, thinker, prompt_ids, prompt_embeds, prompt_hidden, first_answer_id, first_embeds,
+                 first_hidden, speaker_bos):
+        self.embed = lambda ids: thinker.embed(np.asarray(ids).reshape(1, -1))
+        self.talker = talker
         codec = talker.codec_embedding(np.array([[talker.codec_pad_token, talker.codec_bos_token]]))
-        tail = ops.cat((embed([speaker_bos]), first), 1) + codec
+        tail = ops.cat((self.embed([speaker_bos]), first_hidden + first_embeds), 1) + codec
         self.embeds = ops.cat((prompt_hidden + prompt_embeds, tail), 1)
         self.text_ids = np.concatenate([prompt_ids, [[speaker_bos, first_answer_id]]], 1)
         self.codec_ids = np.concatenate([np.full_like(prompt_ids, talker.codec_mask_token),
                                          [[talker.codec_pad_token, talker.codec_bos_token]]], 1)
+        self.replies = []  # (1, 1, E) per answer token after the first
+        self.finished = False
+
+    def add_reply(self, embeds, hidden):
+        self.replies.append(hidden + embeds)
+
+    def finish(self):
+        self.replies += [self.embed([self.talker.text_eos_token]), self.embed([self.talker.text_pad_token])]
+        self.finished = True
+
+    def ready(self, step):
+        """Whether the input of decode step `step` is known yet."""
+        return self.finished or step < len(self.replies)
 
     def reply_at(self, step):
-        i = min(step, self.reply.shape[1] - 1)
-        return self.reply[:, i:i + 1]
+        if not self.ready(step):
+            raise RuntimeError(f"the Talker's step {step} needs an answer token the Thinker has not produced yet")
+        return self.replies[min(step, len(self.replies) - 1)]  # the pad repeats once the answer is used up
 
 
 def talker_positions(talker_config, prompt, media, use_audio_in_video):
@@ -61,9 +73,10 @@ def talker_positions(talker_config, prompt, media, use_audio_in_video):
                           media.get("video_second_per_grid"))
 
 
-def generate_codes(talker, runner, prompt, positions, deltas, settings, seed):
-    """Codec tokens (n,) for one answer; the last token (the stop token, or the last of an answer
-    cut at max_new_tokens) is dropped, as the reference does."""
+def iter_codes(talker, runner, prompt, positions, deltas, settings, seed):
+    """Codec tokens one by one (the last one, a stop token or the cut, included). Decode step n
+    reads `prompt.reply_at(n)`: when the prompt is still growing, check `prompt.ready(n)` before
+    asking for token n + 1. The cache is freed when the generator ends or is closed."""
     sampling = SamplingConfig.from_settings(settings, seed)
     cache = runner.allocate(1, prompt.embeds.shape[1] + settings["max_new_tokens"], prompt.embeds.dtype)
     mask = np.ones_like(prompt.codec_ids)
@@ -72,13 +85,13 @@ def generate_codes(talker, runner, prompt, positions, deltas, settings, seed):
         return talker.codec_embedding(tokens[:, None]) + prompt.reply_at(step)
 
     try:
-        codes = [int(t[0]) for t, _, _ in iter_tokens(
-            runner, cache, prompt.embeds, prompt.codec_ids, mask, positions, deltas, settings["max_new_tokens"],
-            sampling, list(settings["eos_token_id"]), talker.codec_pad_token, embed_next,
-            suppress_ids=[talker.codec_bos_token])]
+        for tokens, _, _ in iter_tokens(
+                runner, cache, prompt.embeds, prompt.codec_ids, mask, positions, deltas, settings["max_new_tokens"],
+                sampling, list(settings["eos_token_id"]), talker.codec_pad_token, embed_next,
+                suppress_ids=[talker.codec_bos_token]):
+            yield int(tokens[0])
     finally:
         cache.release()
-    return np.asarray(codes[:-1], np.int64)
 
 
 def talker_runner(talker):
