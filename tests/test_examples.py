@@ -57,6 +57,31 @@ def test_voice_chatting_writes_a_24khz_mono_wav_without_torch(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_voice_chatting_streams_chunks_that_join_into_the_output(tmp_path):
+    import re
+    import wave
+
+    import numpy as np
+
+    out = tmp_path / "answer.wav"
+    done = run_without_torch("examples/qwen2_5_omni/voice_chatting.py", "--stream", "--output", str(out),
+                             "--max_new_tokens", "40", "--talker_max_new_tokens", "60")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"first text token after [\d.]+ s, first speech chunk after [\d.]+ s", done.stdout)
+
+    def samples(path):
+        with wave.open(str(path)) as f:
+            assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (24000, 1, 2)
+            return np.frombuffer(f.readframes(f.getnframes()), "<i2")
+
+    chunks = sorted((tmp_path / "answer_chunks").glob("chunk_*.wav"))
+    assert len(chunks) >= 2
+    codes = int(re.search(r"speech: (\d+) codec tokens", done.stdout).group(1))
+    joined = samples(out)
+    assert codes > 0 and len(joined) == codes * 2 * 240
+    np.testing.assert_array_equal(np.concatenate([samples(c) for c in chunks]), joined)
+
+
 def test_text_only_generation_reports_a_bad_model_path():
     done = run_without_torch("examples/qwen2_5_omni/text_only_generation.py", "--model_path", "/no/such/folder")
     assert done.returncode != 0

@@ -3,6 +3,11 @@
     python examples/qwen2_5_omni/voice_chatting.py                          # bundled tiny checkpoint
     python examples/qwen2_5_omni/voice_chatting.py --model_path /models/Qwen2.5-Omni-7B \
         --audio question.wav --speaker Ethan --output answer.wav --mindspore_dtype bfloat16
+    python examples/qwen2_5_omni/voice_chatting.py --stream    # text and speech as they are produced
+
+With --stream, text is printed token by token and each speech chunk is written as it arrives
+(OUTPUT_chunks/chunk_000.wav, ...), then joined into the output file; the times to the first text
+token and the first speech chunk are reported.
 
 With no --audio, a short generated speech-like clip is the question. The bundled checkpoint has
 random weights: its text and voice mean nothing, but every stage runs. Needs no torch.
@@ -16,6 +21,7 @@ import numpy as np
 from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, user_turn
 
 from mindone_ext import process_mm_info
+from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk
 
 SAMPLE_RATE = 24000
 
@@ -41,6 +47,7 @@ def main():
                     help="codec tokens at most (25 per second of speech); default 4096, or 100 on the bundled "
                          "random checkpoint, whose Talker has no reason to stop")
     ap.add_argument("--seed", type=int, default=0, help="seed for the Talker's sampling and the ODE noise")
+    ap.add_argument("--stream", action="store_true", help="print text and write speech chunks as they come")
     ap.set_defaults(max_new_tokens=128)
     args = ap.parse_args()
     if args.talker_max_new_tokens is None:
@@ -53,18 +60,41 @@ def main():
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     audios, images, videos = process_mm_info(conversation)
     inputs = processor(text, audio=audios, images=images, videos=videos)
+    settings = dict(spk=args.speaker, max_new_tokens=args.max_new_tokens,
+                    talker_max_new_tokens=args.talker_max_new_tokens, seed=args.seed)
     start = time.time()
-    text_ids, waveform = model.generate(**inputs, spk=args.speaker, return_audio=True,
-                                        max_new_tokens=args.max_new_tokens,
-                                        talker_max_new_tokens=args.talker_max_new_tokens, seed=args.seed)
+    if args.stream:
+        waveform = stream(model, processor, inputs, settings, args.output, start)
+    else:
+        text_ids, waveform = model.generate(**inputs, return_audio=True, **settings)
+        answer = processor.batch_decode(text_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        print(f"assistant: {answer}")
     elapsed = time.time() - start
-    answer = processor.batch_decode(text_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
     write_wav(args.output, waveform)
     samples_per_code = model.samples_per_codec_token
-    print(f"assistant: {answer}")
     print(f"speech: {len(waveform) // samples_per_code} codec tokens, {len(waveform) / SAMPLE_RATE:.2f} s "
           f"at {SAMPLE_RATE} Hz -> {args.output}")
     print(f"[{elapsed:.1f} s, first call includes graph compilation]")
+
+
+def stream(model, processor, inputs, settings, output, start):
+    """Prints text deltas and writes each speech chunk as it arrives; returns the joined waveform."""
+    folder = os.path.splitext(output)[0] + "_chunks"
+    os.makedirs(folder, exist_ok=True)
+    chunks, first_text, first_audio = [], None, None
+    print("assistant: ", end="", flush=True)
+    for event in model.generate_stream(tokenizer=processor.tokenizer, **inputs, **settings):
+        if isinstance(event, AudioChunk):
+            first_audio = first_audio or time.time() - start
+            write_wav(os.path.join(folder, f"chunk_{len(chunks):03d}.wav"), event.audio)
+            chunks.append(event.audio)
+        else:
+            first_text = first_text or time.time() - start
+            print(event.text, end="", flush=True)
+    print()
+    print(f"first text token after {first_text:.2f} s, first speech chunk after "
+          f"{'-' if first_audio is None else f'{first_audio:.2f}'} s; {len(chunks)} chunks in {folder}/")
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
 if __name__ == "__main__":
