@@ -5,7 +5,7 @@ speed and Token2Wav's real-time factor.
     python bench/speech.py --tiny       # a smoke run
 
 Talker: codec tokens/s after a 64-position prompt, greedy, no stop token (time of N tokens minus
-time of 1, as in thinker_decode). Token2Wav: seconds to turn `seconds * 25` codec tokens into a
+time of 1, as in thinker_decode). Token2Wav: seconds to turn `seconds * 50` codec tokens (2 mel frames of 240 samples each at 24 kHz) into a
 waveform (10 ODE steps with guidance, then the vocoder) divided by the audio's duration (below 1 =
 faster than real time). Medians of repeats after a warm-up (ours compiles there).
 """
@@ -41,6 +41,10 @@ def configs(tiny):
                             resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]]) if tiny else {})
     return talker, token2wav
 
+
+def codes_per_second(t2w_config, sample_rate=24000):
+    """Talker codec tokens per second of speech: each is `repeats` mel frames of the vocoder's hop."""
+    return sample_rate / (t2w_config.dit_config.repeats * int(np.prod(t2w_config.bigvgan_config.upsample_rates)))
 
 
 def main():
@@ -105,7 +109,7 @@ def main():
     ref_t2w = ref.Qwen2_5OmniToken2WavModel._from_config(t2w_config).eval().float()
     our_t2w = Qwen2_5OmniToken2WavModel(t2w_config)
     copy_weights(ref_t2w, our_t2w)
-    codes = rng.integers(0, t2w_config.dit_config.num_embeds, size=(1, int(args.seconds * 25)))
+    codes = rng.integers(0, t2w_config.dit_config.num_embeds, size=(1, int(args.seconds * codes_per_second(t2w_config))))
     cond = rng.standard_normal((1, t2w_config.dit_config.enc_emb_dim)).astype(np.float32)
     ref_mel = rng.standard_normal((1, 300, t2w_config.dit_config.mel_dim)).astype(np.float32)
 

@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--speaker", default="Chelsie", help="voice of the answer (a name in the speaker file)")
     ap.add_argument("--output", default="output.wav")
     ap.add_argument("--talker_max_new_tokens", type=int, default=None,
-                    help="codec tokens at most (25 per second of speech); default 4096, or 100 on the bundled "
+                    help="codec tokens at most (50 per second of speech); default 4096, or 100 on the bundled "
                          "random checkpoint, whose Talker has no reason to stop")
     ap.add_argument("--seed", type=int, default=0, help="seed for the Talker's sampling and the ODE noise")
     ap.add_argument("--stream", action="store_true", help="print text and write speech chunks as they come")

@@ -36,3 +36,11 @@ def test_speech_bench_output_form():
     assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
     assert all(r["talker_tok_s"] > 0 and r["token2wav_rtf"] > 0 for r in lines[:2])
     assert lines[-1]["ratio_talker_tok_s"] > 0 and lines[-1]["ratio_token2wav_rtf"] > 0
+
+
+def test_streaming_bench_output_form():
+    lines = run_bench("streaming.py", "--tiny", "--seconds", "1", "--text_tokens", "24")
+    assert [r.get("mode") for r in lines] == ["whole", "stream", None]
+    assert all(0 < r["first_audio_s"] <= r["total_s"] for r in lines[:2])
+    assert lines[1]["chunks"] >= 2
+    assert lines[-1]["same_length"] is True and lines[-1]["snr_db_stream_vs_whole"] >= 30

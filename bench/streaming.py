@@ -1,0 +1,106 @@
+"""Streaming speech against whole answers: time to the first audio and total time.
+
+    python bench/streaming.py             # 0.5B-shaped thinker, the 7B's talker and token2wav, 10 s answer
+    python bench/streaming.py --tiny      # a smoke run
+
+Same model, same random weights, same greedy settings: `generate(return_audio=True)` (the whole
+answer: text, then codec tokens, then Token2Wav) against `generate_stream` (Thinker and Talker in
+lockstep, Token2Wav chunk by chunk). "First audio" is when the first waveform samples are in hand:
+the end of `generate` for the whole answer, the first AudioChunk when streaming. One timed run of
+each after a short warm-up that compiles the decoders (Token2Wav's graphs compile inside the timed
+runs, a few seconds each). The talker and thinker never stop early (no stop tokens), so the answer
+is exactly `--seconds` long.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
+from speech import TALKER_7B, TALKER_TINY, codes_per_second, configs  # noqa: E402
+from thinker_decode import build_config  # noqa: E402
+
+
+def random_weights(model, seed):
+    """Every parameter drawn N(0, 0.02), norms' weights 1: the speed of a real checkpoint, no file."""
+    from mindspore import Tensor
+
+    rng = np.random.default_rng(seed)
+    for name, param in model.parameters_and_names():
+        if name.endswith("inv_freq"):
+            continue
+        norm = "norm" in name and name.endswith("weight") and len(param.shape) == 1
+        values = np.ones(param.shape) if norm else rng.standard_normal(param.shape) * 0.02
+        param.set_data(Tensor(values.astype(np.float32)))
+
+
+def build_model(tiny):
+    import mindspore as ms
+
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+    from mindone_ext.models.qwen2_5_omni.speakers import Speaker
+
+    config = build_config("tiny" if tiny else "qwen2.5-0.5b")
+    thinker = config.thinker_config.text_config
+    thinker.vocab_size = 151936  # the Talker reads the tts special tokens (ids near 151860) through it
+    talker = dict(TALKER_TINY if tiny else TALKER_7B, embedding_size=thinker.hidden_size,
+                  rope_scaling={"mrope_section": [2, 3, 3] if tiny else [16, 24, 24], "rope_type": "default",
+                                "type": "default"})
+    config.talker_config = type(config.talker_config)(**talker)
+    config.token2wav_config = configs(tiny)[1]
+    config.enable_audio_output = True
+    model = Qwen2_5OmniForConditionalGeneration(config, ms.float32, enable_audio_output=True)
+    random_weights(model, 0)
+    dit = config.token2wav_config.dit_config
+    rng = np.random.default_rng(1)
+    model.speakers = {"Bench": Speaker(rng.standard_normal((1, dit.enc_emb_dim)).astype(np.float32),
+                                       rng.standard_normal((1, 300, dit.mel_dim)).astype(np.float32), 151672)}
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the spoken answer")
+    ap.add_argument("--text_tokens", type=int, default=64, help="length of the text answer")
+    args = ap.parse_args()
+
+    from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk
+
+    model = build_model(args.tiny)
+    codes = int(args.seconds * codes_per_second(model.config.token2wav_config))
+    ids = np.random.default_rng(2).integers(0, 1000, size=(1, 32))
+
+    def settings(n_codes):
+        # + 1: the last codec token is the stop token's place and is dropped
+        return dict(input_ids=ids, spk="Bench", max_new_tokens=args.text_tokens, eos_token_id=[], seed=0,
+                    talker_do_sample=False, talker_eos_token_id=[], talker_max_new_tokens=n_codes + 1)
+
+    model.generate(**settings(8))  # warm-up: compiles the thinker and talker decoders
+    start = time.perf_counter()
+    _, wav = model.generate(**settings(codes))
+    whole = time.perf_counter() - start
+
+    start, first, chunks = time.perf_counter(), None, []
+    for event in model.generate_stream(**settings(codes)):
+        if isinstance(event, AudioChunk):
+            first = first or time.perf_counter() - start
+            chunks.append(event.audio)
+    streamed = time.perf_counter() - start
+    joined = np.concatenate(chunks)
+    snr = 10 * np.log10(np.sum(wav.astype(np.float64) ** 2) / max(np.sum((joined - wav.astype(np.float64)) ** 2), 1e-30))
+    common = dict(config="tiny" if args.tiny else "thinker 0.5B shape, talker and token2wav of the 7B",
+                  speech_seconds=len(wav) / 24000, text_tokens=args.text_tokens, dtype="float32", device="CPU")
+    emit(dict(bench="streaming", mode="whole", first_audio_s=round(whole, 2), total_s=round(whole, 2), **common))
+    emit(dict(bench="streaming", mode="stream", first_audio_s=round(first, 2), total_s=round(streamed, 2),
+              chunks=len(chunks), **common))
+    emit(dict(bench="streaming", first_audio_fraction_of_whole=round(first / whole, 3),
+              total_ratio_stream_over_whole=round(streamed / whole, 3), same_length=len(joined) == len(wav),
+              snr_db_stream_vs_whole=round(float(snr), 1)))
+
+
+if __name__ == "__main__":
+    main()
