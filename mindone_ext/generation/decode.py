@@ -55,20 +55,34 @@ class CompiledDecoder:
         """Caches allocated here and not yet released (a closed stream must leave none)."""
         return sum(1 for ref in self._caches if ref() is not None and ref().layers)
 
+    def reserve(self, cache, slots):
+        """Make room for `slots` tokens in all, growing the cache (to a bucketed size) if needed."""
+        if slots > cache.slots:
+            cache.grow(bucket(slots, CACHE_BUCKET))
+
     def prefill(self, cache, embeds, position_ids, attention_mask):
-        """Write a left-padded prompt (B, T, E) at slots 0..T-1. Returns last-token logits (B, V)
-        as numpy and the prompt's hidden states (B, T, H). The prompt is right-padded to a bucket
-        length with invalid slots so a handful of graphs serve all prompt lengths."""
+        """Write a left-padded prompt (B, T, E) at slots 0..T-1 (see `extend`)."""
+        cache.length = 0
+        return self.extend(cache, embeds, position_ids, attention_mask)
+
+    def extend(self, cache, embeds, position_ids, attention_mask=None):
+        """Write (B, T, E) at slots cache.length.. : a prompt, or the next piece of one (a
+        conversation prefilled as it arrives). Returns last-token logits (B, V) as numpy and the
+        piece's hidden states (B, T, H). The piece is right-padded to a bucket length with invalid
+        slots so a handful of graphs serve all lengths and offsets."""
         b, t, e = embeds.shape
-        padded = min(bucket(t, PREFILL_BUCKET), cache.slots)
+        start = cache.length
+        if start + t > cache.slots:
+            raise ValueError(f"the KV cache is full ({cache.slots} slots, {start} used, {t} more asked)")
+        padded = min(bucket(t, PREFILL_BUCKET), cache.slots - start)
         if padded > t:
             embeds = ops.cat((embeds, ops.zeros((b, padded - t, e), embeds.dtype)), 1)
             position_ids = np.concatenate([position_ids, np.zeros((3, b, padded - t), position_ids.dtype)], -1)
-        cache.valid[:, :t] = attention_mask
+        cache.valid[:, start:start + t] = 1 if attention_mask is None else attention_mask
         logits, hidden, cache.layers = self._step(
-            embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(0, ms.int32),
+            embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(start, ms.int32),
             Tensor([t - 1], ms.int32), ms.mutable(cache.layers))
-        cache.length = t
+        cache.length = start + t
         return logits.asnumpy(), hidden[:, :t]
 
     def decode(self, cache, embeds, position_ids):

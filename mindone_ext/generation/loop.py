@@ -6,17 +6,21 @@ from .sampling import Sampler
 
 
 def iter_tokens(runner, cache, embeds, input_ids, attention_mask, position_ids, rope_deltas, max_new_tokens,
-                sampling, eos_token_ids, pad_token_id, embed_next, suppress_ids=()):
+                sampling, eos_token_ids, pad_token_id, embed_next, suppress_ids=(), prefilled=None):
     """Yields, per generated token, (tokens (B,), the step's input embeddings, its hidden states):
     the first step's inputs are the prompt (B, T, .), later ones one token (B, 1, .).
 
     `embed_next(step, tokens)` gives the (B, 1, E) input for the token just chosen. Finished rows
-    get `pad_token_id`. Closing the generator stops decoding."""
+    get `pad_token_id`. Closing the generator stops decoding. `prefilled` = (logits, hidden) when
+    the cache already holds the prompt (a conversation prefilled piece by piece)."""
     sampler = Sampler(sampling)
     eos = np.asarray(sorted(eos_token_ids or []), np.int64)
     seen = np.asarray(input_ids, np.int64)
     unfinished = np.ones(seen.shape[0], bool)
-    logits, hidden = runner.prefill(cache, embeds, position_ids, attention_mask)
+    if prefilled is None:
+        logits, hidden = runner.prefill(cache, embeds, position_ids, attention_mask)
+    else:
+        logits, hidden = prefilled
     step_embeds = embeds
     for step in range(max_new_tokens):
         if len(suppress_ids):

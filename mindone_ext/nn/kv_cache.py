@@ -39,6 +39,18 @@ class StaticCache:
     def slots(self):
         return self.valid.shape[1]
 
+    def grow(self, slots):
+        """More slots, the written ones kept (the decode graphs recompile for the new size)."""
+        extra = slots - self.slots
+        pad = lambda x: ops.cat((x, ops.zeros(x.shape[:2] + (extra,) + x.shape[3:], x.dtype)), 2)  # noqa: E731
+        self.layers = tuple((pad(k), pad(v)) for k, v in self.layers)
+        self.valid = np.concatenate([self.valid, np.zeros((self.valid.shape[0], extra), np.int32)], 1)
+
+    def truncate(self, length):
+        """Forget the slots from `length` on (they are overwritten by the next writes)."""
+        self.valid[:, length:] = 0
+        self.length = length
+
     def release(self):
         self.layers = ()
 

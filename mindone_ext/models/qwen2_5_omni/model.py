@@ -120,16 +120,23 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         the Token2Wav chunk and context sizes. Joined, the text equals `generate`'s and the audio
         is its waveform to within the chunking's error (README). Closing the generator frees the
         caches; the model stays usable."""
-        bound = inspect.signature(self.generate).bind(**kwargs)
-        bound.apply_defaults()
-        args = dict(bound.arguments)
-        plan = self._plan(args, dict(args.pop("kwargs")))
+        args = self.bind_generate_args(kwargs)
+        plan = self._plan(args, args.pop("kwargs"))
         if plan.ids.shape[0] != 1:
             raise ValueError(f"generate_stream streams one conversation (batch size 1); got a batch of {plan.ids.shape[0]}")
         return streaming.stream_answer(self, plan, tokenizer, chunking)
 
-    def _plan(self, args, kwargs):
-        """generate()'s arguments checked and sorted: what the Thinker, Talker and Token2Wav get."""
+    def bind_generate_args(self, kwargs):
+        """Keyword arguments -> all of generate()'s parameters (defaults filled in, extras in "kwargs")."""
+        bound = inspect.signature(self.generate).bind(**kwargs)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        args["kwargs"] = dict(args.get("kwargs", {}))
+        return args
+
+    def _plan(self, args, kwargs, prepared=None):
+        """generate()'s arguments checked and sorted: what the Thinker, Talker and Token2Wav get.
+        `prepared`: the prompt's inputs when they are already in a cache (a ConversationSession)."""
         plan = SimpleNamespace(**{k: v for k, v in args.items() if k not in ("self", "kwargs", "__class__")})
         plan.thinker_args = {k[len("thinker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("thinker_")}
         plan.talker_args = {k[len("talker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("talker_")}
@@ -173,7 +180,8 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         plan.media = {k: args[k] for k in ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
                                            "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
                       if args[k] is not None}
-        plan.prompt = self.thinker.prepare_inputs(ids, mask, use_audio_in_video=plan.use_audio_in_video, **plan.media)
+        plan.prompt = prepared or self.thinker.prepare_inputs(ids, mask, use_audio_in_video=plan.use_audio_in_video,
+                                                              **plan.media)
         plan.runner = self.thinker_runner()
         plan.cache_dtype = self.thinker.model.embed_tokens.weight.dtype
         return plan
@@ -181,7 +189,8 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
     def _thinker_steps(self, plan, cache):
         return iter_tokens(plan.runner, cache, plan.prompt.inputs_embeds, plan.ids, plan.mask, plan.prompt.position_ids,
                            plan.prompt.rope_deltas, plan.max_new, plan.sampling, plan.eos, plan.pad,
-                           lambda step, tokens: self.thinker.embed(tokens[:, None]))
+                           lambda step, tokens: self.thinker.embed(tokens[:, None]),
+                           prefilled=getattr(plan.prompt, "prefilled", None))
 
     def _talker_prompt(self, plan, first_step, second_step):
         _, prompt_embeds, prompt_hidden = first_step

@@ -47,27 +47,37 @@ class TextDecoder:
         return delta
 
 
-def stream_answer(model, plan, tokenizer, chunking):
+def stream_answer(model, plan, tokenizer, chunking, cache=None, record=None):
     """Yields TextDelta and AudioChunk events for one conversation (see
     Qwen2_5OmniForConditionalGeneration.generate_stream). Closing the generator stops the
-    Thinker and the Talker and frees their caches."""
-    cache = plan.runner.allocate(1, plan.ids.shape[1] + plan.max_new, plan.cache_dtype)
+    Thinker and the Talker and frees their caches. A `cache` passed in already holds the prompt
+    and stays open (the session that owns it continues the conversation); `record` (a list)
+    receives the Thinker's steps."""
+    own_cache = cache is None
+    if own_cache:
+        cache = plan.runner.allocate(1, plan.ids.shape[1] + plan.max_new, plan.cache_dtype)
+    else:
+        plan.runner.reserve(cache, cache.length + plan.max_new)
     thinker = model._thinker_steps(plan, cache)
     text = TextDecoder(tokenizer)
     speech = _Speech(model, plan, chunking) if plan.return_audio else None
     try:
         for step_index, step in enumerate(thinker):
             token = int(step[0][0])
+            if record is not None:
+                record.append(step)
             final = step_index == plan.max_new - 1 or token in plan.eos
             yield TextDelta(token, text.push(token, final))
             if speech is not None:
                 yield from speech.after_thinker_step(step)
-        cache.release()  # the Thinker is done; the Talker may still have a while to go
+        if own_cache:
+            cache.release()  # the Thinker is done; the Talker may still have a while to go
         if speech is not None:
             yield from speech.finish()
     finally:
         thinker.close()
-        cache.release()
+        if own_cache:
+            cache.release()
         if speech is not None:
             speech.close()
 
