@@ -5,9 +5,11 @@
         --audio question.wav --speaker Ethan --output answer.wav --mindspore_dtype bfloat16
     python examples/qwen2_5_omni/voice_chatting.py --stream    # text and speech as they are produced
 
-With --stream, text is printed token by token and each speech chunk is written as it arrives
-(OUTPUT_chunks/chunk_000.wav, ...), then joined into the output file; the times to the first text
-token and the first speech chunk are reported.
+With --stream, the question is fed in 0.5 s pieces as a microphone would deliver them (the
+conversation is prefilled while it "arrives"), text is printed token by token and each speech
+chunk is written as it arrives (OUTPUT_chunks/chunk_000.wav, ...), then joined into the output
+file; the times from the end of the question to the first text token and the first speech chunk
+are reported.
 
 With no --audio, a short generated speech-like clip is the question. The bundled checkpoint has
 random weights: its text and voice mean nothing, but every stage runs. Needs no torch.
@@ -21,6 +23,7 @@ import numpy as np
 from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, user_turn
 
 from mindone_ext import process_mm_info
+from mindone_ext.models.qwen2_5_omni.session import ConversationSession
 from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk
 
 SAMPLE_RATE = 24000
@@ -57,15 +60,15 @@ def main():
     conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
                     user_turn({"type": "audio", "audio": audio}, text="")]
     conversation[1]["content"] = conversation[1]["content"][:1]  # the question is the audio itself
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    audios, images, videos = process_mm_info(conversation)
-    inputs = processor(text, audio=audios, images=images, videos=videos)
+    audios, _, _ = process_mm_info(conversation)
     settings = dict(spk=args.speaker, max_new_tokens=args.max_new_tokens,
                     talker_max_new_tokens=args.talker_max_new_tokens, seed=args.seed)
-    start = time.time()
     if args.stream:
-        waveform = stream(model, processor, inputs, settings, args.output, start)
+        start, waveform = stream(model, processor, audios[0], settings, args.output)
     else:
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text, audio=audios)
+        start = time.time()
         text_ids, waveform = model.generate(**inputs, return_audio=True, **settings)
         answer = processor.batch_decode(text_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
         print(f"assistant: {answer}")
@@ -77,13 +80,21 @@ def main():
     print(f"[{elapsed:.1f} s, first call includes graph compilation]")
 
 
-def stream(model, processor, inputs, settings, output, start):
-    """Prints text deltas and writes each speech chunk as it arrives; returns the joined waveform."""
+def stream(model, processor, question, settings, output, piece_seconds=0.5):
+    """Feeds the question piece by piece, then prints text deltas and writes each speech chunk as
+    it arrives. Returns (the moment the question ended, the joined waveform)."""
+    session = ConversationSession(model, processor, SYSTEM_PROMPT)
+    session.begin_audio()
+    piece = int(piece_seconds * 16000)
+    for i in range(0, len(question), piece):
+        session.feed_audio(question[i:i + piece])
+    start = time.time()  # the user stops speaking: only the last encoder window is left
+    session.end_audio()
     folder = os.path.splitext(output)[0] + "_chunks"
     os.makedirs(folder, exist_ok=True)
     chunks, first_text, first_audio = [], None, None
     print("assistant: ", end="", flush=True)
-    for event in model.generate_stream(tokenizer=processor.tokenizer, **inputs, **settings):
+    for event in session.respond(tokenizer=processor.tokenizer, **settings):
         if isinstance(event, AudioChunk):
             first_audio = first_audio or time.time() - start
             write_wav(os.path.join(folder, f"chunk_{len(chunks):03d}.wav"), event.audio)
@@ -92,9 +103,9 @@ def stream(model, processor, inputs, settings, output, start):
             first_text = first_text or time.time() - start
             print(event.text, end="", flush=True)
     print()
-    print(f"first text token after {first_text:.2f} s, first speech chunk after "
+    print(f"after the end of the question: first text token in {first_text:.2f} s, first speech chunk in "
           f"{'-' if first_audio is None else f'{first_audio:.2f}'} s; {len(chunks)} chunks in {folder}/")
-    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return start, np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
 if __name__ == "__main__":
