@@ -54,3 +54,9 @@ def padded_batch():
 
 def max_abs_diff(a, b):
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def snr_db(got, want):
+    """Signal-to-noise ratio of `got` against `want`, in dB."""
+    want = np.asarray(want, np.float64)
+    return float(10 * np.log10(np.sum(want ** 2) / max(np.sum((np.asarray(got, np.float64) - want) ** 2), 1e-30)))

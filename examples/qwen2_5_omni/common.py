@@ -8,12 +8,11 @@ import time
 import mindspore as ms
 
 from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor, process_mm_info
+from mindone_ext.models.qwen2_5_omni.session import SYSTEM_PROMPT  # noqa: F401  (the prompt speech needs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CHECKPOINT = os.path.join(HERE, "tiny-qwen2.5-omni")
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-                 "auditory and visual inputs, as well as generating text and speech.")
 
 
 def parser(description):

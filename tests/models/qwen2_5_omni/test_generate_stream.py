@@ -5,15 +5,12 @@ import pytest
 
 from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDecoder, TextDelta
 from mindone_ext.models.qwen2_5_omni.token2wav_stream import StreamChunking
-from tests.conftest import max_abs_diff
+from tests.conftest import max_abs_diff, snr_db
 
 PROMPT = np.array([[401, 5, 6, 7, 8, 9, 10, 402, 401, 20, 30, 40]])
 ARGS = dict(input_ids=PROMPT, spk="Ethan", max_new_tokens=48, eos_token_id=[], talker_do_sample=False,
             talker_max_new_tokens=60, seed=4)
 
-
-def snr_db(got, want):
-    return 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / max(np.sum((got - want.astype(np.float64)) ** 2), 1e-30))
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ clip; turns stay in the cache; answers equal generate() on the same conversation
 import numpy as np
 import pytest
 
-from mindone_ext.models.qwen2_5_omni.session import ConversationSession
+from mindone_ext.models.qwen2_5_omni.session import SYSTEM_PROMPT, ConversationSession
 from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
-from tests.conftest import max_abs_diff
+from tests.conftest import max_abs_diff, snr_db
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def session_with_audio(model, processor, wave, piece, text=""):
 def test_audio_fed_in_pieces_equals_the_one_shot_prefill(our_model, processor, piece):
     wave = crescendo()
     session = session_with_audio(our_model, processor, wave, piece, text="What is this?")
-    conversation = [{"role": "system", "content": [{"type": "text", "text": session_system_prompt()}]},
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
                     {"role": "user", "content": [{"type": "audio", "audio": "x"}, {"type": "text", "text": "What is this?"}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs, want = one_shot(our_model, processor, text, [wave])
@@ -51,12 +51,6 @@ def test_audio_fed_in_pieces_equals_the_one_shot_prefill(our_model, processor, p
     assert max_abs_diff(session.logits, want) <= 1e-4
     if piece < len(wave):
         assert session.rewinds > 0  # the loud end re-did windows prefilled with the quiet clamp
-
-
-def session_system_prompt():
-    from mindone_ext.models.qwen2_5_omni.session import SYSTEM_PROMPT
-
-    return SYSTEM_PROMPT
 
 
 def test_turns_stay_in_the_cache_and_answers_equal_generate(our_model, processor):
@@ -92,8 +86,7 @@ def test_a_spoken_answer_in_a_session_matches_generate(our_model, processor):
     assert [e.token_id for e in events if isinstance(e, TextDelta)] == ids[0, -30:].tolist()
     audio = np.concatenate([e.audio for e in events if isinstance(e, AudioChunk)])
     assert audio.shape == wav.shape
-    snr = 10 * np.log10(np.sum(wav.astype(np.float64) ** 2) / max(np.sum((audio - wav.astype(np.float64)) ** 2), 1e-30))
-    assert snr >= 30
+    assert snr_db(audio, wav) >= 30
 
 
 def test_session_errors(our_model, processor):

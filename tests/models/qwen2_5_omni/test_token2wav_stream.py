@@ -5,13 +5,10 @@ from mindspore import Tensor
 
 from mindone_ext.models.qwen2_5_omni.dit import block_window, window_attention
 from mindone_ext.models.qwen2_5_omni.token2wav_stream import NoiseFrames, StreamChunking, Token2WavStream
-from tests.conftest import max_abs_diff
+from tests.conftest import max_abs_diff, snr_db
 
 CODES = np.random.default_rng(5).integers(0, 8000, size=(1, 60))  # 120 mel frames = 5 DiT blocks
 
-
-def snr_db(got, want):
-    return 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / max(np.sum((got.astype(np.float64) - want) ** 2), 1e-30))
 
 
 @pytest.fixture(scope="module")
