@@ -9,10 +9,13 @@ lockstep, Token2Wav chunk by chunk). "First audio" is when the first waveform sa
 the end of `generate` for the whole answer, the first AudioChunk when streaming. One timed run of
 each after a short warm-up that compiles the decoders (Token2Wav's graphs compile inside the timed
 runs, a few seconds each). The talker and thinker never stop early (no stop tokens), so the answer
-is exactly `--seconds` long.
+is exactly `--seconds` long. Each mode runs in its own process (same seeded weights): the compiled
+graphs of both at the 7B's size do not fit in 24 GB together.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -61,13 +64,8 @@ def build_model(tiny):
     return model
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--seconds", type=float, default=10.0, help="length of the spoken answer")
-    ap.add_argument("--text_tokens", type=int, default=64, help="length of the text answer")
-    args = ap.parse_args()
-
+def run_mode(args):
+    """One timed answer in this process; prints a JSON line and saves the waveform for comparison."""
     from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk
 
     model = build_model(args.tiny)
@@ -80,26 +78,56 @@ def main():
                     talker_do_sample=False, talker_eos_token_id=[], talker_max_new_tokens=n_codes + 1)
 
     model.generate(**settings(8))  # warm-up: compiles the thinker and talker decoders
-    start = time.perf_counter()
-    _, wav = model.generate(**settings(codes))
-    whole = time.perf_counter() - start
-
     start, first, chunks = time.perf_counter(), None, []
-    for event in model.generate_stream(**settings(codes)):
-        if isinstance(event, AudioChunk):
-            first = first or time.perf_counter() - start
-            chunks.append(event.audio)
-    streamed = time.perf_counter() - start
-    joined = np.concatenate(chunks)
-    snr = 10 * np.log10(np.sum(wav.astype(np.float64) ** 2) / max(np.sum((joined - wav.astype(np.float64)) ** 2), 1e-30))
-    common = dict(config="tiny" if args.tiny else "thinker 0.5B shape, talker and token2wav of the 7B",
-                  speech_seconds=len(wav) / 24000, text_tokens=args.text_tokens, dtype="float32", device="CPU")
-    emit(dict(bench="streaming", mode="whole", first_audio_s=round(whole, 2), total_s=round(whole, 2), **common))
-    emit(dict(bench="streaming", mode="stream", first_audio_s=round(first, 2), total_s=round(streamed, 2),
-              chunks=len(chunks), **common))
-    emit(dict(bench="streaming", first_audio_fraction_of_whole=round(first / whole, 3),
-              total_ratio_stream_over_whole=round(streamed / whole, 3), same_length=len(joined) == len(wav),
-              snr_db_stream_vs_whole=round(float(snr), 1)))
+    if args.mode == "whole":
+        _, wav = model.generate(**settings(codes))
+        first = time.perf_counter() - start
+    else:
+        for event in model.generate_stream(**settings(codes)):
+            if isinstance(event, AudioChunk):
+                first = first or time.perf_counter() - start
+                chunks.append(event.audio)
+        wav = np.concatenate(chunks)
+    total = time.perf_counter() - start
+    np.save(args.save, wav)
+    emit(dict(bench="streaming", mode=args.mode, first_audio_s=round(first, 2), total_s=round(total, 2),
+              chunks=len(chunks) if args.mode == "stream" else 1, speech_seconds=round(len(wav) / 24000, 2),
+              config="tiny" if args.tiny else "thinker 0.5B shape, talker and token2wav of the 7B",
+              text_tokens=args.text_tokens, dtype="float32", device="CPU"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the spoken answer")
+    ap.add_argument("--text_tokens", type=int, default=64, help="length of the text answer")
+    ap.add_argument("--mode", choices=["whole", "stream"], help=argparse.SUPPRESS)  # one child process
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        return run_mode(args)
+
+    import tempfile
+
+    records, waves = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("whole", "stream"):
+            save = os.path.join(tmp, f"{mode}.npy")
+            child = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--save", save,
+                     "--seconds", str(args.seconds), "--text_tokens", str(args.text_tokens)] + ["--tiny"] * args.tiny
+            out = subprocess.run(child, capture_output=True, text=True, check=False)
+            if out.returncode:
+                sys.exit(f"{mode} run failed ({out.returncode}):\n{out.stderr[-3000:]}")
+            records[mode] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+            emit(records[mode])
+            waves[mode] = np.load(save).astype(np.float64)
+    whole, stream = waves["whole"], waves["stream"]
+    same_length = len(whole) == len(stream)
+    snr = 10 * np.log10(np.sum(whole ** 2) / max(np.sum((stream - whole) ** 2), 1e-30)) if same_length else None
+    emit(dict(bench="streaming",
+              first_audio_fraction_of_whole=round(records["stream"]["first_audio_s"] / records["whole"]["total_s"], 3),
+              total_ratio_stream_over_whole=round(records["stream"]["total_s"] / records["whole"]["total_s"], 3),
+              same_length=same_length, snr_db_stream_vs_whole=None if snr is None else round(float(snr), 1)))
 
 
 if __name__ == "__main__":
