@@ -58,6 +58,10 @@ def scatter_rows(embeds, ids, token_id, features, what):
     return ops.gather(table, Tensor(source.astype(np.int32)), 0).reshape(b, t, h)
 
 
+MULTIMODAL_INPUTS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
+                     "pixel_values_videos", "video_grid_thw", "use_audio_in_video", "video_second_per_grid")
+
+
 class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
     def __init__(self, config, dtype=ms.float32, attn_implementation="eager"):
         super().__init__()
@@ -134,11 +138,19 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **multimodal):
         """Full-sequence forward without a cache (parity tests, training)."""
+        hidden, prepared = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, **multimodal)
+        return ThinkerOutput(self.lm_head(hidden), hidden, prepared.rope_deltas)
+
+    def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                      **multimodal):
+        """The decoder's final hidden states (B, T, H) and the prepared inputs, without the LM head
+        (training applies it only where there are labels)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        known = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                 "video_grid_thw", "use_audio_in_video", "video_second_per_grid")
+        unknown = sorted(set(multimodal) - set(MULTIMODAL_INPUTS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) for the Thinker: {', '.join(unknown)}")
         p = self.prepare_inputs(input_ids, attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                **{k: v for k, v in multimodal.items() if k in known})
+                                **multimodal)
         hidden, _ = self.model(p.inputs_embeds, Tensor(p.position_ids, ms.int32), Tensor(p.attention_mask, ms.int32))
-        return ThinkerOutput(self.lm_head(hidden), hidden, p.rope_deltas)
+        return hidden, p

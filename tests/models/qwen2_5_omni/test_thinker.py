@@ -99,3 +99,8 @@ def test_generation_input_errors(our_model):
         our_model.generate(return_audio=False, input_ids=np.ones(4, np.int64))
     with pytest.raises(ValueError, match="batch size 1"):
         our_model.generate(input_ids=np.ones((2, 4), np.int64))
+
+
+def test_thinker_rejects_unknown_arguments(our_model):
+    with pytest.raises(TypeError, match="unexpected keyword argument.*pixel_value\\b"):
+        our_model.thinker(input_ids=np.arange(4).reshape(1, -1), pixel_value=np.zeros(3))

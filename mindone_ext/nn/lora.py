@@ -1,0 +1,261 @@
+"""LoRA: low-rank adapters wrapped around chosen Linear layers, by name, from outside the model.
+
+`apply_lora(model, LoraConfig(...))` replaces every matching `Linear` with a `LoraLinear` that
+keeps the original as `base_layer` and adds `lora_B(lora_A(dropout(x))) * lora_alpha / r`.
+Afterwards only the adapters are trainable. The module names, the adapter file
+(`adapter_model.safetensors`, tensors named `base_model.model.<module>.lora_A.weight`) and
+`adapter_config.json` are those Hugging Face PEFT writes and reads, so adapters move both ways
+between this port and PyTorch. `merge_lora` folds the adapters into the base weights and puts
+the plain layers back: inference then costs exactly what the base model costs.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ..utils.safetensors_io import SafetensorsFile, save_file
+from .layers import Linear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# The Thinker's language model: attention and MLP projections of every decoder layer, whether
+# LoRA is applied to the whole model (`thinker.model.layers...`) or to the Thinker alone. The
+# Talker's layers have the same names under `talker.`, so a plain list of suffixes would catch
+# them too.
+THINKER_LLM_TARGETS = r"(thinker\.)?model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# Attention projections of the audio and vision encoders, for adapting perception as well.
+AUDIO_ATTENTION_TARGETS = r"(thinker\.)?audio_tower\.layers\.\d+\.self_attn\.(q|k|v|out)_proj"
+VISION_ATTENTION_TARGETS = r"(thinker\.)?visual\.blocks\.\d+\.attn\.(q|k|v|proj)"
+
+
+class LoraError(ValueError):
+    """An adapter that cannot be applied or loaded as asked; the message names the problem."""
+
+
+@dataclass
+class LoraConfig:
+    """The fields of PEFT's LoraConfig that this port implements (the others keep PEFT's defaults).
+
+    `target_modules` follows PEFT: a string is a regular expression the whole module name must
+    match; a list matches a module whose name equals an entry or ends with "." + entry.
+    """
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: Union[str, List[str]] = THINKER_LLM_TARGETS
+    base_model_name_or_path: Optional[str] = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise LoraError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LoraError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.target_modules:
+            raise LoraError("target_modules is empty: name the layers to adapt")
+
+    @property
+    def scaling(self):
+        return self.lora_alpha / self.r
+
+    def matches(self, name):
+        targets = self.target_modules
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    def to_peft_dict(self):
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        d.update(self.extra)
+        d.update(peft_type="LORA", bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+                 init_lora_weights=True, inference_mode=True, modules_to_save=None, layers_to_transform=None,
+                 rank_pattern={}, alpha_pattern={})
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d):
+        if d.get("peft_type", "LORA") != "LORA":
+            raise LoraError(f"adapter is of type {d.get('peft_type')!r}, only LORA is supported")
+        unsupported = {k: d[k] for k in ("use_rslora", "use_dora", "fan_in_fan_out") if d.get(k)}
+        unsupported.update({k: d[k] for k in ("rank_pattern", "alpha_pattern", "modules_to_save",
+                                              "layers_to_transform") if d.get(k)})
+        if d.get("bias", "none") != "none":
+            unsupported["bias"] = d["bias"]
+        if unsupported:
+            raise LoraError(f"adapter uses PEFT options this port does not implement: {unsupported}")
+        known = {"r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path"}
+        return cls(**{k: d[k] for k in known if k in d})
+
+
+class LoraLinear(nn.Cell):
+    """`base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`; the adapters are float32 whatever
+    the base dtype (PEFT's default too), so half-precision training updates them in full precision."""
+
+    def __init__(self, base_layer, r, lora_alpha, lora_dropout=0.0, rng=None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r, self.lora_alpha = r, lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_A = Linear(base_layer.in_features, r, False, ms.float32)
+        self.lora_B = Linear(r, base_layer.out_features, False, ms.float32)
+        rng = rng or np.random.default_rng()
+        # PEFT's init: A kaiming-uniform (a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B zero,
+        # so the adapted model starts equal to the base model.
+        bound = 1 / math.sqrt(base_layer.in_features)
+        self.lora_A.weight.set_data(Tensor(rng.uniform(-bound, bound, (r, base_layer.in_features)).astype(np.float32)))
+        self.lora_B.weight.set_data(Tensor(np.zeros((base_layer.out_features, r), np.float32)))
+        self.lora_dropout = lora_dropout
+
+    def construct(self, x):
+        out = self.base_layer(x)
+        h = x.astype(ms.float32)
+        if self.lora_dropout > 0 and self.training:
+            # ops.dropout draws from the global seed: a training loop that calls
+            # mindspore.set_seed per step gets the same masks again when it resumes.
+            h = ops.dropout(h, p=self.lora_dropout)
+        return out + (self.lora_B(self.lora_A(h)) * self.scaling).astype(out.dtype)
+
+    def merged_layer(self):
+        """The base layer with `scaling * B @ A` added to its weight (computed in float32)."""
+        weight = self.base_layer.weight
+        delta = ops.matmul(self.lora_B.weight, self.lora_A.weight) * self.scaling
+        weight.set_data((weight.astype(ms.float32) + delta).astype(weight.dtype))
+        return self.base_layer
+
+
+def _set_child(model, path, cell):
+    parent_path, _, child = path.rpartition(".")
+    parent = model
+    for part in parent_path.split(".") if parent_path else []:
+        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+    if child.isdigit():
+        parent[int(child)] = cell
+    else:
+        setattr(parent, child, cell)
+
+
+def _name_parameters(model):
+    # MindSpore names a parameter once, when its cell is first attached; wrapped layers keep their
+    # short names ("q_proj.lora_A.weight" in every layer), and optimizers and checkpoints need
+    # unique ones: give every parameter its path in the model.
+    for path, param in model.parameters_and_names():
+        param.name = path
+
+
+def lora_layers(model):
+    return [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, LoraLinear)]
+
+
+def apply_lora(model, config, seed=0):
+    """Wrap every Linear whose name `config` matches; freeze everything but the adapters.
+    Returns the adapted names. Raises LoraError when nothing matches."""
+    if lora_layers(model):
+        raise LoraError("the model already has LoRA adapters: merge_lora() them or load a fresh model")
+    targets = [(name, cell) for name, cell in model.cells_and_names() if name and config.matches(name)]
+    not_linear = [name for name, cell in targets if not isinstance(cell, Linear)]
+    if not_linear:
+        raise LoraError(f"target_modules matched layers that are not Linear: {not_linear[:5]}")
+    if not targets:
+        raise LoraError(f"target_modules {config.target_modules!r} matched no layer of {type(model).__name__}")
+    rng = np.random.default_rng(seed)
+    for param in model.get_parameters():
+        param.requires_grad = False
+    for name, base in targets:
+        _set_child(model, name, LoraLinear(base, config.r, config.lora_alpha, config.lora_dropout, rng))
+    _name_parameters(model)
+    model.lora_config = config
+    return [name for name, _ in targets]
+
+
+def adapter_state(model):
+    """{PEFT tensor name: float32 numpy} for every adapter weight."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.asnumpy()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.asnumpy()
+    return state
+
+
+def save_adapter(model, folder):
+    """Write adapter_model.safetensors and adapter_config.json (PEFT's layout) into `folder`,
+    each through a temporary file renamed into place, so no half-written file is left."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LoraError("the model has no LoRA adapters to save")
+    os.makedirs(folder, exist_ok=True)
+    config = model.lora_config
+    files = ((ADAPTER_WEIGHTS, lambda p: save_file(adapter_state(model), p, metadata={"format": "pt"})),
+             (ADAPTER_CONFIG, lambda p: _write_json(config.to_peft_dict(), p)))
+    for name, write in files:
+        target = os.path.join(folder, name)
+        write(target + ".tmp")
+        os.replace(target + ".tmp", target)
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def read_adapter_config(folder):
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise LoraError(f"{folder!r} is not a LoRA adapter folder: it has no {ADAPTER_CONFIG}")
+    with open(path) as f:
+        try:
+            return LoraConfig.from_peft_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise LoraError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_adapter(model, folder):
+    """Apply the adapter saved in `folder` (by us or by PEFT) to `model` and load its weights."""
+    config = read_adapter_config(folder)
+    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
+        raise LoraError(f"{folder!r} has no {ADAPTER_WEIGHTS}")
+    apply_lora(model, config)
+    load_adapter_weights(model, folder)
+    return config
+
+
+def load_adapter_weights(model, folder):
+    """Copy the adapter weights saved in `folder` into the model's existing LoRA layers, after
+    checking that the names and shapes are exactly those of the model's adapters."""
+    weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights_path):
+        raise LoraError(f"{folder!r} has no {ADAPTER_WEIGHTS}")
+    weights = SafetensorsFile(weights_path)
+    # PEFT also writes names with the adapter name ("...lora_A.default.weight") in some versions.
+    saved = {k.replace(".default.weight", ".weight"): k for k in weights.keys()}
+    expected = {k: v.shape for k, v in adapter_state(model).items()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong = [k for k in sorted(set(expected) & set(saved)) if weights.shape(saved[k]) != expected[k]]
+    if missing or unexpected or wrong:
+        raise LoraError(f"adapter {folder!r} does not fit the model: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}, wrong shape {wrong[:5]}")
+    for name, layer in lora_layers(model):
+        for part in ("lora_A", "lora_B"):
+            key = f"{PEFT_PREFIX}{name}.{part}.weight"
+            getattr(layer, part).weight.set_data(Tensor(weights.get(saved[key]).astype(np.float32)))
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight and restore the plain Linear layers (PEFT's
+    merge_and_unload). Returns the model."""
+    for name, layer in lora_layers(model):
+        _set_child(model, name, layer.merged_layer())
+    _name_parameters(model)
+    for param in model.get_parameters():
+        param.requires_grad = True
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
