@@ -1,5 +1,6 @@
 """Small synthetic media for the examples and tests: a spoken-like tone sequence, a picture, a
 short video with (or without) a sound track. Written with PyAV and Pillow, a few KB each."""
+import json
 import os
 
 import numpy as np
@@ -88,3 +89,47 @@ def demo_files(folder):
     if not os.path.exists(files["video"]):
         write_video(files["video"])
     return files
+
+
+def formula(i):
+    """The i-th little LaTeX formula of the demo OCR set."""
+    return [f"x^{{{i % 5 + 2}}} + {i}", f"\\frac{{{i}}}{{{i + 1}}}", f"\\sqrt{{{i + 3}}}", f"a_{{{i}}} = {2 * i}"][i % 4]
+
+
+def write_ocr_dataset(folder, n=16):
+    """An image-to-LaTeX set in JSONL (`{"image": "images/3.png", "text": "..."}`): each picture
+    shows its formula, drawn with Pillow's default font. Created once."""
+    from PIL import Image, ImageDraw
+
+    path = os.path.join(folder, "train.jsonl")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rows = []
+    for i in range(n):
+        image = Image.new("RGB", (112, 56), (255, 255, 255))
+        ImageDraw.Draw(image).text((4, 20), formula(i), fill=(0, 0, 0))
+        image.save(os.path.join(folder, "images", f"{i}.png"))
+        rows.append({"image": f"images/{i}.png", "text": formula(i)})
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_asr_dataset(folder, n=8):
+    """A speech-to-text set in JSONL (`{"audio": "audio/3.wav", "transcript": "..."}`) of
+    synthetic utterances, one per seed. Created once."""
+    path = os.path.join(folder, "train.jsonl")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
+    words = ["hello", "omni", "model", "speech", "ascend", "mind", "spore", "voice"]
+    rows = []
+    for i in range(n):
+        write_wav(os.path.join(folder, "audio", f"{i}.wav"), speech_like(1.0, 16000, seed=i), 16000)
+        rows.append({"audio": f"audio/{i}.wav", "transcript": f"{words[i % len(words)]} {words[(3 * i + 1) % len(words)]}"})
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+    return path

@@ -1,0 +1,60 @@
+"""Answer with a base checkpoint plus a LoRA adapter (ours or one trained with PEFT in PyTorch).
+
+    python examples/qwen2_5_omni/finetune_lora_in_native_mindspore.py --output_dir omni_lora_output
+    python examples/qwen2_5_omni/infer_with_lora.py --adapter_path omni_lora_output --image formula.png
+    python examples/qwen2_5_omni/infer_with_lora.py --model_path /models/Qwen2.5-Omni-7B --adapter_path ./omni_lora \
+        --audio question.wav --prompt "Transcribe the audio." --merge
+
+With `--merge` the adapter is folded into the base weights first (no extra cost per token).
+Without `--image`/`--audio`, the first picture of the demo OCR set is used.
+"""
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import answer, load, parser  # noqa: E402
+from demo_media import write_ocr_dataset  # noqa: E402
+
+from mindone_ext.nn.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraError, load_adapter, merge_lora  # noqa: E402
+from mindone_ext.utils.safetensors_io import SafetensorsFile  # noqa: E402
+
+
+def adapter_target(model, folder):
+    """The cell the adapter was trained on: PEFT on the whole Qwen2_5OmniForConditionalGeneration
+    names layers `thinker.model...`; on the Thinker alone (and our fine-tuning script), `model...`."""
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise LoraError(f"{folder!r} has no {ADAPTER_WEIGHTS}: train one with "
+                        "finetune_lora_in_native_mindspore.py first, or point --adapter_path at a PEFT adapter")
+    whole = any(k.startswith(PEFT_PREFIX + "thinker.") for k in SafetensorsFile(path).keys())
+    return model if whole else model.thinker
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("--adapter_path", default="omni_lora_output", help="a folder with adapter_config.json")
+    ap.add_argument("--image", default=None)
+    ap.add_argument("--audio", default=None)
+    ap.add_argument("--prompt", default="Write the LaTeX formula shown in the image.")
+    ap.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
+    args = ap.parse_args()
+    model, processor = load(args)
+    target = adapter_target(model, args.adapter_path)
+    config = load_adapter(target, args.adapter_path)
+    print(f"adapter: rank {config.r}, alpha {config.lora_alpha}, from {args.adapter_path}")
+    if args.merge:
+        merge_lora(target)
+    content = []
+    if args.audio:
+        content.append({"type": "audio", "audio": args.audio})
+    if args.image or not args.audio:
+        demo = os.path.join(tempfile.gettempdir(), "mindone_ext_demo_ocr")
+        image = args.image or os.path.join(os.path.dirname(write_ocr_dataset(demo)), "images", "0.png")
+        content.append({"type": "image", "image": image})
+    content.append({"type": "text", "text": args.prompt})
+    answer(model, processor, [{"role": "user", "content": content}], args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    main()
