@@ -91,3 +91,47 @@ def test_bad_rows_are_skipped_and_a_missing_dataset_is_refused(ocr_set, tmp_path
     done = run(tmp_path / "never", str(tmp_path / "no_such.jsonl"), check=False)
     assert done.returncode != 0 and "does not exist" in done.stderr
     assert not os.path.exists(tmp_path / "never")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_data_parallel_equals_one_process_accumulating(ocr_set, tmp_path):
+    """msrun with 2 CPU workers (MindSpore's own launcher and collectives), one sample each, against
+    one process accumulating the same two samples: the same steps, hence the same adapter."""
+    from mindone_ext.utils.safetensors_io import SafetensorsFile
+
+    settings = ["--max_steps", "3", "--per_device_batch_size", "1", "--learning_rate", "1e-2", "--lora_dropout", "0"]
+    single = run(tmp_path / "single", ocr_set, *settings, "--gradient_accumulation_steps", "2")
+    logs = tmp_path / "logs"
+    done = subprocess.run(["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
+                           "--log_dir", str(logs), "--join", "True", *command(tmp_path / "parallel", ocr_set, *settings,
+                                                                              "--distributed")[1:]],
+                          capture_output=True, text=True, timeout=900)
+    rank0 = (logs / "worker_0.log").read_text()
+    assert done.returncode == 0, rank0[-3000:] + (logs / "worker_1.log").read_text()[-2000:]
+    parallel = json.loads([line for line in rank0.splitlines() if line.startswith("{")][-1])
+    assert parallel["world_size"] == 2 and parallel["steps"] == 3
+    assert abs(parallel["final_loss"] - single["final_loss"]) <= 1e-5
+    a, b = (SafetensorsFile(str(tmp_path / d / "adapter_model.safetensors")) for d in ("single", "parallel"))
+    assert sorted(a.keys()) == sorted(b.keys())
+    assert max(float(np.abs(a.get(k) - b.get(k)).max()) for k in a.keys()) <= 1e-5
+
+
+def test_trainer_api_script_learns_and_writes_a_peft_adapter(ocr_set, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "finetune_lora_with_mindspore_trainer.py"),
+                           "--model_path", SHIPPED_CHECKPOINT, "--dataset_path", ocr_set, "--output_dir",
+                           str(tmp_path / "out"), "--lora_rank", "8", "--lora_alpha", "16", "--num_train_epochs", "2",
+                           "--per_device_batch_size", "4", "--learning_rate", "1e-2", "--save_steps", "4",
+                           "--save_total_limit", "1"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 8 and summary["final_loss"] < 0.75 * summary["first_loss"]
+    assert sorted(n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint")) == ["checkpoint-8"]
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 16, "LORA")
