@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, mint, nn, ops
 
 from ...nn import ops as P
 from ...nn.layers import Embedding, Linear
@@ -128,33 +128,41 @@ class DiTInputEmbedding(nn.Cell):
         return self.proj(ops.cat((x, speaker, code_embed, speaker_embedding), -1))
 
 
+def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
+    """One DiT block as a pure function of its weights (see `DiTDecoderLayer.weights`): AdaLN-zero
+    modulation by the time embedding, windowed attention with rotary on the first head, GELU-tanh
+    MLP. Written over weights rather than a cell so that one compiled graph serves every layer:
+    MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
+    (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared."""
+    norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
+    linear = mint.nn.functional.linear
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
+    b, t, _ = x.shape
+    h = layer_norm_no_affine(x) * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1)
+    q, k, v = (linear(h, w, bias).reshape(b, t, heads, head_dim).swapaxes(1, 2)
+               for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
+    # The reference rotates only the first head (query[:, :1]); mirrored exactly.
+    q = ops.cat((q[:, :1] * cos + rotate_pairs(q[:, :1]) * sin, q[:, 1:]), 1)
+    k = ops.cat((k[:, :1] * cos + rotate_pairs(k[:, :1]) * sin, k[:, 1:]), 1)
+    x = x + gate_msa.expand_dims(1) * linear(window_attention(q, k, v, window, head_dim**-0.5), o_w, o_b)
+    h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
+    return x + gate_mlp.expand_dims(1) * linear(P.gelu_tanh(linear(h, up_w, up_b)), down_w, down_b)
+
+
 class AdaLayerNormZero(nn.Cell):
     def __init__(self, dim, dtype, chunks):
         super().__init__()
-        self.chunks = chunks
         self.linear = Linear(dim, dim * chunks, True, dtype)
-
-    def construct(self, emb):
-        return ops.chunk(self.linear(P.silu(emb)), self.chunks, 1)
 
 
 class DiTAttention(nn.Cell):
     def __init__(self, config, dtype):
         super().__init__()
-        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
         inner = config.head_dim * config.num_attention_heads
         self.to_q = Linear(config.hidden_size, inner, True, dtype)
         self.to_k = Linear(config.hidden_size, inner, True, dtype)
         self.to_v = Linear(config.hidden_size, inner, True, dtype)
         self.to_out = nn.CellList([Linear(inner, config.hidden_size, True, dtype)])
-
-    def construct(self, x, cos, sin, mask):
-        b, t, _ = x.shape
-        q, k, v = (p(x).reshape(b, t, self.heads, self.head_dim).swapaxes(1, 2) for p in (self.to_q, self.to_k, self.to_v))
-        # The reference rotates only the first head (query[:, :1]); mirrored exactly.
-        q = ops.cat((q[:, :1] * cos + rotate_pairs(q[:, :1]) * sin, q[:, 1:]), 1)
-        k = ops.cat((k[:, :1] * cos + rotate_pairs(k[:, :1]) * sin, k[:, 1:]), 1)
-        return self.to_out[0](window_attention(q, k, v, mask, self.head_dim**-0.5))
 
 
 class DiTMLP(nn.Cell):
@@ -164,24 +172,23 @@ class DiTMLP(nn.Cell):
         # ff.0 Linear, ff.1 GELU(tanh), ff.2 Dropout (identity at inference), ff.3 Linear
         self.ff = nn.CellList([Linear(dim, inner, True, dtype), GELUTanh(), nn.Identity(), Linear(inner, dim, True, dtype)])
 
-    def construct(self, x):
-        return self.ff[3](self.ff[1](self.ff[0](x)))
-
 
 class DiTDecoderLayer(nn.Cell):
     def __init__(self, config, look_ahead, look_backward, dtype):
         super().__init__()
         self.look_ahead, self.look_backward = look_ahead, look_backward
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.attn_norm = AdaLayerNormZero(config.hidden_size, dtype, 6)
         self.attn = DiTAttention(config, dtype)
         self.ff = DiTMLP(config.hidden_size, config.ff_mult, dtype)
 
-    def construct(self, x, t_emb, cos, sin, mask):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t_emb)
-        h = layer_norm_no_affine(x) * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1)
-        x = x + gate_msa.expand_dims(1) * self.attn(h, cos, sin, mask)
-        h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
-        return x + gate_mlp.expand_dims(1) * self.ff(h)
+    def weights(self):
+        a, f = self.attn, self.ff.ff
+        layers = (self.attn_norm.linear, a.to_q, a.to_k, a.to_v, a.to_out[0], f[0], f[3])
+        return tuple(p for layer in layers for p in (layer.weight, layer.bias))
+
+    def construct(self, x, t_emb, cos, sin, window):
+        return dit_layer(x, t_emb, cos, sin, window, self.weights(), self.heads, self.head_dim)
 
 
 class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
@@ -220,8 +227,9 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
 
     def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True):
-        """The forward on prepared frame inputs (see `frame_inputs`)."""
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, layer=None):
+        """The forward on prepared frame inputs (see `frame_inputs`). `layer`, a compiled
+        `dit_layer` taking (x, t_emb, cos, sin, window, weights), runs the blocks if given."""
         b = hidden_states.shape[0]
         if time_step.ndim == 0:
             time_step = ops.tile(time_step.reshape(1), (b,))
@@ -231,7 +239,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
                              code_uncond, apply_cfg)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, t_emb, cos, sin, masks[i])
+            x = block(x, t_emb, cos, sin, masks[i]) if layer is None else layer(x, t_emb, cos, sin, masks[i], block.weights())
         scale, shift = ops.chunk(self.norm_out.linear(P.silu(t_emb)), 2, 1)
         x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
         return self.proj_out(x)

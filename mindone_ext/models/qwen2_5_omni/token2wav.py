@@ -9,7 +9,7 @@ from mindspore import Tensor, nn, ops
 
 from ...generation.decode import bucket
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
-from .dit import Qwen2_5OmniToken2WavDiTModel
+from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer
 
 NOISE_FRAMES = 30000  # the reference draws this much noise once and uses its first frames
 
@@ -44,25 +44,34 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         # float32 throughout, as the reference keeps token2wav in float32 whatever the model dtype
         self.code2wav_dit_model = Qwen2_5OmniToken2WavDiTModel(config.dit_config, ms.float32)
         self.code2wav_bigvgan_model = Qwen2_5OmniToken2WavBigVGANModel(config.bigvgan_config, ms.float32)
-        self._graphs = {}
+        self._layer = None
 
-    def _velocity_graph(self, guided):
-        """The ODE's right-hand side as one compiled graph (per frame count): the DiT with
-        classifier-free guidance, guided + (guided - unconditioned) * scale."""
-        key = "guided" if guided else "plain"
-        if key not in self._graphs:
-            dit = self.code2wav_dit_model
+    def _layer_graph(self):
+        """One compiled DiT block shared by all blocks (weights are inputs), see `dit_layer`."""
+        if self._layer is None:
+            heads, head_dim = self.code2wav_dit_model.transformer_blocks[0].heads, self.code2wav_dit_model.head_dim
 
-            def velocity(x, ref, cond, code, t, cos, sin, masks, scale):
-                if not guided:
-                    return dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=False)
-                out = dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=True)
-                half = x.shape[0]
-                guided_out, null = out[:half], out[half:]
-                return guided_out + (guided_out - null) * scale
+            @ms.jit
+            def layer(x, t_emb, cos, sin, window, weights):
+                return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim)
 
-            self._graphs[key] = ms.jit(velocity)
-        return self._graphs[key]
+            def call(x, t_emb, cos, sin, window, weights):
+                # mutable: the tensors are graph inputs, not constants baked into a new graph per
+                # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
+                return layer(x, t_emb, cos, sin, ms.mutable(window), ms.mutable(tuple(Tensor(w) for w in weights)))
+
+            self._layer = call
+        return self._layer
+
+    def velocity(self, x, ref, cond, code, t, cos, sin, masks, guidance_scale):
+        """The ODE's right-hand side: the DiT, with classifier-free guidance when the scale is
+        non-zero (guided + (guided - unconditioned) * scale)."""
+        dit, layer = self.code2wav_dit_model, self._layer_graph()
+        if guidance_scale < 1e-5:
+            return dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=False, layer=layer)
+        out = dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=True, layer=layer)
+        guided, null = out[:x.shape[0]], out[x.shape[0]:]
+        return guided + (guided - null) * guidance_scale
 
     def clip_codes(self, code):
         """The Talker's vocabulary is larger than the DiT's codec table: a code past the table
@@ -100,11 +109,8 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         cond = ops.tile(cond, (1, length, 1))
         ref = Tensor(np.asarray(reference_mel, np.float32))
         cos, sin, masks = dit.frame_inputs(frames, ms.float32, length)
-        step = self._velocity_graph(guidance_scale >= 1e-5)
-        scale = Tensor(np.float32(guidance_scale))
-
         def velocity(t, x):
-            return step(x, ref, cond, code_t, Tensor(t, ms.float32), cos, sin, ms.mutable(masks), scale)
+            return self.velocity(x, ref, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale)
 
         mel = rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))
         return mel[:, :frames]
