@@ -91,15 +91,17 @@ def build_tokenizer(vocab_size=400):
     return fast
 
 
-def tiny_config(ids, vocab, tie_word_embeddings=False):
+def tiny_config(ids, vocab, tie_word_embeddings=False, text_overrides=None):
     """A Qwen2.5-Omni config small enough for CI, with every branch the full model has:
-    GQA, several audio windows, window and full attention ViT blocks, DiT look-ahead/back."""
+    GQA, several audio windows, window and full attention ViT blocks, DiT look-ahead/back.
+    `text_overrides` changes the Thinker's language model (e.g. a larger vocabulary, more layers)."""
     from transformers import Qwen2_5OmniConfig
 
     text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, max_position_embeddings=4096,
                 rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
                 tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6)
+    text.update(text_overrides or {})
     thinker = dict(
         text_config=text,
         audio_config=dict(num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=2,
@@ -194,9 +196,11 @@ def speakers(config, ids, seed):
     }
 
 
-def build(out_dir, seed=0, shard_size="200KB", tie_word_embeddings=False, dtype="float32"):
+def build(out_dir, seed=0, shard_size="200KB", tie_word_embeddings=False, dtype="float32", text_overrides=None,
+          safe_serialization=True):
     """Write the folder; returns its path. The folder appears complete or not at all.
-    `dtype="bfloat16"` stores the weights as the official release does (half the size)."""
+    `dtype="bfloat16"` stores the weights as the official release does (half the size);
+    `safe_serialization=False` writes PyTorch .bin files, as older checkpoints have."""
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration
 
@@ -207,12 +211,12 @@ def build(out_dir, seed=0, shard_size="200KB", tie_word_embeddings=False, dtype=
         tokenizer = build_tokenizer()
         ids = dict(tokenizer.get_vocab(), user_token=tokenizer.encode("user")[0])
         vocab = len(tokenizer) + EXTRA_ROWS
-        config = tiny_config(ids, vocab, tie_word_embeddings)
+        config = tiny_config(ids, vocab, tie_word_embeddings, text_overrides)
         torch.manual_seed(seed)
         model = Qwen2_5OmniForConditionalGeneration(config).eval()
         reinitialise(model, seed)
         model.to(getattr(torch, dtype))
-        model.save_pretrained(work, max_shard_size=shard_size, safe_serialization=True)
+        model.save_pretrained(work, max_shard_size=shard_size, safe_serialization=safe_serialization)
         tokenizer.save_pretrained(work)
         pre, video = processor_configs()
         for name, content in (("preprocessor_config.json", pre), ("video_preprocessor_config.json", video),

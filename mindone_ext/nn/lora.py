@@ -226,13 +226,18 @@ def load_adapter(model, folder):
     return config
 
 
+def adapter_tensor_names(folder):
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise LoraError(f"{folder!r} has no {ADAPTER_WEIGHTS}")
+    return SafetensorsFile(path).keys()
+
+
 def load_adapter_weights(model, folder):
     """Copy the adapter weights saved in `folder` into the model's existing LoRA layers, after
     checking that the names and shapes are exactly those of the model's adapters."""
-    weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights_path):
-        raise LoraError(f"{folder!r} has no {ADAPTER_WEIGHTS}")
-    weights = SafetensorsFile(weights_path)
+    adapter_tensor_names(folder)  # a clear error when the file is missing
+    weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
     # PEFT also writes names with the adapter name ("...lora_A.default.weight") in some versions.
     saved = {k.replace(".default.weight", ".weight"): k for k in weights.keys()}
     expected = {k: v.shape for k, v in adapter_state(model).items()}

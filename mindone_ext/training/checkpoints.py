@@ -33,15 +33,17 @@ def latest_checkpoint(output_dir):
 
 
 def save_checkpoint(output_dir, model, optimizer, state, save_total_limit=None):
-    """Write checkpoint-<state["global_step"]> atomically; keep only the newest `save_total_limit`."""
+    """Write checkpoint-<state["global_step"]> atomically; keep only the newest `save_total_limit`.
+    `optimizer` may be None (a trainer that keeps its own optimizer state): the adapter and state only."""
     final = os.path.join(output_dir, f"checkpoint-{state['global_step']}")
     partial = final + ".partial"
     for leftover in [os.path.join(output_dir, n) for n in os.listdir(output_dir) if n.endswith(".partial")]:
         shutil.rmtree(leftover)
     os.makedirs(partial)
     save_adapter(model, partial)
-    tensors, meta = optimizer.state_dict()
-    save_file(tensors, os.path.join(partial, OPTIMIZER_FILE), metadata=meta)
+    if optimizer is not None:
+        tensors, meta = optimizer.state_dict()
+        save_file(tensors, os.path.join(partial, OPTIMIZER_FILE), metadata=meta)
     with open(os.path.join(partial, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
     if os.path.exists(final):

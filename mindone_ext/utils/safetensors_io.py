@@ -63,7 +63,6 @@ class SafetensorsFile:
             expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_NUMPY_OF[entry["dtype"]]).itemsize
             if end - begin != expected or self._data_start + end > size:
                 raise SafetensorsError(f"{path}: corrupt or truncated safetensors file (tensor {name} out of bounds)")
-        self._map = np.memmap(path, np.uint8, "r") if size > self._data_start else np.zeros(0, np.uint8)
 
     def keys(self):
         return list(self._entries)
@@ -75,26 +74,41 @@ class SafetensorsFile:
         return self._entries[name]["dtype"]
 
     def get(self, name):
-        """The tensor as a numpy array; bfloat16 is widened to float32 (exactly)."""
+        """The tensor as a numpy array; bfloat16 is widened to float32 (exactly). Read with a plain
+        file read, not a memory map: the process holds just this tensor, never the file's pages."""
         entry = self._entries[name]
         begin, end = entry["data_offsets"]
-        raw = self._map[self._data_start + begin:self._data_start + end]
-        arr = raw.view(_NUMPY_OF[entry["dtype"]]).reshape(entry["shape"])
-        return bf16_bits_to_float32(arr) if entry["dtype"] == "BF16" else np.array(arr)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            raw = f.read(end - begin)
+        if len(raw) != end - begin:
+            raise SafetensorsError(f"{self.path}: truncated while reading tensor {name}")
+        arr = np.frombuffer(raw, _NUMPY_OF[entry["dtype"]]).reshape(entry["shape"])
+        return bf16_bits_to_float32(arr) if entry["dtype"] == "BF16" else arr.copy()
 
 
 def save_file(tensors, path, metadata=None, bf16_names=()):
     """Write {name: np.ndarray} to `path`; names in `bf16_names` are stored as bfloat16."""
-    header, blobs, offset = {}, [], 0
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if name in bf16_names:
-            dtype, data = "BF16", float32_to_bf16_bits(arr).tobytes()
-        else:
-            dtype, data = _NAME_OF[arr.dtype], arr.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+    write_file(path, [(name, "BF16" if name in bf16_names else _NAME_OF[np.asarray(arr).dtype], np.shape(arr),
+                       lambda arr=arr: arr) for name, arr in tensors.items()], metadata)
+
+
+def encode(arr, dtype):
+    """The bytes of `arr` stored as safetensors dtype `dtype` (floats are cast, BF16 rounded)."""
+    if dtype == "BF16":
+        return float32_to_bf16_bits(np.asarray(arr, np.float32)).tobytes()
+    return np.ascontiguousarray(arr, _NUMPY_OF[dtype]).tobytes()
+
+
+def write_file(path, entries, metadata=None):
+    """Write a safetensors file from `entries` [(name, dtype, shape, fetch)] where `fetch()` returns
+    the tensor: the header comes from the shapes, then each tensor is fetched, written and
+    dropped, so memory holds one tensor at a time however large the file."""
+    header, offset = {}, 0
+    for name, dtype, shape, _ in entries:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY_OF[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -102,5 +116,8 @@ def save_file(tensors, path, metadata=None, bf16_names=()):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for blob in blobs:
-            f.write(blob)
+        for name, dtype, shape, fetch in entries:
+            arr = fetch()
+            if tuple(np.shape(arr)) != tuple(shape):
+                raise SafetensorsError(f"tensor {name}: shape {list(np.shape(arr))}, expected {list(shape)}")
+            f.write(encode(arr, dtype))

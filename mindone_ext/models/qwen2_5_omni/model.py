@@ -8,6 +8,7 @@ from mindspore import nn
 
 from ...generation import CompiledDecoder, SamplingConfig, iter_tokens
 from ...nn.attention import check_attn_implementation
+from ...nn.lora import PEFT_PREFIX, adapter_tensor_names, load_adapter
 from ...utils.checkpoint import CheckpointFolder, load_into
 from . import speech, streaming
 from .config import load_config
@@ -34,6 +35,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             self.talker = Qwen2_5OmniTalkerForConditionalGeneration(config.talker_config, dtype, attn_implementation)
             self.token2wav = Qwen2_5OmniToken2WavModel(config.token2wav_config)
         self.generation_defaults = {}
+        self.name_or_path = None
         self.speakers = {}
         self._thinker_runner = self._talker_runner = None
 
@@ -47,10 +49,26 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         load_into(model, folder, mindspore_dtype, skip_prefixes=() if enable_audio_output else SPEECH_PREFIXES,
                   optional=optional)
         model.generation_defaults = folder.read_json("generation_config.json") or {}
+        model.name_or_path = folder.path
         if enable_audio_output:
             model.speakers = load_speakers(folder.path)
         model.set_train(False)
         return model
+
+    def load_adapter(self, folder):
+        """Apply a LoRA adapter folder (ours, or PEFT's): one trained on the whole model names its
+        layers `thinker.model...`, one trained on the Thinker alone (our fine-tuning scripts, PEFT on
+        Qwen2_5OmniThinkerForConditionalGeneration) `model...`. Returns the cell it was applied to."""
+        whole = any(k.startswith(PEFT_PREFIX + "thinker.") for k in adapter_tensor_names(folder))
+        target = self if whole else self.thinker
+        load_adapter(target, folder)
+        return target
+
+    def save_pretrained(self, out_dir, dtype=None, max_shard_size="5GB", overwrite=False, source=None):
+        """A Hugging Face folder the PyTorch reference loads (see saving.save_pretrained)."""
+        from .saving import save_pretrained
+
+        return save_pretrained(self, out_dir, dtype, max_shard_size, overwrite, source)
 
     # ------------------------------------------------------------------ generation
 
