@@ -44,3 +44,11 @@ def test_streaming_bench_output_form():
     assert all(0 < r["first_audio_s"] <= r["total_s"] for r in lines[:2])
     assert lines[1]["chunks"] >= 2
     assert lines[-1]["same_length"] is True and lines[-1]["snr_db_stream_vs_whole"] >= 30
+
+
+def test_finetune_bench_output_form():
+    lines = run_bench("finetune.py", "--tiny", "--steps", "2", "--tokens", "300", "--answer_tokens", "32")
+    assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
+    assert all(r["seconds_per_step"] > 0 and r["peak_rss_gb"] > 0 for r in lines[:2])
+    # same weights, same batch: the first step's loss agrees before any update
+    assert lines[-1]["first_loss_diff"] <= 1e-3 and lines[-1]["ratio_seconds_per_step"] > 0
