@@ -120,6 +120,7 @@ def run_torch(config, data, steps):
 
 def child(args):
     config = build_config("tiny" if args.tiny else "qwen2.5-0.5b")
+    config.thinker_config.text_config.vocab_size = 151936  # the vision markers' ids are the real ones
     data = batch(config, args.tokens, args.answer_tokens)
     times, losses = (run_ours if args.impl == "mindone_ext" else run_torch)(config, data, args.steps)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

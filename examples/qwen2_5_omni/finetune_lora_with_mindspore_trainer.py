@@ -10,7 +10,8 @@ The same task as finetune_lora_in_native_mindspore.py (same data reading, labels
 MindSpore's pieces instead of a hand-written loop: a `GeneratorDataset` of padded batches, the
 network returning the loss, `nn.AdamWeightDecay` with a per-step warmup + cosine learning rate,
 `Model.train` with `LossMonitor`/`TimeMonitor` and a callback that writes the adapter in PEFT's
-layout every `--save_steps` (atomically, keeping `--save_total_limit`). Use the native script when
+layout every `--save_steps` (atomically, keeping `--save_total_limit`; the optimizer's state stays
+inside MindSpore's optimizer, so these checkpoints hold the adapter only). Use the native script when
 you need resuming, gradient accumulation or evaluation.
 
 mindone's `Trainer` was considered: it is built for mindone.transformers models and pulls in
@@ -19,7 +20,6 @@ mindcv and OpenCV; `mindspore.train.Model` is part of MindSpore and runs here as
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 
@@ -35,7 +35,7 @@ from demo_media import write_ocr_dataset  # noqa: E402
 from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor  # noqa: E402
 from mindone_ext.nn.lora import LoraConfig, LoraError, apply_lora, save_adapter  # noqa: E402
 from mindone_ext.training import (Collator, ConversationDataset, DatasetError, causal_lm_loss_sum,  # noqa: E402
-                                  cosine_with_warmup)
+                                  cosine_with_warmup, save_checkpoint)
 
 # Every batch carries every column (MindSpore datasets have fixed columns); a modality the batch
 # lacks is an empty array, which the network reads as "absent".
@@ -59,22 +59,15 @@ class ThinkerLoss(nn.Cell):
 
 
 class SaveAdapter(Callback):
-    """Every `every` steps (and at the end): output_dir/checkpoint-N with the adapter, written to a
-    temporary folder and renamed, keeping the newest `limit`."""
+    """Every `every` steps and at the end: output_dir/checkpoint-N with the adapter (written whole or
+    not at all, the newest `limit` kept), and the final adapter in output_dir."""
 
     def __init__(self, thinker, output_dir, every, limit):
         super().__init__()
         self.thinker, self.output_dir, self.every, self.limit = thinker, output_dir, every, limit
 
     def save(self, step):
-        final = os.path.join(self.output_dir, f"checkpoint-{step}")
-        save_adapter(self.thinker, final + ".partial")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(final + ".partial", final)
-        done = sorted((int(n.split("-")[1]), n) for n in os.listdir(self.output_dir)
-                      if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
-        for _, name in done[:-self.limit] if self.limit else []:
-            shutil.rmtree(os.path.join(self.output_dir, name))
+        save_checkpoint(self.output_dir, self.thinker, None, {"global_step": step}, self.limit)
 
     def on_train_step_end(self, run_context):
         step = run_context.original_args().cur_step_num
@@ -82,7 +75,9 @@ class SaveAdapter(Callback):
             self.save(step)
 
     def on_train_end(self, run_context):
-        self.save(run_context.original_args().cur_step_num)
+        step = run_context.original_args().cur_step_num
+        if step % self.every:
+            self.save(step)
         save_adapter(self.thinker, self.output_dir)
 
 

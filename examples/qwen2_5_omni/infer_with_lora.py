@@ -16,19 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import answer, load, parser  # noqa: E402
 from demo_media import write_ocr_dataset  # noqa: E402
 
-from mindone_ext.nn.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraError, load_adapter, merge_lora  # noqa: E402
-from mindone_ext.utils.safetensors_io import SafetensorsFile  # noqa: E402
-
-
-def adapter_target(model, folder):
-    """The cell the adapter was trained on: PEFT on the whole Qwen2_5OmniForConditionalGeneration
-    names layers `thinker.model...`; on the Thinker alone (and our fine-tuning script), `model...`."""
-    path = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(path):
-        raise LoraError(f"{folder!r} has no {ADAPTER_WEIGHTS}: train one with "
-                        "finetune_lora_in_native_mindspore.py first, or point --adapter_path at a PEFT adapter")
-    whole = any(k.startswith(PEFT_PREFIX + "thinker.") for k in SafetensorsFile(path).keys())
-    return model if whole else model.thinker
+from mindone_ext.nn.lora import merge_lora  # noqa: E402
 
 
 def main():
@@ -40,8 +28,8 @@ def main():
     ap.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
     args = ap.parse_args()
     model, processor = load(args)
-    target = adapter_target(model, args.adapter_path)
-    config = load_adapter(target, args.adapter_path)
+    target = model.load_adapter(args.adapter_path)
+    config = target.lora_config
     print(f"adapter: rank {config.r}, alpha {config.lora_alpha}, from {args.adapter_path}")
     if args.merge:
         merge_lora(target)
