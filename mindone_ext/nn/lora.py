@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Union
 
 import numpy as np
@@ -52,7 +52,6 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: Union[str, List[str]] = THINKER_LLM_TARGETS
     base_model_name_or_path: Optional[str] = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not (isinstance(self.r, int) and self.r > 0):
@@ -73,8 +72,7 @@ class LoraConfig:
         return any(name == t or name.endswith("." + t) for t in targets)
 
     def to_peft_dict(self):
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        d.update(self.extra)
+        d = asdict(self)
         d.update(peft_type="LORA", bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
                  init_lora_weights=True, inference_mode=True, modules_to_save=None, layers_to_transform=None,
                  rank_pattern={}, alpha_pattern={})
@@ -102,7 +100,6 @@ class LoraLinear(nn.Cell):
     def __init__(self, base_layer, r, lora_alpha, lora_dropout=0.0, rng=None):
         super().__init__()
         self.base_layer = base_layer
-        self.r, self.lora_alpha = r, lora_alpha
         self.scaling = lora_alpha / r
         self.lora_A = Linear(base_layer.in_features, r, False, ms.float32)
         self.lora_B = Linear(r, base_layer.out_features, False, ms.float32)
@@ -219,10 +216,13 @@ def read_adapter_config(folder):
 def load_adapter(model, folder):
     """Apply the adapter saved in `folder` (by us or by PEFT) to `model` and load its weights."""
     config = read_adapter_config(folder)
-    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
-        raise LoraError(f"{folder!r} has no {ADAPTER_WEIGHTS}")
+    adapter_tensor_names(folder)  # a clear error before the model is touched
     apply_lora(model, config)
-    load_adapter_weights(model, folder)
+    try:
+        load_adapter_weights(model, folder)
+    except LoraError:
+        remove_lora(model)  # leave the model as it was
+        raise
     return config
 
 
@@ -256,8 +256,17 @@ def load_adapter_weights(model, folder):
 def merge_lora(model):
     """Fold every adapter into its base weight and restore the plain Linear layers (PEFT's
     merge_and_unload). Returns the model."""
+    return _unwrap(model, merge=True)
+
+
+def remove_lora(model):
+    """Drop the adapters and restore the plain Linear layers, weights untouched."""
+    return _unwrap(model, merge=False)
+
+
+def _unwrap(model, merge):
     for name, layer in lora_layers(model):
-        _set_child(model, name, layer.merged_layer())
+        _set_child(model, name, layer.merged_layer() if merge else layer.base_layer)
     _name_parameters(model)
     for param in model.get_parameters():
         param.requires_grad = True

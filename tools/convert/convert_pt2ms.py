@@ -41,6 +41,10 @@ class BinFiles:
             self.weight_map = {name: os.path.basename(f) for f in sorted(glob.glob(os.path.join(path, "*.bin")))
                                for name in self._load(f)}
         self.path, self._open = path, (None, None)
+        self.shapes = {}
+        for shard in sorted(set(self.weight_map.values())):  # each file read once, for the shapes
+            state = self._load(os.path.join(path, shard))
+            self.shapes.update({n: tuple(state[n].shape) for n, s in self.weight_map.items() if s == shard and n in state})
 
     @staticmethod
     def _load(file):
@@ -61,7 +65,9 @@ class BinFiles:
         return self.weight_map.keys()
 
     def shape(self, name):
-        return tuple(self._state(name)[name].shape)
+        if name not in self.shapes:
+            raise CheckpointError(f"{self.path!r}: tensor {name} is listed in the index but not in its shard")
+        return self.shapes[name]
 
     def get(self, name):
         tensor = self._state(name)[name]
@@ -89,7 +95,7 @@ def expected_tensors(config_path):
     model = Qwen2_5OmniForConditionalGeneration(config, enable_audio_output=True)
     tied = model.thinker.tied_word_embeddings
     return {n: tuple(p.shape) for n, p in model.parameters_and_names()
-            if not (tied and n == "thinker.lm_head.weight")}, config
+            if not (tied and n == "thinker.lm_head.weight")}
 
 
 class _ConfigOnly:
@@ -117,7 +123,7 @@ def check(source, expected):
 
 def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progress=True):
     source = open_source(src)
-    expected, _ = expected_tensors(os.path.join(src, "config.json"))
+    expected = expected_tensors(os.path.join(src, "config.json"))
     check(source, expected)
     with open(os.path.join(src, "config.json")) as f:
         raw_config = json.load(f)
