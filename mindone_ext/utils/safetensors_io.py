@@ -17,6 +17,7 @@ _NUMPY_OF = {
 }
 _NAME_OF = {np.dtype(v): k for k, v in _NUMPY_OF.items() if k != "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024
+_WRITE_CHUNK = 1 << 16  # elements encoded and written at a time
 
 
 class SafetensorsError(ValueError):
@@ -78,13 +79,13 @@ class SafetensorsFile:
         file read, not a memory map: the process holds just this tensor, never the file's pages."""
         entry = self._entries[name]
         begin, end = entry["data_offsets"]
+        raw = bytearray(end - begin)  # read straight into the array's memory: one copy of the tensor
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
-            raw = f.read(end - begin)
-        if len(raw) != end - begin:
-            raise SafetensorsError(f"{self.path}: truncated while reading tensor {name}")
+            if f.readinto(raw) != end - begin:
+                raise SafetensorsError(f"{self.path}: truncated while reading tensor {name}")
         arr = np.frombuffer(raw, _NUMPY_OF[entry["dtype"]]).reshape(entry["shape"])
-        return bf16_bits_to_float32(arr) if entry["dtype"] == "BF16" else arr.copy()
+        return bf16_bits_to_float32(arr) if entry["dtype"] == "BF16" else arr
 
 
 def save_file(tensors, path, metadata=None, bf16_names=()):
@@ -120,4 +121,6 @@ def write_file(path, entries, metadata=None):
             arr = fetch()
             if tuple(np.shape(arr)) != tuple(shape):
                 raise SafetensorsError(f"tensor {name}: shape {list(np.shape(arr))}, expected {list(shape)}")
-            f.write(encode(arr, dtype))
+            flat = np.asarray(arr).reshape(-1)
+            for start in range(0, flat.size, _WRITE_CHUNK):  # casts and copies bounded by the chunk
+                f.write(encode(flat[start:start + _WRITE_CHUNK], dtype))

@@ -121,10 +121,12 @@ def check(source, expected):
         raise CheckpointError(f"{source.path!r} is not a complete Qwen2.5-Omni checkpoint:\n  " + "\n  ".join(problems))
 
 
-def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progress=True):
+def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progress=True, check_only=False):
     source = open_source(src)
     expected = expected_tensors(os.path.join(src, "config.json"))
     check(source, expected)
+    if check_only:
+        return None
     with open(os.path.join(src, "config.json")) as f:
         raw_config = json.load(f)
     dtype = dtype or raw_config.get("torch_dtype") or "float32"
@@ -148,18 +150,22 @@ def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progres
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True, help="a Hugging Face Qwen2.5-Omni folder (safetensors or .bin)")
-    ap.add_argument("--out", required=True, help="the folder to write (must not exist unless --overwrite)")
+    ap.add_argument("--out", help="the folder to write (must not exist unless --overwrite)")
+    ap.add_argument("--check_only", action="store_true", help="check the source against its config, write nothing")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="cast floating tensors (default: the source config's torch_dtype)")
     ap.add_argument("--max_shard_size", default="5GB")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--no_progress", action="store_true")
     args = ap.parse_args()
+    if not (args.out or args.check_only):
+        ap.error("--out is required (or --check_only)")
     try:
-        path = convert(args.src, args.out, args.dtype, args.max_shard_size, args.overwrite, not args.no_progress)
+        path = convert(args.src, args.out, args.dtype, args.max_shard_size, args.overwrite, not args.no_progress,
+                       args.check_only)
     except (CheckpointError, ExportError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {path}")
+    print(f"{args.src}: a complete Qwen2.5-Omni checkpoint" if args.check_only else f"wrote {path}")
 
 
 if __name__ == "__main__":
