@@ -9,10 +9,8 @@ import re
 import shutil
 import tempfile
 
-import numpy as np
-
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError
-from .safetensors_io import write_file
+from .safetensors_io import tensor_nbytes, write_file
 
 SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Files of a checkpoint folder that are weights (rewritten, never copied); everything else
@@ -35,15 +33,11 @@ def parse_size(size):
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def tensor_bytes(dtype, shape):
-    return int(np.prod(shape, dtype=np.int64)) * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "BOOL": 1}[dtype]
-
-
 def shard_plan(entries, max_bytes):
     """Consecutive entries grouped into shards of at most `max_bytes` (a larger tensor alone)."""
     shards, current, size = [], [], 0
     for entry in entries:
-        n = tensor_bytes(entry[1], entry[2])
+        n = tensor_nbytes(entry[1], entry[2])
         if current and size + n > max_bytes:
             shards.append(current)
             current, size = [], 0
@@ -65,7 +59,7 @@ def write_weights(folder, entries, max_shard_bytes, progress=None):
         write_file(os.path.join(folder, filename), shard, metadata={"format": "pt"})
         weight_map.update({entry[0]: filename for entry in shard})
     if len(shards) > 1:
-        total = sum(tensor_bytes(e[1], e[2]) for e in entries)
+        total = sum(tensor_nbytes(e[1], e[2]) for e in entries)
         with open(os.path.join(folder, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     return names

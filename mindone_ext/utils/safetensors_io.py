@@ -24,6 +24,11 @@ class SafetensorsError(ValueError):
     pass
 
 
+def tensor_nbytes(dtype, shape):
+    """Bytes a tensor of safetensors dtype `dtype` ("F32", "BF16", ...) and `shape` occupies."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY_OF[dtype]).itemsize
+
+
 def bf16_bits_to_float32(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
@@ -61,7 +66,7 @@ class SafetensorsFile:
             begin, end = entry["data_offsets"]
             if entry["dtype"] not in _NUMPY_OF:
                 raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_NUMPY_OF[entry["dtype"]]).itemsize
+            expected = tensor_nbytes(entry["dtype"], entry["shape"])
             if end - begin != expected or self._data_start + end > size:
                 raise SafetensorsError(f"{path}: corrupt or truncated safetensors file (tensor {name} out of bounds)")
 
@@ -107,7 +112,7 @@ def write_file(path, entries, metadata=None):
     dropped, so memory holds one tensor at a time however large the file."""
     header, offset = {}, 0
     for name, dtype, shape, _ in entries:
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY_OF[dtype]).itemsize
+        size = tensor_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
