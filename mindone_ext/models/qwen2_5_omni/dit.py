@@ -113,18 +113,26 @@ class DiTInputEmbedding(nn.Cell):
                            True, dtype)
         self.spk_encoder = ECAPA_TimeDelayNet(config, dtype)
 
+    def reference_voice(self, condition_vector, drop_audio_cond=False, apply_cfg=True):
+        """The ECAPA embedding of the reference mel (B, or 2B with the unconditioned half). It
+        depends on nothing else, so an ODE solve computes it once instead of in each DiT call."""
+        if apply_cfg:
+            condition_vector = ops.cat((condition_vector, ops.zeros_like(condition_vector)), 0)
+        elif drop_audio_cond:
+            condition_vector = ops.zeros_like(condition_vector)
+        return self.spk_encoder(condition_vector)
+
     def construct(self, x, speaker_embedding, condition_vector, code_embed, drop_audio_cond=False,
-                  code_embed_uncond=None, apply_cfg=True):
+                  code_embed_uncond=None, apply_cfg=True, voice=None):
+        if voice is None:
+            voice = self.reference_voice(condition_vector, drop_audio_cond, apply_cfg)
         if apply_cfg:  # conditioned and unconditioned halves in one batch
             x = ops.cat((x, x), 0)
             speaker_embedding = ops.cat((speaker_embedding, ops.zeros_like(speaker_embedding)), 0)
-            condition_vector = ops.cat((condition_vector, ops.zeros_like(condition_vector)), 0)
             code_embed = ops.cat((code_embed, code_embed_uncond), 0)
         elif drop_audio_cond:
-            condition_vector = ops.zeros_like(condition_vector)
             speaker_embedding = ops.zeros_like(speaker_embedding)
-        speaker = self.spk_encoder(condition_vector)
-        speaker = ops.tile(speaker.expand_dims(1), (1, x.shape[1], 1))
+        speaker = ops.tile(voice.expand_dims(1), (1, x.shape[1], 1))
         return self.proj(ops.cat((x, speaker, code_embed, speaker_embedding), -1))
 
 
@@ -227,9 +235,10 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
 
     def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, layer=None):
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, layer=None, voice=None):
         """The forward on prepared frame inputs (see `frame_inputs`). `layer`, a compiled
-        `dit_layer` taking (x, t_emb, cos, sin, window, weights), runs the blocks if given."""
+        `dit_layer` taking (x, t_emb, cos, sin, window, weights), runs the blocks if given;
+        `voice`, the input embedding's `reference_voice`, saves computing it again."""
         b = hidden_states.shape[0]
         if time_step.ndim == 0:
             time_step = ops.tile(time_step.reshape(1), (b,))
@@ -237,7 +246,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         code = self.text_embed(quantized_code, False if apply_cfg else drop_code)
         code_uncond = self.text_embed(quantized_code, True) if apply_cfg else None
         x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
-                             code_uncond, apply_cfg)
+                             code_uncond, apply_cfg, voice)
         for i, block in enumerate(self.transformer_blocks):
             x = block(x, t_emb, cos, sin, masks[i]) if layer is None else layer(x, t_emb, cos, sin, masks[i], block.weights())
         scale, shift = ops.chunk(self.norm_out.linear(P.silu(t_emb)), 2, 1)

@@ -63,13 +63,14 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             self._layer = call
         return self._layer
 
-    def velocity(self, x, ref, cond, code, t, cos, sin, masks, guidance_scale):
+    def velocity(self, x, ref, cond, code, t, cos, sin, masks, guidance_scale, voice=None):
         """The ODE's right-hand side: the DiT, with classifier-free guidance when the scale is
-        non-zero (guided + (guided - unconditioned) * scale)."""
+        non-zero (guided + (guided - unconditioned) * scale). `voice`: the DiT's
+        `input_embed.reference_voice(ref, apply_cfg=guidance_scale >= 1e-5)`, if already known."""
         dit, layer = self.code2wav_dit_model, self._layer_graph()
         if guidance_scale < 1e-5:
-            return dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=False, layer=layer)
-        out = dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=True, layer=layer)
+            return dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=False, layer=layer, voice=voice)
+        out = dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=True, layer=layer, voice=voice)
         guided, null = out[:x.shape[0]], out[x.shape[0]:]
         return guided + (guided - null) * guidance_scale
 
@@ -109,8 +110,10 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         cond = ops.tile(cond, (1, length, 1))
         ref = Tensor(np.asarray(reference_mel, np.float32))
         cos, sin, masks = dit.frame_inputs(frames, ms.float32, length)
+        voice = dit.input_embed.reference_voice(ref, apply_cfg=guidance_scale >= 1e-5)
+
         def velocity(t, x):
-            return self.velocity(x, ref, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale)
+            return self.velocity(x, ref, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice)
 
         mel = rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))
         return mel[:, :frames]
