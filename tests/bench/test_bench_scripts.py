@@ -52,3 +52,20 @@ def test_finetune_bench_output_form():
     assert all(r["seconds_per_step"] > 0 and r["peak_rss_gb"] > 0 for r in lines[:2])
     # same weights, same batch: the first step's loss agrees before any update
     assert lines[-1]["first_loss_diff"] <= 1e-3 and lines[-1]["ratio_seconds_per_step"] > 0
+
+
+def test_serve_load_bench_answers_every_turn_and_frees_the_server():
+    """4 clients on 2 answer slots and no queue: turns are refused as busy and retried; every
+    turn is answered with its script's answer alone (no cross-talk), none hangs, and the server
+    ends with no session, no cache and its memory back near where it was."""
+    lines = run_bench("serve_load.py", "--clients", "4", "--turns", "2", "--scripts", "2", "--max_active", "2",
+                      "--max_queue", "0", "--max_new_tokens", "4", "--talker_max_new_tokens", "10", "--backoff", "0.3",
+                      "--rounds", "2")
+    (result,) = lines
+    assert result["answered"] == 16 and result["busy_refusals"] > 0
+    assert (result["hung"], result["mismatched"], result["refused"]) == (0, 0, 0)
+    assert (result["sessions_after"], result["caches_after"]) == (0, 0)
+    # the first round may compile graphs for new shapes; the second must add nothing (a leak would)
+    first, second = result["rss_after_mb"]
+    assert second - first < 16 and second - result["rss_before_mb"] < 64
+    assert result["first_audio_p50_s"] > 0

@@ -81,6 +81,11 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         return eos, pad
 
     @property
+    def stop_token_ids(self):
+        """The tokens that end an answer (the generation config's eos_token_id)."""
+        return self._stop_ids(None, None)[0]
+
+    @property
     def samples_per_codec_token(self):
         """Waveform samples per Talker codec token: mel frames per code x vocoder hop."""
         c = self.config.token2wav_config

@@ -45,7 +45,7 @@ class ConversationSession:
         self.cache = self.runner.allocate(1, 512, model.thinker.model.embed_tokens.weight.dtype)
         self.ids = np.zeros((1, 0), np.int64)
         self.embeds, self.hidden = [], []  # per prefilled piece, (1, n, E) and (1, n, H)
-        self.clip_frames = []  # mel frames of each finished audio clip
+        self.clips = []  # each finished audio clip: (cache slot of its first token, mel frames)
         self.logits = None  # next-token logits after the last piece
         self.audio = None
         self.rewinds = 0  # prefilled audio pieces re-done because a louder frame moved the clamp
@@ -91,6 +91,13 @@ class ConversationSession:
         self.add_text("<|im_start|>user\n<|audio_bos|>")
         self.audio = _AudioTurn(self.cache.length)
 
+    def rewind(self, length):
+        """Forget everything from cache slot `length` on (a turn boundary: `cache.length` before
+        the turn began), an open audio turn included; a new turn must follow before respond()."""
+        self._truncate(length)
+        self.clips = [clip for clip in self.clips if clip[0] < length]
+        self.audio, self.logits = None, None
+
     def feed_audio(self, samples):
         """A piece of the user's speech (mono float32, 16 kHz): every encoder window whose frames
         are final is prefilled now."""
@@ -122,7 +129,7 @@ class ConversationSession:
         expected = int(output_lengths([frames])[1][0])
         if tokens != expected:
             raise RuntimeError(f"prefilled {tokens} audio tokens for {frames} frames, expected {expected}")
-        self.clip_frames.append(frames)
+        self.clips.append((self.audio.start, frames))
         self.audio = None
         self.add_text(f"<|audio_eos|>{text}<|im_end|>\n<|im_start|>assistant\n")
 
@@ -166,11 +173,13 @@ class ConversationSession:
         answer then joins the conversation (also when the stream is closed early: what was said
         so far)."""
         self._no_audio_turn()
+        if self.logits is None:
+            raise ValueError("nothing to answer: the last user turn was cancelled")
         model = self.model
         kwargs.setdefault("return_audio", model.has_talker)
         media = {}
-        if self.clip_frames:  # what the Talker needs of the audio: where it is and each clip's length
-            lengths = np.asarray(self.clip_frames)
+        if self.clips:  # what the Talker needs of the audio: where it is and each clip's length
+            lengths = np.asarray([frames for _, frames in self.clips])
             mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
             media = {"input_features": None, "feature_attention_mask": mask}
         prepared = _Prepared(ops.cat(self.embeds, 1), ops.cat(self.hidden, 1), self.logits.copy())
@@ -197,6 +206,12 @@ class ConversationSession:
         self._append([last], self.model.thinker.embed(np.array([[last]])))
         im_end = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.add_text("\n" if last == im_end else "<|im_end|>\n")
+
+
+    def close(self):
+        """Free the cache (the session is over)."""
+        self.cache.release()
+        self.embeds, self.hidden, self.audio = [], [], None
 
 
 class _Prepared:

@@ -1,0 +1,176 @@
+"""Load on the voice server: many simulated clients talking at once over loopback.
+
+    python bench/serve_load.py                          # 16 clients x 3 spoken turns, tiny checkpoint
+    python bench/serve_load.py --clients 32 --max_active 4 --model_path /models/Qwen2.5-Omni-7B
+
+Each client holds a WebSocket conversation and speaks `--turns` questions (generated speech-like
+clips, sent at once, ended with "end"). Clients follow one of `--scripts` scripts; every script is
+first run alone, which gives the answers each turn must reproduce under load (greedy text, seeded
+speech: a session that saw another's text or cache would differ) and the time to first audio with
+no load. A turn refused as busy is retried after a pause (the server forgot it, so the retry
+continues the same conversation). Afterwards the server must hold no session and no cache, and
+its resident memory is compared with what it was before the load.
+
+Prints one JSON line: answered / busy refusals / hung / mismatched turns, p50 and p95 of the time
+from "end" to the first audio chunk under load and alone, and the server's memory before and after.
+Exits 1 when a turn hung or mismatched, or the server kept state.
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+
+import aiohttp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples", "qwen2_5_omni"))
+
+from demo_media import speech_like  # noqa: E402
+
+from mindone_ext.serve.process import ServerProcess  # noqa: E402
+
+TINY = os.path.join(ROOT, "examples", "qwen2_5_omni", "tiny-qwen2.5-omni")
+
+
+def question(script, turn):
+    samples = speech_like(0.8 + 0.3 * turn, 16000, seed=1000 * script + turn)
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+class Busy(Exception):
+    pass
+
+
+async def speak_turn(ws, pcm, timeout):
+    """One spoken turn: (text, audio samples, seconds from "end" to the first audio chunk)."""
+    for start in range(0, len(pcm), 16000):
+        await ws.send_bytes(pcm[start:start + 16000])
+    await ws.send_str(json.dumps({"type": "end"}))
+    ended, first_audio, audio = time.perf_counter(), None, []
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await ws.receive()
+            if message.type == aiohttp.WSMsgType.BINARY:
+                first_audio = first_audio or time.perf_counter() - ended
+                audio.append(np.frombuffer(message.data, "<f4"))
+                continue
+            if message.type != aiohttp.WSMsgType.TEXT:
+                raise ConnectionError(f"closed: {message.type.name}")
+            event = json.loads(message.data)
+            if event["type"] == "error":
+                if event["code"] == "busy":
+                    raise Busy()
+                raise RuntimeError(event)
+            if event["type"] == "response.done":
+                return event["text"], np.concatenate(audio) if audio else np.zeros(0, np.float32), first_audio
+
+
+async def client(url, script, turns, settings, args, stats, reference=None):
+    """Runs a script; returns [(text, audio, first_audio)] per answered turn."""
+    answers = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        assert json.loads((await ws.receive()).data)["type"] == "ready"
+        await ws.send_str(json.dumps({"type": "config", "vad": False, **settings}))
+        assert json.loads((await ws.receive()).data)["type"] == "config.done"
+        for turn in range(turns):
+            for attempt in range(args.retries + 1):
+                try:
+                    answers.append(await speak_turn(ws, question(script, turn), args.timeout))
+                    break
+                except Busy:
+                    stats["busy_refusals"] += 1
+                    await asyncio.sleep(args.backoff * (1 + random.random()))
+                except TimeoutError:
+                    stats["hung"] += 1
+                    return answers
+            else:
+                stats["refused"] += turns - turn  # gave up: the rest of the script is not spoken
+                return answers
+            if reference is not None:
+                want_text, want_audio, _ = reference[turn]
+                text, audio, _ = answers[-1]
+                same = text == want_text and audio.shape == want_audio.shape and \
+                    (not len(audio) or float(np.abs(audio - want_audio).max()) <= 1e-5)
+                stats["mismatched"] += not same
+    return answers
+
+
+async def health(url):
+    async with aiohttp.ClientSession() as http, http.get(url + "/health") as response:
+        return await response.json()
+
+
+async def settle(url, seconds=60):
+    """The server's health once no session, answer or cache is left (or after `seconds`)."""
+    deadline = time.time() + seconds
+    while True:
+        state = await health(url)
+        if (state["sessions"], state["active"], state["queued"], state["caches"]) == (0, 0, 0, 0) \
+                or time.time() > deadline:
+            return state
+        await asyncio.sleep(0.2)
+
+
+def percentile(values, q):
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+async def run(server, args):
+    settings = {"seed": 0, "max_new_tokens": args.max_new_tokens, "talker_max_new_tokens": args.talker_max_new_tokens}
+    stats = {"busy_refusals": 0, "refused": 0, "hung": 0, "mismatched": 0}
+    await client(server.ws_url, 0, 1, settings, args, stats)  # warm-up: graphs compiled before timing
+    references = [await client(server.ws_url, s, args.turns, settings, args, stats) for s in range(args.scripts)]
+    alone = [first for answers in references for _, _, first in answers if first is not None]
+    await settle(server.url)
+    rss_before = server.rss_mb()
+    start = time.perf_counter()
+    results, rss_after = [], []
+    for _ in range(args.rounds):
+        results += await asyncio.gather(*(client(server.ws_url, i % args.scripts, args.turns, settings, args, stats,
+                                                 references[i % args.scripts]) for i in range(args.clients)))
+        after = await settle(server.url)
+        rss_after.append(round(server.rss_mb(), 1))
+    wall = time.perf_counter() - start
+    under_load = [first for answers in results for _, _, first in answers if first is not None]
+    return {"bench": "serve_load", "impl": "mindone_ext", "clients": args.clients, "turns": args.turns,
+            "max_active": args.max_active, "max_queue": args.max_queue,
+            "answered": sum(len(a) for a in results), "busy_refusals": stats["busy_refusals"],
+            "refused": stats["refused"], "hung": stats["hung"], "mismatched": stats["mismatched"],
+            "first_audio_p50_s": percentile(under_load, 50), "first_audio_p95_s": percentile(under_load, 95),
+            "alone_first_audio_p50_s": percentile(alone, 50), "alone_first_audio_p95_s": percentile(alone, 95),
+            "rounds": args.rounds, "wall_s": round(wall, 1), "rss_before_mb": round(rss_before, 1),
+            "rss_after_mb": rss_after,
+            "sessions_after": after["sessions"], "caches_after": after["caches"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", default=TINY)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--scripts", type=int, default=4, help="distinct conversations among the clients")
+    ap.add_argument("--max_active", type=int, default=2)
+    ap.add_argument("--max_queue", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=6)
+    ap.add_argument("--talker_max_new_tokens", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=1, help="times the clients connect and talk (memory after each)")
+    ap.add_argument("--retries", type=int, default=100, help="per turn, after a busy refusal")
+    ap.add_argument("--backoff", type=float, default=1.0, help="seconds before a retry (times 1 to 2)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds a turn may take before it counts as hung")
+    args = ap.parse_args()
+    random.seed(0)
+    with ServerProcess(args.model_path, "--max_active", args.max_active, "--max_queue", args.max_queue,
+                       "--max_sessions", args.clients + 1) as server:
+        result = asyncio.run(run(server, args))
+    print(json.dumps(result), flush=True)
+    failed = result["hung"] or result["mismatched"] or result["sessions_after"] or result["caches_after"]
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Talk to a running voice server: send a spoken question, save the spoken answer.
+
+    python -m mindone_ext.serve --model_path examples/qwen2_5_omni/tiny-qwen2.5-omni &
+    python examples/qwen2_5_omni/voice_server_client.py --audio question.wav --output answer.wav
+
+The smallest use of the WebSocket protocol (docs/voice_service.md): the question is decoded
+with FFmpeg (any format), sent as 16 kHz 16-bit mono PCM in 0.5 s frames, and the turn is ended
+with an explicit "end" (the server's voice activity detection is switched off, so silences in
+the file do not cut it). Text deltas are printed as they arrive; the answer's 24 kHz float32 audio
+frames are joined and written as 16-bit wav. Needs only aiohttp, PyAV and numpy.
+"""
+import argparse
+import asyncio
+import json
+import os
+import sys
+import wave
+
+import av
+import aiohttp
+import numpy as np
+
+IN_RATE, OUT_RATE = 16000, 24000
+
+
+def read_pcm16(path):
+    """The file's audio as 16 kHz mono 16-bit little-endian PCM bytes."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=IN_RATE)
+    chunks = []
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise SystemExit(f"{path}: has no audio track")
+        for frame in container.decode(audio=0):
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(chunks).astype("<i2").tobytes() if chunks else b""
+
+
+def write_wav(path, samples):
+    tmp = f"{path}.partial"
+    with wave.open(tmp, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(OUT_RATE)
+        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    os.replace(tmp, path)
+
+
+async def converse(url, pcm, config, api_key=None, frame_seconds=0.5, on_text=None):
+    """One spoken turn: returns (the answer's text, its float32 24 kHz audio). Raises RuntimeError
+    with the server's message on an error frame."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+
+        async def receive_json():
+            message = await ws.receive()
+            if message.type != aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"the server closed the connection ({message.type.name} {message.data})")
+            event = json.loads(message.data)
+            if event["type"] == "error":
+                raise RuntimeError(f"server error {event['code']}: {event['message']}")
+            return event
+
+        await receive_json()  # ready
+        await ws.send_str(json.dumps({"type": "config", "vad": False, **config}))
+        await receive_json()  # config.done
+        step = int(frame_seconds * IN_RATE) * 2
+        for start in range(0, len(pcm), step):
+            await ws.send_bytes(pcm[start:start + step])
+        await ws.send_str(json.dumps({"type": "end"}))
+        text, audio = [], []
+        while True:
+            message = await ws.receive()
+            if message.type == aiohttp.WSMsgType.BINARY:
+                audio.append(np.frombuffer(message.data, "<f4"))
+                continue
+            if message.type != aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"the server closed the connection ({message.type.name} {message.data})")
+            event = json.loads(message.data)
+            if event["type"] == "error":
+                raise RuntimeError(f"server error {event['code']}: {event['message']}")
+            if event["type"] == "text":
+                text.append(event["delta"])
+                if on_text:
+                    on_text(event["delta"])
+            elif event["type"] == "response.done":
+                return "".join(text), np.concatenate(audio) if audio else np.zeros(0, np.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="ws://127.0.0.1:8000/v1/voice")
+    ap.add_argument("--audio", required=True, help="the spoken question (any format FFmpeg reads)")
+    ap.add_argument("--output", default="answer.wav")
+    ap.add_argument("--api_key", default=os.environ.get("MINDONE_API_KEY"))
+    ap.add_argument("--speaker", default=None)
+    ap.add_argument("--seed", type=int, default=None, help="fixes the answer's sampling and voice noise")
+    ap.add_argument("--max_new_tokens", type=int, default=None)
+    ap.add_argument("--talker_max_new_tokens", type=int, default=None)
+    args = ap.parse_args()
+    if not os.path.isfile(args.audio):
+        sys.exit(f"--audio {args.audio}: file not found")
+    config = {k: v for k in ("speaker", "seed", "max_new_tokens", "talker_max_new_tokens")
+              if (v := getattr(args, k)) is not None}
+    print("assistant: ", end="", flush=True)
+    try:
+        _, audio = asyncio.run(converse(args.url, read_pcm16(args.audio), config, args.api_key,
+                                        on_text=lambda delta: print(delta, end="", flush=True)))
+    except (RuntimeError, aiohttp.ClientError, av.error.FFmpegError) as e:
+        print()
+        sys.exit(f"error: {e}")
+    print()
+    write_wav(args.output, audio)
+    print(f"speech: {len(audio) / OUT_RATE:.2f} s at {OUT_RATE} Hz -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Serve Qwen2.5-Omni for voice chat: a browser page, a WebSocket protocol, OpenAI-style HTTP.
+
+    python -m mindone_ext.serve --model_path /models/Qwen2.5-Omni-7B --mindspore_dtype bfloat16
+    # then open http://127.0.0.1:8000 and press Start
+
+Binds to 127.0.0.1 unless --host says otherwise; any other address needs an API key (--api_key
+or the MINDONE_API_KEY environment variable), which clients send as `Authorization: Bearer KEY`.
+The line "serving on http://HOST:PORT" is printed once the port is open (--port 0 picks a free one).
+"""
+import argparse
+import asyncio
+import ipaddress
+import os
+import signal
+import sys
+from dataclasses import fields
+
+import mindspore as ms
+from aiohttp import web
+
+from .. import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
+from .app import create_app
+from .options import ServeOptions
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+HELP = {
+    "max_active": "answers generated at once, interleaved on the one model",
+    "max_queue": "answers waiting beyond those; more are refused with a busy error",
+    "max_sessions": "open voice conversations",
+    "idle_timeout": "seconds a voice conversation may stay silent before it is closed",
+    "max_audio_seconds": "audio of one user turn",
+    "max_message_bytes": "one WebSocket frame",
+    "max_request_bytes": "one HTTP request body",
+    "max_new_tokens": "text tokens of an answer, at most (clients may ask for fewer)",
+    "talker_max_new_tokens": "codec tokens of an answer, 50 per second of speech, at most",
+    "speaker": "the default voice",
+    "api_key": "required from clients when set (default: $MINDONE_API_KEY)",
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", required=True, help="a Hugging Face Qwen2.5-Omni folder")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
+    ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
+    ap.add_argument("--no_audio_output", action="store_true", help="text answers only (skips loading the Talker)")
+    defaults = ServeOptions()
+    for field in fields(ServeOptions):
+        default = getattr(defaults, field.name)
+        kind = str if field.name == "api_key" else type(default)
+        ap.add_argument(f"--{field.name}", type=kind, default=default, help=f"{HELP[field.name]} (default {default})")
+    args = ap.parse_args(argv)
+    args.api_key = args.api_key or os.environ.get("MINDONE_API_KEY") or None
+    if not _loopback(args.host) and not args.api_key:
+        ap.error(f"--host {args.host} exposes the service beyond this machine: set --api_key or MINDONE_API_KEY")
+    return args
+
+
+def _loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(app, host, port):
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0]
+    print(f"serving on http://{host}:{bound[1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device_target:
+        ms.set_context(device_target=args.device_target)
+    if not os.path.isdir(args.model_path):
+        sys.exit(f"--model_path {args.model_path}: not a folder")
+    print(f"loading {args.model_path} ...", flush=True)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], attn_implementation=args.attn_implementation,
+        enable_audio_output=not args.no_audio_output)
+    processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
+    options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+    if model.has_talker and options.speaker not in model.speakers:
+        sys.exit(f"--speaker {options.speaker!r} is not in the checkpoint; "
+                 f"available: {', '.join(sorted(model.speakers))}")
+    asyncio.run(serve(create_app(model, processor, options), args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The one thread that touches the model.
+
+MindSpore models are not safe to call from several threads, and on one machine there is one
+model. Everything that runs it goes through this thread: short calls (opening a session,
+prefilling a piece of audio) in the order they come, and generations, which are Python generators
+of events. At most `max_active` generations run at once, interleaved one event at a time (so a
+long answer does not starve a short one); up to `max_queue` more wait their turn; beyond that
+`submit` raises Busy. Events reach the asyncio side through each generation's queue.
+"""
+import asyncio
+import collections
+import ctypes
+import threading
+from dataclasses import dataclass
+
+
+class Busy(Exception):
+    """The queue of waiting generations is full."""
+
+
+@dataclass
+class Started:
+    """The generation left the queue and is running."""
+
+
+@dataclass
+class Finished:
+    """The generation's last event was delivered."""
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+class Generation:
+    def __init__(self, start, loop):
+        self.start = start  # called on the model thread when the generation's turn comes -> iterator of events
+        self.loop = loop
+        self.events = asyncio.Queue()
+        self.iterator = None
+        self.done = False
+        self.position = 0  # when submitted: 0 if it could start at once, else its place in the queue (1 = next)
+
+    def deliver(self, event):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    def __init__(self, max_active=1, max_queue=8):
+        if max_active < 1 or max_queue < 0:
+            raise ValueError(f"max_active must be >= 1 and max_queue >= 0, got {max_active} and {max_queue}")
+        self.max_active, self.max_queue = max_active, max_queue
+        self.calls = collections.deque()
+        self.waiting = collections.deque()
+        self.active = []
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    # ---------------------------------------------------------------- asyncio side
+
+    async def call(self, fn, *args):
+        """Run fn(*args) on the model thread; its result (or exception) comes back here."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.wake:
+            self.calls.append((fn, args, future, loop))
+            self.wake.notify()
+        return await future
+
+    def submit(self, start):
+        """Queue a generation; `start()` is called on the model thread and returns its events'
+        iterator. Raises Busy when `max_queue` generations are already waiting."""
+        generation = Generation(start, asyncio.get_running_loop())
+        with self.wake:
+            ahead = len(self.active) + len(self.waiting)
+            if ahead >= self.max_active + self.max_queue:
+                raise Busy(f"{len(self.active)} answers are being generated and {len(self.waiting)} are waiting")
+            generation.position = max(0, ahead - self.max_active + 1)
+            self.waiting.append(generation)
+            self.wake.notify()
+        return generation
+
+    async def cancel(self, generation):
+        """Stop a generation (closing its iterator, on the model thread); returns when it is stopped,
+        so what the caller runs next sees the generator's cleanup done."""
+        await self.call(self._close, generation)
+
+    def load(self):
+        with self.wake:
+            return {"active": len(self.active), "queued": len(self.waiting)}
+
+    def stop(self):
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+
+    # ---------------------------------------------------------------- model thread
+
+    def _run(self):
+        worked = False
+        while True:
+            with self.wake:
+                idle = not (self.calls or self.waiting or self.active or self.stopping)
+                if idle and not worked:
+                    self.wake.wait()
+                    continue
+            if idle:
+                # Freed caches and activations leave the C heap fragmented: RSS would creep up
+                # with every conversation (~+100 MB per 12 answers here) though nothing leaks.
+                trim_heap()
+                worked = False
+                continue
+            worked = True
+            with self.wake:
+                if self.stopping:
+                    break
+                calls = list(self.calls)
+                self.calls.clear()
+                while self.waiting and len(self.active) < self.max_active:
+                    self.active.append(self.waiting.popleft())
+                running = list(self.active)
+            for fn, args, future, loop in calls:
+                try:
+                    result, error = fn(*args), None
+                except Exception as e:  # noqa: BLE001  (handed to the caller)
+                    result, error = None, e
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            for generation in running:
+                self._step(generation)
+        for generation in list(self.active) + list(self.waiting):
+            self._close(generation)
+
+    def _step(self, generation):
+        if generation.done:
+            return
+        try:
+            if generation.iterator is None:
+                generation.iterator = iter(generation.start())
+                generation.deliver(Started())
+            event = next(generation.iterator, Finished())
+        except Exception as e:  # noqa: BLE001  (the client is told; the server goes on)
+            event = Failed(e)
+        generation.deliver(event)
+        if isinstance(event, (Finished, Failed)):
+            self._retire(generation)
+
+    def _close(self, generation):
+        try:
+            if not generation.done and generation.iterator is not None:
+                generation.iterator.close()
+        finally:
+            self._retire(generation)
+
+    def _retire(self, generation):
+        generation.done = True
+        with self.wake:
+            if generation in self.active:
+                self.active.remove(generation)
+            if generation in self.waiting:
+                self.waiting.remove(generation)
+
+
+def _settle(future, result, error):
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def trim_heap():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

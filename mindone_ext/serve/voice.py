@@ -1,0 +1,258 @@
+"""One WebSocket conversation: the user's audio in, the answer's text and speech out.
+
+The protocol is in docs/voice_service.md. The conversation (its KV cache included) lives in a
+ConversationSession on the model thread; audio is prefilled window by window while the user
+speaks, so the answer starts soon after they stop. Whatever goes wrong with one message is
+answered with an error frame naming it, and the conversation goes on.
+"""
+import asyncio
+import json
+
+import numpy as np
+from aiohttp import WSMsgType
+
+from ..models.qwen2_5_omni.session import ConversationSession
+from ..models.qwen2_5_omni.streaming import AudioChunk, TextDelta
+from .engine import Busy, Failed, Finished, Started
+from .options import AUDIO_IN_RATE, AnswerSettings, BadSetting
+from .vad import SpeechStarted, SpeechStopped, TurnDetector
+
+AUDIO_FORMAT = "pcm_s16le"
+
+
+class ClientError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class VoiceConversation:
+    def __init__(self, ws, engine, model, processor, options):
+        self.ws, self.engine, self.model, self.processor, self.options = ws, engine, model, processor, options
+        self.settings = AnswerSettings.defaults(options)
+        if not model.has_talker:
+            self.settings.audio = False
+        self.system_prompt = None  # default: the one the released model needs to speak
+        self.vad = True
+        self.detector = TurnDetector()
+        self.session = None
+        self.turn_open = False  # the user's audio turn is in the session
+        self.discarding = False  # the turn grew too long: its audio is dropped until it ends
+        self.turn_samples = 0
+        self.turns = 0
+        self.answer = None  # (generation, forwarding task) while an answer streams
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, message):
+        async with self.send_lock:
+            if isinstance(message, bytes):
+                await self.ws.send_bytes(message)
+            else:
+                await self.ws.send_str(json.dumps(message))
+
+    async def error(self, code, message):
+        await self.send({"type": "error", "code": code, "message": message})
+
+    # ------------------------------------------------------------------ the connection
+
+    async def run(self):
+        await self.send({"type": "ready", "input_sample_rate": AUDIO_IN_RATE, "input_format": AUDIO_FORMAT,
+                         "output_sample_rate": 24000, "output_format": "pcm_f32le",
+                         "speakers": sorted(self.model.speakers), "audio_output": self.model.has_talker,
+                         "limits": {"max_audio_seconds": self.options.max_audio_seconds,
+                                    "max_message_bytes": self.options.max_message_bytes,
+                                    "idle_timeout": self.options.idle_timeout,
+                                    "max_new_tokens": self.options.max_new_tokens}})
+        try:
+            while True:
+                try:
+                    message = await self.ws.receive(timeout=self.options.idle_timeout)
+                except asyncio.TimeoutError:
+                    if self.answer is not None:
+                        continue  # the user is listening
+                    await self.error("idle_timeout", f"no message for {self.options.idle_timeout:g} s: closing")
+                    break
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
+                try:
+                    if message.type == WSMsgType.BINARY:
+                        await self.on_audio(message.data)
+                    else:
+                        await self.on_message(message.data)
+                except ClientError as e:
+                    await self.error(e.code, str(e))
+                except BadSetting as e:
+                    await self.error("bad_config", str(e))
+                except ValueError as e:  # refused by the session (e.g. a conversation past the context length)
+                    await self.error("bad_request", str(e))
+        finally:
+            await self.stop_answer(None)
+            if self.session is not None:
+                await self.engine.call(self.session.close)
+
+    async def conversation(self):
+        if self.session is None:
+            args = (self.model, self.processor) + ((self.system_prompt,) if self.system_prompt is not None else ())
+            self.session = await self.engine.call(ConversationSession, *args)
+        return self.session
+
+    # ------------------------------------------------------------------ messages
+
+    async def on_message(self, data):
+        try:
+            message = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ClientError("bad_json", f"not JSON: {e}") from None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise ClientError("bad_message", 'a message is a JSON object with a "type"')
+        kind = message.pop("type")
+        if kind == "config":
+            await self.configure(message)
+        elif kind == "text":
+            text = message.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ClientError("bad_message", '"text" needs a non-empty string "text"')
+            if self.turn_open:
+                raise ClientError("bad_message", "an audio turn is open: send \"end\" first")
+            await self.stop_answer("barge_in")
+            session = await self.conversation()
+            mark = session.cache.length
+            await self.engine.call(session.ask, text)
+            await self.answer_turn(mark)
+        elif kind == "end":
+            await self.end_turn()
+        elif kind == "cancel":
+            await self.stop_answer("client")
+        else:
+            raise ClientError("bad_message", f"unknown message type {kind!r}; known: config, text, end, cancel")
+
+    async def configure(self, values):
+        if "vad" in values:
+            if not isinstance(values["vad"], bool):
+                raise BadSetting(f"vad must be true or false, got {values['vad']!r}")
+            self.vad = values.pop("vad")
+        if "sample_rate" in values:
+            if values["sample_rate"] != AUDIO_IN_RATE:
+                raise BadSetting(f"sample_rate {values['sample_rate']!r} is not supported: send 16-bit mono PCM at "
+                                 f"{AUDIO_IN_RATE} Hz (resample on the client)")
+            values.pop("sample_rate")
+        if "format" in values:
+            if values["format"] != AUDIO_FORMAT:
+                raise BadSetting(f"format {values['format']!r} is not supported: send {AUDIO_FORMAT}")
+            values.pop("format")
+        if "system_prompt" in values:
+            if self.session is not None:
+                raise BadSetting("system_prompt can only be set before the first turn")
+            if not isinstance(values["system_prompt"], str):
+                raise BadSetting("system_prompt must be a string")
+            self.system_prompt = values.pop("system_prompt")
+        if values.get("modalities") and "audio" in values["modalities"] and not self.model.has_talker:
+            raise BadSetting("this server was started without audio output: ask for modalities [\"text\"]")
+        self.settings.update(values, self.options, self.model.speakers)
+        await self.send({"type": "config.done"})
+
+    # ------------------------------------------------------------------ audio
+
+    async def on_audio(self, data):
+        if len(data) % 2:
+            raise ClientError("bad_audio", f"binary frames carry 16-bit samples: {len(data)} bytes is an odd count")
+        if not self.vad:
+            if not self.turn_open:
+                await self.open_turn()
+            await self.feed(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
+            return
+        for event in self.detector.push(data):
+            if isinstance(event, SpeechStarted):
+                await self.stop_answer("barge_in")  # first: no more of the answer once the user speaks
+                await self.send({"type": "speech_started"})
+                await self.open_turn()
+            await self.feed(event.audio)
+            if isinstance(event, SpeechStopped):
+                await self.send({"type": "speech_stopped"})
+                await self.end_turn()
+
+    async def open_turn(self):
+        await self.stop_answer("barge_in")
+        session = await self.conversation()
+        self.turn_mark = session.cache.length
+        await self.engine.call(session.begin_audio)
+        self.turn_open, self.discarding, self.turn_samples = True, False, 0
+
+    async def feed(self, samples):
+        if self.discarding or not self.turn_open:
+            return
+        self.turn_samples += len(samples)
+        if self.turn_samples > self.options.max_audio_seconds * AUDIO_IN_RATE:
+            self.discarding = True
+            await self.engine.call(self.session.rewind, self.turn_mark)
+            raise ClientError("audio_too_long", f"a turn holds at most {self.options.max_audio_seconds:g} s of audio: "
+                                                "this one was dropped (its audio is ignored until it ends)")
+        await self.engine.call(self.session.feed_audio, samples)
+
+    async def end_turn(self):
+        if not self.turn_open:
+            raise ClientError("bad_message", '"end" with no audio: send audio frames first')
+        self.turn_open = False
+        self.detector = TurnDetector()  # an explicit end also ends what the detector heard
+        if self.discarding:
+            self.discarding = False
+            return
+        await self.engine.call(self.session.end_audio)
+        await self.answer_turn(self.turn_mark)
+
+    # ------------------------------------------------------------------ answers
+
+    async def answer_turn(self, mark):
+        """Start answering the turn that began at cache slot `mark` (forgotten if the server is busy)."""
+        session, kwargs = self.session, self.settings.generate_kwargs()
+        tokenizer = self.processor.tokenizer
+        try:
+            generation = self.engine.submit(lambda: session.respond(tokenizer=tokenizer, **kwargs))
+        except Busy as e:
+            await self.engine.call(session.rewind, mark)
+            raise ClientError("busy", f"the server is busy ({e}); the turn was not kept, try again") from None
+        self.turns += 1
+        if generation.position:
+            await self.send({"type": "queued", "turn": self.turns, "position": generation.position})
+        self.answer = (generation, asyncio.create_task(self.forward(generation, self.turns)))
+
+    async def forward(self, generation, turn):
+        try:
+            await self._forward(generation, turn)
+        except ConnectionError:
+            pass  # the client is gone: run() stops the answer on its way out
+        finally:
+            if self.answer is not None and self.answer[0] is generation:
+                self.answer = None
+
+    async def _forward(self, generation, turn):
+        text, samples = [], 0
+        while True:
+            event = await generation.events.get()
+            if isinstance(event, Started):
+                await self.send({"type": "response.start", "turn": turn})
+            elif isinstance(event, TextDelta):
+                if event.text:
+                    text.append(event.text)
+                    await self.send({"type": "text", "turn": turn, "delta": event.text})
+            elif isinstance(event, AudioChunk):
+                samples += len(event.audio)
+                await self.send(np.ascontiguousarray(event.audio, "<f4").tobytes())
+            elif isinstance(event, Finished):
+                await self.send({"type": "response.done", "turn": turn, "text": "".join(text),
+                                 "audio_samples": samples})
+                break
+            elif isinstance(event, Failed):
+                await self.error("generation_failed", f"turn {turn}: {type(event.error).__name__}: {event.error}")
+                break
+
+    async def stop_answer(self, reason):
+        """Cancel the answer being streamed, if any (`reason` None: the client is gone, tell no one)."""
+        if self.answer is None:
+            return
+        generation, task = self.answer
+        self.answer = None
+        task.cancel()
+        await self.engine.cancel(generation)
+        if reason is not None:
+            await self.send({"type": "response.cancelled", "turn": self.turns, "reason": reason})

@@ -1,0 +1,29 @@
+"""One voice server for the service's tests: the tiny checkpoint, an API key, small limits."""
+import os
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "examples", "qwen2_5_omni"))  # demo_media, the example client
+
+API_KEY = "test-key"
+LIMITS = {"max_new_tokens": 8, "talker_max_new_tokens": 200, "max_audio_seconds": 5, "max_message_bytes": 262144,
+          "idle_timeout": 8, "max_active": 1, "max_queue": 1}
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint):
+    from mindone_ext.serve.process import ServerProcess
+
+    args = [x for name, value in LIMITS.items() for x in (f"--{name}", value)]
+    with ServerProcess(tiny_checkpoint, "--api_key", API_KEY, *args) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_checkpoint):
+    from mindone_ext import Qwen2_5OmniProcessor
+
+    return Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint)

@@ -1,0 +1,275 @@
+"""The voice service end to end, on a real server process: the example client's answer equals
+generate_stream's, OpenAI's own client streams text and speech, barge-in and the stop button
+cancel an answer within a chunk, and bad input gets a clear error while the server goes on."""
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import wave
+
+import aiohttp
+import numpy as np
+import pytest
+
+from mindone_ext.models.qwen2_5_omni.session import SYSTEM_PROMPT
+from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
+from tests.conftest import ROOT
+from tests.serve.conftest import API_KEY
+from tests.serve.wsclient import VoiceClient, pcm16
+
+CLIENT = f"{ROOT}/examples/qwen2_5_omni/voice_server_client.py"
+
+
+def expected_stream(model, processor, conversation, **kwargs):
+    """(text, float32 waveform) of generate_stream on the conversation, as the processor prepares it."""
+    from mindone_ext import process_mm_info
+
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    audios, _, _ = process_mm_info(conversation)
+    events = list(model.generate_stream(tokenizer=processor.tokenizer, **processor(text, audio=audios), **kwargs))
+    chunks = [e.audio for e in events if isinstance(e, AudioChunk)]
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), np.concatenate(chunks)
+
+
+def as_pcm16(samples):
+    return (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+
+
+def test_cli_client_answer_equals_generate_stream(server, our_model, processor, tmp_path):
+    from demo_media import speech_like, write_wav
+
+    question, answer = tmp_path / "question.wav", tmp_path / "answer.wav"
+    write_wav(str(question), speech_like(1.3, 16000, seed=3), rate=16000)
+    done = subprocess.run([sys.executable, CLIENT, "--url", server.ws_url, "--api_key", API_KEY, "--audio",
+                           str(question), "--output", str(answer), "--seed", "0", "--max_new_tokens", "8",
+                           "--talker_max_new_tokens", "30"], capture_output=True, timeout=600,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    printed = re.search(r"assistant: (.*)\nspeech: ", done.stdout.decode(), re.S).group(1)
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+                    {"role": "user", "content": [{"type": "audio", "audio": str(question)}]}]
+    text, waveform = expected_stream(our_model, processor, conversation, spk="Chelsie", seed=0, max_new_tokens=8,
+                                     talker_max_new_tokens=30)
+    assert printed == text
+    with wave.open(str(answer)) as f:
+        assert (f.getframerate(), f.getnchannels()) == (24000, 1)
+        got = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+    assert got.shape == waveform.shape and len(got) > 0
+    # the client writes 16-bit samples: equal to the reference waveform's, to the rounding of the last bit
+    assert np.abs(got.astype(np.int32) - as_pcm16(waveform)).max() <= 1
+
+
+def test_openai_client_streams_text_and_speech(server, our_model, processor):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    stream = client.chat.completions.create(
+        model="qwen2.5-omni", messages=[{"role": "user", "content": "Say hello."}], modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "pcm16"}, stream=True, seed=1, max_completion_tokens=6,
+        stream_options={"include_usage": True}, extra_body={"talker_max_new_tokens": 20})
+    transcript, pcm, finish, usage = [], [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            audio = getattr(choice.delta, "audio", None)
+            if audio is not None:  # a typed object in newer SDKs, a dict in older ones
+                audio = audio if isinstance(audio, dict) else audio.model_dump()
+                transcript.append(audio.get("transcript") or "")
+                if audio.get("data"):
+                    pcm.append(np.frombuffer(base64.b64decode(audio["data"]), "<i2"))
+            finish = choice.finish_reason or finish
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+                    {"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]
+    text, waveform = expected_stream(our_model, processor, conversation, spk="Ethan", seed=1, max_new_tokens=6,
+                                     talker_max_new_tokens=20)
+    assert "".join(transcript) == text
+    got = np.concatenate(pcm)
+    assert got.shape == waveform.shape and np.abs(got.astype(np.int32) - as_pcm16(waveform)).max() <= 1
+    assert usage.completion_tokens == 6 and finish in ("stop", "length")
+    # whole, text only: the same text as generate()
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=5)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    inputs = processor(prompt)
+    ids = our_model.generate(**inputs, max_new_tokens=5, return_audio=False)[0, inputs["input_ids"].shape[1]:]
+    assert reply.choices[0].message.content == processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def _barge_in(server):
+    from demo_media import speech_like
+
+    client = await VoiceClient.connect(server)
+    await client.send({"type": "config", "talker_max_new_tokens": 200, "seed": 0})
+    await client.until("config.done")
+    await client.send({"type": "text", "text": "Tell me a long story."})
+    await client.until("response.start")
+    await client.until("audio")  # the answer is being spoken
+    chunk = len(client.take_audio())
+    await client.send(pcm16(speech_like(0.6, 16000, seed=5)))  # the user talks over it
+    cancelled = await client.until("response.cancelled")
+    assert cancelled[-1]["reason"] == "barge_in"
+    late = len(client.take_audio())
+    assert [e["type"] for e in await client.until("speech_started")] == ["speech_started"]
+    await client.send(pcm16(np.zeros(16000, np.float32)))  # a second of silence ends the turn
+    await client.until("speech_stopped")
+    await client.until("response.start")  # the spoken turn is answered...
+    await client.send({"type": "cancel"})  # ...until the stop button
+    assert (await client.until("response.cancelled"))[-1]["reason"] == "client"
+    await client.close()
+    return chunk, late
+
+
+def test_barge_in_and_stop_cancel_the_answer(server):
+    chunk, late = asyncio.run(_barge_in(server))
+    assert late <= chunk  # what was already in flight when the user spoke: at most one chunk
+
+
+async def _bad_input(server):
+    client = await VoiceClient.connect(server)
+    errors = []
+
+    async def refused(message, code):
+        await client.send(message)
+        event = await client.event()
+        assert event["type"] == "error" and event["code"] == code, event
+        errors.append(event["message"])
+
+    await refused("{not json", "bad_json")
+    await refused("[1, 2]", "bad_message")
+    await refused({"type": "shout"}, "bad_message")
+    await refused(b"\x01\x02\x03", "bad_audio")
+    await refused({"type": "config", "sample_rate": 44100}, "bad_config")
+    await refused({"type": "config", "speaker": "Nobody"}, "bad_config")
+    await refused({"type": "config", "max_new_tokens": 10 ** 6}, "bad_config")
+    await refused({"type": "end"}, "bad_message")
+    # a 10-minute upload in frames of the largest allowed size: refused once, the rest dropped
+    await client.send({"type": "config", "vad": False, "modalities": ["text"]})
+    await client.until("config.done")
+    frame = bytes(server_limit := 262144)
+    for _ in range(10 * 60 * 16000 * 2 // server_limit):
+        await client.send(frame)
+    await client.send({"type": "end"})
+    event = await client.event()
+    assert event["code"] == "audio_too_long", event
+    errors.append(event["message"])
+    # and the conversation goes on
+    await client.send({"type": "text", "text": "Still there?"})
+    done = (await client.until("response.done"))[-1]
+    assert done["audio_samples"] == 0
+    await client.close()
+    return errors
+
+
+def test_bad_websocket_input_gets_error_frames_and_the_conversation_goes_on(server):
+    errors = asyncio.run(_bad_input(server))
+    assert "not JSON" in errors[0] and "odd count" in errors[3] and "16000 Hz" in errors[4]
+    assert "Nobody" in errors[5] and "at most 5 s" in errors[-1]
+
+
+async def _limits_and_keys(server):
+    # a frame over the size limit closes that connection with 1009 (message too big)
+    client = await VoiceClient.connect(server)
+    await client.send(bytes(262144 + 2))
+    assert (await client.event())["type"] == "closed" and client.ws.close_code == 1009
+    await client.close()
+    # a wrong key: the WebSocket handshake and HTTP both get 401
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await VoiceClient.connect(server, key="wrong")
+    assert refused.value.status == 401
+    async with aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/chat/completions", json={}) as response:
+            assert response.status == 401 and (await response.json())["error"]["code"] == "invalid_api_key"
+        async with http.post(server.url + "/v1/chat/completions", data="{oops",
+                             headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+            assert response.status == 400 and "not JSON" in (await response.json())["error"]["message"]
+        # a client that goes away mid-answer: its answer stops and its cache is freed
+        client = await VoiceClient.connect(server)
+        await client.send({"type": "text", "text": "Talk for a while."})
+        await client.until("response.start")
+        await client.close()
+        async with asyncio.timeout(60):
+            while True:
+                async with http.get(server.url + "/health") as response:
+                    health = await response.json()
+                if (health["sessions"], health["active"], health["caches"]) == (0, 0, 0):
+                    break
+                await asyncio.sleep(0.2)
+        # a silent client is closed after the idle timeout, with a message
+        client = await VoiceClient.connect(server)
+        start = time.time()
+        event = await client.event(timeout=30)
+        assert event["code"] == "idle_timeout" and 7 < time.time() - start < 20
+        await client.close()
+
+
+def test_limits_keys_disconnects_and_idle_timeout(server):
+    asyncio.run(_limits_and_keys(server))
+
+
+async def _busy(server):
+    """max_active 1, max_queue 1: a third answer at once is refused as busy, the first two go on."""
+    clients = [await VoiceClient.connect(server) for _ in range(3)]
+    for client in clients:
+        await client.send({"type": "text", "text": "Talk for a while."})
+    first = [await clients[0].event() for _ in range(1)]
+    events = [await client.event() for client in clients[1:]]
+    assert first[0]["type"] == "response.start"
+    assert events[0] == {"type": "queued", "turn": 1, "position": 1}
+    assert events[1]["type"] == "error" and events[1]["code"] == "busy" and "busy" in events[1]["message"]
+    for client in clients:
+        await client.close()
+
+
+def test_a_full_queue_answers_busy(server):
+    asyncio.run(_busy(server))
+
+
+def chat(server, body, key=API_KEY):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def audio_part(data):
+    return {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]}
+
+
+def wav_base64(seconds):
+    out = io.BytesIO()
+    with wave.open(out, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16000)
+        f.writeframes(bytes(int(seconds * 16000) * 2))
+    return base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"messages": "hi"}, 400, "messages must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"], "audio": {"voice": "alloy"}},
+     400, "unknown speaker 'alloy'"),
+    ({"messages": [audio_part("@@not base64@@")]}, 400, "invalid base64"),
+    ({"messages": [audio_part(base64.b64encode(b"RIFF garbage" * 50).decode())]}, 400, "audio"),
+    ({"messages": [audio_part(wav_base64(600))]}, 400, "at most 5 s"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
+     400, "base64 data URL"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "modalities": ["text", "audio"],
+      "audio": {"format": "mp3"}}, 400, "audio.format 'mp3'"),
+])
+def test_bad_http_requests_get_openai_shaped_errors(server, body, status, words):
+    got, answer = chat(server, body)
+    assert got == status and words in answer["error"]["message"], answer
