@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples", "qwen2_5_omni"))
 
 from demo_media import speech_like  # noqa: E402
+from voice_server_client import ServerError, speak_turn, start  # noqa: E402
 
 from mindone_ext.serve.process import ServerProcess  # noqa: E402
 
@@ -42,47 +43,33 @@ def question(script, turn):
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-class Busy(Exception):
-    pass
+async def timed_turn(ws, pcm, timeout):
+    """One spoken turn: (text, audio, seconds from the turn's end to the first audio chunk)."""
+    ended, first_audio = [], []
 
+    def heard(_):
+        if not first_audio:
+            first_audio.append(time.perf_counter() - ended[0])
 
-async def speak_turn(ws, pcm, timeout):
-    """One spoken turn: (text, audio samples, seconds from "end" to the first audio chunk)."""
-    for start in range(0, len(pcm), 16000):
-        await ws.send_bytes(pcm[start:start + 16000])
-    await ws.send_str(json.dumps({"type": "end"}))
-    ended, first_audio, audio = time.perf_counter(), None, []
     async with asyncio.timeout(timeout):
-        while True:
-            message = await ws.receive()
-            if message.type == aiohttp.WSMsgType.BINARY:
-                first_audio = first_audio or time.perf_counter() - ended
-                audio.append(np.frombuffer(message.data, "<f4"))
-                continue
-            if message.type != aiohttp.WSMsgType.TEXT:
-                raise ConnectionError(f"closed: {message.type.name}")
-            event = json.loads(message.data)
-            if event["type"] == "error":
-                if event["code"] == "busy":
-                    raise Busy()
-                raise RuntimeError(event)
-            if event["type"] == "response.done":
-                return event["text"], np.concatenate(audio) if audio else np.zeros(0, np.float32), first_audio
+        text, audio = await speak_turn(ws, pcm, frame_seconds=1.0, on_audio=heard,
+                                       on_end=lambda: ended.append(time.perf_counter()))
+    return text, audio, first_audio[0] if first_audio else None
 
 
 async def client(url, script, turns, settings, args, stats, reference=None):
     """Runs a script; returns [(text, audio, first_audio)] per answered turn."""
     answers = []
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
-        assert json.loads((await ws.receive()).data)["type"] == "ready"
-        await ws.send_str(json.dumps({"type": "config", "vad": False, **settings}))
-        assert json.loads((await ws.receive()).data)["type"] == "config.done"
+        await start(ws, settings)
         for turn in range(turns):
             for attempt in range(args.retries + 1):
                 try:
-                    answers.append(await speak_turn(ws, question(script, turn), args.timeout))
+                    answers.append(await timed_turn(ws, question(script, turn), args.timeout))
                     break
-                except Busy:
+                except ServerError as e:
+                    if e.code != "busy":
+                        raise
                     stats["busy_refusals"] += 1
                     await asyncio.sleep(args.backoff * (1 + random.random()))
                 except TimeoutError:

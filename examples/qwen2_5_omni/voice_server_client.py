@@ -46,45 +46,63 @@ def write_wav(path, samples):
     os.replace(tmp, path)
 
 
-async def converse(url, pcm, config, api_key=None, frame_seconds=0.5, on_text=None):
-    """One spoken turn: returns (the answer's text, its float32 24 kHz audio). Raises RuntimeError
-    with the server's message on an error frame."""
+class ServerError(RuntimeError):
+    def __init__(self, code, message):
+        super().__init__(f"server error {code}: {message}")
+        self.code = code
+
+
+async def receive(ws):
+    """The next event as a dict; an audio frame as {"type": "audio", "audio": float32 samples}."""
+    message = await ws.receive()
+    if message.type == aiohttp.WSMsgType.BINARY:
+        return {"type": "audio", "audio": np.frombuffer(message.data, "<f4")}
+    if message.type != aiohttp.WSMsgType.TEXT:
+        raise ConnectionError(f"the server closed the connection ({message.type.name} {message.data})")
+    event = json.loads(message.data)
+    if event["type"] == "error":
+        raise ServerError(event["code"], event["message"])
+    return event
+
+
+async def start(ws, config):
+    """After connecting: the server's hello, then our settings (voice activity detection off:
+    the turn ends when we say so)."""
+    await receive(ws)  # ready
+    await ws.send_str(json.dumps({"type": "config", "vad": False, **config}))
+    await receive(ws)  # config.done
+
+
+async def speak_turn(ws, pcm, frame_seconds=0.5, on_text=None, on_audio=None, on_end=None):
+    """One spoken turn: returns (the answer's text, its float32 24 kHz audio). The callbacks see
+    each text delta, each audio chunk, and the moment the turn's "end" was sent."""
+    step = int(frame_seconds * IN_RATE) * 2
+    for offset in range(0, len(pcm), step):
+        await ws.send_bytes(pcm[offset:offset + step])
+    await ws.send_str(json.dumps({"type": "end"}))
+    if on_end:
+        on_end()
+    text, audio = [], []
+    while True:
+        event = await receive(ws)
+        if event["type"] == "audio":
+            audio.append(event["audio"])
+            if on_audio:
+                on_audio(event["audio"])
+        elif event["type"] == "text":
+            text.append(event["delta"])
+            if on_text:
+                on_text(event["delta"])
+        elif event["type"] == "response.done":
+            return "".join(text), np.concatenate(audio) if audio else np.zeros(0, np.float32)
+
+
+async def converse(url, pcm, config, api_key=None, on_text=None):
+    """Connect, speak one turn, return (text, audio)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
-
-        async def receive_json():
-            message = await ws.receive()
-            if message.type != aiohttp.WSMsgType.TEXT:
-                raise RuntimeError(f"the server closed the connection ({message.type.name} {message.data})")
-            event = json.loads(message.data)
-            if event["type"] == "error":
-                raise RuntimeError(f"server error {event['code']}: {event['message']}")
-            return event
-
-        await receive_json()  # ready
-        await ws.send_str(json.dumps({"type": "config", "vad": False, **config}))
-        await receive_json()  # config.done
-        step = int(frame_seconds * IN_RATE) * 2
-        for start in range(0, len(pcm), step):
-            await ws.send_bytes(pcm[start:start + step])
-        await ws.send_str(json.dumps({"type": "end"}))
-        text, audio = [], []
-        while True:
-            message = await ws.receive()
-            if message.type == aiohttp.WSMsgType.BINARY:
-                audio.append(np.frombuffer(message.data, "<f4"))
-                continue
-            if message.type != aiohttp.WSMsgType.TEXT:
-                raise RuntimeError(f"the server closed the connection ({message.type.name} {message.data})")
-            event = json.loads(message.data)
-            if event["type"] == "error":
-                raise RuntimeError(f"server error {event['code']}: {event['message']}")
-            if event["type"] == "text":
-                text.append(event["delta"])
-                if on_text:
-                    on_text(event["delta"])
-            elif event["type"] == "response.done":
-                return "".join(text), np.concatenate(audio) if audio else np.zeros(0, np.float32)
+        await start(ws, config)
+        return await speak_turn(ws, pcm, on_text=on_text)
 
 
 def main():
@@ -106,7 +124,7 @@ def main():
     try:
         _, audio = asyncio.run(converse(args.url, read_pcm16(args.audio), config, args.api_key,
                                         on_text=lambda delta: print(delta, end="", flush=True)))
-    except (RuntimeError, aiohttp.ClientError, av.error.FFmpegError) as e:
+    except (ServerError, ConnectionError, aiohttp.ClientError, av.error.FFmpegError) as e:
         print()
         sys.exit(f"error: {e}")
     print()

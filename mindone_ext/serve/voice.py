@@ -6,18 +6,21 @@ speaks, so the answer starts soon after they stop. Whatever goes wrong with one 
 answered with an error frame naming it, and the conversation goes on.
 """
 import asyncio
+import copy
 import json
+import logging
 
 import numpy as np
 from aiohttp import WSMsgType
 
 from ..models.qwen2_5_omni.session import ConversationSession
-from ..models.qwen2_5_omni.streaming import AudioChunk, TextDelta
+from ..models.qwen2_5_omni.streaming import SAMPLE_RATE, AudioChunk, TextDelta
 from .engine import Busy, Failed, Finished, Started
 from .options import AUDIO_IN_RATE, AnswerSettings, BadSetting
 from .vad import SpeechStarted, SpeechStopped, TurnDetector
 
 AUDIO_FORMAT = "pcm_s16le"
+log = logging.getLogger(__name__)
 
 
 class ClientError(Exception):
@@ -37,6 +40,7 @@ class VoiceConversation:
         self.detector = TurnDetector()
         self.session = None
         self.turn_open = False  # the user's audio turn is in the session
+        self.turn_mark = 0  # cache length before the open turn: where a dropped turn rewinds to
         self.discarding = False  # the turn grew too long: its audio is dropped until it ends
         self.turn_samples = 0
         self.turns = 0
@@ -57,7 +61,7 @@ class VoiceConversation:
 
     async def run(self):
         await self.send({"type": "ready", "input_sample_rate": AUDIO_IN_RATE, "input_format": AUDIO_FORMAT,
-                         "output_sample_rate": 24000, "output_format": "pcm_f32le",
+                         "output_sample_rate": SAMPLE_RATE, "output_format": "pcm_f32le",
                          "speakers": sorted(self.model.speakers), "audio_output": self.model.has_talker,
                          "limits": {"max_audio_seconds": self.options.max_audio_seconds,
                                     "max_message_bytes": self.options.max_message_bytes,
@@ -85,6 +89,9 @@ class VoiceConversation:
                     await self.error("bad_config", str(e))
                 except ValueError as e:  # refused by the session (e.g. a conversation past the context length)
                     await self.error("bad_request", str(e))
+                except Exception as e:  # noqa: BLE001  (a bug of ours: say so, keep serving)
+                    log.exception("voice conversation")
+                    await self.error("internal", f"{type(e).__name__}: {e}")
         finally:
             await self.stop_answer(None)
             if self.session is not None:
@@ -127,28 +134,28 @@ class VoiceConversation:
             raise ClientError("bad_message", f"unknown message type {kind!r}; known: config, text, end, cancel")
 
     async def configure(self, values):
-        if "vad" in values:
-            if not isinstance(values["vad"], bool):
-                raise BadSetting(f"vad must be true or false, got {values['vad']!r}")
-            self.vad = values.pop("vad")
-        if "sample_rate" in values:
-            if values["sample_rate"] != AUDIO_IN_RATE:
-                raise BadSetting(f"sample_rate {values['sample_rate']!r} is not supported: send 16-bit mono PCM at "
-                                 f"{AUDIO_IN_RATE} Hz (resample on the client)")
-            values.pop("sample_rate")
-        if "format" in values:
-            if values["format"] != AUDIO_FORMAT:
-                raise BadSetting(f"format {values['format']!r} is not supported: send {AUDIO_FORMAT}")
-            values.pop("format")
-        if "system_prompt" in values:
+        """Checks every value before applying any: a refused config changes nothing."""
+        vad = values.pop("vad", self.vad)
+        if not isinstance(vad, bool):
+            raise BadSetting(f"vad must be true or false, got {vad!r}")
+        rate = values.pop("sample_rate", AUDIO_IN_RATE)
+        if rate != AUDIO_IN_RATE:
+            raise BadSetting(f"sample_rate {rate!r} is not supported: send 16-bit mono PCM at {AUDIO_IN_RATE} Hz "
+                             "(resample on the client)")
+        audio_format = values.pop("format", AUDIO_FORMAT)
+        if audio_format != AUDIO_FORMAT:
+            raise BadSetting(f"format {audio_format!r} is not supported: send {AUDIO_FORMAT}")
+        system_prompt = values.pop("system_prompt", self.system_prompt)
+        if system_prompt != self.system_prompt:
             if self.session is not None:
                 raise BadSetting("system_prompt can only be set before the first turn")
-            if not isinstance(values["system_prompt"], str):
+            if not isinstance(system_prompt, str):
                 raise BadSetting("system_prompt must be a string")
-            self.system_prompt = values.pop("system_prompt")
-        if values.get("modalities") and "audio" in values["modalities"] and not self.model.has_talker:
-            raise BadSetting("this server was started without audio output: ask for modalities [\"text\"]")
-        self.settings.update(values, self.options, self.model.speakers)
+        if "audio" in (values.get("modalities") or []) and not self.model.has_talker:
+            raise BadSetting('this server was started without audio output: ask for modalities ["text"]')
+        settings = copy.copy(self.settings)
+        settings.update(values, self.options, self.model.speakers)
+        self.vad, self.system_prompt, self.settings = vad, system_prompt, settings
         await self.send({"type": "config.done"})
 
     # ------------------------------------------------------------------ audio
