@@ -118,7 +118,7 @@ async def _chat_completions(request):
     model, processor = state["model"], state["processor"]
     try:
         body = await request.json()
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise ApiError(400, f"the request body is not JSON: {e}") from None
     loop = asyncio.get_running_loop()
     chat = await loop.run_in_executor(None, ChatRequest, body, state["options"], model)

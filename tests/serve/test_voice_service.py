@@ -186,9 +186,10 @@ async def _limits_and_keys(server):
     async with aiohttp.ClientSession() as http:
         async with http.post(server.url + "/v1/chat/completions", json={}) as response:
             assert response.status == 401 and (await response.json())["error"]["code"] == "invalid_api_key"
-        async with http.post(server.url + "/v1/chat/completions", data="{oops",
-                             headers={"Authorization": f"Bearer {API_KEY}"}) as response:
-            assert response.status == 400 and "not JSON" in (await response.json())["error"]["message"]
+        for garbage in ("{oops", b"\xff\xfe{}"):  # not JSON; not UTF-8
+            async with http.post(server.url + "/v1/chat/completions", data=garbage,
+                                 headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+                assert response.status == 400 and "not JSON" in (await response.json())["error"]["message"]
         # a client that goes away mid-answer: its answer stops and its cache is freed
         client = await VoiceClient.connect(server)
         await client.send({"type": "text", "text": "Talk for a while."})

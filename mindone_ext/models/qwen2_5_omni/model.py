@@ -45,7 +45,8 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         folder = CheckpointFolder(path)
         config = load_config(folder)
         model = cls(config, mindspore_dtype, attn_implementation, enable_audio_output)
-        optional = ["thinker.lm_head.weight"] if model.thinker.tied_word_embeddings else []
+        stored = {name for name, _ in model.stored_parameters()}
+        optional = [name for name, _ in model.parameters_and_names() if name not in stored]
         load_into(model, folder, mindspore_dtype, skip_prefixes=() if enable_audio_output else SPEECH_PREFIXES,
                   optional=optional)
         model.generation_defaults = folder.read_json("generation_config.json") or {}
@@ -54,6 +55,12 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             model.speakers = load_speakers(folder.path)
         model.set_train(False)
         return model
+
+    def stored_parameters(self):
+        """(name, parameter) of every weight a checkpoint holds: all but the Thinker's LM head when
+        it is tied to the embedding (stored once, as the embedding; the reference ties it back)."""
+        tied = self.thinker.tied_word_embeddings
+        return [(name, p) for name, p in self.parameters_and_names() if not (tied and name == "thinker.lm_head.weight")]
 
     def load_adapter(self, folder):
         """Apply a LoRA adapter folder (ours, or PEFT's): one trained on the whole model names its

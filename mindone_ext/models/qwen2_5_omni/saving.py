@@ -31,11 +31,8 @@ def save_pretrained(model, out_dir, dtype=None, max_shard_size="5GB", overwrite=
     source = source or getattr(model, "name_or_path", None)
     folder = CheckpointFolder(source) if source else None
 
-    tied = model.thinker.tied_word_embeddings
     entries = []
-    for name, param in model.parameters_and_names():
-        if tied and name == "thinker.lm_head.weight":
-            continue  # stored once, as the embedding (the reference ties them back on load)
+    for name, param in model.stored_parameters():
         entries.append((name, SAFETENSORS_DTYPE[dtype], tuple(param.shape),
                         lambda p=param: p.asnumpy().astype(np.float32)))
     if not model.has_talker:
