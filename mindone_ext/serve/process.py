@@ -4,7 +4,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 
 class ServerProcess:
@@ -21,21 +20,14 @@ class ServerProcess:
                    *map(str, args)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, **(env or {})})
-        deadline = time.time() + startup_timeout
         self.url = None
-        while self.url is None:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError("the server exited before serving:\n" + "".join(self.log[-40:]))
-            self.log.append(line)
-            match = re.match(r"serving on (http://\S+)", line)
-            if match:
-                self.url = match.group(1)
-            elif time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not start within {startup_timeout} s")
-        # keep draining its output so it never blocks on a full pipe
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._ready = threading.Event()  # set at "serving on ..." or when the output ends
+        threading.Thread(target=self._drain, daemon=True).start()  # also keeps the pipe from filling
+        if not self._ready.wait(startup_timeout):
+            self.stop()
+            raise RuntimeError(f"the server did not start within {startup_timeout} s:\n" + "".join(self.log[-40:]))
+        if self.url is None:
+            raise RuntimeError("the server exited before serving:\n" + "".join(self.log[-40:]))
 
     @property
     def ws_url(self):
@@ -44,6 +36,11 @@ class ServerProcess:
     def _drain(self):
         for line in self.process.stdout:
             self.log.append(line)
+            match = re.match(r"serving on (http://\S+)", line)
+            if match and self.url is None:
+                self.url = match.group(1)
+                self._ready.set()
+        self._ready.set()
 
     def rss_mb(self):
         with open(f"/proc/{self.process.pid}/status") as f:

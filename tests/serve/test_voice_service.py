@@ -19,8 +19,8 @@ import pytest
 from mindone_ext.models.qwen2_5_omni.session import SYSTEM_PROMPT
 from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
 from tests.conftest import ROOT
-from tests.serve.conftest import API_KEY
-from tests.serve.wsclient import VoiceClient, pcm16
+from tests.serve.conftest import API_KEY, LIMITS
+from tests.serve.wsclient import VoiceClient, as_pcm16, pcm16
 
 CLIENT = f"{ROOT}/examples/qwen2_5_omni/voice_server_client.py"
 
@@ -34,10 +34,6 @@ def expected_stream(model, processor, conversation, **kwargs):
     events = list(model.generate_stream(tokenizer=processor.tokenizer, **processor(text, audio=audios), **kwargs))
     chunks = [e.audio for e in events if isinstance(e, AudioChunk)]
     return "".join(e.text for e in events if isinstance(e, TextDelta)), np.concatenate(chunks)
-
-
-def as_pcm16(samples):
-    return (np.clip(samples, -1, 1) * 32767).astype(np.int16)
 
 
 def test_cli_client_answer_equals_generate_stream(server, our_model, processor, tmp_path):
@@ -152,8 +148,8 @@ async def _bad_input(server):
     # a 10-minute upload in frames of the largest allowed size: refused once, the rest dropped
     await client.send({"type": "config", "vad": False, "modalities": ["text"]})
     await client.until("config.done")
-    frame = bytes(server_limit := 262144)
-    for _ in range(10 * 60 * 16000 * 2 // server_limit):
+    frame = bytes(LIMITS["max_message_bytes"])
+    for _ in range(10 * 60 * 16000 * 2 // len(frame)):
         await client.send(frame)
     await client.send({"type": "end"})
     event = await client.event()
@@ -176,7 +172,7 @@ def test_bad_websocket_input_gets_error_frames_and_the_conversation_goes_on(serv
 async def _limits_and_keys(server):
     # a frame over the size limit closes that connection with 1009 (message too big)
     client = await VoiceClient.connect(server)
-    await client.send(bytes(262144 + 2))
+    await client.send(bytes(LIMITS["max_message_bytes"] + 2))
     assert (await client.event())["type"] == "closed" and client.ws.close_code == 1009
     await client.close()
     # a wrong key: the WebSocket handshake and HTTP both get 401
@@ -219,9 +215,9 @@ async def _busy(server):
     clients = [await VoiceClient.connect(server) for _ in range(3)]
     for client in clients:
         await client.send({"type": "text", "text": "Talk for a while."})
-    first = [await clients[0].event() for _ in range(1)]
+    first = await clients[0].event()
     events = [await client.event() for client in clients[1:]]
-    assert first[0]["type"] == "response.start"
+    assert first["type"] == "response.start"
     assert events[0] == {"type": "queued", "turn": 1, "position": 1}
     assert events[1]["type"] == "error" and events[1]["code"] == "busy" and "busy" in events[1]["message"]
     for client in clients:

@@ -66,5 +66,9 @@ class VoiceClient:
         await self.http.close()
 
 
+def as_pcm16(samples):
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2")
+
+
 def pcm16(samples):
-    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    return as_pcm16(samples).tobytes()

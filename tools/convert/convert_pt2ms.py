@@ -31,20 +31,23 @@ class BinFiles:
 
     def __init__(self, path):
         index = os.path.join(path, BIN_INDEX)
+        listed = None  # the index's name -> shard map, if there is an index
         if os.path.isfile(index):
             with open(index) as f:
-                self.weight_map = json.load(f)["weight_map"]
-            missing = sorted({s for s in self.weight_map.values() if not os.path.isfile(os.path.join(path, s))})
+                listed = json.load(f)["weight_map"]
+            missing = sorted({s for s in listed.values() if not os.path.isfile(os.path.join(path, s))})
             if missing:
                 raise CheckpointError(f"{path!r}: {BIN_INDEX} lists shard(s) that are missing: {', '.join(missing)}")
-        else:
-            self.weight_map = {name: os.path.basename(f) for f in sorted(glob.glob(os.path.join(path, "*.bin")))
-                               for name in self._load(f)}
+            shards = sorted(set(listed.values()))
+        else:  # every .bin file is a shard
+            shards = sorted(os.path.basename(f) for f in glob.glob(os.path.join(path, "*.bin")))
+        found, self.shapes = {}, {}
+        for shard in shards:  # each file read once, for the names and shapes
+            for name, tensor in self._load(os.path.join(path, shard)).items():
+                if listed is None or listed.get(name) == shard:
+                    found[name], self.shapes[name] = shard, tuple(tensor.shape)
+        self.weight_map = listed if listed is not None else found
         self.path, self._open = path, (None, None)
-        self.shapes = {}
-        for shard in sorted(set(self.weight_map.values())):  # each file read once, for the shapes
-            state = self._load(os.path.join(path, shard))
-            self.shapes.update({n: tuple(state[n].shape) for n, s in self.weight_map.items() if s == shard and n in state})
 
     @staticmethod
     def _load(file):
