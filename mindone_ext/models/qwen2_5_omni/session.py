@@ -11,7 +11,13 @@ one-shot prefill of the whole clip.
 
 Turns stay in the cache: a second question does not re-encode the first. Text and audio turns
 only (their positions are the cache slots).
+
+A turn can fail; the conversation cannot: whatever goes wrong inside a turn (its audio, its
+answer) rewinds the conversation to before the turn, and the next turn starts from there. Every
+turn is checked against the conversation's token limit before any of it is encoded.
 """
+import contextlib
+
 import numpy as np
 from mindspore import ops
 
@@ -21,6 +27,13 @@ from .streaming import stream_answer
 # The system prompt the released model needs before it will speak (its model card says so).
 SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
                  "auditory and visual inputs, as well as generating text and speech.")
+
+
+ANSWER_CLOSING = 2  # tokens after an answer's last one: "<|im_end|>\n"
+
+
+class ConversationFull(ValueError):
+    """The conversation has no room left (its token limit) for a turn and its answer."""
 
 
 class _AudioTurn:
@@ -33,25 +46,43 @@ class _AudioTurn:
 
 
 class ConversationSession:
-    def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT):
+    """`max_tokens`: the conversation's limit (default and at most the Thinker's context);
+    `answer_room`: tokens a turn must leave free for its answer (an answer's max_new_tokens)."""
+
+    def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT, max_tokens=None, answer_room=0):
         self.model, self.processor = model, processor
         config = model.config.thinker_config
+        context = config.text_config.max_position_embeddings
+        self.max_tokens = min(max_tokens or context, context)
+        self.answer_room = answer_room
         if config.audio_config.n_window % 2:
             raise ValueError("streaming audio needs an even n_window (pooling pairs must not straddle windows)")
         self.window = 2 * config.audio_config.n_window
         self.audio_token = config.audio_token_index
         self.extractor = processor.feature_extractor
         self.runner = model.thinker_runner()
-        self.cache = self.runner.allocate(1, 512, model.thinker.model.embed_tokens.weight.dtype)
+        self.cache = self.runner.allocate(1, min(512, self.max_tokens), model.thinker.model.embed_tokens.weight.dtype)
         self.ids = np.zeros((1, 0), np.int64)
         self.embeds, self.hidden = [], []  # per prefilled piece, (1, n, E) and (1, n, H)
         self.clips = []  # each finished audio clip: (cache slot of its first token, mel frames)
         self.logits = None  # next-token logits after the last piece
         self.audio = None
         self.rewinds = 0  # prefilled audio pieces re-done because a louder frame moved the clamp
-        self.add_text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
+        self.turn_start = 0  # cache slot where the current user turn began: a failed turn rewinds here
+        self.add_text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n", "the system prompt")
 
     # ------------------------------------------------------------------ prefilling
+
+    def _check_room(self, tokens, what, answer=True):
+        """Refuse, before any work, `tokens` more that would leave no room for an answer of
+        `answer_room` tokens and its closing (`answer`=False: the answer's own closing)."""
+        used = self.cache.length
+        room = self.answer_room + ANSWER_CLOSING if answer else 0
+        if used + tokens + room > self.max_tokens:
+            raise ConversationFull(
+                f"the conversation holds {used} tokens; {what} needs {tokens} more"
+                f"{f' and its answer up to {room}' if room else ''}, over its limit of {self.max_tokens} "
+                "tokens: start a new conversation")
 
     def _append(self, ids, embeds):
         n = len(ids)
@@ -65,31 +96,45 @@ class ConversationSession:
 
     def _truncate(self, length):
         """Forget everything from cache slot `length` on (a piece boundary)."""
-        kept, total = 0, 0
-        while total < length:
-            total += self.embeds[kept].shape[1]
-            kept += 1
+        ends = [0] + np.cumsum([e.shape[1] for e in self.embeds]).tolist()
+        if length not in ends:
+            raise RuntimeError(f"cache slot {length} is not a piece boundary")
+        kept = ends.index(length)
         self.embeds, self.hidden = self.embeds[:kept], self.hidden[:kept]
         self.ids = self.ids[:, :length]
         self.cache.truncate(length)
 
-    def add_text(self, text):
+    def add_text(self, text, what="this turn", answer=True):
         ids = self.processor.tokenizer(text)["input_ids"]
         if ids:
+            self._check_room(len(ids), what, answer)
             self._append(ids, self.model.thinker.embed(np.asarray(ids)[None]))
+
+    @contextlib.contextmanager
+    def _turn(self, begins=False):
+        """The body of a user turn (`begins`: its first step): on any error the conversation is
+        rewound to before the turn."""
+        if begins:
+            self._no_audio_turn()
+            self.turn_start = self.cache.length
+        try:
+            yield
+        except Exception:
+            self.rewind(self.turn_start)
+            raise
 
     def ask(self, text):
         """A text question as the user's turn."""
-        self._no_audio_turn()
-        self.add_text(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+        with self._turn(begins=True):
+            self.add_text(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
 
     # ------------------------------------------------------------------ audio
 
     def begin_audio(self):
         """The user starts speaking: their turn opens and audio pieces may follow."""
-        self._no_audio_turn()
-        self.add_text("<|im_start|>user\n<|audio_bos|>")
-        self.audio = _AudioTurn(self.cache.length)
+        with self._turn(begins=True):
+            self.add_text("<|im_start|>user\n<|audio_bos|>")
+            self.audio = _AudioTurn(self.cache.length)
 
     def rewind(self, length):
         """Forget everything from cache slot `length` on (a turn boundary: `cache.length` before
@@ -103,35 +148,42 @@ class ConversationSession:
         are final is prefilled now."""
         if self.audio is None:
             raise ValueError("begin_audio() first: no audio turn is open")
-        samples = np.asarray(samples, np.float32).reshape(-1)
-        if not np.all(np.isfinite(samples)):
-            raise ValueError("audio piece contains NaN or infinite samples")
-        limit = self.extractor.n_samples
-        if len(self.audio.samples) + len(samples) > limit:
-            raise ValueError(f"an audio turn holds at most {limit / self.extractor.sampling_rate:.0f} s "
-                             "(the feature extractor's window, as in the processor)")
-        self.audio.samples = np.concatenate([self.audio.samples, samples])
-        features, _ = self._features()
-        half = self.extractor.n_fft // 2
-        final_frames = max(0, (len(self.audio.samples) - half) // self.extractor.hop_length + 1)
-        self._prefill_windows(features, final_frames // self.window * self.window)
+        with self._turn():
+            samples = np.asarray(samples, np.float32).reshape(-1)
+            if not np.all(np.isfinite(samples)):
+                raise ValueError("audio piece contains NaN or infinite samples")
+            total = len(self.audio.samples) + len(samples)
+            limit = self.extractor.n_samples
+            if total > limit:
+                raise ValueError(f"an audio turn holds at most {limit / self.extractor.sampling_rate:.0f} s "
+                                 "(the feature extractor's window, as in the processor)")
+            audio_tokens = int(output_lengths([total // self.extractor.hop_length])[1][0])
+            self._check_room(max(0, self.audio.start + audio_tokens - self.cache.length), "the audio so far")
+            self.audio.samples = np.concatenate([self.audio.samples, samples])
+            features, _ = self._features()
+            half = self.extractor.n_fft // 2
+            final_frames = max(0, (len(self.audio.samples) - half) // self.extractor.hop_length + 1)
+            self._prefill_windows(features, final_frames // self.window * self.window)
 
     def end_audio(self, text=""):
         """The user stopped speaking: the rest of the audio, then `text` (if any), close the turn
         and the assistant's turn opens."""
         if self.audio is None:
             raise ValueError("begin_audio() first: no audio turn is open")
-        if not len(self.audio.samples):
-            raise ValueError("the audio turn is empty")
-        features, frames = self._features(whole=True)
-        self._prefill_windows(features, frames)
-        tokens = self.ids.shape[1] - self.audio.start
-        expected = int(output_lengths([frames])[1][0])
-        if tokens != expected:
-            raise RuntimeError(f"prefilled {tokens} audio tokens for {frames} frames, expected {expected}")
-        self.clips.append((self.audio.start, frames))
-        self.audio = None
-        self.add_text(f"<|audio_eos|>{text}<|im_end|>\n<|im_start|>assistant\n")
+        with self._turn():
+            if not len(self.audio.samples):
+                raise ValueError("the audio turn is empty")
+            features, frames = self._features(whole=True)
+            self._prefill_windows(features, frames)
+            tokens = self.ids.shape[1] - self.audio.start
+            expected = int(output_lengths([frames])[1][0])
+            if tokens != expected:
+                raise RuntimeError(f"prefilled {tokens} audio tokens for {frames} frames, expected {expected}")
+            if tokens == 0:
+                raise ValueError(f"the audio turn is too short ({frames} feature frames) to give an audio token")
+            self.clips.append((self.audio.start, frames))
+            self.audio = None
+            self.add_text(f"<|audio_eos|>{text}<|im_end|>\n<|im_start|>assistant\n")
 
     def _features(self, whole=False):
         """Log-mel features and valid frames. `whole`: exactly as the processor pads the clip (to
@@ -154,7 +206,9 @@ class ConversationSession:
             self._truncate(pieces[changed][2])
             del pieces[changed:]
         done = pieces[-1][1] * self.window if pieces else 0
-        if upto <= done:
+        # 1-2 frames past a window make one conv token, which the clip's 2x pooling drops (as in
+        # the reference): nothing to encode or prefill
+        if int(output_lengths([upto - done])[1][0]) <= 0:
             return
         piece = features[:, done:upto]
         audio = self.model.thinker.audio_tower(piece, [upto - done])
@@ -182,14 +236,18 @@ class ConversationSession:
             lengths = np.asarray([frames for _, frames in self.clips])
             mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
             media = {"input_features": None, "feature_attention_mask": mask}
-        prepared = _Prepared(ops.cat(self.embeds, 1), ops.cat(self.hidden, 1), self.logits.copy())
-        args = model.bind_generate_args(dict(kwargs, input_ids=self.ids))
-        plan = model._plan(args, args.pop("kwargs"), prepared=prepared)
-        plan.media = media
         steps = []
-        try:
-            yield from stream_answer(model, plan, tokenizer, chunking, cache=self.cache, record=steps)
-        finally:
+        with self._turn():
+            prepared = _Prepared(ops.cat(self.embeds, 1), ops.cat(self.hidden, 1), self.logits.copy())
+            args = model.bind_generate_args(dict(kwargs, input_ids=self.ids))
+            plan = model._plan(args, args.pop("kwargs"), prepared=prepared)
+            plan.media = media
+            self._check_room(plan.max_new + ANSWER_CLOSING, f"an answer of up to {plan.max_new} tokens", answer=False)
+            try:
+                yield from stream_answer(model, plan, tokenizer, chunking, cache=self.cache, record=steps)
+            except GeneratorExit:  # closed early: what was said so far stays in the conversation
+                self._keep_answer(steps)
+                raise
             self._keep_answer(steps)
 
     def _keep_answer(self, steps):
@@ -205,8 +263,7 @@ class ConversationSession:
         last = int(steps[-1][0][0])
         self._append([last], self.model.thinker.embed(np.array([[last]])))
         im_end = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.add_text("\n" if last == im_end else "<|im_end|>\n")
-
+        self.add_text("\n" if last == im_end else "<|im_end|>\n", "the end of the answer", answer=False)
 
     def close(self):
         """Free the cache (the session is over)."""

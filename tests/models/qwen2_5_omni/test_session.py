@@ -89,17 +89,77 @@ def test_a_spoken_answer_in_a_session_matches_generate(our_model, processor):
     assert snr_db(audio, wav) >= 30
 
 
-def test_session_errors(our_model, processor):
+def test_session_errors_drop_the_turn_and_the_conversation_goes_on(our_model, processor):
     session = ConversationSession(our_model, processor)
+    system = session.ids.copy()
     with pytest.raises(ValueError, match="begin_audio\\(\\) first"):
         session.feed_audio(np.zeros(100, np.float32))
     session.begin_audio()
     with pytest.raises(ValueError, match="an audio turn is open"):
         session.ask("hi")
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        session.feed_audio(np.array([0.0, np.nan], np.float32))
     limit = processor.feature_extractor.n_samples  # 300 s in the released config
-    with pytest.raises(ValueError, match=f"at most {limit // 16000} s"):
-        session.feed_audio(np.zeros(limit + 1, np.float32))
+    bad = [(np.array([0.0, np.nan], np.float32), "NaN or infinite"),
+           (np.zeros(limit + 1, np.float32), f"at most {limit // 16000} s")]
+    for samples, message in bad:
+        session.feed_audio(np.full(4000, 0.1, np.float32))  # a window or more is prefilled...
+        assert session.cache.length > system.shape[1]
+        with pytest.raises(ValueError, match=message):
+            session.feed_audio(samples)
+        # ...and rewound with the failed turn: the conversation is as before it, ready for the next
+        np.testing.assert_array_equal(session.ids, system)
+        assert session.cache.length == system.shape[1] and session.audio is None
+        with pytest.raises(ValueError, match="nothing to answer"):
+            next(session.respond(max_new_tokens=2, return_audio=False))
+        session.begin_audio()
     with pytest.raises(ValueError, match="the audio turn is empty"):
         session.end_audio()
+    session.ask("Still there?")  # a typed turn after the failed ones is answered
+    answer = [e.token_id for e in session.respond(max_new_tokens=3, eos_token_id=[], return_audio=False)]
+    assert len(answer) == 3
+
+
+def test_a_conversation_refuses_what_does_not_fit_before_encoding_it(our_model, processor):
+    session = ConversationSession(our_model, processor, max_tokens=160, answer_room=20)
+    start = session.cache.length
+    with pytest.raises(ValueError, match="over its limit of 160 tokens"):
+        session.ask("word " * 200)
+    assert session.cache.length == start  # nothing of it was prefilled
+    session.begin_audio()
+    with pytest.raises(ValueError, match="the audio so far needs"):
+        session.feed_audio(np.full(16000 * 10, 0.1, np.float32))  # 250 audio tokens
+    assert session.cache.length == start
+    session.ask("Hi")
+    with pytest.raises(ValueError, match="an answer of up to 200 tokens"):
+        next(session.respond(max_new_tokens=200, return_audio=False))
+    assert session.cache.length == start
+    session.ask("Hi")
+    assert len(list(session.respond(max_new_tokens=20, eos_token_id=[], return_audio=False))) == 20
+    assert session.cache.length <= 160
+
+
+
+def spoken_prompt(processor, text=""):
+    content = [{"type": "audio", "audio": "x"}] + ([{"type": "text", "text": text}] if text else [])
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+                    {"role": "user", "content": content}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def test_every_audio_length_near_the_encoder_windows_equals_the_one_shot_prefill(our_model, processor):
+    """A turn ending 1-2 frames past a window once crashed (the remainder pools to no token).
+    Every frame offset from 2 before to 3 after each of the first three window boundaries, plus
+    half a frame, fed whole and in unaligned pieces."""
+    hop = processor.feature_extractor.hop_length
+    window = 2 * our_model.config.thinker_config.audio_config.n_window * hop  # samples per encoder window
+    rng = np.random.default_rng(3)
+    text = spoken_prompt(processor)
+    lengths = sorted({k * window + frames * hop + extra for k in (1, 2, 3) for frames in range(-2, 4)
+                      for extra in (0, hop // 2)})
+    for n in lengths:
+        wave = (0.2 * rng.standard_normal(n)).astype(np.float32)
+        inputs, want = one_shot(our_model, processor, text, [wave])
+        for piece in (n, 1000):
+            session = session_with_audio(our_model, processor, wave, piece)
+            np.testing.assert_array_equal(session.ids, inputs["input_ids"], err_msg=f"{n} samples, pieces of {piece}")
+            assert max_abs_diff(session.logits, want) <= 1e-4, f"{n} samples, pieces of {piece}"
+            session.close()
