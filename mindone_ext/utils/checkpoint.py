@@ -26,7 +26,7 @@ class CheckpointFolder:
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise CheckpointError(f"checkpoint folder {self.path!r} does not exist or is not a folder")
-        self.config_path = os.path.join(self.path, "config.json")
+        self.config_path = self.inside("config.json")
         if not os.path.isfile(self.config_path):
             raise CheckpointError(f"{self.path!r} has no config.json: not a Hugging Face checkpoint folder")
         self._files = {}
@@ -36,10 +36,15 @@ class CheckpointFolder:
         index = os.path.join(self.path, INDEX_FILE)
         if os.path.isfile(index):
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+            for shard in set(weight_map.values()):
+                self.inside(shard)
             missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(self.path, s))})
             if missing:
                 raise CheckpointError(f"{self.path!r}: {INDEX_FILE} lists shard(s) that are missing: {', '.join(missing)}")
@@ -58,8 +63,22 @@ class CheckpointFolder:
 
     def _open(self, shard):
         if shard not in self._files:
-            self._files[shard] = SafetensorsFile(os.path.join(self.path, shard))
+            self._files[shard] = SafetensorsFile(self.inside(shard))
         return self._files[shard]
+
+    def inside(self, name):
+        """The path of file `name` of this folder; refuses a name or a symlink that leads out of it
+        (a Hugging Face cache snapshot's links into its repository's blobs/ are the exception)."""
+        path = os.path.join(self.path, name)
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+            raise CheckpointError(f"{self.path!r}: file name {name!r} points outside the checkpoint folder")
+        real, folder = os.path.realpath(path), os.path.realpath(self.path)
+        allowed = [folder]
+        if os.path.basename(os.path.dirname(folder)) == "snapshots":  # <repo>/snapshots/<revision>
+            allowed.append(os.path.join(os.path.dirname(os.path.dirname(folder)), "blobs"))
+        if not any(os.path.commonpath([real, root]) == root for root in allowed):
+            raise CheckpointError(f"{path}: a link to {real}, outside the checkpoint folder")
+        return path
 
     def keys(self):
         return self.weight_map.keys()
@@ -71,11 +90,14 @@ class CheckpointFolder:
         return self._open(self.weight_map[name]).get(name)
 
     def read_json(self, filename):
-        path = os.path.join(self.path, filename)
+        path = self.inside(filename)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deeply
+            raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
 def _listing(title, names, limit=20):

@@ -16,10 +16,18 @@ import urllib.request
 import numpy as np
 
 SAMPLE_RATE = 16000
+# Declared properties are checked before anything is decoded: a few KB can declare hours of 1 Hz
+# audio or a 20000 x 20000 image, gigabytes once decoded.
+AUDIO_RATES = (4000, 384000)  # sample rates real audio comes at
+MAX_IMAGE_PIXELS = 8192 * 8192  # the processor resizes to at most ~12.8 million pixels anyway
 
 
 class MediaError(ValueError):
     pass
+
+
+class MediaTooLong(MediaError):
+    """Audio past the caller's limit (`max_seconds`)."""
 
 
 def describe(source):
@@ -72,22 +80,35 @@ def _open_container(source, what):
         raise MediaError(f"{what} {describe(source)}: cannot be decoded ({type(e).__name__}: {e})") from None
 
 
-def _to_16k_mono(frames):
-    """Audio frames through FFmpeg's resampler (mono float, 16 kHz), flushed at the end."""
+def _to_16k_mono(frames, max_seconds=None, what="audio"):
+    """Audio frames through FFmpeg's resampler (mono float, 16 kHz), flushed at the end; decoding
+    stops with a MediaError as soon as more than `max_seconds` have come."""
     import av
 
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-    out = []
+    out, seconds = [], 0.0
     for frame in itertools.chain(frames, [None]):  # None flushes the resampler
+        if frame is not None:
+            _check_rate(frame.sample_rate, what)
+            seconds += frame.samples / frame.sample_rate
+            if max_seconds is not None and seconds > max_seconds:
+                raise MediaTooLong(f"{what}: longer than {max_seconds:g} s")
         out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
-def resample(samples, rate):
+def _check_rate(rate, what):
+    if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1]:
+        raise MediaError(f"{what}: a sample rate of {rate} Hz is not supported "
+                         f"({AUDIO_RATES[0]} to {AUDIO_RATES[1]} Hz)")
+
+
+def resample(samples, rate, what="audio"):
     """Mono float32 `samples` at `rate` -> 16 kHz; (channels, samples) or (samples, channels)
     input is downmixed first."""
     import av
 
+    _check_rate(rate, what)
     samples = np.asarray(samples, np.float32)
     if samples.ndim == 2:
         samples = samples.mean(0 if samples.shape[0] < samples.shape[1] else 1)
@@ -98,21 +119,33 @@ def resample(samples, rate):
     return _to_16k_mono([frame])
 
 
-def load_audio(source, sample_rate=None, what="audio"):
+def load_audio(source, sample_rate=None, what="audio", max_seconds=None):
     """float32 mono samples at 16 kHz. `source` may be an array (at `sample_rate`, 16 kHz if
-    not given), a (array, rate) pair, or anything `open_source` takes."""
+    not given), a (array, rate) pair, or anything `open_source` takes. With `max_seconds`, longer
+    audio is refused, by its declared duration before decoding or as soon as decoding passes it."""
     if isinstance(source, tuple) and len(source) == 2 and np.isscalar(source[1]):
         source, sample_rate = source
+    where = f"{what} {describe(source)}"
     if isinstance(source, np.ndarray):
-        audio = resample(source, sample_rate or SAMPLE_RATE)
+        rate = sample_rate or SAMPLE_RATE
+        if max_seconds is not None and max(source.shape or (1,)) > max_seconds * rate:  # samples, whatever the layout
+            raise MediaTooLong(f"{where}: longer than {max_seconds:g} s")
+        audio = resample(source, rate, where)
     else:
         with _open_container(source, what) as container:
             if not container.streams.audio:
-                raise MediaError(f"{what} {describe(source)}: has no audio track")
+                raise MediaError(f"{where}: has no audio track")
+            stream = container.streams.audio[0]
+            _check_rate(stream.sample_rate or SAMPLE_RATE, where)
+            declared = stream.duration * stream.time_base if stream.duration and stream.time_base else None
+            if max_seconds is not None and declared is not None and declared > max_seconds:
+                raise MediaTooLong(f"{where}: longer than {max_seconds:g} s ({float(declared):.1f} s declared)")
             try:
-                audio = _to_16k_mono(container.decode(audio=0))
+                audio = _to_16k_mono(container.decode(audio=0), max_seconds, where)
+            except MediaError:
+                raise
             except Exception as e:
-                raise MediaError(f"{what} {describe(source)}: corrupt audio ({type(e).__name__}: {e})") from None
+                raise MediaError(f"{where}: corrupt audio ({type(e).__name__}: {e})") from None
     if audio.size == 0:
         raise MediaError(f"{what} {describe(source)}: contains no audio samples")
     if not np.isfinite(audio).all():
@@ -120,21 +153,33 @@ def load_audio(source, sample_rate=None, what="audio"):
     return audio
 
 
-def load_image(source):
-    """An RGB PIL image."""
+def load_image(source, max_pixels=MAX_IMAGE_PIXELS):
+    """An RGB PIL image; one of more than `max_pixels` pixels is refused (a file by its header,
+    before it is decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_pixels, "image")
         return source.convert("RGB")
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[-1] not in (3, 4):
             raise MediaError(f"image array of shape {source.shape}: expected (height, width, 3)")
+        _check_pixels(source.shape[1::-1], max_pixels, "image array")
         return Image.fromarray(source.astype(np.uint8)).convert("RGB")
     try:
         with Image.open(open_source(source, "image")) as image:
+            _check_pixels(image.size, max_pixels, f"image {describe(source)}")
             return image.convert("RGB")
+    except Image.DecompressionBombError as e:  # PIL's own header check, for the largest
+        raise MediaError(f"image {describe(source)}: more than the {max_pixels} pixels allowed ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise MediaError(f"image {describe(source)}: cannot be decoded ({e})") from None
+
+
+def _check_pixels(size, max_pixels, what):
+    width, height = size
+    if width * height > max_pixels:
+        raise MediaError(f"{what}: {width} x {height} is more than the {max_pixels} pixels allowed")
 
 
 def resize_frames(frames, height, width):

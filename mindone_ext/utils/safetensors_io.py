@@ -57,15 +57,16 @@ class SafetensorsFile:
                 raise SafetensorsError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
             try:
                 header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+            except (ValueError, RecursionError) as e:
+                raise SafetensorsError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._data_start = 8 + n
         for name, entry in header.items():
+            _check_entry(path, name, entry)
             begin, end = entry["data_offsets"]
-            if entry["dtype"] not in _NUMPY_OF:
-                raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
             expected = tensor_nbytes(entry["dtype"], entry["shape"])
             if end - begin != expected or self._data_start + end > size:
                 raise SafetensorsError(f"{path}: corrupt or truncated safetensors file (tensor {name} out of bounds)")
@@ -91,6 +92,20 @@ class SafetensorsFile:
                 raise SafetensorsError(f"{self.path}: truncated while reading tensor {name}")
         arr = np.frombuffer(raw, _NUMPY_OF[entry["dtype"]]).reshape(entry["shape"])
         return bf16_bits_to_float32(arr) if entry["dtype"] == "BF16" else arr
+
+
+def _check_entry(path, name, entry):
+    def natural(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    ok = (isinstance(entry, dict) and entry.get("dtype") in _NUMPY_OF and isinstance(entry.get("shape"), list)
+          and all(natural(d) for d in entry["shape"]) and isinstance(entry.get("data_offsets"), list)
+          and len(entry["data_offsets"]) == 2 and all(natural(o) for o in entry["data_offsets"]))
+    if not ok:
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        detail = f"unsupported dtype {dtype}" if isinstance(entry, dict) and dtype not in _NUMPY_OF else \
+            "needs dtype, shape and data_offsets"
+        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {name} {detail}")
 
 
 def save_file(tensors, path, metadata=None, bf16_names=()):

@@ -51,11 +51,22 @@ def sample_video(frames, video_fps, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fram
 
 
 def _media_items(conversations):
-    for conversation in conversations if isinstance(conversations[0], (list, tuple)) else [conversations]:
-        for message in conversation:
+    """Every content item that may hold media (text items, given as strings, hold none)."""
+    if not isinstance(conversations, (list, tuple)):
+        raise ValueError(f"a conversation is a list of messages, got {type(conversations).__name__}")
+    batch = conversations and isinstance(conversations[0], (list, tuple))
+    for c, conversation in enumerate(conversations if batch else [conversations]):
+        for m, message in enumerate(conversation):
+            where = f"conversation {c}, message {m}" if batch else f"message {m}"
+            if not isinstance(message, dict):
+                raise ValueError(f"{where}: a message is a dict with a role and content, got {type(message).__name__}")
             if isinstance(message.get("content"), list):
-                for item in message["content"]:
-                    yield item
+                for i, item in enumerate(message["content"]):
+                    if isinstance(item, dict):
+                        yield item
+                    elif not isinstance(item, str):
+                        raise ValueError(f"{where}, content item {i}: expected a dict (or a string of text), got "
+                                         f"{type(item).__name__}")
 
 
 def process_mm_info(conversations, use_audio_in_video=False, return_video_kwargs=False):
@@ -89,6 +100,8 @@ def process_mm_info(conversations, use_audio_in_video=False, return_video_kwargs
                     else load_video_frames(source)
                 if video_fps is None:
                     raise MediaError(f"video {describe(source)}: unknown frame rate")
+                if not (isinstance(video_fps, (int, float)) and video_fps > 0):
+                    raise MediaError(f"video {describe(source)}: video_fps must be a positive number, got {video_fps!r}")
                 frames, rate = sample_video(frames, video_fps, item.get("fps", FPS),
                                             item.get("min_frames", FPS_MIN_FRAMES), item.get("max_frames", FPS_MAX_FRAMES),
                                             item.get("min_pixels", VIDEO_MIN_PIXELS), item.get("max_pixels"),

@@ -2,7 +2,9 @@
 that cannot be loaded."""
 import json
 import os
+import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -153,3 +155,88 @@ def test_unsupported_dtype_and_attention_are_refused(tiny_checkpoint):
         Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, mindspore_dtype=ms.int8)
     with pytest.raises(ValueError, match="attn_implementation"):
         Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="xformers")
+
+
+def edit_json(folder, filename, change):
+    path = os.path.join(folder, filename)
+    with open(path) as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.mark.parametrize("section, field, value, words", [
+    ("text_config", "vocab_size", 10 ** 12, "thinker_config.text_config.vocab_size = 1000000000000"),
+    ("text_config", "num_attention_heads", 0, "num_attention_heads = 0"),
+    ("audio_config", "max_source_positions", 10 ** 9, "max_source_positions"),
+    ("text_config", "hidden_size", "64", "hidden_size = '64'"),
+    ("text_config", "num_key_value_heads", 3, "not a multiple of 3 key/value heads"),
+])
+def test_absurd_config_sizes_are_refused_before_anything_is_built(tiny_checkpoint, tmp_path, section, field, value,
+                                                                  words):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "absurd")
+    edit_json(folder, "config.json", lambda c: c["thinker_config"][section].update({field: value}))
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_malformed_checkpoint_files_are_named(tiny_checkpoint, tmp_path):
+    cases = {
+        "index not an object": lambda f: edit_json(f, "model.safetensors.index.json",
+                                                   lambda i: i.update(weight_map=[1, 2])),
+        "index entry not a name": lambda f: edit_json(f, "model.safetensors.index.json",
+                                                      lambda i: i["weight_map"].update({THINKER_WEIGHT: 7})),
+        "config not JSON": lambda f: open(os.path.join(f, "config.json"), "w").write("{oops"),
+        "config a list": lambda f: open(os.path.join(f, "config.json"), "w").write("[1]"),
+        "generation config nested": lambda f: open(os.path.join(f, "generation_config.json"), "w").write(
+            "[" * 100000 + "]" * 100000),
+    }
+    for name, damage in cases.items():
+        folder = copy_checkpoint(tiny_checkpoint, tmp_path / name.replace(" ", "_"))
+        damage(folder)
+        with pytest.raises(CheckpointError):
+            Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+    # a shard whose header entries are not what they claim
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "header")
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        shard = os.path.join(folder, json.load(f)["weight_map"][THINKER_WEIGHT])
+    header = json.dumps({"x": {"dtype": "F32", "shape": [-1, 2], "data_offsets": [0, 8]}}).encode()
+    with open(shard, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ValueError, match="corrupt safetensors header: tensor x"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_files_outside_the_checkpoint_folder_are_not_followed(tiny_checkpoint, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "escape")
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shard = index["weight_map"][THINKER_WEIGHT]
+    shutil.move(os.path.join(folder, shard), outside)
+    index["weight_map"] = {k: ("../elsewhere.safetensors" if v == shard else v) for k, v in index["weight_map"].items()}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match="points outside the checkpoint folder"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+    # the same through a symlink named like a shard
+    index["weight_map"] = {k: (shard if v == "../elsewhere.safetensors" else v) for k, v in index["weight_map"].items()}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    os.symlink(outside, os.path.join(folder, shard))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_a_hub_cache_snapshot_of_symlinks_into_blobs_loads(tiny_checkpoint, tmp_path):
+    """The Hugging Face cache's layout: snapshots/<revision>/<file> -> ../../blobs/<hash>."""
+    repo = tmp_path / "models--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, name in enumerate(sorted(os.listdir(tiny_checkpoint))):
+        shutil.copy(os.path.join(tiny_checkpoint, name), blobs / f"blob{i}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snapshot / name)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(snapshot), enable_audio_output=False)
+    assert model.thinker.lm_head.weight.shape[0] > 0

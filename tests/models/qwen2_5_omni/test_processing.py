@@ -130,3 +130,27 @@ def test_video_sampling_follows_fps_and_frame_bounds(media):
     assert frames.shape[0] == 4 and frames.shape[0] % 2 == 0  # 2.5 s at 2 fps = 5 -> at least 4, even
     assert frames.shape[1] % 28 == 0 and frames.shape[2] % 28 == 0
     assert kwargs["fps"][0] == pytest.approx(4 / 17 * 7)
+
+
+def test_malformed_conversations_and_media_bombs_get_clear_errors(media, tmp_path):
+    from tests.hostile_media import flac_silence, png_declaring, wav_declaring
+
+    assert process_mm_info([]) == (None, None, None)  # no messages, no media
+    text_only = [{"role": "user", "content": ["a bare string is text", {"type": "text", "text": "too"}]}]
+    assert process_mm_info(text_only) == (None, None, None)
+    with pytest.raises(ValueError, match="content item 0: expected a dict"):
+        process_mm_info([{"role": "user", "content": [5]}])
+    with pytest.raises(ValueError, match="message 0: a message is a dict"):
+        process_mm_info(["hello"])
+    with pytest.raises(MediaError, match="video_fps must be a positive number, got 0"):
+        process_mm_info(conversation({"type": "video", "video": np.zeros((4, 56, 56, 3), np.uint8), "video_fps": 0}))
+    for width, height in ((20000, 20000), (9000, 9000)):  # past PIL's own bomb limit, and past ours only
+        bomb = tmp_path / f"bomb{width}.png"
+        bomb.write_bytes(png_declaring(width, height))
+        with pytest.raises(MediaError, match=f"bomb{width}.png: .*pixels allowed"):
+            process_mm_info(conversation({"type": "image", "image": str(bomb)}))
+    with pytest.raises(MediaError, match="sample rate of 1 Hz is not supported"):
+        load_audio(wav_declaring(1, 8000))
+    with pytest.raises(MediaError, match="longer than 30 s"):
+        load_audio(flac_silence(1), max_seconds=30)
+    assert len(load_audio(flac_silence(0.01), max_seconds=60)) == 30 * 16000  # within the limit: three 10 s blocks
