@@ -39,8 +39,8 @@ from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcesso
 from mindone_ext.nn.lora import (AUDIO_ATTENTION_TARGETS, THINKER_LLM_TARGETS, VISION_ATTENTION_TARGETS,  # noqa: E402
                                  LoraConfig, LoraError, apply_lora, save_adapter)
 from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, DynamicLossScale,  # noqa: E402
-                                  causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, latest_checkpoint,
-                                  load_checkpoint, save_checkpoint)
+                                  causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, resume_latest,
+                                  save_checkpoint)
 from mindone_ext.training.distributed import DataParallel  # noqa: E402
 
 TARGET_PRESETS = {"llm": THINKER_LLM_TARGETS,
@@ -78,6 +78,8 @@ def parser():
     ap.add_argument("--warmup_steps", type=int, default=0)
     ap.add_argument("--max_grad_norm", type=float, default=1.0)
     ap.add_argument("--max_length", type=int, default=None, help="drop (and count) longer samples")
+    ap.add_argument("--allow_remote_media", action="store_true",
+                    help="fetch media the dataset names by http(s) URL (off: such rows are skipped and counted)")
     ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32",
                     help="the base weights' dtype; adapters and optimizer stay float32 (float16 adds loss scaling)")
     ap.add_argument("--recompute", action="store_true", help="recompute decoder layers in the backward pass")
@@ -129,9 +131,10 @@ def train(args):
     parallel = DataParallel.start() if args.distributed else DataParallel.single()
     if args.dataset_path is None:
         args.dataset_path = write_ocr_dataset(os.path.join(tempfile.gettempdir(), "mindone_ext_demo_ocr"))
-    dataset = ConversationDataset(args.dataset_path, args.prompt, args.answer_column, args.system_prompt)
-    eval_set = ConversationDataset(args.eval_dataset_path, args.prompt, args.answer_column,
-                                   args.system_prompt) if args.eval_dataset_path else None
+    dataset = ConversationDataset(args.dataset_path, args.prompt, args.answer_column, args.system_prompt,
+                                  args.allow_remote_media)
+    eval_set = ConversationDataset(args.eval_dataset_path, args.prompt, args.answer_column, args.system_prompt,
+                                   args.allow_remote_media) if args.eval_dataset_path else None
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
         args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], enable_audio_output=False)
     thinker = model.thinker
@@ -153,10 +156,9 @@ def train(args):
     steps = args.max_steps or math.ceil(args.num_train_epochs * len(dataset) / global_batch)
     state = {"global_step": 0, "log_history": [], "loss_scale": loss_scale.scale if loss_scale else None}
     if args.resume:
-        found = latest_checkpoint(args.output_dir)
+        found, state = resume_latest(args.output_dir, thinker, optimizer)
         if found is None:
-            raise SystemExit(f"--resume: no complete checkpoint in {args.output_dir!r}")
-        state = load_checkpoint(found, thinker, optimizer)
+            raise SystemExit(f"--resume: no complete checkpoint that restores in {args.output_dir!r}")
         if loss_scale:
             loss_scale.scale = state["loss_scale"]
         parallel.log(f"resumed from {found} at step {state['global_step']}")

@@ -106,6 +106,8 @@ def parse_args():
     ap.add_argument("--model_path", default=TINY_CHECKPOINT)
     ap.add_argument("--dataset_path", default=None, help="default: a generated 16-image LaTeX OCR set")
     ap.add_argument("--prompt", default="Write the LaTeX formula shown in the image.")
+    ap.add_argument("--allow_remote_media", action="store_true",
+                    help="fetch media the dataset names by http(s) URL (off: such rows are skipped and counted)")
     ap.add_argument("--output_dir", default="omni_lora_trainer_output")
     ap.add_argument("--lora_rank", type=int, default=8)
     ap.add_argument("--lora_alpha", type=float, default=16)
@@ -129,7 +131,7 @@ def main(args):
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the Thinker prepares multimodal inputs on the host
     if args.dataset_path is None:
         args.dataset_path = write_ocr_dataset(os.path.join(tempfile.gettempdir(), "mindone_ext_demo_ocr"))
-    data = ConversationDataset(args.dataset_path, args.prompt)
+    data = ConversationDataset(args.dataset_path, args.prompt, allow_remote=args.allow_remote_media)
     thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(
         args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], enable_audio_output=False).thinker
     collate = Collator(Qwen2_5OmniProcessor.from_pretrained(args.model_path))

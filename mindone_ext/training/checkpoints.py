@@ -3,9 +3,11 @@
 `output_dir/checkpoint-<step>/` holds the adapter (PEFT layout), the optimizer's moments and
 `trainer_state.json`. It is written as `checkpoint-<step>.partial` and renamed into place only
 when complete, so a checkpoint folder either is whole or does not exist; `latest_checkpoint`
-never returns a partial one, and the next save removes leftovers.
+never returns a partial one, and the next save removes leftovers. A checkpoint damaged afterwards
+(a file edited or truncated on disk) is passed over by `resume_latest` for the one before it.
 """
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,9 +58,35 @@ def save_checkpoint(output_dir, model, optimizer, state, save_total_limit=None):
 
 
 def load_checkpoint(path, model, optimizer):
-    """Restore the adapter weights and optimizer moments saved in `path`; returns its state dict."""
-    load_adapter_weights(model, path)
-    moments = SafetensorsFile(os.path.join(path, OPTIMIZER_FILE))
-    optimizer.load_state_dict({k: moments.get(k) for k in moments.keys()}, moments.metadata)
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+    """Restore the adapter weights and optimizer moments saved in `path`; returns its state dict.
+    The state and the moments are read and checked before anything is restored."""
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointDamaged(f"{path}: {STATE_FILE} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointDamaged(f"{path}: {STATE_FILE} has no global_step")
+    try:
+        moments = SafetensorsFile(os.path.join(path, OPTIMIZER_FILE))
+        tensors = {k: moments.get(k) for k in moments.keys()}
+        load_adapter_weights(model, path)
+        optimizer.load_state_dict(tensors, moments.metadata)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointDamaged(f"{path}: {type(e).__name__}: {e}") from None
+    return state
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint folder whose files cannot be restored."""
+
+
+def resume_latest(output_dir, model, optimizer):
+    """(path, state) of the newest checkpoint that restores, passing over damaged ones (each
+    logged); (None, None) when there is none."""
+    for _, path in reversed(_checkpoints(output_dir)):
+        try:
+            return path, load_checkpoint(path, model, optimizer)
+        except CheckpointDamaged as e:
+            logging.getLogger(__name__).warning("skipping a damaged checkpoint: %s", e)
+    return None, None

@@ -15,14 +15,17 @@ under the answer column ("answer", "text", "transcript" or "response", first fou
 A LaTeX OCR set (image + text), an ASR set (audio + transcript) and spoken question answering
 (audio + answer) are all flat records.
 
-Rows that cannot be used (malformed JSON, a missing media file, an empty answer, media that does
-not decode) are skipped and counted by reason, never fatal; a dataset path that does not exist
-or holds no rows is an error.
+Rows that cannot be used (malformed JSON or UTF-8, a missing media file, an empty answer,
+malformed content, text holding the chat's special tokens, media that does not decode or is too
+large) are skipped and counted by reason, never fatal; a dataset path that does not exist or
+holds no rows is an error. Media given as http(s) URLs are fetched only with `allow_remote=True`
+(a dataset should not make a training machine download what it names).
 """
 import glob
 import json
 import logging
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 MEDIA_KINDS = ("image", "audio", "video")
 ANSWER_COLUMNS = ("answer", "text", "transcript", "response")
 IGNORE_INDEX = -100
+# the processor expands media placeholders and the labels follow the chat markers: in a row's own
+# text they would make the prompt disagree with its media or its labels
+SPECIAL_TEXT = re.compile(r"<\|(IMAGE|AUDIO|VIDEO|vision_bos|vision_eos|audio_bos|audio_eos|im_start|im_end|"
+                          r"endoftext)\|>")
 
 
 class DatasetError(ValueError):
@@ -48,13 +55,16 @@ class BadRow(ValueError):
 # ---------------------------------------------------------------- reading rows
 
 def _jsonl_rows(path):
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line in f:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield BadRow("not UTF-8")
+                continue
+            except (ValueError, RecursionError):
                 yield BadRow("malformed JSON")
                 continue
             yield row if isinstance(row, dict) else BadRow("row is not a JSON object")
@@ -101,7 +111,7 @@ def dataset_files(path):
 
 # ---------------------------------------------------------------- rows -> conversations
 
-def _media_source(value, base_dir, kind):
+def _media_source(value, base_dir, kind, allow_remote=False):
     """A loadable source for one media value: bytes, or a path made absolute and checked."""
     if isinstance(value, dict):  # datasets' Image/Audio struct
         if value.get("bytes"):
@@ -109,6 +119,8 @@ def _media_source(value, base_dir, kind):
         value = value.get("path")
     if not isinstance(value, str) or not value:
         raise BadRow(f"no {kind}")
+    if value.startswith(("http://", "https://")) and not allow_remote:
+        raise BadRow(f"remote {kind} (fetching is off: allow_remote / --allow_remote_media)")
     if "://" in value or value.startswith("data:"):
         return value
     path = value if os.path.isabs(value) else os.path.join(base_dir, value)
@@ -125,7 +137,15 @@ def _text_of(content):
     return ""
 
 
-def _resolve_conversation(messages, base_dir):
+def _checked_text(text):
+    if not isinstance(text, str):
+        raise BadRow("malformed content item")
+    if SPECIAL_TEXT.search(text):
+        raise BadRow("text holds a special token")
+    return text
+
+
+def _resolve_conversation(messages, base_dir, allow_remote=False):
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise BadRow("malformed messages")
     resolved = []
@@ -134,9 +154,20 @@ def _resolve_conversation(messages, base_dir):
         if isinstance(content, list):
             items = []
             for item in content:
+                if isinstance(item, str):  # a bare string is text
+                    item = {"type": "text", "text": item}
+                if not isinstance(item, dict):
+                    raise BadRow("malformed content item")
                 kind = next((k for k in MEDIA_KINDS if k in item), None)
-                items.append(dict(item, **{kind: _media_source(item[kind], base_dir, kind)}) if kind else item)
+                if kind:
+                    items.append(dict(item, **{kind: _media_source(item[kind], base_dir, kind, allow_remote)}))
+                else:
+                    items.append(dict(item, text=_checked_text(item.get("text", ""))))
             content = items
+        elif content is None or isinstance(content, str):
+            content = _checked_text(content or "")
+        else:
+            raise BadRow("malformed content")
         resolved.append({"role": message["role"], "content": content})
     answers = [m for m in resolved if m["role"] == "assistant"]
     if not answers:
@@ -146,24 +177,25 @@ def _resolve_conversation(messages, base_dir):
     return resolved
 
 
-def row_to_conversation(row, base_dir, prompt=None, answer_column=None, system_prompt=None):
+def row_to_conversation(row, base_dir, prompt=None, answer_column=None, system_prompt=None, allow_remote=False):
     """One dataset row as a chat conversation; raises BadRow naming why it cannot be used."""
     messages = row.get("messages", row.get("conversations"))
     if messages is not None:
-        conversation = _resolve_conversation(messages, base_dir)
+        conversation = _resolve_conversation(messages, base_dir, allow_remote)
     else:
         column = answer_column or next((c for c in ANSWER_COLUMNS if c in row), None)
         answer = row.get(column) if column else None
         if not isinstance(answer, str) or not answer.strip():
             raise BadRow("empty answer")
+        _checked_text(answer)
         content = []
         for kind in MEDIA_KINDS:
             values = row.get(kind)
             for value in values if isinstance(values, list) else ([] if values is None else [values]):
-                content.append({"type": kind, kind: _media_source(value, base_dir, kind)})
+                content.append({"type": kind, kind: _media_source(value, base_dir, kind, allow_remote)})
         question = row.get("prompt") or row.get("question") or prompt
         if question:
-            content.append({"type": "text", "text": question})
+            content.append({"type": "text", "text": _checked_text(question)})
         if not content:
             raise BadRow("no prompt and no media")
         conversation = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
@@ -175,7 +207,7 @@ def row_to_conversation(row, base_dir, prompt=None, answer_column=None, system_p
 class ConversationDataset:
     """Every usable row of a dataset path as a conversation; `skipped` counts the others by reason."""
 
-    def __init__(self, path, prompt=None, answer_column=None, system_prompt=None):
+    def __init__(self, path, prompt=None, answer_column=None, system_prompt=None, allow_remote=False):
         self.path = path
         base_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         self.conversations, self.skipped = [], Counter()
@@ -184,7 +216,8 @@ class ConversationDataset:
                 try:
                     if isinstance(row, BadRow):
                         raise row
-                    self.conversations.append(row_to_conversation(row, base_dir, prompt, answer_column, system_prompt))
+                    self.conversations.append(row_to_conversation(row, base_dir, prompt, answer_column, system_prompt,
+                                                                  allow_remote))
                 except BadRow as e:
                     self.skipped[str(e)] += 1
         if self.skipped:
@@ -236,7 +269,7 @@ class Collator:
             try:
                 a, i, v, kwargs = process_mm_info(conversation, self.use_audio_in_video, return_video_kwargs=True)
             except MediaError:
-                self.skipped["media does not decode"] += 1
+                self.skipped["media does not decode or is too large"] += 1
                 continue
             kept.append(conversation)
             audios += a or []

@@ -13,6 +13,7 @@ from mindone_ext import Qwen2_5OmniProcessor
 from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, assistant_labels,
                                   clip_by_global_norm, cosine_with_warmup)
 from tests.conftest import SHIPPED_CHECKPOINT
+from tests.hostile_media import png_declaring
 
 sys.path.insert(0, os.path.join(os.path.dirname(SHIPPED_CHECKPOINT)))
 from demo_media import write_image, write_ocr_dataset, write_wav, speech_like  # noqa: E402
@@ -53,6 +54,50 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
     assert first[0]["content"][0] == {"type": "image", "image": str(tmp_path / "ok.png")}
     assert first[0]["content"][1] == {"type": "text", "text": "Read it."}
     assert first[1] == {"role": "assistant", "content": "x + 1"}
+
+
+def test_hostile_rows_are_skipped_and_counted_too(tmp_path, processor):
+    write_image(str(tmp_path / "ok.png"), 56, 56)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_declaring(20000, 20000))  # 20000 x 20000 declared in a few bytes
+    ok = {"image": "ok.png", "text": "x + 1"}
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        ok,
+        {"messages": [{"role": "user", "content": [5]}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": ["a bare string is text"]}, {"role": "assistant", "content": "b"}]},
+        {"image": "ok.png", "text": "x <|IMAGE|> y"},
+        {"messages": [{"role": "user", "content": "<|im_start|>system"}, {"role": "assistant", "content": "c"}]},
+        {"image": "http://example.com/a.png", "text": "remote"},
+        {"image": "huge.png", "text": "bomb"},
+    ])
+    with open(path, "ab") as f:
+        f.write(b'{"image": "ok.png", "text": "\xff\xfe"}\n')  # not UTF-8
+    data = ConversationDataset(path, prompt="Read it.")
+    assert dict(data.skipped) == {"malformed content item": 1, "text holds a special token": 2,
+                                  "remote image (fetching is off: allow_remote / --allow_remote_media)": 1,
+                                  "not UTF-8": 1}
+    assert len(data) == 3 and data[1][0]["content"] == [{"type": "text", "text": "a bare string is text"}]
+    collate = Collator(processor)
+    batch = collate(list(data))
+    assert batch["input_ids"].shape[0] == 2 and collate.skipped == {"media does not decode or is too large": 1}
+    assert len(ConversationDataset(path, prompt="Read it.", allow_remote=True)) == 4  # fetched only when asked
+
+
+def test_resume_passes_over_a_damaged_checkpoint(tmp_path):
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+    from mindone_ext.nn.lora import LoraConfig, apply_lora
+    from mindone_ext.training import resume_latest, save_checkpoint
+
+    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(SHIPPED_CHECKPOINT, enable_audio_output=False).thinker
+    apply_lora(thinker, LoraConfig(r=2, lora_alpha=4))
+    optimizer = AdamW(thinker.trainable_params(), lr=1e-3)
+    for step in (1, 2):
+        save_checkpoint(str(tmp_path), thinker, optimizer, {"global_step": step, "log_history": []})
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hi')  # cut short
+    path, state = resume_latest(str(tmp_path), thinker, optimizer)
+    assert path.endswith("checkpoint-1") and state["global_step"] == 1
+    (tmp_path / "checkpoint-1" / "optimizer.safetensors").write_bytes(b"\x00" * 4)
+    assert resume_latest(str(tmp_path), thinker, optimizer) == (None, None)
 
 
 def test_missing_or_empty_dataset_is_an_error(tmp_path):
@@ -99,7 +144,7 @@ def test_collator_pads_batches_and_masks_prompt_media_and_padding(processor, tmp
     os.remove(folder / "images" / "1.png")  # disappears after indexing: dropped at batch time, counted
     collate = Collator(processor)
     batch = collate([data[0], data[1], data[2]])
-    assert collate.skipped == {"media does not decode": 1}
+    assert collate.skipped == {"media does not decode or is too large": 1}
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape[0] == 2 and batch["image_grid_thw"].shape == (2, 3)
     assert (labels[mask == 0] == -100).all()
