@@ -2,60 +2,114 @@
 
     GET  /                     the voice-chat page (static/)
     GET  /health               {"status", "sessions", "active", "queued", "caches"}
-    GET  /v1/models            the one model, OpenAI-style
+    GET  /v1/models            the one model, OpenAI-style (and /v1/models/{id})
     GET  /v1/voice             WebSocket: the voice conversation (docs/voice_service.md)
     POST /v1/chat/completions  OpenAI's chat completions, streamed as server-sent events or whole
 
 With an API key, /v1/* needs `Authorization: Bearer KEY` (browsers, which cannot set headers on a
 WebSocket, may pass `?api_key=KEY`); the page and /health stay open, they carry no conversation.
+Other web pages cannot drive the server from a visitor's browser: a request that carries an
+`Origin` other than this server's own (or one of --allowed_origins) is refused, bodies must be
+JSON (a form or text/plain POST needs no browser preflight), and a server on loopback answers only
+to a loopback Host (a DNS-rebound name is refused).
 """
 import asyncio
+import copy
 import hmac
 import json
+import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import numpy as np
 from aiohttp import web
 
 from ..models.qwen2_5_omni.streaming import AudioChunk, TextDelta
-from .engine import Busy, Engine, Failed, Finished
-from .openai_api import ApiError, ChatRequest, prepare_inputs
+from .engine import Busy, Engine, Failed, Finished, Stopped, error_id
+from .openai_api import ApiError, AudioTranscripts, ChatRequest, prepare_inputs
 from .voice import VoiceConversation
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 ENGINE = web.AppKey("engine", Engine)
 STATE = web.AppKey("state", dict)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+log = logging.getLogger(__name__)
 
 
-def create_app(model, processor, options):
-    app = web.Application(client_max_size=options.max_request_bytes, middlewares=[_errors, _auth(options.api_key)])
-    app[STATE] = {"model": model, "processor": processor, "options": options, "sessions": 0}
+def create_app(model, processor, options, loopback=True):
+    """`loopback`: the server listens on a loopback address only (then the Host header must name one)."""
+    app = web.Application(client_max_size=options.max_request_bytes,
+                          middlewares=[_errors, _same_origin(options.allowed_origins, loopback), _auth(options.api_key)])
+    app[STATE] = {"model": model, "processor": processor, "options": options, "sessions": 0,
+                  "started": int(time.time()), "transcripts": AudioTranscripts(), "sockets": set()}
     app.router.add_get("/", _page)
     app.router.add_static("/static/", STATIC)
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/v1/voice", _voice)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.cleanup_ctx.append(_engine)
+    app.on_shutdown.append(_stop_serving)
     return app
 
 
+async def _stop_serving(app):
+    """Shutdown: the model thread stops after its current step (answers in progress end with an
+    error), then every voice conversation is closed with 1001 (going away)."""
+    await asyncio.to_thread(app[ENGINE].stop)
+    for ws in list(app[STATE]["sockets"]):
+        await ws.close(code=1001, message=b"the server is shutting down")
+
+
 async def _engine(app):
-    options = app[STATE]["options"]
+    state = app[STATE]
+    options = state["options"]
     app[ENGINE] = Engine(options.max_active, options.max_queue)
+    # Requests are decoded and tokenized on one thread with a processor of its own: a fast tokenizer
+    # used from two threads at once fails ("Already borrowed"); the model thread keeps the original.
+    state["preprocess"] = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
+    state["request_processor"] = copy.deepcopy(state["processor"])
     yield
     app[ENGINE].stop()
+    state["preprocess"].shutdown(wait=False, cancel_futures=True)
 
 
 def _auth(api_key):
+    expected = (api_key or "").encode()
+
     @web.middleware
     async def check(request, handler):
         if api_key and request.path.startswith("/v1/"):
             header = request.headers.get("Authorization", "")
             given = header[len("Bearer "):] if header.startswith("Bearer ") else request.query.get("api_key", "")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
+            # headers are decoded leniently: a key that is not text is simply wrong
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
                 raise ApiError(401, "invalid or missing API key: send Authorization: Bearer KEY",
                                code="invalid_api_key")
+        return await handler(request)
+    return check
+
+
+def _same_origin(allowed_origins, loopback):
+    allowed = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
+
+    @web.middleware
+    async def check(request, handler):
+        host = request.host or ""
+        if loopback and urlsplit(f"//{host}").hostname not in LOOPBACK_HOSTS:
+            raise ApiError(403, f"Host {host!r} is not this loopback server's: use http://127.0.0.1 or "
+                                "http://localhost", code="host_not_allowed")
+        origin = request.headers.get("Origin")
+        if origin is not None and request.path.startswith("/v1/") and origin.rstrip("/") not in allowed \
+                and urlsplit(origin).netloc != host:
+            raise ApiError(403, f"web pages from {origin} may not call this server: use its own page, or start it "
+                                f"with --allowed_origins {origin}", code="origin_not_allowed")
+        if request.method == "POST" and request.content_type != "application/json":
+            raise ApiError(415, f"the request body must be JSON (Content-Type: application/json), got "
+                                f"{request.content_type!r}", code="unsupported_media_type")
         return await handler(request)
     return check
 
@@ -69,6 +123,12 @@ async def _errors(request, handler):
     except web.HTTPRequestEntityTooLarge as e:
         return web.json_response(ApiError(413, f"request body too large: {e.text}", code="too_large").body(),
                                  status=413)
+    except web.HTTPException as e:  # 404, 405, ...: OpenAI-shaped too, so clients can read them
+        if e.status < 400:
+            raise
+        return web.json_response(ApiError(e.status, f"{request.method} {request.path}: {e.reason}",
+                                          code=e.reason.lower().replace(" ", "_")).body(),
+                                 status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
 
 
 async def _page(request):
@@ -86,9 +146,21 @@ def _caches_in_use(model):
     return sum(runner.caches_in_use() for runner in runners)
 
 
+def _model_card(state):
+    name = os.path.basename(os.path.normpath(state["model"].name_or_path or "qwen2.5-omni"))
+    return {"id": name, "object": "model", "created": state["started"], "owned_by": "local"}
+
+
 async def _models(request):
-    name = os.path.basename(os.path.normpath(request.app[STATE]["model"].name_or_path or "qwen2.5-omni"))
-    return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]})
+    return web.json_response({"object": "list", "data": [_model_card(request.app[STATE])]})
+
+
+async def _model(request):
+    card = _model_card(request.app[STATE])
+    if request.match_info["model_id"] != card["id"]:
+        raise ApiError(404, f"model {request.match_info['model_id']!r} does not exist; this server has {card['id']!r}",
+                       "model", "model_not_found")
+    return web.json_response(card)
 
 
 async def _voice(request):
@@ -103,47 +175,51 @@ async def _voice(request):
         await ws.close(code=1013, message=b"too many sessions")
         return ws
     state["sessions"] += 1
+    state["sockets"].add(ws)
     try:
         await VoiceConversation(ws, request.app[ENGINE], state["model"], state["processor"], options).run()
-    except ConnectionError:  # the client went away mid-send; its conversation was closed on the way out
+    except (ConnectionError, Stopped):  # the client went away mid-send, or the server is stopping
         pass
     finally:
         state["sessions"] -= 1
+        state["sockets"].discard(ws)
         await ws.close()
     return ws
 
 
 async def _chat_completions(request):
     state, engine = request.app[STATE], request.app[ENGINE]
-    model, processor = state["model"], state["processor"]
-    try:
-        body = await request.json()
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ApiError(400, f"the request body is not JSON: {e}") from None
+    model, options = state["model"], state["options"]
+    body = _json_body(await request.read())
     loop = asyncio.get_running_loop()
-    chat = await loop.run_in_executor(None, ChatRequest, body, state["options"], model)
+    chat = await loop.run_in_executor(state["preprocess"], ChatRequest, body, options, model, state["transcripts"])
     try:
-        inputs = await loop.run_in_executor(None, prepare_inputs, processor, chat.conversation)
+        inputs = await loop.run_in_executor(state["preprocess"], prepare_inputs, state["request_processor"],
+                                            chat.conversation)
     except ValueError as e:  # MediaError among them
         raise ApiError(400, str(e), "messages") from None
     prompt_tokens = int(inputs["input_ids"].shape[1])
-    context = model.config.thinker_config.text_config.max_position_embeddings
+    context = min(options.max_context_tokens, model.config.thinker_config.text_config.max_position_embeddings)
     if prompt_tokens + chat.settings.max_new_tokens > context:
         raise ApiError(400, f"the conversation is {prompt_tokens} tokens; with max_completion_tokens "
-                            f"{chat.settings.max_new_tokens} it exceeds the context length {context}", "messages",
-                       "context_length_exceeded")
+                            f"{chat.settings.max_new_tokens} it exceeds this server's limit of {context} tokens",
+                       "messages", "context_length_exceeded")
     kwargs = chat.settings.generate_kwargs()
+    tokenizer = state["processor"].tokenizer  # the model thread's own
     try:
-        generation = engine.submit(lambda: model.generate_stream(tokenizer=processor.tokenizer, **inputs, **kwargs))
+        generation = engine.submit(lambda: model.generate_stream(tokenizer=tokenizer, **inputs, **kwargs))
     except Busy as e:
         raise ApiError(503, f"the server is busy ({e}): try again", code="busy") from None
     answer = _Answer(model, chat.settings.max_new_tokens, prompt_tokens)
     if not chat.stream:
         try:
-            async for _ in answer.events(generation):
+            async for _ in answer.events(generation, request):
                 pass
+        except ConnectionError:  # the client went away: nobody is waiting for the answer
+            return web.Response(status=499)
         finally:
-            await engine.cancel(generation)
+            await engine.cancel(generation)  # stops an abandoned answer (a no-op when it finished)
+        chat.remember(state["transcripts"], answer.text)
         return web.json_response(chat.completion(answer.text, answer.audio(), answer.finish_reason, answer.usage()))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -153,12 +229,13 @@ async def _chat_completions(request):
 
     try:
         await send(chat.chunk({"role": "assistant", "content": None if chat.settings.audio else ""}))
-        async for event in answer.events(generation):
+        async for event in answer.events(generation, request):
             if isinstance(event, TextDelta):
                 await send(chat.chunk(chat.text_delta(event.text)))
             else:
                 await send(chat.chunk(chat.audio_delta(event.audio)))
         await send(chat.chunk(finish_reason=answer.finish_reason))
+        chat.remember(state["transcripts"], answer.text)
         if chat.include_usage:
             await send(chat.chunk(usage=answer.usage()))
         await response.write(b"data: [DONE]\n\n")
@@ -171,6 +248,14 @@ async def _chat_completions(request):
     return response
 
 
+def _json_body(raw):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested beyond the parser's depth
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ApiError(400, f"the request body is not JSON: {reason}") from None
+
+
 class _Answer:
     """A generation's events, kept for the totals OpenAI's answer carries."""
 
@@ -179,14 +264,24 @@ class _Answer:
         self.max_new_tokens, self.prompt_tokens = max_new_tokens, prompt_tokens
         self.tokens, self.pieces, self.chunks = [], [], []
 
-    async def events(self, generation):
-        """TextDelta (with text) and AudioChunk events; raises ApiError if the generation fails."""
+    async def events(self, generation, request):
+        """TextDelta (with text) and AudioChunk events; raises ApiError if the generation fails and
+        ConnectionResetError when the client has gone away (checked every second)."""
         while True:
-            event = await generation.events.get()
+            try:
+                event = await asyncio.wait_for(generation.events.get(), 1.0)
+            except asyncio.TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError("the client disconnected") from None
+                continue
             if isinstance(event, Finished):
                 return
             if isinstance(event, Failed):
-                raise ApiError(500, f"generation failed: {type(event.error).__name__}: {event.error}",
+                if isinstance(event.error, Stopped):
+                    raise ApiError(503, str(event.error), code="shutting_down")
+                if isinstance(event.error, ValueError):  # refused by the model's own checks
+                    raise ApiError(400, str(event.error), code="invalid_request")
+                raise ApiError(500, f"generation failed: internal error {error_id(log, 'answer', event.error)}",
                                code="generation_failed")
             if isinstance(event, TextDelta):
                 self.tokens.append(event.token_id)

@@ -11,11 +11,16 @@ import asyncio
 import collections
 import ctypes
 import threading
+import uuid
 from dataclasses import dataclass
 
 
 class Busy(Exception):
     """The queue of waiting generations is full."""
+
+
+class Stopped(Exception):
+    """The server is shutting down: the model thread takes no more work."""
 
 
 @dataclass
@@ -31,6 +36,14 @@ class Finished:
 @dataclass
 class Failed:
     error: BaseException
+
+
+def error_id(log, what, error=None):
+    """Log an unexpected error with its trace under a short id, and return the id: the client
+    gets the id (to quote in a report), never the trace or server paths."""
+    eid = uuid.uuid4().hex[:12]
+    log.error("%s failed (error id %s)", what, eid, exc_info=error or True)
+    return eid
 
 
 class Generation:
@@ -66,6 +79,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self.wake:
+            if self.stopping:
+                raise Stopped("the server is shutting down")
             self.calls.append((fn, args, future, loop))
             self.wake.notify()
         return await future
@@ -75,6 +90,8 @@ class Engine:
         iterator. Raises Busy when `max_queue` generations are already waiting."""
         generation = Generation(start, asyncio.get_running_loop())
         with self.wake:
+            if self.stopping:
+                raise Stopped("the server is shutting down")
             ahead = len(self.active) + len(self.waiting)
             if ahead >= self.max_active + self.max_queue:
                 raise Busy(f"{len(self.active)} answers are being generated and {len(self.waiting)} are waiting")
@@ -92,11 +109,14 @@ class Engine:
         with self.wake:
             return {"active": len(self.active), "queued": len(self.waiting)}
 
-    def stop(self):
+    def stop(self, timeout=5.0):
+        """Stop the model thread after its current step: waiting calls fail with Stopped, running
+        and queued generations end with Failed(Stopped). Returns after at most `timeout` seconds
+        (a step that takes longer is abandoned to the daemon thread)."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
-        self.thread.join()
+        self.thread.join(timeout)
 
     # ---------------------------------------------------------------- model thread
 
@@ -117,6 +137,7 @@ class Engine:
             worked = True
             with self.wake:
                 if self.stopping:
+                    calls, self.calls = list(self.calls), collections.deque()
                     break
                 calls = list(self.calls)
                 self.calls.clear()
@@ -131,8 +152,11 @@ class Engine:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             for generation in running:
                 self._step(generation)
+        for _, _, future, loop in calls:
+            loop.call_soon_threadsafe(_settle, future, None, Stopped("the server is shutting down"))
         for generation in list(self.active) + list(self.waiting):
             self._close(generation)
+            generation.deliver(Failed(Stopped("the server is shutting down")))
 
     def _step(self, generation):
         if generation.done:

@@ -2,17 +2,23 @@
 `openai` package among them) talk to the model: text and `input_audio` / `image_url` parts in,
 text and speech out, whole or streamed as server-sent events.
 
-What is honoured: messages (system, user, assistant; string or part-list content),
-modalities (["text"] or ["text", "audio"]), audio.voice (a speaker of the checkpoint),
-audio.format ("pcm16": 16-bit 24 kHz mono; "wav" when not streaming), stream,
-stream_options.include_usage, max_completion_tokens / max_tokens, seed, temperature and top_p
-(sampling when temperature > 0; greedy otherwise, the default), n (1); and one of ours,
-talker_max_new_tokens (codec tokens of the spoken answer, 50 per second). Other fields are ignored.
-Media come inline only (base64), never as paths or URLs the server would open.
+What is honoured: messages (system, user, assistant; string or part-list content; an earlier
+spoken answer by its `audio.id`), modalities (["text"] or ["text", "audio"]), audio.voice (a
+speaker of the checkpoint), audio.format ("pcm16": 16-bit 24 kHz mono; "wav" when not streaming),
+stream, stream_options.include_usage, max_completion_tokens / max_tokens, seed, temperature and
+top_p (sampling when temperature > 0; greedy otherwise, the default), n (1); and one of ours,
+talker_max_new_tokens (codec tokens of the spoken answer, 50 per second). Fields that do not
+change the answer (user, metadata, ...) are accepted; anything else that would change it and is
+not implemented (tools, stop, response_format, logprobs, penalties, ...) is refused with a 400
+naming it, never silently ignored. Media come inline only (base64), never as paths or URLs the
+server would open.
 """
 import base64
 import binascii
+import collections
 import io
+import json
+import threading
 import time
 import uuid
 import wave
@@ -20,10 +26,21 @@ import wave
 import numpy as np
 
 from ..models.qwen2_5_omni.session import SYSTEM_PROMPT
-from ..utils.media import MediaError, load_audio, load_image
-from .options import AUDIO_IN_RATE, AnswerSettings, BadSetting
+from ..utils.media import MediaError, MediaTooLong, load_audio, load_image
+from .options import AnswerSettings, BadSetting
 
 OUTPUT_RATE = 24000
+ANSWERED = ("model", "messages", "modalities", "audio", "stream", "stream_options", "max_completion_tokens",
+            "max_tokens", "seed", "temperature", "top_p", "n", "talker_max_new_tokens")
+NO_EFFECT = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+             "parallel_tool_calls")
+# Not implemented: refused unless given as the value that means "off".
+OFF_VALUES = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+              "function_call": (None, "none"), "stop": (None, [], ""), "logprobs": (None, False),
+              "top_logprobs": (None, 0), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+              "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "prediction": (None,),
+              "reasoning_effort": (None,), "web_search_options": (None,)}
+AUDIO_EXPIRY_SECONDS = 3600
 
 
 class ApiError(Exception):
@@ -38,13 +55,33 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
+class AudioTranscripts:
+    """What each spoken answer said, by its audio id, for an hour (as OpenAI keeps them): a later
+    request may send the assistant's turn as just {"audio": {"id": ...}}. At most `capacity` kept."""
+
+    def __init__(self, capacity=10000):
+        self.capacity, self.items, self.lock = capacity, collections.OrderedDict(), threading.Lock()
+
+    def remember(self, audio_id, transcript):
+        with self.lock:
+            self.items[audio_id] = (time.time() + AUDIO_EXPIRY_SECONDS, transcript)
+            while len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+
+    def recall(self, audio_id):
+        with self.lock:
+            expires, transcript = self.items.get(audio_id, (0, None))
+        return transcript if time.time() < expires else None
+
+
 class ChatRequest:
     """A request body, checked: the conversation (media decoded), the answer settings, the output."""
 
-    def __init__(self, body, options, model):
+    def __init__(self, body, options, model, transcripts=None):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        self.model_name = body.get("model") or "qwen2.5-omni"
+        _refuse_unsupported(body)
+        self.model_name = _typed(body, "model", str, None) or "qwen2.5-omni"
         self.stream = _typed(body, "stream", bool, False)
         self.include_usage = bool((_typed(body, "stream_options", dict, None) or {}).get("include_usage"))
         if _typed(body, "n", int, 1) != 1:
@@ -61,24 +98,31 @@ class ChatRequest:
             values["speaker"] = audio["voice"]
         self.settings = AnswerSettings.defaults(options)
         try:
+            self.settings.update({"modalities": values.pop("modalities")}, options, model.speakers)
+            if self.settings.audio and not model.has_talker:
+                raise ApiError(400, 'this server was started without audio output: ask for modalities ["text"]',
+                               "modalities")
             self.settings.update(values, options, model.speakers)
         except BadSetting as e:
-            raise ApiError(400, str(e), "audio.voice" if "speaker" in str(e) else None) from None
-        if self.settings.audio and not model.has_talker:
-            raise ApiError(400, 'this server was started without audio output: ask for modalities ["text"]',
-                           "modalities")
+            raise ApiError(400, str(e), {"speaker": "audio.voice", "max_new_tokens": "max_completion_tokens"}.get(
+                e.name, e.name)) from None
         self.audio_format = audio.get("format", "pcm16")
         if self.audio_format not in (("pcm16",) if self.stream else ("pcm16", "wav")):
             raise ApiError(400, f"audio.format {self.audio_format!r} is not supported"
                                 f"{' when streaming' if self.stream else ''}: use pcm16"
                                 f"{'' if self.stream else ' or wav'}", "audio.format")
-        self.conversation = _conversation(body.get("messages"), options.max_audio_seconds)
+        self.conversation = _conversation(body.get("messages"), options.max_audio_seconds, transcripts)
         if self.settings.audio and self.conversation[0]["role"] != "system":
             # the released model speaks only under this system prompt (its model card says so)
             self.conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]})
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.audio_id = f"audio_{uuid.uuid4().hex}"
         self.created = int(time.time())
+
+    def remember(self, transcripts, text):
+        """A spoken answer's transcript, for a later turn that refers to it by its audio id."""
+        if self.settings.audio:
+            transcripts.remember(self.audio_id, text)
 
     def chunk(self, delta=None, finish_reason=None, usage=None):
         """One server-sent event's data (object chat.completion.chunk)."""
@@ -101,7 +145,7 @@ class ChatRequest:
         if self.settings.audio:
             data = pcm16(samples) if self.audio_format == "pcm16" else wav_bytes(samples)
             message["audio"] = {"id": self.audio_id, "data": base64.b64encode(data).decode(),
-                                "expires_at": self.created + 3600, "transcript": text}
+                                "expires_at": self.created + AUDIO_EXPIRY_SECONDS, "transcript": text}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}], "usage": usage}
 
@@ -129,14 +173,25 @@ def wav_bytes(samples):
     return out.getvalue()
 
 
+def _refuse_unsupported(body):
+    for name, value in body.items():
+        if name in ANSWERED or name in NO_EFFECT:
+            continue
+        if name not in OFF_VALUES:
+            raise ApiError(400, f"unknown field {name!r}", name, "unknown_parameter")
+        if not any(value == off and type(value) is type(off) for off in OFF_VALUES[name]):
+            raise ApiError(400, f"{name} is not supported by this server (got {json.dumps(value)[:80]}); "
+                                "leave it out", name, "unsupported_parameter")
+
+
 def _typed(body, name, kind, default):
     value = body.get(name, default)
     if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-        raise ApiError(400, f"{name} must be a {kind.__name__}, got {value!r}", name)
+        raise ApiError(400, f"{name} must be a {kind.__name__}, got {json.dumps(value)[:80]}", name)
     return value
 
 
-def _conversation(messages, max_audio_seconds):
+def _conversation(messages, max_audio_seconds, transcripts):
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     conversation = []
@@ -147,7 +202,7 @@ def _conversation(messages, max_audio_seconds):
         role = "system" if message["role"] == "developer" else message["role"]
         content = message.get("content")
         if content is None and role == "assistant":
-            content = (message.get("audio") or {}).get("transcript", "")  # an earlier spoken answer
+            content = _earlier_answer(message.get("audio"), transcripts, where)
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
@@ -159,22 +214,37 @@ def _conversation(messages, max_audio_seconds):
     return conversation
 
 
+def _earlier_answer(audio, transcripts, where):
+    """An assistant turn given as {"audio": {"id": ...}}: the transcript of that spoken answer."""
+    if audio is None:
+        return ""
+    audio_id = audio.get("id") if isinstance(audio, dict) else None
+    if not isinstance(audio_id, str):
+        raise ApiError(400, f"{where}.audio must be {{\"id\": \"audio_...\"}}", f"{where}.audio")
+    transcript = transcripts.recall(audio_id) if transcripts is not None else None
+    if transcript is None:
+        raise ApiError(400, f"{where}.audio.id {audio_id!r} is not a spoken answer of this server from the "
+                            "last hour: send its transcript as content instead", f"{where}.audio.id")
+    return transcript
+
+
 def _part(part, where, max_audio_seconds):
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return {"type": "text", "text": part["text"]}
     if kind == "input_audio":
-        audio = part.get("input_audio") or {}
+        audio = part.get("input_audio")
+        if not isinstance(audio, dict):
+            raise ApiError(400, f"{where}.input_audio must be an object with base64 data", where)
         try:
-            samples = load_audio(_base64(audio.get("data"), where), what=f"{where} audio")
+            samples = load_audio(_base64(audio.get("data"), where), what=f"{where} audio",
+                                 max_seconds=max_audio_seconds)
         except MediaError as e:
-            raise ApiError(400, str(e), where) from None
-        if len(samples) > max_audio_seconds * AUDIO_IN_RATE:
-            raise ApiError(400, f"{where}: {len(samples) / AUDIO_IN_RATE:.1f} s of audio; at most "
-                                f"{max_audio_seconds:g} s per clip", where, "audio_too_long")
+            raise ApiError(400, str(e), where, "audio_too_long" if isinstance(e, MediaTooLong) else None) from None
         return {"type": "audio", "audio": samples}
     if kind == "image_url":
-        url = (part.get("image_url") or {}).get("url", "")
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
         header, _, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
         if not (header.startswith("data:") and header.endswith(";base64")):
             raise ApiError(400, f"{where}: images come inline, as a base64 data URL", where)
@@ -183,8 +253,6 @@ def _part(part, where, max_audio_seconds):
         except MediaError as e:
             raise ApiError(400, str(e), where) from None
     raise ApiError(400, f"{where}: a part is {{type: text | input_audio | image_url}} with its field", where)
-
-
 def _base64(data, where):
     if not isinstance(data, str) or not data:
         raise ApiError(400, f"{where}: missing base64 data", where)

@@ -15,14 +15,21 @@ class ServeOptions:
     max_audio_seconds: float = 30.0  # one user turn (the feature extractor's window is 30 s)
     max_message_bytes: int = 1 << 20  # one WebSocket frame
     max_request_bytes: int = 32 << 20  # one HTTP request body (media come base64 encoded)
+    max_context_tokens: int = 8192  # tokens of one conversation or request, prompt and answers (at most the model's context)
     max_new_tokens: int = 256  # text tokens of an answer, at most
     talker_max_new_tokens: int = 4096  # codec tokens of an answer (50 per second of speech), at most
     speaker: str = "Chelsie"
     api_key: Optional[str] = None
+    allowed_origins: str = ""  # web pages (besides this server's own) that may call it: comma-separated origins
 
 
 class BadSetting(ValueError):
-    """A client's setting that is unknown or out of range; the message names it."""
+    """A client's setting that is unknown, of the wrong type or out of range; the message names it,
+    `name` is the setting's."""
+
+    def __init__(self, message, name=None):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass
@@ -46,11 +53,13 @@ class AnswerSettings:
         known = {f.name for f in fields(self)} - {"audio"} | {"modalities"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise BadSetting(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+            raise BadSetting(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}", unknown[0])
         if "speaker" in values:
-            if values["speaker"] not in speakers:
-                raise BadSetting(f"unknown speaker {values['speaker']!r}; available: {', '.join(sorted(speakers))}")
-            self.speaker = values["speaker"]
+            speaker = values["speaker"]
+            if not isinstance(speaker, str) or speaker not in speakers:
+                listed = ", ".join(sorted(speakers)) or "none (this server speaks no answers)"
+                raise BadSetting(f"unknown speaker {speaker!r}; available: {listed}", "speaker")
+            self.speaker = speaker
         for name, cap in (("max_new_tokens", options.max_new_tokens),
                           ("talker_max_new_tokens", options.talker_max_new_tokens)):
             if name in values:
@@ -73,20 +82,22 @@ class AnswerSettings:
 
 
 def wants_audio(modalities):
-    if not isinstance(modalities, list) or not modalities or not set(modalities) <= set(MODALITIES):
-        raise BadSetting(f"modalities must be a non-empty list of {list(MODALITIES)}, got {modalities!r}")
+    if not (isinstance(modalities, list) and modalities
+            and all(isinstance(m, str) and m in MODALITIES for m in modalities)):
+        raise BadSetting(f"modalities must be a non-empty list of {list(MODALITIES)}, got {modalities!r}",
+                         "modalities")
     if "text" not in modalities:
-        raise BadSetting('modalities must include "text" (the model speaks what it writes)')
+        raise BadSetting('modalities must include "text" (the model speaks what it writes)', "modalities")
     return "audio" in modalities
 
 
 def _int_in(value, name, low, high):
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadSetting(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        raise BadSetting(f"{name} must be an integer in [{low}, {high}], got {value!r}", name)
     return value
 
 
 def _float_in(value, name, low, high):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise BadSetting(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+        raise BadSetting(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", name)
     return float(value)

@@ -13,10 +13,10 @@ import logging
 import numpy as np
 from aiohttp import WSMsgType
 
-from ..models.qwen2_5_omni.session import ConversationSession
+from ..models.qwen2_5_omni.session import ConversationFull, ConversationSession
 from ..models.qwen2_5_omni.streaming import SAMPLE_RATE, AudioChunk, TextDelta
-from .engine import Busy, Failed, Finished, Started
-from .options import AUDIO_IN_RATE, AnswerSettings, BadSetting
+from .engine import Busy, Failed, Finished, Started, Stopped, error_id
+from .options import AUDIO_IN_RATE, AnswerSettings, BadSetting, wants_audio
 from .vad import SpeechStarted, SpeechStopped, TurnDetector
 
 AUDIO_FORMAT = "pcm_s16le"
@@ -87,20 +87,37 @@ class VoiceConversation:
                     await self.error(e.code, str(e))
                 except BadSetting as e:
                     await self.error("bad_config", str(e))
-                except ValueError as e:  # refused by the session (e.g. a conversation past the context length)
-                    await self.error("bad_request", str(e))
-                except Exception as e:  # noqa: BLE001  (a bug of ours: say so, keep serving)
-                    log.exception("voice conversation")
-                    await self.error("internal", f"{type(e).__name__}: {e}")
+                except Stopped:
+                    break  # the server is shutting down: the connection closes with 1001
+                except ConversationFull as e:
+                    await self.error("conversation_full", f"{e}; the turn was dropped")
+                except ValueError as e:  # refused by the session: the turn was dropped
+                    await self.error("bad_request", f"{e}; the turn was dropped")
+                except Exception:  # noqa: BLE001  (a bug of ours: the trace to the log, a short note to the client)
+                    await self.error("internal", f"internal error {error_id(log, 'voice conversation')}: the turn "
+                                                 "was dropped, the conversation goes on")
+                finally:
+                    self.after_message()
         finally:
-            await self.stop_answer(None)
-            if self.session is not None:
-                await self.engine.call(self.session.close)
+            try:
+                await self.stop_answer(None)
+                if self.session is not None:
+                    await self.engine.call(self.session.close)
+            except Stopped:
+                pass  # the model thread is gone, and its caches with it
+
+    def after_message(self):
+        """A failed session call has rewound the conversation to before the open turn: the rest
+        of that turn's audio is dropped until it ends."""
+        if self.turn_open and self.session is not None and self.session.audio is None:
+            self.discarding = True
 
     async def conversation(self):
         if self.session is None:
-            args = (self.model, self.processor) + ((self.system_prompt,) if self.system_prompt is not None else ())
-            self.session = await self.engine.call(ConversationSession, *args)
+            kwargs = {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
+            self.session = await self.engine.call(lambda: ConversationSession(
+                self.model, self.processor, max_tokens=self.options.max_context_tokens,
+                answer_room=self.settings.max_new_tokens, **kwargs))
         return self.session
 
     # ------------------------------------------------------------------ messages
@@ -151,11 +168,13 @@ class VoiceConversation:
                 raise BadSetting("system_prompt can only be set before the first turn")
             if not isinstance(system_prompt, str):
                 raise BadSetting("system_prompt must be a string")
-        if "audio" in (values.get("modalities") or []) and not self.model.has_talker:
+        if "modalities" in values and wants_audio(values["modalities"]) and not self.model.has_talker:
             raise BadSetting('this server was started without audio output: ask for modalities ["text"]')
         settings = copy.copy(self.settings)
         settings.update(values, self.options, self.model.speakers)
         self.vad, self.system_prompt, self.settings = vad, system_prompt, settings
+        if self.session is not None:
+            self.session.answer_room = settings.max_new_tokens  # later turns keep room for such answers
         await self.send({"type": "config.done"})
 
     # ------------------------------------------------------------------ audio
@@ -250,7 +269,14 @@ class VoiceConversation:
                                  "audio_samples": samples})
                 break
             elif isinstance(event, Failed):
-                await self.error("generation_failed", f"turn {turn}: {type(event.error).__name__}: {event.error}")
+                error = event.error
+                if isinstance(error, Stopped):
+                    code, message = "shutting_down", error
+                elif isinstance(error, ValueError):  # refused before it began (e.g. no room for the answer)
+                    code, message = "conversation_full" if isinstance(error, ConversationFull) else "bad_request", error
+                else:
+                    code, message = "generation_failed", f"internal error {error_id(log, 'answer', error)}"
+                await self.error(code, f"turn {turn}: {message}; the turn was dropped, the conversation goes on")
                 break
 
     async def stop_answer(self, reason):

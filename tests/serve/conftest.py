@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "qwen2_5_omni"))  # demo_media
 
 API_KEY = "test-key"
 LIMITS = {"max_new_tokens": 8, "talker_max_new_tokens": 200, "max_audio_seconds": 5, "max_message_bytes": 262144,
-          "idle_timeout": 8, "max_active": 1, "max_queue": 1}
+          "idle_timeout": 8, "max_active": 1, "max_queue": 1, "max_context_tokens": 2048}
 
 
 @pytest.fixture(scope="session")

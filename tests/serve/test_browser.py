@@ -47,10 +47,19 @@ def test_page_hears_a_microphone_and_plays_the_answer(server, tmp_path):
             page.click("#stop")
             page.wait_for_selector(".assistant.cancelled", timeout=60000)
             stats = page.evaluate("window.voiceStats")
-            user_turns = page.locator(".user").count()
+            user_turns = page.locator(".user").all_text_contents()
             answer = page.locator(".assistant").first.text_content()
+            problem_shown = page.locator("#problem").is_visible()
+            page.fill("#text", "x" * 400)  # one unbroken 400-character word wraps inside the page
+            page.click("#send")
+            wraps = page.evaluate("(() => { const t = [...document.querySelectorAll('.user')].pop(); "
+                                  "return t.scrollWidth <= t.clientWidth; })()")
         finally:
             browser.close()
-    assert stats["errors"] == [] and user_turns == 1
+    assert stats["errors"] == [] and not problem_shown and wraps
+    assert len(user_turns) == 1 and user_turns[0].endswith("s of speech")  # the spoken turn, with its length
     assert answer and stats["transcript"].startswith(answer[:1])
-    assert stats["secondsScheduled"] > 0
+    assert stats["secondsScheduled"] > 0 and stats["maxLevel"] > 0  # the meter moved with the question
+    states = stats["states"]  # what the state pill showed, in order
+    assert states[0] == "listening" and {"hearing", "thinking", "speaking"} <= set(states)
+    assert states.index("hearing") < states.index("thinking") < states.index("speaking")

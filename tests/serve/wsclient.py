@@ -14,10 +14,11 @@ class VoiceClient:
         self.audio = []  # binary frames since the last take_audio(), float32
 
     @classmethod
-    async def connect(cls, server, key=API_KEY, **kwargs):
+    async def connect(cls, server, key=API_KEY, headers=None, **kwargs):
         http = aiohttp.ClientSession()
         try:
-            ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {key}"}, **kwargs)
+            ws = await http.ws_connect(server.ws_url, headers={"Authorization": f"Bearer {key}", **(headers or {})},
+                                       **kwargs)
         except BaseException:
             await http.close()
             raise
@@ -41,8 +42,9 @@ class VoiceClient:
                 if audio_too:
                     return {"type": "audio"}
                 continue
-            if message.type != aiohttp.WSMsgType.TEXT:
-                return {"type": "closed", "code": self.ws.close_code, "message": message.extra}
+            if message.type != aiohttp.WSMsgType.TEXT:  # the code the server sent, else the connection's
+                code = message.data if message.type == aiohttp.WSMsgType.CLOSE else self.ws.close_code
+                return {"type": "closed", "code": code, "message": message.extra}
             return json.loads(message.data)
 
     async def until(self, kind, timeout=300):

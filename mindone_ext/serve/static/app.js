@@ -1,16 +1,40 @@
 // The voice-chat page: microphone -> 16 kHz 16-bit PCM over the WebSocket; text deltas into the
 // transcript; the answer's 24 kHz float32 chunks scheduled back to back so playback has no gaps.
 // The server detects the end of each turn (voice activity detection) and cancels an answer when
-// the user speaks over it; the page then drops the audio it had scheduled.
+// the user speaks over it; the page then drops the audio it had scheduled. The state pill says
+// what is happening (listening, hearing you, thinking, speaking), a meter shows the microphone's
+// level, and a problem is shown once, in one place, until things work again.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 // What the page did, for people debugging and for the browser test.
 const stats = (window.voiceStats = { connected: false, turnsDone: 0, chunksScheduled: 0, secondsScheduled: 0,
-                                     transcript: "", errors: [] });
-let ws = null, mic = null, player = null, nextStart = 0, playing = [], answer = null;
+                                     transcript: "", errors: [], states: [], maxLevel: 0 });
+let ws = null, mic = null, player = null, nextStart = 0, playing = [], answer = null, heardSince = 0;
+let speakingTimer = null;
 
 function status(text) { $("status").textContent = text; }
+
+function setState(name, label = name) {
+  const pill = $("state");
+  pill.className = `state ${name}`;
+  pill.textContent = label;
+  if (stats.states[stats.states.length - 1] !== name) stats.states.push(name);
+}
+
+// After the last scheduled chunk has played, the assistant has stopped speaking.
+function listenAfterPlayback() {
+  clearTimeout(speakingTimer);
+  const left = player ? Math.max(0, nextStart - player.currentTime) : 0;
+  speakingTimer = setTimeout(() => { if (ws && !answer) setState("listening"); }, left * 1000);
+}
+
+function problem(text) {
+  const box = $("problem");
+  if (text === null) { box.hidden = true; box.textContent = ""; return; }
+  box.textContent = text;  // replaces the previous one: a repeated error is shown once
+  box.hidden = false;
+}
 
 function addTurn(kind, text) {
   const div = document.createElement("div");
@@ -37,6 +61,7 @@ function play(buffer) {
   const at = Math.max(player.currentTime + 0.05, nextStart);  // right after the previous chunk
   source.start(at);
   nextStart = at + chunk.duration;
+  setState("speaking");
   playing.push(source);
   source.onended = () => { playing = playing.filter((s) => s !== source); };
   stats.chunksScheduled += 1;
@@ -48,23 +73,28 @@ function onEvent(event) {
     case "ready":
       stats.connected = true;
       $("speaker").replaceChildren(...event.speakers.map((name) => new Option(name, name)));
-      status("Listening — speak, then pause.");
+      setState("listening");
+      status("Speak, then pause.");
       break;
     case "speech_started":
       stopPlayback();  // the user talks over the answer: the server cancels it
-      status("Hearing you…");
+      heardSince = performance.now();
+      setState("hearing", "hearing you");
+      status("");
       break;
     case "speech_stopped":
-      addTurn("user", "(spoken)");
-      status("Thinking…");
+      addTurn("user", `🎤 ${((performance.now() - heardSince) / 1000).toFixed(1)} s of speech`);
+      setState("thinking");
       break;
     case "queued":
+      setState("thinking");
       status(`Waiting for the model (${event.position} ahead)…`);
       break;
     case "response.start":
       answer = addTurn("assistant", "");
       $("stop").disabled = false;
-      status("Answering…");
+      setState("thinking");
+      status("");
       break;
     case "text":
       if (answer) answer.textContent += event.delta;
@@ -74,16 +104,19 @@ function onEvent(event) {
       stats.turnsDone += 1;
       $("stop").disabled = true;
       answer = null;
-      status("Listening — speak, then pause.");
+      problem(null);  // it works again
+      listenAfterPlayback();
       break;
     case "response.cancelled":
       if (answer) answer.classList.add("cancelled");
       $("stop").disabled = true;
       answer = null;
+      listenAfterPlayback();
       break;
     case "error":
       stats.errors.push(event);
-      addTurn("error", `${event.code}: ${event.message}`);
+      problem(event.message);
+      if (!answer) setState("listening");
       break;
   }
 }
@@ -105,6 +138,11 @@ async function start() {
     { audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true } });
   const node = new AudioWorkletNode(capture, "capture");
   node.port.onmessage = (m) => {
+    let energy = 0;
+    for (let i = 0; i < m.data.length; i++) energy += m.data[i] * m.data[i];
+    const level = Math.min(1, 4 * Math.sqrt(energy / m.data.length));  // speech RMS ~0.05-0.25
+    $("level").value = level;
+    stats.maxLevel = Math.max(stats.maxLevel, level);
     if (ws.readyState !== WebSocket.OPEN) return;
     const pcm = new Int16Array(m.data.length);
     for (let i = 0; i < pcm.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, Math.round(m.data[i] * 32768)));
@@ -127,6 +165,8 @@ function hangUp() {
   stopPlayback();
   if (ws && ws.readyState === WebSocket.OPEN) ws.close();
   ws = null;
+  $("level").value = 0;
+  setState("idle");
   $("start").textContent = "Start talking";
   $("start").classList.remove("live");
   $("stop").disabled = $("text").disabled = $("send").disabled = true;
@@ -134,7 +174,7 @@ function hangUp() {
 
 $("start").onclick = () => {
   if (ws) { hangUp(); status("Press “Start talking” to talk again."); return; }
-  start().catch((e) => { stats.errors.push({ code: "page", message: String(e) }); status(`Cannot start: ${e.message}`); hangUp(); });
+  start().catch((e) => { stats.errors.push({ code: "page", message: String(e) }); hangUp(); problem(`Cannot start: ${e.message}`); });
 };
 $("stop").onclick = () => {
   stopPlayback();
@@ -147,6 +187,7 @@ $("ask").onsubmit = (e) => {
   if (!text || !ws) return;
   stopPlayback();
   addTurn("user", text);
+  setState("thinking");
   ws.send(JSON.stringify({ type: "text", text }));
   $("text").value = "";
 };
