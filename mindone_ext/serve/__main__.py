@@ -13,16 +13,12 @@ import ipaddress
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import fields
 
-import mindspore as ms
-from aiohttp import web
+from .options import ServeOptions  # plain Python: --help answers without importing MindSpore
 
-from .. import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
-from .app import create_app
-from .options import ServeOptions
-
-DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 HELP = {
     "max_active": "answers generated at once, interleaved on the one model",
     "max_queue": "answers waiting beyond those; more are refused with a busy error",
@@ -31,26 +27,30 @@ HELP = {
     "max_audio_seconds": "audio of one user turn",
     "max_message_bytes": "one WebSocket frame",
     "max_request_bytes": "one HTTP request body",
+    "max_context_tokens": "tokens of one conversation or request, prompt and answers (capped at the model's context)",
     "max_new_tokens": "text tokens of an answer, at most (clients may ask for fewer)",
     "talker_max_new_tokens": "codec tokens of an answer, 50 per second of speech, at most",
     "speaker": "the default voice",
     "api_key": "required from clients when set (default: $MINDONE_API_KEY)",
+    "allowed_origins": "comma-separated web origins, besides this server's own page, allowed to call it "
+                       "(e.g. https://app.example.com)",
 }
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m mindone_ext.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_path", required=True, help="a Hugging Face Qwen2.5-Omni folder")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32")
     ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
     ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
     ap.add_argument("--no_audio_output", action="store_true", help="text answers only (skips loading the Talker)")
     defaults = ServeOptions()
     for field in fields(ServeOptions):
         default = getattr(defaults, field.name)
-        kind = str if field.name == "api_key" else type(default)
+        kind = str if field.name in ("api_key", "allowed_origins") else type(default)
         ap.add_argument(f"--{field.name}", type=kind, default=default, help=f"{HELP[field.name]} (default {default})")
     args = ap.parse_args(argv)
     args.api_key = args.api_key or os.environ.get("MINDONE_API_KEY") or None
@@ -69,36 +69,67 @@ def _loopback(host):
 
 
 async def serve(app, host, port):
-    runner = web.AppRunner(app, shutdown_timeout=5)
+    """Serve until SIGINT or SIGTERM; then the model stops after its current step, answers in
+    progress end with an error, connections close, and the process exits. A second signal exits
+    at once."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]
     print(f"serving on http://{host}:{bound[1]}", flush=True)
     stop = asyncio.Event()
+
+    def on_signal():
+        if stop.is_set():
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, on_signal)
     await stop.wait()
+    print("stopping", flush=True)
     await runner.cleanup()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        import aiohttp  # noqa: F401
+        import webrtcvad  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"the voice service needs {e.name}: pip install 'mindone_ext[serve]' (aiohttp, webrtcvad-wheels)")
+    import mindspore as ms
+
+    from .. import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
+    from .app import create_app
+
     if args.device_target:
         ms.set_context(device_target=args.device_target)
     if not os.path.isdir(args.model_path):
         sys.exit(f"--model_path {args.model_path}: not a folder")
+    import mindone_ext
+
+    print(f"mindone_ext {mindone_ext.__version__} from {os.path.dirname(os.path.abspath(mindone_ext.__file__))}")
     print(f"loading {args.model_path} ...", flush=True)
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], attn_implementation=args.attn_implementation,
+        args.model_path, mindspore_dtype=getattr(ms, args.mindspore_dtype), attn_implementation=args.attn_implementation,
         enable_audio_output=not args.no_audio_output)
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
     options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
     if model.has_talker and options.speaker not in model.speakers:
         sys.exit(f"--speaker {options.speaker!r} is not in the checkpoint; "
                  f"available: {', '.join(sorted(model.speakers))}")
-    asyncio.run(serve(create_app(model, processor, options), args.host, args.port))
+    # MindSpore writes a compile failure's analysis (rank_0/om/analyze_fail.ir) into the working
+    # directory; the server's is a folder of its own, removed at exit (paths were resolved above).
+    with tempfile.TemporaryDirectory(prefix="mindone-serve-") as workdir:
+        os.chdir(workdir)
+        asyncio.run(serve(create_app(model, processor, options, loopback=_loopback(args.host)), args.host, args.port))
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    os._exit(0)  # everything is closed and flushed: skip MindSpore's seconds-long teardown
