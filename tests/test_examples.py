@@ -88,6 +88,17 @@ def test_text_only_generation_reports_a_bad_model_path():
     assert "checkpoint folder '/no/such/folder' does not exist" in done.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--audio", "/no/such/question.wav"], "question.wav: file not found"),
+    (["--model_path", "/no/such/folder"], "checkpoint folder '/no/such/folder' does not exist"),
+])
+def test_voice_chatting_names_a_bad_input_in_one_line(args, words, tmp_path):
+    done = run_without_torch("examples/qwen2_5_omni/voice_chatting.py", *args, "--output", str(tmp_path / "o.wav"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and words in last and not os.path.exists(tmp_path / "o.wav")
+
+
 def test_bundled_checkpoint_matches_reference():
     """The shipped bf16 checkpoint loads in both implementations to the same logits."""
     import numpy as np

@@ -2,6 +2,7 @@
 conversation, and demo media when the user gives none."""
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -24,6 +25,18 @@ def parser(description):
     ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
     ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
     return ap
+
+
+def run(main, *args):
+    """Run an example's main. A problem with what the user gave (a missing or corrupt file, a
+    checkpoint folder, a prompt too long, a bad dataset) ends with one line naming it, not a
+    traceback; MINDONE_TRACEBACK=1 shows the trace."""
+    try:
+        return main(*args)
+    except (ValueError, OSError) as e:  # MediaError, CheckpointError, DatasetError, ... are ValueErrors
+        if os.environ.get("MINDONE_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
 
 
 def load(args, enable_audio_output=False):

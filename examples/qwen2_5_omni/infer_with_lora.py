@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import answer, load, parser  # noqa: E402
+from common import answer, load, parser, run  # noqa: E402
 from demo_media import write_ocr_dataset  # noqa: E402
 
 from mindone_ext.nn.lora import merge_lora  # noqa: E402
@@ -45,4 +45,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,7 +20,7 @@ import wave
 
 import numpy as np
 
-from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, user_turn
+from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, run, user_turn
 
 from mindone_ext import process_mm_info
 from mindone_ext.models.qwen2_5_omni.session import ConversationSession
@@ -109,4 +109,4 @@ def stream(model, processor, question, settings, output, piece_seconds=0.5):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
