@@ -54,7 +54,8 @@ def main():
     ap.set_defaults(max_new_tokens=128)
     args = ap.parse_args()
     if args.talker_max_new_tokens is None:
-        args.talker_max_new_tokens = 100 if os.path.samefile(args.model_path, TINY_CHECKPOINT) else 4096
+        bundled = os.path.isdir(args.model_path) and os.path.samefile(args.model_path, TINY_CHECKPOINT)
+        args.talker_max_new_tokens = 100 if bundled else 4096
     model, processor = load_with_speech(args)
     audio = args.audio or demo_media()["audio"]
     conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},

@@ -25,6 +25,7 @@ HELP = {
     "max_sessions": "open voice conversations",
     "idle_timeout": "seconds a voice conversation may stay silent before it is closed",
     "max_audio_seconds": "audio of one user turn",
+    "max_image_pixels": "pixels of one image, by its declared size (refused before decoding)",
     "max_message_bytes": "one WebSocket frame",
     "max_request_bytes": "one HTTP request body",
     "max_context_tokens": "tokens of one conversation or request, prompt and answers (capped at the model's context)",

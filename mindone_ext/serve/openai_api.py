@@ -111,7 +111,7 @@ class ChatRequest:
             raise ApiError(400, f"audio.format {self.audio_format!r} is not supported"
                                 f"{' when streaming' if self.stream else ''}: use pcm16"
                                 f"{'' if self.stream else ' or wav'}", "audio.format")
-        self.conversation = _conversation(body.get("messages"), options.max_audio_seconds, transcripts)
+        self.conversation = _conversation(body.get("messages"), options, transcripts)
         if self.settings.audio and self.conversation[0]["role"] != "system":
             # the released model speaks only under this system prompt (its model card says so)
             self.conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]})
@@ -191,7 +191,7 @@ def _typed(body, name, kind, default):
     return value
 
 
-def _conversation(messages, max_audio_seconds, transcripts):
+def _conversation(messages, options, transcripts):
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     conversation = []
@@ -207,7 +207,7 @@ def _conversation(messages, max_audio_seconds, transcripts):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
             raise ApiError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
-        conversation.append({"role": role, "content": [_part(part, f"{where}.content[{j}]", max_audio_seconds)
+        conversation.append({"role": role, "content": [_part(part, f"{where}.content[{j}]", options)
                                                        for j, part in enumerate(content)]})
     if conversation[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's", "messages")
@@ -228,7 +228,7 @@ def _earlier_answer(audio, transcripts, where):
     return transcript
 
 
-def _part(part, where, max_audio_seconds):
+def _part(part, where, options):
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return {"type": "text", "text": part["text"]}
@@ -238,7 +238,7 @@ def _part(part, where, max_audio_seconds):
             raise ApiError(400, f"{where}.input_audio must be an object with base64 data", where)
         try:
             samples = load_audio(_base64(audio.get("data"), where), what=f"{where} audio",
-                                 max_seconds=max_audio_seconds)
+                                 max_seconds=options.max_audio_seconds)
         except MediaError as e:
             raise ApiError(400, str(e), where, "audio_too_long" if isinstance(e, MediaTooLong) else None) from None
         return {"type": "audio", "audio": samples}
@@ -249,7 +249,7 @@ def _part(part, where, max_audio_seconds):
         if not (header.startswith("data:") and header.endswith(";base64")):
             raise ApiError(400, f"{where}: images come inline, as a base64 data URL", where)
         try:
-            return {"type": "image", "image": load_image(_base64(payload, where))}
+            return {"type": "image", "image": load_image(_base64(payload, where), options.max_image_pixels)}
         except MediaError as e:
             raise ApiError(400, str(e), where) from None
     raise ApiError(400, f"{where}: a part is {{type: text | input_audio | image_url}} with its field", where)

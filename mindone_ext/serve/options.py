@@ -13,6 +13,7 @@ class ServeOptions:
     max_sessions: int = 16  # open WebSocket conversations
     idle_timeout: float = 300.0  # seconds a conversation may stay silent before it is closed
     max_audio_seconds: float = 30.0  # one user turn (the feature extractor's window is 30 s)
+    max_image_pixels: int = 4096 * 4096  # one image, by its declared size (the model sees at most ~12.8 million)
     max_message_bytes: int = 1 << 20  # one WebSocket frame
     max_request_bytes: int = 32 << 20  # one HTTP request body (media come base64 encoded)
     max_context_tokens: int = 8192  # tokens of one conversation or request, prompt and answers (at most the model's context)

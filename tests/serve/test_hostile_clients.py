@@ -3,6 +3,7 @@ oversized requests, media bombs, turns that fail, clients that vanish. Each gets
 and the server goes on, answering the next request as if nothing happened."""
 import asyncio
 import base64
+import io
 import json
 import socket
 
@@ -244,3 +245,13 @@ def test_a_hostile_run_leaves_the_server_as_it_was(server, processor):
     assert "internal" not in rounds[0] and "generation_failed" not in rounds[0]
     assert rss[-1] - rss[1] < 32, rss  # after the first round (which may compile), nothing accumulates
     assert chat(server, {"messages": [HELLO], "max_tokens": 2})[0] == 200  # and it still answers
+
+
+def test_an_image_over_the_servers_pixel_limit_is_refused_from_its_header(server):
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (4200, 4100)).save(out, "PNG")  # a real, complete image: 17 million pixels, ~50 KB
+    got, answer = chat(server, {"messages": [image_message(base64.b64encode(out.getvalue()).decode())],
+                                "max_tokens": 2})
+    assert got == 400 and "4200 x 4100 is more than the 16777216 pixels allowed" in answer["error"]["message"]

@@ -116,6 +116,12 @@ def test_session_errors_drop_the_turn_and_the_conversation_goes_on(our_model, pr
     session.ask("Still there?")  # a typed turn after the failed ones is answered
     answer = [e.token_id for e in session.respond(max_new_tokens=3, eos_token_id=[], return_audio=False)]
     assert len(answer) == 3
+    before = session.ids.copy()
+    session.ask("And now?")
+    with pytest.raises(TypeError, match="unsupported arguments: bogus"):  # an answer that fails: its turn goes
+        next(session.respond(max_new_tokens=3, bogus=1))
+    np.testing.assert_array_equal(session.ids, before)
+    assert session.cache.length == before.shape[1]
 
 
 def test_a_conversation_refuses_what_does_not_fit_before_encoding_it(our_model, processor):
