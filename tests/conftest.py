@@ -60,3 +60,20 @@ def snr_db(got, want):
     """Signal-to-noise ratio of `got` against `want`, in dB."""
     want = np.asarray(want, np.float64)
     return float(10 * np.log10(np.sum(want ** 2) / max(np.sum((np.asarray(got, np.float64) - want) ** 2), 1e-30)))
+
+
+@pytest.fixture(scope="session")
+def reference_env():
+    """The python of the reference media stack's own environment (made once, then reused), with
+    the tools real media is made with checked: their absence fails, it does not skip."""
+    from tests.reference_media.environment import reference_python
+    from tests.reference_media.real_media import missing_tools
+
+    missing = missing_tools()
+    if missing:  # .ci/run installs them
+        pytest.fail(f"the real-media tests need {', '.join(missing)} (apt-get install espeak-ng sox "
+                    "libsox-fmt-mp3 ffmpeg)")
+    try:
+        return reference_python()
+    except RuntimeError as e:
+        pytest.fail(str(e))

@@ -26,7 +26,8 @@ import wave
 import numpy as np
 
 from ..models.qwen2_5_omni.session import SYSTEM_PROMPT
-from ..utils.media import MediaError, MediaTooLong, load_audio, load_image
+from ..utils.audio import load_audio
+from ..utils.media import MediaError, MediaTooLong, load_image
 from .options import AnswerSettings, BadSetting
 
 OUTPUT_RATE = 24000

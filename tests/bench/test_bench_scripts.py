@@ -69,3 +69,12 @@ def test_serve_load_bench_answers_every_turn_and_frees_the_server():
     first, second = result["rss_after_mb"]
     assert second - first < 16 and second - result["rss_before_mb"] < 64
     assert result["first_audio_p50_s"] > 0
+
+
+def test_media_bench_output_form(reference_env):
+    lines = run_bench("media.py", "--minutes", "0.1", "--width", "320", "--height", "180", "--fps", "25")
+    assert [r.get("impl") for r in lines] == ["mindone_ext", "qwen_omni_utils", None]
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in lines[:2])
+    assert lines[0]["frames"] == lines[1]["frames"] == [12, 3, 252, 448]  # 6 s at 2 fps, up to 128 tokens
+    summary = lines[-1]
+    assert summary["same_shape"] and summary["same_sample_fps"] and summary["max_level_difference"] <= 1

@@ -1,10 +1,15 @@
-from .mm_info import process_mm_info
-from .model import Qwen2_5OmniForConditionalGeneration
-from .processing import Qwen2_5OmniProcessor
-from .session import ConversationSession
-from .streaming import AudioChunk, TextDelta
-from .thinker import Qwen2_5OmniThinkerForConditionalGeneration
-from .token2wav_stream import StreamChunking
+"""Qwen2.5-Omni: the model, its processor and media loading. Each name is imported on first use,
+so media loading and the processor work without loading MindSpore."""
+import importlib
 
-__all__ = ["AudioChunk", "ConversationSession", "Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniProcessor",
-           "Qwen2_5OmniThinkerForConditionalGeneration", "StreamChunking", "TextDelta", "process_mm_info"]
+_WHERE = {"process_mm_info": ".mm_info", "Qwen2_5OmniForConditionalGeneration": ".model",
+          "Qwen2_5OmniProcessor": ".processing", "ConversationSession": ".session", "AudioChunk": ".streaming",
+          "TextDelta": ".streaming", "Qwen2_5OmniThinkerForConditionalGeneration": ".thinker",
+          "StreamChunking": ".token2wav_stream"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

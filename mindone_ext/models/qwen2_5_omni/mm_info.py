@@ -1,53 +1,141 @@
-"""`process_mm_info`: the media of a conversation, loaded and sized the way Qwen's own helper
-(qwen-omni-utils) does, ready for the processor.
+"""`process_mm_info`: the media of a conversation, loaded and sized exactly as Qwen's own helper
+(qwen-omni-utils 0.0.9, with decord reading videos) does, ready for the processor.
 
-Images are resized to multiples of 28 within a pixel budget (resized, never refused). Videos are
-sampled at `fps` (2 by default, between 4 and 768 frames, an even count) and resized within a
-per-frame budget derived from a total budget. Audio is 16 kHz mono; with `use_audio_in_video` a
-video's own audio track is extracted (a video without one is an error).
+- Audio: 16 kHz mono float32 (see utils/audio.py); `audio_start` / `audio_end` cut it. With
+  `use_audio_in_video`, a video's own soundtrack, cut by `video_start` / `video_end`.
+- Images: RGB PIL images (transparency on white), resized (PIL bicubic) to multiples of 28
+  within `min_pixels` .. `max_pixels` (4 to 16384 tokens), or to `resized_height` x
+  `resized_width` rounded to multiples of 28.
+- Videos: float32 frames (T, 3, H, W) holding 0-255 values, as the reference returns them. From
+  a file: `fps` frames a second (2; between `min_frames` 4 and `max_frames` 768, an even count)
+  or `nframes`, spread evenly over `video_start` .. `video_end`; only those frames are decoded
+  and kept. From a list of images: each image sized as an image with the item's options (to
+  multiples of 56, as the reference does), the list padded to an even length with the last; its
+  rate is `sample_fps` (2). Then every frame is resized (torchvision's antialiased bicubic,
+  rounded to 0-255) within a per-frame budget: `min_pixels` (128 tokens) .. min(`max_pixels`,
+  768 tokens, `total_pixels` / T * 2).
 """
-import math
-
 import numpy as np
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from ...utils.media import MediaError, describe, load_audio, load_image, load_video_frames, resize_frames
+from ...utils.audio import load_audio
+from ...utils.media import MediaError, load_image
+from ...utils.resize import resize_rounded
+from ...utils.video import read_frames
+from .sizing import smart_resize
 
 FACTOR = 28
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
-VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+VIDEO_TOTAL_PIXELS = 128000 * 28 * 28 * 0.9  # the reference's MODEL_SEQ_LEN of 128000 tokens, 90% for video
 FRAME_FACTOR, FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 2.0, 4, 768
 
 
-def resize_image(image, min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS):
+def fetch_image(source, item, factor=FACTOR):
+    """An RGB PIL image sized by the item's options to multiples of `factor`, within 4 to 16384
+    factor x factor tiles by default."""
     from PIL import Image
 
-    height, width = smart_resize(image.height, image.width, FACTOR, min_pixels, max_pixels)
+    image = load_image(source)
+    low, high = 4 * factor * factor, 16384 * factor * factor
+    if "resized_height" in item and "resized_width" in item:
+        height, width = smart_resize(item["resized_height"], item["resized_width"], factor, low, high, utils=True)
+    else:
+        height, width = smart_resize(image.height, image.width, factor, item.get("min_pixels", low),
+                                     item.get("max_pixels", high), utils=True)
     return image.resize((width, height), Image.BICUBIC)
 
 
-def frame_count(total, video_fps, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES):
-    """How many frames to sample: `fps` per second, clamped, even, at most what there is."""
-    low = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
-    high = math.floor(min(max_frames, total) / FRAME_FACTOR) * FRAME_FACTOR
-    n = min(min(max(total / video_fps * fps, low), high), total)
-    n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
+def frame_range(item, total, fps):
+    """(first, last) frame of `video_start` .. `video_end` (seconds), as the reference rounds them."""
+    start, end = item.get("video_start"), item.get("video_end")
+    if start is None and end is None:
+        return 0, total - 1
+    duration = total / fps
+    first = int(np.ceil(max(0.0, min(start, duration)) * fps)) if start is not None else 0
+    last = min(int(np.floor(max(0.0, min(end, duration)) * fps)), total - 1) if end is not None else total - 1
+    if first >= last:
+        raise MediaError(f"video_start={start} .. video_end={end} holds no frames of a {duration:.2f} s video "
+                         f"({total} frames at {fps:g} fps)")
+    return first, last
+
+
+def frame_count(item, total, fps):
+    """How many frames to sample: `nframes`, or `fps` a second clamped to `min_frames` ..
+    `max_frames`; even, and at most what there is."""
+    if "nframes" in item:
+        if "fps" in item:
+            raise ValueError("a video item takes either nframes or fps, not both")
+        n = round(item["nframes"] / FRAME_FACTOR) * FRAME_FACTOR
+    else:
+        low = int(np.ceil(item.get("min_frames", FPS_MIN_FRAMES) / FRAME_FACTOR)) * FRAME_FACTOR
+        high = int(np.floor(item.get("max_frames", min(FPS_MAX_FRAMES, total)) / FRAME_FACTOR)) * FRAME_FACTOR
+        n = min(min(max(total / fps * item.get("fps", FPS), low), high), total)
+        n = int(np.floor(n / FRAME_FACTOR)) * FRAME_FACTOR
     if not FRAME_FACTOR <= n <= total:
-        raise MediaError(f"video has {total} frames: at least {FRAME_FACTOR} are needed")
+        raise MediaError(f"a video of {total} frames gives {n} sampled frames: between {FRAME_FACTOR} and "
+                         f"{total} are needed")
     return n
 
 
-def sample_video(frames, video_fps, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
-                 min_pixels=VIDEO_MIN_PIXELS, max_pixels=None, total_pixels=VIDEO_TOTAL_PIXELS):
-    """uint8 frames (T, H, W, 3) at `video_fps` -> (sampled, resized frames, their fps)."""
-    total = len(frames)
-    n = frame_count(total, video_fps, fps, min_frames, max_frames)
-    index = np.round(np.linspace(0, total - 1, n)).astype(np.int64)
-    budget = max(min(VIDEO_MAX_PIXELS, total_pixels / n * FRAME_FACTOR), int(min_pixels * 1.05))
-    budget = min(max_pixels, budget) if max_pixels else budget
-    height, width = smart_resize(frames.shape[1], frames.shape[2], FACTOR, min_pixels, budget)
-    return resize_frames(frames[index], height, width), n / max(total, 1e-6) * video_fps
+def spread(first, last, n):
+    """`torch.linspace(first, last, n).round()`, float32 rounding included: the first half counted
+    up from `first`, the rest down from `last` (each step fused, as torch's kernel computes it),
+    then rounded half to even."""
+    if n == 1:
+        return np.array([first])
+    step = np.float64(np.float32(np.float32(last - first) / np.float32(n - 1)))
+    i = np.arange(n, dtype=np.float64)
+    values = np.where(i < n // 2, np.float64(np.float32(first)) + step * i,
+                      np.float64(np.float32(last)) - step * (n - 1 - i)).astype(np.float32)
+    return np.round(values).astype(np.int64)
+
+
+def frame_size(item, n, height, width):
+    """The size every frame of an n-frame video is resized to."""
+    if "resized_height" in item and "resized_width" in item:
+        return smart_resize(item["resized_height"], item["resized_width"], FACTOR, IMAGE_MIN_PIXELS,
+                            IMAGE_MAX_PIXELS, utils=True)
+    min_pixels = item.get("min_pixels", VIDEO_MIN_PIXELS)
+    budget = max(min(VIDEO_MAX_PIXELS, item.get("total_pixels", VIDEO_TOTAL_PIXELS) / n * FRAME_FACTOR),
+                 int(min_pixels * 1.05))
+    return smart_resize(height, width, FACTOR, min_pixels, min(item.get("max_pixels", budget), budget), utils=True)
+
+
+def fetch_video(source, item):
+    """(float32 frames (T, 3, H, W), their rate)."""
+    if isinstance(source, (list, tuple)):  # images, each sized as an image with the item's options
+        if not source:
+            raise MediaError("a video given as a list of frames needs at least one frame")
+        # the reference sizes each frame as an image with the video's options, to multiples of
+        # 56 (it passes its factor, 28, where fetch_image expects the patch size, 14)
+        images = [np.asarray(fetch_image(frame, item, 2 * FACTOR)) for frame in source]
+        if len({i.shape for i in images}) > 1:
+            raise MediaError(f"a video's frames must all have one size, got {sorted({i.shape[:2] for i in images})}")
+        images += images[-1:] * (len(images) % FRAME_FACTOR)
+        height, width = frame_size(item, len(images), *images[0].shape[:2])
+        frames, rate = resize_rounded(np.stack(images), height, width), item.get("sample_fps", FPS)
+    else:
+        sampled = {}
+
+        def plan(total, fps, height, width):
+            first, last = frame_range(item, total, fps)
+            n = frame_count(item, last - first + 1, fps)
+            sampled["rate"] = n / (last - first + 1) * fps
+            size = frame_size(item, n, height, width)
+            return spread(first, last, n), lambda frame: resize_rounded(frame, *size)
+
+        if isinstance(source, np.ndarray):  # decoded frames (T, H, W, 3) at `video_fps`
+            fps = item.get("video_fps", FPS)
+            if source.ndim != 4 or source.shape[-1] != 3:
+                raise MediaError(f"video frames must be (T, H, W, 3), got shape {source.shape}")
+            if not (isinstance(fps, (int, float)) and fps > 0):
+                raise MediaError(f"video_fps must be a positive number, got {fps!r}")
+            indices, transform = plan(len(source), fps, *source.shape[1:3])
+            frames = np.stack([transform(frame) for frame in np.clip(source[indices], 0, 255).astype(np.uint8)])
+        else:
+            frames = read_frames(source, plan)
+        rate = sampled["rate"]
+    return frames.transpose(0, 3, 1, 2).astype(np.float32), rate
 
 
 def _media_items(conversations):
@@ -71,50 +159,29 @@ def _media_items(conversations):
 
 def process_mm_info(conversations, use_audio_in_video=False, return_video_kwargs=False):
     """(audios, images, videos) of one conversation or a list of them, each None when empty.
-    With `return_video_kwargs=True`, also {"fps": [...]} to pass to the processor."""
+    With `return_video_kwargs=True`, also the processor's video arguments ({"fps": [...]})."""
     audios, images, videos, fps = [], [], [], []
     for item in _media_items(conversations):
         kind = item.get("type")
         if kind == "audio" or "audio" in item or "audio_url" in item:
-            audios.append(load_audio(item.get("audio", item.get("audio_url"))))
+            audios.append(load_audio(item.get("audio", item.get("audio_url")), start=item.get("audio_start", 0.0),
+                                     end=item.get("audio_end")))
         elif kind in ("image", "image_url") or "image" in item or "image_url" in item:
             source = item.get("image", item.get("image_url"))
-            source = source.get("url") if isinstance(source, dict) else source
-            image = load_image(source)
-            if "resized_height" in item and "resized_width" in item:
-                height, width = smart_resize(item["resized_height"], item["resized_width"], FACTOR)
-                images.append(image.resize((width, height)))
-            else:
-                images.append(resize_image(image, item.get("min_pixels", IMAGE_MIN_PIXELS),
-                                           item.get("max_pixels", IMAGE_MAX_PIXELS)))
+            images.append(fetch_image(source.get("url") if isinstance(source, dict) else source, item))
         elif kind == "video" or "video" in item:
-            source = item["video"]
-            if isinstance(source, (list, tuple)):  # already a list of frames
-                frames = np.stack([np.asarray(load_image(f)) for f in source])
-                if len(frames) % FRAME_FACTOR:  # an even count, padded with the last frame
-                    frames = np.concatenate([frames, frames[-1:]])
-                rate = item.get("sample_fps", FPS)
-                frames, rate = sample_video(frames, rate, rate, len(frames), len(frames))
-            else:
-                frames, video_fps = (source, item.get("video_fps", FPS)) if isinstance(source, np.ndarray) \
-                    else load_video_frames(source)
-                if video_fps is None:
-                    raise MediaError(f"video {describe(source)}: unknown frame rate")
-                if not (isinstance(video_fps, (int, float)) and video_fps > 0):
-                    raise MediaError(f"video {describe(source)}: video_fps must be a positive number, got {video_fps!r}")
-                frames, rate = sample_video(frames, video_fps, item.get("fps", FPS),
-                                            item.get("min_frames", FPS_MIN_FRAMES), item.get("max_frames", FPS_MAX_FRAMES),
-                                            item.get("min_pixels", VIDEO_MIN_PIXELS), item.get("max_pixels"),
-                                            item.get("total_pixels", VIDEO_TOTAL_PIXELS))
+            source = item.get("video")
+            frames, rate = fetch_video(source, item)
             videos.append(frames)
             fps.append(rate)
             if use_audio_in_video:
-                if isinstance(source, (list, tuple, np.ndarray)):
-                    raise MediaError("use_audio_in_video=True needs a video file with an audio track, "
-                                     "not frames")
+                if not isinstance(source, str):
+                    raise MediaError("use_audio_in_video=True needs a video file with an audio track, not frames")
                 try:
-                    audios.append(load_audio(source, what="video"))
+                    audios.append(load_audio(source, what="video", start=item.get("video_start", 0.0),
+                                             end=item.get("video_end"), soundtrack=True))
                 except MediaError as e:
                     raise MediaError(f"{e}; use_audio_in_video=True needs the video's audio track") from None
     result = (audios or None, images or None, videos or None)
-    return result + ({"fps": fps},) if return_video_kwargs else result
+    return result + ({"do_sample_frames": False, "fps": fps},) if return_video_kwargs else result
+

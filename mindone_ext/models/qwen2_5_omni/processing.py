@@ -1,45 +1,58 @@
-"""`Qwen2_5OmniProcessor` without torch: chat template and tokenizer, Whisper log-mel features and
-the Qwen2-VL image processor from transformers (all numpy), and our own numpy video
-preprocessing (the library's video processor needs torchvision). Returns numpy arrays that feed
-`model.generate` directly, with the placeholder tokens expanded exactly as the reference does.
+"""`Qwen2_5OmniProcessor` without torch: chat template and tokenizer, Whisper log-mel features
+from transformers (numpy), and our own numpy image and video patching, computed as the
+reference's processors compute them (transformers' torchvision-based Qwen2VLImageProcessorFast
+and Qwen2VLVideoProcessor, which Qwen2.5-Omni's processor loads by default). Returns numpy
+arrays that feed `model.generate` directly, with the placeholder tokens expanded exactly as the
+reference does.
 """
 import json
 import os
 import re
 
 import numpy as np
-from transformers import AutoTokenizer, Qwen2VLImageProcessor, WhisperFeatureExtractor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-from ...utils.media import resize_frames
+from ...utils.resize import resize
 from .rope_index import chunk_bounds
+from .sizing import smart_resize
 
-VIDEO_DEFAULTS = dict(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28, patch_size=14, temporal_patch_size=2,
-                      merge_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
-                      image_std=[0.26862954, 0.26130258, 0.27577711], rescale_factor=1 / 255)
+PATCHING = dict(patch_size=14, temporal_patch_size=2, merge_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                image_std=[0.26862954, 0.26130258, 0.27577711], rescale_factor=1 / 255)
+IMAGE_PIXELS = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)  # the image processor's, unless configured
+VIDEO_PIXELS = dict(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)  # the video processor's, always
 
 
-class VideoPreprocessor:
-    """Frames -> (patches, C * temporal_patch * patch * patch) and grid (t, h, w), in the order
-    Qwen2-VL's processors produce: frames resized to multiples of patch * merge within the pixel
-    budget, rescaled and normalised, padded to a whole temporal patch with the last frame."""
+class PatchPreprocessor:
+    """An image (H, W, 3) or a video's frames (T, H, W, 3) / (T, 3, H, W) -> patches
+    (t * h * w, 3 * temporal_patch * patch * patch) and grid (t, h, w), as Qwen2-VL's processors
+    make them: resized to multiples of patch * merge within the pixel budget (uint8 input by the
+    uint8 kernel, float input by the float one, as torchvision does), rescaled and normalised in
+    one step ((x - mean / scale) / (std / scale), in float32, bit-exact), padded to a whole temporal patch
+    with the last frame (an image is one frame)."""
 
-    def __init__(self, **config):
-        c = {**VIDEO_DEFAULTS, **{k: v for k, v in config.items() if k in VIDEO_DEFAULTS}}
-        self.__dict__.update(c)
+    def __init__(self, min_pixels, max_pixels, **config):
+        c = {**PATCHING, **{k: v for k, v in config.items() if k in PATCHING}}
+        self.__dict__.update(c, min_pixels=min_pixels, max_pixels=max_pixels)
+        # fused as the reference fuses them: float32 mean and std times float32(1 / rescale_factor)
+        self.mean = np.asarray(self.image_mean, np.float32) * np.float32(1.0 / self.rescale_factor)
+        self.std = np.asarray(self.image_std, np.float32) * np.float32(1.0 / self.rescale_factor)
 
     def __call__(self, frames):
         frames = np.asarray(frames)
-        if frames.ndim != 4:
-            raise ValueError(f"a video must be frames (T, H, W, 3) or (T, 3, H, W); got shape {frames.shape}")
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or 3 not in (frames.shape[1], frames.shape[-1]):
+            raise ValueError("an image must be (H, W, 3) and a video's frames (T, H, W, 3) or (T, 3, H, W); "
+                             f"got shape {frames.shape}")
         if frames.shape[1] == 3 and frames.shape[-1] != 3:
             frames = frames.transpose(0, 2, 3, 1)
+        if frames.dtype != np.uint8:
+            frames = frames.astype(np.float32)
         factor = self.patch_size * self.merge_size
         height, width = smart_resize(frames.shape[1], frames.shape[2], factor, self.min_pixels, self.max_pixels)
         if (height, width) != frames.shape[1:3]:
-            frames = resize_frames(frames, height, width)
-        x = frames.astype(np.float32) * np.float32(self.rescale_factor)
-        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+            frames = resize(frames, height, width)
+        x = (frames.astype(np.float32) - self.mean) / self.std
         x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)
         if len(x) % self.temporal_patch_size:
             x = np.concatenate([x, np.repeat(x[-1:], self.temporal_patch_size - len(x) % self.temporal_patch_size, 0)])
@@ -48,6 +61,19 @@ class VideoPreprocessor:
         x = x.reshape(t, self.temporal_patch_size, c, gh // m, m, p, gw // m, m, p)
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return x.reshape(t * gh * gw, c * self.temporal_patch_size * p * p), np.array([t, gh, gw])
+
+    def batch(self, items):
+        """Several images or videos -> (their patches, concatenated; their grids (n, 3))."""
+        processed = [self(item) for item in items]
+        return np.concatenate([p for p, _ in processed]), np.stack([g for _, g in processed]).astype(np.int64)
+
+
+def as_pixels(image):
+    """A PIL image (converted to RGB, as the reference's processor converts it: alpha dropped) or
+    an array, as an array."""
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"))
+    return np.asarray(image)
 
 
 class Qwen2_5OmniProcessor:
@@ -68,19 +94,21 @@ class Qwen2_5OmniProcessor:
             raise ValueError(f"processor folder {path!r} does not exist")
         tokenizer = AutoTokenizer.from_pretrained(path)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
-        image_processor = Qwen2VLImageProcessor.from_pretrained(path)
-        video_config = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            if os.path.isfile(os.path.join(path, name)):
-                with open(os.path.join(path, name)) as f:
-                    video_config = json.load(f)
-                if name.startswith("video"):
-                    break
+        config = {}
+        if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+            with open(os.path.join(path, "preprocessor_config.json")) as f:
+                config = json.load(f)
+        size = config.get("size") or {}
+        image_pixels = dict(min_pixels=config.get("min_pixels", size.get("shortest_edge", IMAGE_PIXELS["min_pixels"])),
+                            max_pixels=config.get("max_pixels", size.get("longest_edge", IMAGE_PIXELS["max_pixels"])))
+        # the reference's video processor keeps its own pixel budget whatever the files say
         template = None
         if os.path.isfile(os.path.join(path, "chat_template.json")):
             with open(os.path.join(path, "chat_template.json")) as f:
                 template = json.load(f).get("chat_template")
-        return cls(tokenizer, feature_extractor, image_processor, VideoPreprocessor(**video_config), template)
+        patching = {k: config[k] for k in PATCHING if k in config}
+        return cls(tokenizer, feature_extractor, PatchPreprocessor(**image_pixels, **patching),
+                   PatchPreprocessor(**VIDEO_PIXELS, **patching), template)
 
     def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False, **kwargs):
         return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=tokenize,
@@ -107,14 +135,15 @@ class Qwen2_5OmniProcessor:
             audio_lengths = ((frames - 1) // 2 + 1 - 2) // 2 + 1
         image_grids = []
         if images is not None:
-            result = self.image_processor(images=images, return_tensors="np")
-            out["pixel_values"] = result["pixel_values"].astype(np.float32)
-            out["image_grid_thw"] = image_grids = result["image_grid_thw"].astype(np.int64)
+            one = hasattr(images, "convert") or (isinstance(images, np.ndarray) and images.ndim == 3)
+            images = [images] if one else images
+            out["pixel_values"], out["image_grid_thw"] = self.image_processor.batch([as_pixels(i) for i in images])
+            image_grids = out["image_grid_thw"]
         video_grids, seconds = [], []
         if videos is not None:
-            processed = [self.video_processor(v) for v in videos]
-            out["pixel_values_videos"] = np.concatenate([p for p, _ in processed]).astype(np.float32)
-            out["video_grid_thw"] = video_grids = np.stack([g for _, g in processed]).astype(np.int64)
+            videos = [[as_pixels(f) for f in v] if isinstance(v, (list, tuple)) else v for v in videos]
+            out["pixel_values_videos"], out["video_grid_thw"] = self.video_processor.batch(videos)
+            video_grids = out["video_grid_thw"]
             rates = fps if isinstance(fps, (list, tuple)) else [fps] * len(videos)
             seconds = [self.video_processor.temporal_patch_size / r for r in rates]
             out["video_second_per_grid"] = np.asarray(seconds, np.float32)
