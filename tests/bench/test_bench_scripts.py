@@ -39,7 +39,7 @@ def test_speech_bench_output_form():
 
 
 def test_streaming_bench_output_form():
-    lines = run_bench("streaming.py", "--tiny", "--seconds", "1", "--text_tokens", "24")
+    lines = run_bench("streaming.py", "--tiny", "--seconds", "1", "--text_tokens", "12")
     assert [r.get("mode") for r in lines] == ["whole", "stream", None]
     assert all(0 < r["first_audio_s"] <= r["total_s"] for r in lines[:2])
     assert lines[1]["chunks"] >= 2
@@ -55,14 +55,15 @@ def test_finetune_bench_output_form():
 
 
 def test_serve_load_bench_answers_every_turn_and_frees_the_server():
-    """4 clients on 2 answer slots and no queue: turns are refused as busy and retried; every
+    """3 clients on 2 answer slots and no queue: turns are refused as busy and retried; every
     turn is answered with its script's answer alone (no cross-talk), none hangs, and the server
-    ends with no session, no cache and its memory back near where it was."""
-    lines = run_bench("serve_load.py", "--clients", "4", "--turns", "2", "--scripts", "2", "--max_active", "2",
+    ends with no session, no cache and its memory back near where it was. (Each spoken turn
+    costs seconds on CPU: the figures under heavier load are bench/serve_load.py's.)"""
+    lines = run_bench("serve_load.py", "--clients", "3", "--turns", "1", "--scripts", "2", "--max_active", "2",
                       "--max_queue", "0", "--max_new_tokens", "4", "--talker_max_new_tokens", "10", "--backoff", "0.3",
                       "--rounds", "2")
     (result,) = lines
-    assert result["answered"] == 16 and result["busy_refusals"] > 0
+    assert result["answered"] == 6 and result["busy_refusals"] > 0
     assert (result["hung"], result["mismatched"], result["refused"]) == (0, 0, 0)
     assert (result["sessions_after"], result["caches_after"]) == (0, 0)
     # the first round may compile graphs for new shapes; the second must add nothing (a leak would)
