@@ -57,7 +57,7 @@ ONE_FILE = {
     "image_rgba": (image, "rgba"), "image_gray_jpeg": (image, "gray"), "image_palette": (image, "palette"),
     "image_huge": (image, "huge"), "image_tiny": (image, "tiny"), "image_wide": (image, "wide"),
     "video_landscape": (video, "landscape"), "video_odd_size_444": (video, "odd"), "video_mjpeg_avi": (video, "mjpeg"),
-    "video_frame_list": (video, "frame_list"),
+    "video_frame_list": (video, "frame_list"), "video_webm_vp9": (video, "webm"), "video_mkv_no_frame_count": (video, "mkv"),
 }
 
 # name -> (conversation from the files, use_audio_in_video)
@@ -155,6 +155,10 @@ def files(tmp_path_factory, reference_env):
     f["odd"] = rm.video(os.path.join(d, "odd.mp4"), 97, 61, 7, 3, codec=("-c:v", "libx264", "-pix_fmt", "yuv444p"))
     f["mjpeg"] = rm.video(os.path.join(d, "clip.avi"), 160, 90, 25, 2, codec=("-c:v", "mjpeg", "-q:v", "3"))
     f["long_video"] = rm.video(os.path.join(d, "long.mp4"), 64, 48, 10, 40)
+    f["webm"] = rm.video(os.path.join(d, "clip.webm"), 200, 150, 25, 3.1,
+                         codec=("-c:v", "libvpx-vp9", "-b:v", "200k", "-deadline", "realtime"))
+    f["mkv"] = rm.video(os.path.join(d, "clip.mkv"), 150, 200, "24000/1001", 2.5,
+                        codec=("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"))
     f["frame_list"] = rm.frames(f["portrait"], d, 5)
     for count, height, width, source in ((5, 57, 95, "landscape"), (4, 640, 360, "portrait"), (3, 50, 50, "odd")):
         f[f"frames_{count}x{height}x{width}"] = rm.decoded_frames(f[source], os.path.join(d, f"{count}x{height}x{width}.npy"),
