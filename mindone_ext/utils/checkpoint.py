@@ -86,6 +86,10 @@ class CheckpointFolder:
     def shape(self, name):
         return self._open(self.weight_map[name]).shape(name)
 
+    def dtype_name(self, name):
+        """How the tensor is stored: "F32", "BF16", ... (safetensors' names)."""
+        return self._open(self.weight_map[name]).dtype_name(name)
+
     def get(self, name):
         return self._open(self.weight_map[name]).get(name)
 

@@ -83,7 +83,8 @@ def copy_side_files(source, folder):
 
 
 def write_config(folder, config_dict, dtype_name):
-    config_dict = dict(config_dict, torch_dtype=dtype_name)
+    # transformers 4.56+ reads `dtype`, older releases `torch_dtype`: both say the same
+    config_dict = dict(config_dict, dtype=dtype_name, torch_dtype=dtype_name)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config_dict, f, indent=2, sort_keys=True)
 

@@ -148,6 +148,36 @@ def test_bad_sources_and_existing_outputs_are_refused(tiny_checkpoint, tmp_path)
     assert not (tmp_path / "exists" / "keep.txt").exists()
 
 
+def test_the_default_dtype_is_the_sources_and_a_truncated_shard_is_one_line(tmp_path):
+    """transformers 4.57 writes `dtype` (not `torch_dtype`) in config.json; without --dtype a
+    bfloat16 source stays bfloat16, also when its config names no dtype (its tensors say)."""
+    from tools.tiny_checkpoint import build
+    from mindone_ext.utils.safetensors_io import SafetensorsFile
+
+    source = build(str(tmp_path / "bf16"), seed=4, shard_size="1GB", dtype="bfloat16")
+    config = json.load(open(os.path.join(source, "config.json")))
+    assert config.get("dtype") == "bfloat16" and "torch_dtype" not in config
+    nameless = tmp_path / "nameless"
+    shutil.copytree(source, nameless)
+    json.dump({k: v for k, v in config.items() if k != "dtype"}, open(nameless / "config.json", "w"))
+    for src, out in ((source, tmp_path / "out"), (nameless, tmp_path / "out_nameless")):
+        convert("--src", src, "--out", out)
+        written = json.load(open(out / "config.json"))
+        assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+        stored = {SafetensorsFile(str(out / f)).dtype_name(k) for f in os.listdir(out) if f.endswith(".safetensors")
+                  for k in SafetensorsFile(str(out / f)).keys()}
+        assert "F32" not in stored and "BF16" in stored
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(source, truncated)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(truncated / "model.safetensors") // 2)
+    done = convert("--src", truncated, "--out", tmp_path / "o5", check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: ") and "truncated" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "o5").exists()
+
+
 @pytest.fixture(scope="module")
 def sharded_checkpoint(tmp_path_factory):
     """About 40 MB of float32 in 5 MB shards: a larger vocabulary and more, wider decoder layers."""

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from mindone_ext import Qwen2_5OmniForConditionalGeneration  # noqa: E402
 from mindone_ext.nn.lora import LoraError, merge_lora  # noqa: E402
 from mindone_ext.utils.checkpoint import CheckpointError  # noqa: E402
+from mindone_ext.utils.safetensors_io import SafetensorsError  # noqa: E402
 
 
 def main():
@@ -36,7 +37,7 @@ def main():
             merge_lora(model.load_adapter(args.adapter_path))
         path = model.save_pretrained(args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                      overwrite=args.overwrite)
-    except (CheckpointError, LoraError) as e:
+    except (CheckpointError, LoraError, SafetensorsError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {path}")
 

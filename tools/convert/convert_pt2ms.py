@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from mindone_ext.utils.checkpoint import CheckpointError, CheckpointFolder  # noqa: E402
 from mindone_ext.utils.export import (SAFETENSORS_DTYPE, ExportError, building, copy_side_files, parse_size,  # noqa: E402
                                       write_config, write_weights)
+from mindone_ext.utils.safetensors_io import SafetensorsError  # noqa: E402
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -76,6 +77,9 @@ class BinFiles:
         tensor = self._state(name)[name]
         return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
+    def dtype_name(self, name):
+        return str(self._state(name)[name].dtype).removeprefix("torch.")
+
 
 def open_source(path):
     if not os.path.isdir(path):
@@ -122,6 +126,21 @@ def check(source, expected):
         raise CheckpointError(f"{source.path!r} is not a complete Qwen2.5-Omni checkpoint:\n  " + "\n  ".join(problems))
 
 
+def source_dtype(raw_config, source):
+    """The dtype the source is saved in: its config's `dtype` (transformers 4.56 and newer write
+    this) or `torch_dtype` (older), else that of its first floating tensor."""
+    named = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    if named in SAFETENSORS_DTYPE:
+        return named
+    stored = {code: name for name, code in SAFETENSORS_DTYPE.items()}
+    for name in source.keys():
+        found = source.dtype_name(name)
+        found = stored.get(found, found)
+        if found in SAFETENSORS_DTYPE:
+            return found
+    return "float32"
+
+
 def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progress=True, check_only=False):
     source = open_source(src)
     expected = expected_tensors(os.path.join(src, "config.json"))
@@ -130,7 +149,7 @@ def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progres
         return None
     with open(os.path.join(src, "config.json")) as f:
         raw_config = json.load(f)
-    dtype = dtype or raw_config.get("torch_dtype") or "float32"
+    dtype = dtype or source_dtype(raw_config, source)
     # tensors grouped by the file they come from: each source file is read once, in order
     names = sorted(source.keys(), key=lambda n: (source.weight_map.get(n, ""), n))
     entries = [(name, SAFETENSORS_DTYPE[dtype], source.shape(name), lambda n=name: source.get(n)) for name in names]
@@ -154,7 +173,7 @@ def main():
     ap.add_argument("--out", help="the folder to write (must not exist unless --overwrite)")
     ap.add_argument("--check_only", action="store_true", help="check the source against its config, write nothing")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                    help="cast floating tensors (default: the source config's torch_dtype)")
+                    help="cast floating tensors (default: the dtype the source is saved in)")
     ap.add_argument("--max_shard_size", default="5GB")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--no_progress", action="store_true")
@@ -164,7 +183,7 @@ def main():
     try:
         path = convert(args.src, args.out, args.dtype, args.max_shard_size, args.overwrite, not args.no_progress,
                        args.check_only)
-    except (CheckpointError, ExportError) as e:
+    except (CheckpointError, SafetensorsError) as e:  # ExportError is a CheckpointError
         raise SystemExit(f"error: {e}") from None
     print(f"{args.src}: a complete Qwen2.5-Omni checkpoint" if args.check_only else f"wrote {path}")
 
