@@ -29,6 +29,28 @@ def test_text_only_generation_runs_on_bundled_checkpoint_without_torch():
     assert "assistant:" in done.stdout and "[12 tokens in" in done.stdout
 
 
+HELP_WITHOUT_LIBRARIES = """
+import os, runpy, sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mindspore", "torch", "transformers"):
+            raise ImportError(f"{name} imported before the command line was parsed")
+sys.meta_path.insert(0, Refuse())
+sys.argv = [sys.argv[1], "--help"]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python SCRIPT` runs it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("name", sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "examples", "qwen2_5_omni"))
+                                        if n.endswith(".py") and n not in ("common.py", "demo_media.py")))
+def test_help_answers_before_mindspore_torch_or_transformers_load(name):
+    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_LIBRARIES,
+                           os.path.join(ROOT, "examples", "qwen2_5_omni", f"{name}.py")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+
+
 MEDIA_EXAMPLES = ["universal_audio_understanding", "video_information_extracting", "screen_recording_interaction",
                   "omni_chatting_for_music", "omni_chatting_for_math", "multi_round_omni_chatting"]
 

@@ -1,19 +1,23 @@
 """What every example shares: the command line, loading model and processor, answering a
-conversation, and demo media when the user gives none."""
+conversation, and demo media when the user gives none. MindSpore and the model's code are
+imported when a model is loaded, not before: `--help` answers at once."""
 import argparse
 import os
 import sys
 import tempfile
 import time
 
-import mindspore as ms
-
-from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor, process_mm_info
-from mindone_ext.models.qwen2_5_omni.session import SYSTEM_PROMPT  # noqa: F401  (the prompt speech needs)
+from mindone_ext.models.qwen2_5_omni.prompts import SYSTEM_PROMPT  # the prompt speech needs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CHECKPOINT = os.path.join(HERE, "tiny-qwen2.5-omni")
-DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def mindspore_dtype(name):
+    import mindspore as ms
+
+    return getattr(ms, name)
 
 
 def parser(description):
@@ -21,7 +25,7 @@ def parser(description):
     ap.add_argument("--model_path", default=TINY_CHECKPOINT,
                     help="a Hugging Face Qwen2.5-Omni folder (default: the bundled tiny random checkpoint)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32")
     ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
     ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
     return ap
@@ -40,11 +44,15 @@ def run(main, *args):
 
 
 def load(args, enable_audio_output=False):
+    import mindspore as ms
+
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
+
     if args.device_target:
         ms.set_context(device_target=args.device_target)
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], attn_implementation=args.attn_implementation,
-        enable_audio_output=enable_audio_output)
+        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype),
+        attn_implementation=args.attn_implementation, enable_audio_output=enable_audio_output)
     return model, Qwen2_5OmniProcessor.from_pretrained(args.model_path)
 
 
@@ -61,6 +69,8 @@ def demo_media():
 
 def answer(model, processor, conversation, max_new_tokens, use_audio_in_video=False):
     """Runs one conversation; prints and returns the answer text."""
+    from mindone_ext import process_mm_info
+
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     audios, images, videos, video_kwargs = process_mm_info(conversation, use_audio_in_video, return_video_kwargs=True)
     inputs = processor(text, audio=audios, images=images, videos=videos, use_audio_in_video=use_audio_in_video,

@@ -21,6 +21,7 @@ Multi-card data parallel (8 Ascend cards): `msrun --worker_num 8 --local_worker_
 examples/qwen2_5_omni/finetune_lora_in_native_mindspore.py --distributed ...`; each card takes
 every 8th micro-batch and the gradients are summed across cards before the step.
 """
+import argparse
 import json
 import math
 import os
@@ -28,30 +29,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import mindspore as ms
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, TINY_CHECKPOINT  # noqa: E402
-from demo_media import write_ocr_dataset  # noqa: E402
+from common import DTYPES, TINY_CHECKPOINT, mindspore_dtype  # noqa: E402
 
-from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor  # noqa: E402
-from mindone_ext.nn.lora import (AUDIO_ATTENTION_TARGETS, THINKER_LLM_TARGETS, VISION_ATTENTION_TARGETS,  # noqa: E402
-                                 LoraConfig, LoraError, apply_lora, save_adapter)
-from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, DynamicLossScale,  # noqa: E402
-                                  causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, resume_latest,
-                                  save_checkpoint)
-from mindone_ext.training.distributed import DataParallel  # noqa: E402
-
-TARGET_PRESETS = {"llm": THINKER_LLM_TARGETS,
-                  "llm+audio": f"({THINKER_LLM_TARGETS})|({AUDIO_ATTENTION_TARGETS})",
-                  "llm+vision": f"({THINKER_LLM_TARGETS})|({VISION_ATTENTION_TARGETS})",
-                  "all": f"({THINKER_LLM_TARGETS})|({AUDIO_ATTENTION_TARGETS})|({VISION_ATTENTION_TARGETS})"}
+TARGET_PRESETS = ("llm", "llm+audio", "llm+vision", "all")  # the thinker's decoder, with an encoder or both
 
 
 def parser():
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_path", default=TINY_CHECKPOINT, help="a Hugging Face Qwen2.5-Omni folder")
     ap.add_argument("--dataset_path", default=None, help="JSONL / Parquet / save_to_disk folder "
@@ -67,7 +51,7 @@ def parser():
     ap.add_argument("--lora_rank", type=int, default=8)
     ap.add_argument("--lora_alpha", type=float, default=16)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
-    ap.add_argument("--target_modules", default="llm", help=f"one of {sorted(TARGET_PRESETS)}, a regular "
+    ap.add_argument("--target_modules", default="llm", help=f"one of {list(TARGET_PRESETS)}, a regular "
                     "expression for full module names, or a comma-separated list of name suffixes")
     ap.add_argument("--num_train_epochs", type=float, default=1)
     ap.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides epochs)")
@@ -80,7 +64,7 @@ def parser():
     ap.add_argument("--max_length", type=int, default=None, help="drop (and count) longer samples")
     ap.add_argument("--allow_remote_media", action="store_true",
                     help="fetch media the dataset names by http(s) URL (off: such rows are skipped and counted)")
-    ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32",
+    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32",
                     help="the base weights' dtype; adapters and optimizer stay float32 (float16 adds loss scaling)")
     ap.add_argument("--recompute", action="store_true", help="recompute decoder layers in the backward pass")
     ap.add_argument("--save_steps", type=int, default=100)
@@ -94,9 +78,28 @@ def parser():
     return ap
 
 
+if __name__ == "__main__":
+    ARGS = parser().parse_args()  # --help and bad flags are answered before MindSpore loads
+
+import numpy as np  # noqa: E402
+import mindspore as ms  # noqa: E402
+from demo_media import write_ocr_dataset  # noqa: E402
+
+from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor  # noqa: E402
+from mindone_ext.nn.lora import (AUDIO_ATTENTION_TARGETS, THINKER_LLM_TARGETS, VISION_ATTENTION_TARGETS,  # noqa: E402
+                                 LoraConfig, LoraError, apply_lora, save_adapter)
+from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, DynamicLossScale,  # noqa: E402
+                                  causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, resume_latest,
+                                  save_checkpoint)
+from mindone_ext.training.distributed import DataParallel  # noqa: E402
+
+
 def target_modules(spec):
-    if spec in TARGET_PRESETS:
-        return TARGET_PRESETS[spec]
+    presets = dict(zip(TARGET_PRESETS, (THINKER_LLM_TARGETS, f"({THINKER_LLM_TARGETS})|({AUDIO_ATTENTION_TARGETS})",
+                                        f"({THINKER_LLM_TARGETS})|({VISION_ATTENTION_TARGETS})",
+                                        f"({THINKER_LLM_TARGETS})|({AUDIO_ATTENTION_TARGETS})|({VISION_ATTENTION_TARGETS})")))
+    if spec in presets:
+        return presets[spec]
     return spec.split(",") if "," in spec else spec
 
 
@@ -136,7 +139,7 @@ def train(args):
     eval_set = ConversationDataset(args.eval_dataset_path, args.prompt, args.answer_column, args.system_prompt,
                                    args.allow_remote_media) if args.eval_dataset_path else None
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], enable_audio_output=False)
+        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype), enable_audio_output=False)
     thinker = model.thinker
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
     collate = Collator(processor, args.use_audio_in_video, args.max_length)
@@ -230,6 +233,6 @@ def train(args):
 
 if __name__ == "__main__":
     try:
-        train(parser().parse_args())
+        train(ARGS)
     except (DatasetError, LoraError) as e:
         raise SystemExit(f"error: {e}") from None

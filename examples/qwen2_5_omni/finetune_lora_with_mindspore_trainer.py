@@ -17,19 +17,48 @@ you need resuming, gradient accumulation or evaluation.
 mindone's `Trainer` was considered: it is built for mindone.transformers models and pulls in
 mindcv and OpenCV; `mindspore.train.Model` is part of MindSpore and runs here as is.
 """
+import argparse
 import json
 import math
 import os
 import sys
 import tempfile
 
-import numpy as np
-import mindspore as ms
-from mindspore import Tensor, nn
-from mindspore.train import Callback, LossMonitor, Model, TimeMonitor
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, TINY_CHECKPOINT  # noqa: E402
+from common import DTYPES, TINY_CHECKPOINT, mindspore_dtype  # noqa: E402
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", default=TINY_CHECKPOINT)
+    ap.add_argument("--dataset_path", default=None, help="default: a generated 16-image LaTeX OCR set")
+    ap.add_argument("--prompt", default="Write the LaTeX formula shown in the image.")
+    ap.add_argument("--allow_remote_media", action="store_true",
+                    help="fetch media the dataset names by http(s) URL (off: such rows are skipped and counted)")
+    ap.add_argument("--output_dir", default="omni_lora_trainer_output")
+    ap.add_argument("--lora_rank", type=int, default=8)
+    ap.add_argument("--lora_alpha", type=float, default=16)
+    ap.add_argument("--lora_dropout", type=float, default=0.05)
+    ap.add_argument("--num_train_epochs", type=int, default=1)
+    ap.add_argument("--per_device_batch_size", type=int, default=1)
+    ap.add_argument("--learning_rate", type=float, default=1e-4)
+    ap.add_argument("--warmup_steps", type=int, default=0)
+    ap.add_argument("--weight_decay", type=float, default=0.0)
+    ap.add_argument("--save_steps", type=int, default=100)
+    ap.add_argument("--save_total_limit", type=int, default=2)
+    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and bad flags are answered before MindSpore loads
+
+import numpy as np  # noqa: E402
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor, nn  # noqa: E402
+from mindspore.train import Callback, LossMonitor, Model, TimeMonitor  # noqa: E402
 from demo_media import write_ocr_dataset  # noqa: E402
 
 from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor  # noqa: E402
@@ -99,30 +128,6 @@ def batches(dataset, collate, batch_size, epochs, seed):
                 yield tuple(batch.get(name, EMPTY.get(name)) for name in COLUMNS)
 
 
-def parse_args():
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", default=TINY_CHECKPOINT)
-    ap.add_argument("--dataset_path", default=None, help="default: a generated 16-image LaTeX OCR set")
-    ap.add_argument("--prompt", default="Write the LaTeX formula shown in the image.")
-    ap.add_argument("--allow_remote_media", action="store_true",
-                    help="fetch media the dataset names by http(s) URL (off: such rows are skipped and counted)")
-    ap.add_argument("--output_dir", default="omni_lora_trainer_output")
-    ap.add_argument("--lora_rank", type=int, default=8)
-    ap.add_argument("--lora_alpha", type=float, default=16)
-    ap.add_argument("--lora_dropout", type=float, default=0.05)
-    ap.add_argument("--num_train_epochs", type=int, default=1)
-    ap.add_argument("--per_device_batch_size", type=int, default=1)
-    ap.add_argument("--learning_rate", type=float, default=1e-4)
-    ap.add_argument("--warmup_steps", type=int, default=0)
-    ap.add_argument("--weight_decay", type=float, default=0.0)
-    ap.add_argument("--save_steps", type=int, default=100)
-    ap.add_argument("--save_total_limit", type=int, default=2)
-    ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
-    return ap.parse_args()
 
 
 def main(args):
@@ -133,7 +138,7 @@ def main(args):
         args.dataset_path = write_ocr_dataset(os.path.join(tempfile.gettempdir(), "mindone_ext_demo_ocr"))
     data = ConversationDataset(args.dataset_path, args.prompt, allow_remote=args.allow_remote_media)
     thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype], enable_audio_output=False).thinker
+        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype), enable_audio_output=False).thinker
     collate = Collator(Qwen2_5OmniProcessor.from_pretrained(args.model_path))
     apply_lora(thinker, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                    base_model_name_or_path=os.path.abspath(args.model_path)), seed=args.seed)
@@ -158,6 +163,6 @@ def main(args):
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        main(ARGS)
     except (DatasetError, LoraError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -16,8 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import answer, load, parser, run  # noqa: E402
 from demo_media import write_ocr_dataset  # noqa: E402
 
-from mindone_ext.nn.lora import merge_lora  # noqa: E402
-
 
 def main():
     ap = parser(__doc__)
@@ -32,6 +30,8 @@ def main():
     config = target.lora_config
     print(f"adapter: rank {config.r}, alpha {config.lora_alpha}, from {args.adapter_path}")
     if args.merge:
+        from mindone_ext.nn.lora import merge_lora
+
         merge_lora(target)
     content = []
     if args.audio:

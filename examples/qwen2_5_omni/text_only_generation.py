@@ -11,13 +11,8 @@ import argparse
 import os
 import time
 
-import mindspore as ms
-from transformers import AutoTokenizer
-
-from mindone_ext import Qwen2_5OmniForConditionalGeneration
-
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-qwen2.5-omni")
-DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_args():
@@ -26,7 +21,7 @@ def parse_args():
     ap.add_argument("--prompt", default="Give me a short introduction to large language models.")
     ap.add_argument("--system", default="You are a helpful assistant.")
     ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--mindspore_dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32")
     ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
     ap.add_argument("--do_sample", action="store_true")
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -40,11 +35,16 @@ def parse_args():
 
 
 def main():
-    args = parse_args()
+    args = parse_args()  # --help answers before MindSpore and transformers load
+    import mindspore as ms
+    from transformers import AutoTokenizer
+
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+
     if args.device_target:
         ms.set_context(device_target=args.device_target)
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=DTYPES[args.mindspore_dtype],
+        args.model_path, mindspore_dtype=getattr(ms, args.mindspore_dtype),
         attn_implementation=args.attn_implementation, enable_audio_output=False)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     conversation = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]

@@ -23,8 +23,6 @@ import numpy as np
 from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, run, user_turn
 
 from mindone_ext import process_mm_info
-from mindone_ext.models.qwen2_5_omni.session import ConversationSession
-from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk
 
 SAMPLE_RATE = 24000
 
@@ -84,6 +82,8 @@ def main():
 def stream(model, processor, question, settings, output, piece_seconds=0.5):
     """Feeds the question piece by piece, then prints text deltas and writes each speech chunk as
     it arrives. Returns (the moment the question ended, the joined waveform)."""
+    from mindone_ext.models.qwen2_5_omni import AudioChunk, ConversationSession
+
     session = ConversationSession(model, processor, SYSTEM_PROMPT)
     session.begin_audio()
     piece = int(piece_seconds * 16000)

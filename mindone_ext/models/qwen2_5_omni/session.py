@@ -22,11 +22,10 @@ import numpy as np
 from mindspore import ops
 
 from .audio_encoder import output_lengths
+from .prompts import SYSTEM_PROMPT  # noqa: F401  (where callers have imported it from)
 from .streaming import stream_answer
 
 # The system prompt the released model needs before it will speak (its model card says so).
-SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-                 "auditory and visual inputs, as well as generating text and speech.")
 
 
 ANSWER_CLOSING = 2  # tokens after an answer's last one: "<|im_end|>\n"
