@@ -1,5 +1,10 @@
 """Qwen2.5-Omni on MindSpore."""
 import importlib
+import logging
+
+# transformers warns on import that without PyTorch "Models won't be available": true, and not
+# news here (its tokenizers and configurations are all this package takes from it)
+logging.getLogger("transformers").addFilter(lambda record: "None of PyTorch" not in record.getMessage())
 
 __all__ = ["Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniProcessor", "process_mm_info"]
 __version__ = "0.1.0"

@@ -20,6 +20,12 @@ def mindspore_dtype(name):
     return getattr(ms, name)
 
 
+def printable(text):
+    """Model text as it may go to a terminal: control characters (random weights produce them,
+    and some move the cursor or clear the screen) shown as escapes; newlines and tabs kept."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
+
+
 def parser(description):
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_path", default=TINY_CHECKPOINT,
@@ -80,7 +86,7 @@ def answer(model, processor, conversation, max_new_tokens, use_audio_in_video=Fa
                          max_new_tokens=max_new_tokens)
     new = ids[:, inputs["input_ids"].shape[1]:]
     reply = processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
-    print(f"assistant: {reply}")
+    print(f"assistant: {printable(reply)}")
     print(f"[{inputs['input_ids'].shape[1]} prompt tokens, {new.shape[1]} new tokens in {time.time() - start:.2f} s]")
     return reply
 

@@ -11,6 +11,8 @@ import argparse
 import os
 import time
 
+from common import printable
+
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-qwen2.5-omni")
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -58,7 +60,7 @@ def main():
     new = text_ids[:, inputs["input_ids"].shape[1]:]
     answer = tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
     print(f"user: {args.prompt}")
-    print(f"assistant: {answer}")
+    print(f"assistant: {printable(answer)}")
     print(f"[{new.shape[1]} tokens in {elapsed:.2f} s, first call includes graph compilation]")
 
 

@@ -20,7 +20,7 @@ import wave
 
 import numpy as np
 
-from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, run, user_turn
+from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, printable, run, user_turn
 
 from mindone_ext import process_mm_info
 
@@ -70,7 +70,7 @@ def main():
         start = time.time()
         text_ids, waveform = model.generate(**inputs, return_audio=True, **settings)
         answer = processor.batch_decode(text_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        print(f"assistant: {answer}")
+        print(f"assistant: {printable(answer)}")
     elapsed = time.time() - start
     write_wav(args.output, waveform)
     samples_per_code = model.samples_per_codec_token
@@ -102,7 +102,7 @@ def stream(model, processor, question, settings, output, piece_seconds=0.5):
             chunks.append(event.audio)
         else:
             first_text = first_text or time.time() - start
-            print(event.text, end="", flush=True)
+            print(printable(event.text), end="", flush=True)
     print()
     print(f"after the end of the question: first text token in {first_text:.2f} s, first speech chunk in "
           f"{'-' if first_audio is None else f'{first_audio:.2f}'} s; {len(chunks)} chunks in {folder}/")

@@ -105,6 +105,12 @@ async def converse(url, pcm, config, api_key=None, on_text=None):
         return await speak_turn(ws, pcm, on_text=on_text)
 
 
+def printable(text):
+    """Control characters (random weights produce them) as escapes; this client needs only
+    aiohttp, av and numpy, so it keeps its own copy of common.printable."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="ws://127.0.0.1:8000/v1/voice")
@@ -123,7 +129,7 @@ def main():
     print("assistant: ", end="", flush=True)
     try:
         _, audio = asyncio.run(converse(args.url, read_pcm16(args.audio), config, args.api_key,
-                                        on_text=lambda delta: print(delta, end="", flush=True)))
+                                        on_text=lambda delta: print(printable(delta), end="", flush=True)))
     except (ServerError, ConnectionError, aiohttp.ClientError, av.error.FFmpegError) as e:
         print()
         sys.exit(f"error: {e}")
