@@ -2,9 +2,11 @@
 import importlib
 import logging
 
-# transformers warns on import that without PyTorch "Models won't be available": true, and not
-# news here (its tokenizers and configurations are all this package takes from it)
+# Two warnings of transformers that concern nobody here: without PyTorch "Models won't be
+# available" (its tokenizers and configurations are all this package takes from it), and
+# Qwen2.5-Omni's own config's `mrope_section`, unknown to its generic rope check.
 logging.getLogger("transformers").addFilter(lambda record: "None of PyTorch" not in record.getMessage())
+logging.getLogger("transformers.modeling_rope_utils").addFilter(lambda record: "mrope_section" not in record.getMessage())
 
 __all__ = ["Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniProcessor", "process_mm_info"]
 __version__ = "0.1.0"
