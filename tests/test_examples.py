@@ -140,3 +140,10 @@ def test_bundled_checkpoint_matches_reference():
             input_ids=torch.tensor(ids)).logits.numpy()
     got = Qwen2_5OmniForConditionalGeneration.from_pretrained(SHIPPED_CHECKPOINT).thinker(input_ids=ids).logits
     assert np.abs(got.asnumpy() - want).max() <= 1e-4
+
+
+def test_lora_inference_without_an_adapter_says_what_to_run_first(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "qwen2_5_omni", "infer_with_lora.py")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "no adapter in 'omni_lora_output': train one first" in done.stderr and "finetune_lora_in_native" in done.stderr

@@ -25,6 +25,10 @@ def main():
     ap.add_argument("--prompt", default="Write the LaTeX formula shown in the image.")
     ap.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
     args = ap.parse_args()
+    if not os.path.isfile(os.path.join(args.adapter_path, "adapter_config.json")):
+        sys.exit(f"error: no adapter in {args.adapter_path!r}: train one first (python "
+                 "examples/qwen2_5_omni/finetune_lora_in_native_mindspore.py writes omni_lora_output), or pass "
+                 "--adapter_path a folder with adapter_config.json")
     model, processor = load(args)
     target = model.load_adapter(args.adapter_path)
     config = target.lora_config
