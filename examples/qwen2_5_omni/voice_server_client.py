@@ -1,6 +1,8 @@
-"""Talk to a running voice server: send a spoken question, save the spoken answer.
+"""Talk to a voice server: send a spoken question, save the spoken answer.
 
-    python -m mindone_ext.serve --model_path examples/qwen2_5_omni/tiny-qwen2.5-omni &
+    python examples/qwen2_5_omni/voice_server_client.py     # a generated question; a server on the
+                                                            # bundled checkpoint if none is running
+    python -m mindone_ext.serve --model_path /models/Qwen2.5-Omni-7B &
     python examples/qwen2_5_omni/voice_server_client.py --audio question.wav --output answer.wav
 
 The smallest use of the WebSocket protocol (docs/voice_service.md): the question is decoded
@@ -21,6 +23,8 @@ import aiohttp
 import numpy as np
 
 IN_RATE, OUT_RATE = 16000, 24000
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_URL = "ws://127.0.0.1:8000/v1/voice"
 
 
 def read_pcm16(path):
@@ -111,10 +115,45 @@ def printable(text):
     return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
 
 
+def demo_question():
+    """A generated speech-like clip (demo_media.py beside), for a run with no --audio."""
+    import tempfile
+
+    sys.path.insert(0, HERE)
+    from demo_media import speech_like, write_wav as write_demo_wav
+
+    path = os.path.join(tempfile.gettempdir(), "mindone_ext_voice_client_question.wav")
+    write_demo_wav(path, speech_like(2.0, IN_RATE), IN_RATE)
+    return path
+
+
+def bundled_server():
+    """A server on the bundled tiny checkpoint, for a run with no --url and nothing listening
+    on the default one (needs mindone_ext installed; short answers: its weights are random)."""
+    try:
+        from mindone_ext.serve.process import ServerProcess
+    except ImportError:
+        sys.exit(f"error: no server at {DEFAULT_URL}; start one first: python -m mindone_ext.serve --model_path "
+                 "examples/qwen2_5_omni/tiny-qwen2.5-omni")
+    print(f"no server at {DEFAULT_URL}: starting one on the bundled checkpoint ...", flush=True)
+    return ServerProcess(os.path.join(HERE, "tiny-qwen2.5-omni"), "--max_new_tokens", 16,
+                         "--talker_max_new_tokens", 50)
+
+
+async def listening(url):
+    try:
+        async with aiohttp.ClientSession() as http, http.ws_connect(url):
+            return True
+    except (aiohttp.ClientError, OSError):
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="ws://127.0.0.1:8000/v1/voice")
-    ap.add_argument("--audio", required=True, help="the spoken question (any format FFmpeg reads)")
+    ap.add_argument("--url", default=None, help=f"the server's voice endpoint (default: {DEFAULT_URL}, or a "
+                    "server started on the bundled checkpoint when nothing listens there)")
+    ap.add_argument("--audio", default=None, help="the spoken question (any format FFmpeg reads); default: a "
+                    "generated clip")
     ap.add_argument("--output", default="answer.wav")
     ap.add_argument("--api_key", default=os.environ.get("MINDONE_API_KEY"))
     ap.add_argument("--speaker", default=None)
@@ -122,21 +161,28 @@ def main():
     ap.add_argument("--max_new_tokens", type=int, default=None)
     ap.add_argument("--talker_max_new_tokens", type=int, default=None)
     args = ap.parse_args()
-    if not os.path.isfile(args.audio):
-        sys.exit(f"--audio {args.audio}: file not found")
+    if args.audio is not None and not os.path.isfile(args.audio):
+        sys.exit(f"error: --audio {args.audio}: file not found")
+    audio_path = args.audio or demo_question()
+    server = None
+    if args.url is None and not asyncio.run(listening(DEFAULT_URL)):
+        server = bundled_server()
+    url = args.url or (server.url.replace("http", "ws", 1) + "/v1/voice" if server else DEFAULT_URL)
     config = {k: v for k in ("speaker", "seed", "max_new_tokens", "talker_max_new_tokens")
               if (v := getattr(args, k)) is not None}
     print("assistant: ", end="", flush=True)
     try:
-        _, audio = asyncio.run(converse(args.url, read_pcm16(args.audio), config, args.api_key,
+        _, audio = asyncio.run(converse(url, read_pcm16(audio_path), config, args.api_key,
                                         on_text=lambda delta: print(printable(delta), end="", flush=True)))
     except (ServerError, ConnectionError, aiohttp.ClientError, av.error.FFmpegError) as e:
         print()
         sys.exit(f"error: {e}")
+    finally:
+        if server is not None:
+            server.stop()
     print()
     write_wav(args.output, audio)
     print(f"speech: {len(audio) / OUT_RATE:.2f} s at {OUT_RATE} Hz -> {args.output}")
-
 
 if __name__ == "__main__":
     main()
