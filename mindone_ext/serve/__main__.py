@@ -2,6 +2,7 @@
 
     python -m mindone_ext.serve --model_path /models/Qwen2.5-Omni-7B --mindspore_dtype bfloat16
     # then open http://127.0.0.1:8000 and press Start
+    python -m mindone_ext.serve    # the bundled tiny random checkpoint (in a source checkout)
 
 Binds to 127.0.0.1 unless --host says otherwise; any other address needs an API key (--api_key
 or the MINDONE_API_KEY environment variable), which clients send as `Authorization: Bearer KEY`.
@@ -19,6 +20,9 @@ from dataclasses import fields
 from .options import ServeOptions  # plain Python: --help answers without importing MindSpore
 
 DTYPES = ("float32", "float16", "bfloat16")
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
+                       "qwen2_5_omni", "tiny-qwen2.5-omni")
+BUNDLED_TALKER_TOKENS = 100  # its random Talker has no reason to stop: 2 s of speech, not 80
 HELP = {
     "max_active": "answers generated at once, interleaved on the one model",
     "max_queue": "answers waiting beyond those; more are refused with a busy error",
@@ -41,7 +45,8 @@ HELP = {
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mindone_ext.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", required=True, help="a Hugging Face Qwen2.5-Omni folder")
+    ap.add_argument("--model_path", default=None, help="a Hugging Face Qwen2.5-Omni folder (default: the bundled "
+                    "tiny random checkpoint of a source checkout)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32")
@@ -52,8 +57,18 @@ def parse_args(argv=None):
     for field in fields(ServeOptions):
         default = getattr(defaults, field.name)
         kind = str if field.name in ("api_key", "allowed_origins") else type(default)
-        ap.add_argument(f"--{field.name}", type=kind, default=default, help=f"{HELP[field.name]} (default {default})")
+        told = f"{default}; {BUNDLED_TALKER_TOKENS} on the bundled checkpoint" if field.name == "talker_max_new_tokens" \
+            else default
+        ap.add_argument(f"--{field.name}", type=kind, default=None if field.name == "talker_max_new_tokens" else default,
+                        help=f"{HELP[field.name]} (default {told})")
     args = ap.parse_args(argv)
+    if args.model_path is None:
+        if not os.path.isdir(BUNDLED):
+            ap.error("--model_path is required (this installation has no bundled checkpoint)")
+        args.model_path = BUNDLED
+    if args.talker_max_new_tokens is None:
+        bundled = os.path.isdir(BUNDLED) and os.path.isdir(args.model_path) and os.path.samefile(args.model_path, BUNDLED)
+        args.talker_max_new_tokens = BUNDLED_TALKER_TOKENS if bundled else defaults.talker_max_new_tokens
     args.api_key = args.api_key or os.environ.get("MINDONE_API_KEY") or None
     if not _loopback(args.host) and not args.api_key:
         ap.error(f"--host {args.host} exposes the service beyond this machine: set --api_key or MINDONE_API_KEY")

@@ -1,7 +1,9 @@
-"""The server's command line: loopback by default, no exposure without an API key."""
+"""The server's command line: loopback by default, no exposure without an API key, the bundled
+checkpoint when no model is named."""
 import pytest
 
-from mindone_ext.serve.__main__ import parse_args
+from mindone_ext.serve.__main__ import BUNDLED, parse_args
+from mindone_ext.serve.options import ServeOptions
 
 
 def test_binds_to_loopback_by_default_and_needs_a_key_elsewhere(capsys, monkeypatch):
@@ -15,3 +17,10 @@ def test_binds_to_loopback_by_default_and_needs_a_key_elsewhere(capsys, monkeypa
     assert parse_args(["--model_path", "m", "--host", "0.0.0.0", "--api_key", "k"]).api_key == "k"
     monkeypatch.setenv("MINDONE_API_KEY", "from-env")
     assert parse_args(["--model_path", "m", "--host", "0.0.0.0"]).api_key == "from-env"
+
+
+def test_no_model_path_serves_the_bundled_checkpoint_with_short_spoken_answers(tmp_path):
+    args = parse_args([])
+    assert args.model_path == BUNDLED and args.talker_max_new_tokens == 100
+    assert parse_args(["--model_path", BUNDLED, "--talker_max_new_tokens", "7"]).talker_max_new_tokens == 7
+    assert parse_args(["--model_path", str(tmp_path)]).talker_max_new_tokens == ServeOptions().talker_max_new_tokens
