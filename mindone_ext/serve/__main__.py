@@ -135,6 +135,10 @@ def main(argv=None):
         enable_audio_output=not args.no_audio_output)
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
     options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+    if model.has_talker and not model.speakers:
+        from ..models.qwen2_5_omni.speakers import no_speakers_message
+
+        sys.exit(f"error: {no_speakers_message(args.model_path)} (or serve text only: --no_audio_output)")
     if model.has_talker and options.speaker not in model.speakers:
         sys.exit(f"--speaker {options.speaker!r} is not in the checkpoint; "
                  f"available: {', '.join(sorted(model.speakers))}")

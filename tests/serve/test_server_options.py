@@ -24,3 +24,19 @@ def test_no_model_path_serves_the_bundled_checkpoint_with_short_spoken_answers(t
     assert args.model_path == BUNDLED and args.talker_max_new_tokens == 100
     assert parse_args(["--model_path", BUNDLED, "--talker_max_new_tokens", "7"]).talker_max_new_tokens == 7
     assert parse_args(["--model_path", str(tmp_path)]).talker_max_new_tokens == ServeOptions().talker_max_new_tokens
+
+
+def test_a_checkpoint_whose_voices_cannot_be_read_is_refused_with_the_command_to_convert(tiny_checkpoint):
+    """Its speakers only in spk_dict.pt and no torch: the server exits naming the conversion."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import runpy, sys\nfrom tests.hide_torch import hide_torch\nhide_torch()\n"
+            f"sys.argv = ['serve', '--model_path', {tiny_checkpoint!r}, '--port', '0']\n"
+            "runpy.run_module('mindone_ext.serve', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "spk_dict.pt needs torch to be read" in done.stderr and "convert_spk_dict_pt2np.py" in done.stderr
+    assert "--no_audio_output" in done.stderr

@@ -54,3 +54,58 @@ def test_never_unpickles_arbitrary_objects(tmp_path):
                            str(tmp_path / "out.safetensors")], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode != 0 and "cannot be read as a speaker dict" in done.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def existing_port_file(tiny_checkpoint, path):
+    """spk_dict.npy as the existing MindSpore port's converter writes it: the release's dict with
+    its tensors as numpy arrays, through np.save (a pickle inside an .npy)."""
+    raw = torch.load(os.path.join(tiny_checkpoint, "spk_dict.pt"), weights_only=True)
+    np.save(path, {name: {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in entry.items()}
+                   for name, entry in raw.items()})
+    return raw
+
+
+def test_the_existing_ports_npy_speaker_file_is_read_without_torch(tiny_checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    os.remove(folder / "spk_dict.pt")
+    raw = existing_port_file(tiny_checkpoint, folder / "spk_dict.npy")
+    code = ("import sys; sys.argv = ['x']; from tests.hide_torch import hide_torch; hide_torch()\n"
+            "from mindone_ext.models.qwen2_5_omni.speakers import load_speakers\n"
+            f"s = load_speakers({str(folder)!r}); print(sorted(s), s['Ethan'].bos_token, s['Ethan'].ref_mel.shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ethan = raw["Ethan"]
+    assert done.stdout.split("\n")[0] == f"['Chelsie', 'Ethan'] {int(ethan['bos_token'])} {tuple(ethan['ref_mel'].shape)}"
+    from mindone_ext.models.qwen2_5_omni.speakers import read_numpy_speakers
+
+    for name, entry in raw.items():
+        np.testing.assert_array_equal(read_numpy_speakers(str(folder / "spk_dict.npy"))[name].cond, entry["cond"].numpy())
+
+
+def test_an_npy_speaker_file_never_runs_code(tmp_path):
+    from mindone_ext.models.qwen2_5_omni.speakers import SpeakerFileError, read_numpy_speakers
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    np.save(tmp_path / "spk_dict.npy", np.array({"Ethan": {"cond": Payload()}}, dtype=object), allow_pickle=True)
+    try:
+        read_numpy_speakers(str(tmp_path / "spk_dict.npy"))
+        raise AssertionError("read")
+    except SpeakerFileError as e:
+        assert "refusing to load" in str(e) and "system" in str(e)
+    assert not marker.exists()
+
+
+def test_no_usable_speaker_file_says_how_to_convert(tiny_checkpoint, tmp_path):
+    from mindone_ext.models.qwen2_5_omni.speakers import no_speakers_message
+
+    message = no_speakers_message(tiny_checkpoint)
+    assert "spk_dict.pt needs torch" in message and "convert_spk_dict_pt2np.py --spk_path" in message
+    assert "copy the release's spk_dict.pt" in no_speakers_message(str(tmp_path))

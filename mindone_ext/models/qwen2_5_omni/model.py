@@ -12,7 +12,7 @@ from ...nn.lora import PEFT_PREFIX, adapter_tensor_names, load_adapter
 from ...utils.checkpoint import CheckpointFolder, load_into
 from . import speech, streaming
 from .config import load_config
-from .speakers import load_speakers
+from .speakers import load_speakers, no_speakers_message
 from .talker import Qwen2_5OmniTalkerForConditionalGeneration
 from .thinker import Qwen2_5OmniThinkerForConditionalGeneration, as_numpy
 from .token2wav import Qwen2_5OmniToken2WavModel
@@ -111,8 +111,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
 
     def speaker(self, name):
         if not self.speakers:
-            raise ValueError("this checkpoint has no speakers: convert its spk_dict.pt with "
-                             "tools/convert/convert_spk_dict_pt2np.py (or install torch to read it directly)")
+            raise ValueError(no_speakers_message(self.name_or_path or "this checkpoint"))
         if name not in self.speakers:
             raise ValueError(f"unknown speaker {name!r}; available: {', '.join(sorted(self.speakers))}")
         return self.speakers[name]

@@ -1,21 +1,25 @@
 """Speaker voices for Token2Wav: per speaker a condition vector, a reference mel spectrogram and
 the text-side bos token the Talker starts from.
 
-The release ships them as `spk_dict.pt` (a torch pickle). Inference reads a pickle-free
-`spk_dict.safetensors` instead (tensors `<name>.cond`, `<name>.ref_mel`; the bos ids in the
-metadata), written by tools/convert/convert_spk_dict_pt2np.py; `spk_dict.pt` is read only when
-torch happens to be installed, with `weights_only=True`.
+The release ships them as `spk_dict.pt` (a torch pickle). Read, in this order:
+- `spk_dict.safetensors`, pickle-free (tensors `<name>.cond`, `<name>.ref_mel`; the bos ids in
+  the metadata), written by tools/convert/convert_spk_dict_pt2np.py;
+- `spk_dict.npy`, what the existing MindSpore port's converter writes (`np.save` of the dict):
+  its pickle is read with an unpickler that builds numpy arrays and nothing else;
+- `spk_dict.pt`, when torch happens to be installed, with `weights_only=True`.
 """
+import importlib
 import importlib.util
 import json
 import os
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...utils.safetensors_io import SafetensorsFile, save_file
 
-SAFE_NAME, TORCH_NAME = "spk_dict.safetensors", "spk_dict.pt"
+SAFE_NAME, NUMPY_NAME, TORCH_NAME = "spk_dict.safetensors", "spk_dict.npy", "spk_dict.pt"
 
 
 @dataclass
@@ -77,12 +81,56 @@ def read_torch_speakers(path):
     return speakers_from_dict(raw, path)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, strings, lists and dicts; refuses every other class (a
+    pickle can name any function to call: os.system as well as numpy's array rebuilder)."""
+
+    ALLOWED = {"_reconstruct", "scalar", "ndarray", "dtype"}
+
+    def find_class(self, module, name):
+        if module.split(".")[0] == "numpy" and name in self.ALLOWED:
+            try:
+                return getattr(importlib.import_module(module), name)
+            except ImportError:  # a file written under numpy 2 (numpy._core), read under numpy 1
+                return getattr(importlib.import_module(module.replace("numpy._core", "numpy.core")), name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a speaker file holds arrays only")
+
+
+def read_numpy_speakers(path):
+    """`np.save` of the speaker dict (an object array holding it), read without running code."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            raw = _ArraysOnly(f).load() if dtype.hasobject else None
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise SpeakerFileError(f"{path}: cannot be read as a speaker dict ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, np.ndarray) or shape != () or raw.shape != ():
+        raise SpeakerFileError(f"{path}: not a saved speaker dict (expected np.save of a dict)")
+    return speakers_from_dict(raw.item(), path)
+
+
 def load_speakers(folder):
-    """Speakers of a checkpoint folder: the safetensors file, else spk_dict.pt if torch is
-    installed, else none (text-only use needs none)."""
-    safe, pickled = os.path.join(folder, SAFE_NAME), os.path.join(folder, TORCH_NAME)
+    """Speakers of a checkpoint folder, from the first usable file (see the module's docstring);
+    none when there is none (text-only use needs none)."""
+    safe, numpy_file, pickled = (os.path.join(folder, n) for n in (SAFE_NAME, NUMPY_NAME, TORCH_NAME))
     if os.path.isfile(safe):
         return read_speakers(safe)
+    if os.path.isfile(numpy_file):
+        return read_numpy_speakers(numpy_file)
     if os.path.isfile(pickled) and importlib.util.find_spec("torch") is not None:
         return read_torch_speakers(pickled)
     return {}
+
+
+def no_speakers_message(folder):
+    """Why a checkpoint folder gives no voices, and what to run."""
+    pickled = os.path.join(folder, TORCH_NAME)
+    if os.path.isfile(pickled):
+        return (f"{folder} has no usable speaker file: {TORCH_NAME} needs torch to be read. Convert it once "
+                f"(with torch installed anywhere): python tools/convert/convert_spk_dict_pt2np.py --spk_path {pickled} "
+                f"--out {os.path.join(folder, SAFE_NAME)}")
+    return (f"{folder} has no speaker file ({SAFE_NAME}, {NUMPY_NAME} or {TORCH_NAME}): copy the release's "
+            f"{TORCH_NAME} into it")
