@@ -110,6 +110,17 @@ def _listing(title, names, limit=20):
     return f"{title} ({len(names)}): {shown}"
 
 
+def progress(items, description, unit):
+    """`items`, with a progress bar on standard error when it is a terminal (none in logs or pipes)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit=unit, leave=False)
+
+
 def load_into(cell, folder, requested_dtype, skip_prefixes=(), optional=()):
     """Copy every checkpoint tensor into the parameter of the same name.
 
@@ -128,7 +139,9 @@ def load_into(cell, folder, requested_dtype, skip_prefixes=(), optional=()):
     if problems:
         raise CheckpointError(f"checkpoint {folder.path!r} does not match the model:\n  " + "\n  ".join(problems))
     bf16_on_cpu = requested_dtype == ms.bfloat16
-    for name in sorted(wanted):
+    # shard by shard (each file read once, in order), with a progress bar when a person watches
+    names = sorted(wanted, key=lambda n: (folder.weight_map.get(n, ""), n))
+    for name in progress(names, f"loading {os.path.basename(os.path.normpath(folder.path))}", "tensor"):
         param = params[name]
         value = folder.get(name)
         if np.issubdtype(value.dtype, np.floating):

@@ -240,3 +240,44 @@ def test_a_hub_cache_snapshot_of_symlinks_into_blobs_loads(tiny_checkpoint, tmp_
         os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snapshot / name)
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(snapshot), enable_audio_output=False)
     assert model.thinker.lm_head.weight.shape[0] > 0
+
+
+def test_loading_shows_progress_on_a_terminal_and_nothing_in_a_pipe(tiny_checkpoint):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    from tests.conftest import ROOT
+
+    code = ("from mindone_ext import Qwen2_5OmniForConditionalGeneration as M\n"
+            f"M.from_pretrained({tiny_checkpoint!r}, enable_audio_output=False)\nprint('loaded')")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 wide
+    seen = []
+
+    def read_terminal():  # read as it is written: a pty's buffer is small, and gone once closed
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the other end closed
+                return
+            if not chunk:
+                return
+            seen.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=follower, timeout=300, cwd=ROOT)
+    os.close(follower)
+    reader.join(10)
+    os.close(leader)
+    seen = b"".join(seen)
+    assert done.returncode == 0 and done.stdout.strip() == b"loaded"
+    assert b"loading tiny" in seen and b"tensor" in seen, seen[-500:]
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, cwd=ROOT)
+    assert piped.returncode == 0 and b"loading tiny" not in piped.stderr
