@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from mindone_ext.utils.checkpoint import CheckpointError, CheckpointFolder  # noqa: E402
-from mindone_ext.utils.export import (SAFETENSORS_DTYPE, ExportError, building, copy_side_files, parse_size,  # noqa: E402
+from mindone_ext.utils.export import (SAFETENSORS_DTYPE, building, copy_side_files, parse_size,  # noqa: E402
                                       write_config, write_weights)
 from mindone_ext.utils.safetensors_io import SafetensorsError  # noqa: E402
 
