@@ -85,10 +85,12 @@ class _ArraysOnly(pickle.Unpickler):
     """Unpickles numpy arrays, numbers, strings, lists and dicts; refuses every other class (a
     pickle can name any function to call: os.system as well as numpy's array rebuilder)."""
 
-    ALLOWED = {"_reconstruct", "scalar", "ndarray", "dtype"}
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {(m, n) for m in ("numpy.core.multiarray",
+                                                                              "numpy._core.multiarray")
+                                                              for n in ("_reconstruct", "scalar")}
 
     def find_class(self, module, name):
-        if module.split(".")[0] == "numpy" and name in self.ALLOWED:
+        if (module, name) in self.ALLOWED:
             try:
                 return getattr(importlib.import_module(module), name)
             except ImportError:  # a file written under numpy 2 (numpy._core), read under numpy 1
