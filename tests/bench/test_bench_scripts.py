@@ -61,14 +61,15 @@ def test_serve_load_bench_answers_every_turn_and_frees_the_server():
     costs seconds on CPU: the figures under heavier load are bench/serve_load.py's.)"""
     lines = run_bench("serve_load.py", "--clients", "3", "--turns", "1", "--scripts", "2", "--max_active", "2",
                       "--max_queue", "0", "--max_new_tokens", "4", "--talker_max_new_tokens", "10", "--backoff", "0.3",
-                      "--rounds", "2")
+                      "--rounds", "3")
     (result,) = lines
-    assert result["answered"] == 6 and result["busy_refusals"] > 0
+    assert result["answered"] == 9 and result["busy_refusals"] > 0
     assert (result["hung"], result["mismatched"], result["refused"]) == (0, 0, 0)
     assert (result["sessions_after"], result["caches_after"]) == (0, 0)
-    # the first round may compile graphs for new shapes; the second must add nothing (a leak would)
-    first, second = result["rss_after_mb"]
-    assert second - first < 16 and second - result["rss_before_mb"] < 64
+    # the first rounds may compile graphs for shapes their interleavings meet first (~30 MB was
+    # seen in a second round); the last must add nothing (a leak would), and all of it little
+    *_, before_last, last = result["rss_after_mb"]
+    assert last - before_last < 16 and last - result["rss_before_mb"] < 64
     assert result["first_audio_p50_s"] > 0
 
 
