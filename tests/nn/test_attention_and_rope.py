@@ -6,6 +6,7 @@ from mindspore import Tensor
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
 
 from mindone_ext.nn.attention import ascend_attention, attention, check_attn_implementation, exact_attention, use_flash
+from mindone_ext.nn.device import on_ascend
 from mindone_ext.nn.kv_cache import causal_mask, write_kv
 from mindone_ext.nn.rotary import MultimodalRotaryEmbedding, apply_rotary, rope_inv_freq
 
@@ -56,7 +57,8 @@ def test_flash_path_is_called_with_valid_arguments():
 
 
 def test_flash_is_only_chosen_on_ascend_in_half_precision():
-    assert not use_flash("flash_attention_2", ms.float16)  # this machine has no Ascend
+    assert use_flash("flash_attention_2", ms.float16) == use_flash("flash_attention_2", ms.bfloat16) == on_ascend()
+    assert not use_flash("flash_attention_2", ms.float32)
     assert not use_flash("eager", ms.float16)
     with pytest.raises(ValueError, match="attn_implementation"):
         check_attn_implementation("flash_attention_3")
