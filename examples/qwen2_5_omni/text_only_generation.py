@@ -8,13 +8,9 @@ The bundled checkpoint has random weights: it shows the pipeline runs end to end
 nothing. Runs without torch.
 """
 import argparse
-import os
 import time
 
-from common import printable
-
-TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-qwen2.5-omni")
-DTYPES = ("bfloat16", "float16", "float32")
+from common import DTYPES, TINY_CHECKPOINT, mindspore_dtype, printable
 
 
 def parse_args():
@@ -46,7 +42,7 @@ def main():
     if args.device_target:
         ms.set_context(device_target=args.device_target)
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=getattr(ms, args.mindspore_dtype),
+        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype),
         attn_implementation=args.attn_implementation, enable_audio_output=False)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     conversation = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]

@@ -52,8 +52,9 @@ def main():
     ap.set_defaults(max_new_tokens=128)
     args = ap.parse_args()
     if args.talker_max_new_tokens is None:
-        bundled = os.path.isdir(args.model_path) and os.path.samefile(args.model_path, TINY_CHECKPOINT)
-        args.talker_max_new_tokens = 100 if bundled else 4096
+        from mindone_ext.bundled import talker_max_new_tokens
+
+        args.talker_max_new_tokens = talker_max_new_tokens(args.model_path, bundled=TINY_CHECKPOINT)
     model, processor = load_with_speech(args)
     audio = args.audio or demo_media()["audio"]
     conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},

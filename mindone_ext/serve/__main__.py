@@ -17,12 +17,10 @@ import sys
 import tempfile
 from dataclasses import fields
 
+from .. import bundled
 from .options import ServeOptions  # plain Python: --help answers without importing MindSpore
 
 DTYPES = ("float32", "float16", "bfloat16")
-BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
-                       "qwen2_5_omni", "tiny-qwen2.5-omni")
-BUNDLED_TALKER_TOKENS = 100  # its random Talker has no reason to stop: 2 s of speech, not 80
 HELP = {
     "max_active": "answers generated at once, interleaved on the one model",
     "max_queue": "answers waiting beyond those; more are refused with a busy error",
@@ -57,18 +55,17 @@ def parse_args(argv=None):
     for field in fields(ServeOptions):
         default = getattr(defaults, field.name)
         kind = str if field.name in ("api_key", "allowed_origins") else type(default)
-        told = f"{default}; {BUNDLED_TALKER_TOKENS} on the bundled checkpoint" if field.name == "talker_max_new_tokens" \
+        told = f"{default}; {bundled.TALKER_TOKENS} on the bundled checkpoint" if field.name == "talker_max_new_tokens" \
             else default
         ap.add_argument(f"--{field.name}", type=kind, default=None if field.name == "talker_max_new_tokens" else default,
                         help=f"{HELP[field.name]} (default {told})")
     args = ap.parse_args(argv)
     if args.model_path is None:
-        if not os.path.isdir(BUNDLED):
+        if not os.path.isdir(bundled.CHECKPOINT):
             ap.error("--model_path is required (this installation has no bundled checkpoint)")
-        args.model_path = BUNDLED
+        args.model_path = bundled.CHECKPOINT
     if args.talker_max_new_tokens is None:
-        bundled = os.path.isdir(BUNDLED) and os.path.isdir(args.model_path) and os.path.samefile(args.model_path, BUNDLED)
-        args.talker_max_new_tokens = BUNDLED_TALKER_TOKENS if bundled else defaults.talker_max_new_tokens
+        args.talker_max_new_tokens = bundled.talker_max_new_tokens(args.model_path)
     args.api_key = args.api_key or os.environ.get("MINDONE_API_KEY") or None
     if not _loopback(args.host) and not args.api_key:
         ap.error(f"--host {args.host} exposes the service beyond this machine: set --api_key or MINDONE_API_KEY")

@@ -2,6 +2,8 @@
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from ..bundled import RELEASE_TALKER_TOKENS
+
 AUDIO_IN_RATE = 16000  # what the model hears
 MODALITIES = ("text", "audio")
 
@@ -18,7 +20,7 @@ class ServeOptions:
     max_request_bytes: int = 32 << 20  # one HTTP request body (media come base64 encoded)
     max_context_tokens: int = 8192  # tokens of one conversation or request, prompt and answers (at most the model's context)
     max_new_tokens: int = 256  # text tokens of an answer, at most
-    talker_max_new_tokens: int = 4096  # codec tokens of an answer (50 per second of speech), at most
+    talker_max_new_tokens: int = RELEASE_TALKER_TOKENS  # codec tokens of an answer (50 per second of speech), at most
     speaker: str = "Chelsie"
     api_key: Optional[str] = None
     allowed_origins: str = ""  # web pages (besides this server's own) that may call it: comma-separated origins

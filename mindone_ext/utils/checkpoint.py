@@ -4,6 +4,7 @@ MindSpore parameters."""
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 import mindspore as ms
@@ -112,8 +113,6 @@ def _listing(title, names, limit=20):
 
 def progress(items, description, unit):
     """`items`, with a progress bar on standard error when it is a terminal (none in logs or pipes)."""
-    import sys
-
     if not sys.stderr.isatty():
         return items
     from tqdm import tqdm

@@ -2,7 +2,8 @@
 checkpoint when no model is named."""
 import pytest
 
-from mindone_ext.serve.__main__ import BUNDLED, parse_args
+from mindone_ext.bundled import CHECKPOINT as BUNDLED
+from mindone_ext.serve.__main__ import parse_args
 from mindone_ext.serve.options import ServeOptions
 
 
