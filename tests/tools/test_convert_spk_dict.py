@@ -109,3 +109,65 @@ def test_no_usable_speaker_file_says_how_to_convert(tiny_checkpoint, tmp_path):
     message = no_speakers_message(tiny_checkpoint)
     assert "spk_dict.pt needs torch" in message and "convert_spk_dict_pt2np.py --spk_path" in message
     assert "copy the release's spk_dict.pt" in no_speakers_message(str(tmp_path))
+
+
+def test_the_existing_ports_documented_command_writes_its_zip_and_the_model_reads_it(tiny_checkpoint, tmp_path):
+    """`convert_spk_dict_pt2np.py --spk_path .../spk_dict.pt --zip_spk_path .../spk_dict.zip`, as the
+    existing MindSpore port documents it: its zip layout (arrays.npz with `<name>/cond` and
+    `<name>/ref_mel`, meta.json with `<name>/bos_token`), read back without torch or pickle."""
+    import json
+    import shutil
+    import zipfile
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    done = subprocess.run([sys.executable, SCRIPT, "--spk_path", str(folder / "spk_dict.pt"), "--zip_spk_path",
+                           str(folder / "spk_dict.zip")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    original = torch.load(folder / "spk_dict.pt", weights_only=True)
+    with zipfile.ZipFile(folder / "spk_dict.zip") as zf:
+        assert sorted(zf.namelist()) == ["arrays.npz", "meta.json"]
+        meta = json.loads(zf.read("meta.json"))
+        with zf.open("arrays.npz") as f:
+            arrays = dict(np.load(f, allow_pickle=False))
+    assert meta == {f"{name}/bos_token": int(entry["bos_token"]) for name, entry in original.items()}
+    assert sorted(arrays) == sorted(f"{name}/{k}" for name in original for k in ("cond", "ref_mel"))
+    for name in ("spk_dict.pt", "spk_dict.safetensors"):  # only the zip left
+        if os.path.exists(folder / name):
+            os.remove(folder / name)
+    code = ("import sys; sys.argv = ['x']; from tests.hide_torch import hide_torch; hide_torch()\n"
+            "from mindone_ext.models.qwen2_5_omni.speakers import load_speakers\n"
+            f"s = load_speakers({str(folder)!r}); print(sorted(s), s['Ethan'].bos_token)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == f"['Chelsie', 'Ethan'] {int(original['Ethan']['bos_token'])}"
+    from mindone_ext.models.qwen2_5_omni.speakers import read_zip_speakers
+
+    back = read_zip_speakers(str(folder / "spk_dict.zip"))
+    for name, entry in original.items():
+        np.testing.assert_array_equal(back[name].cond, entry["cond"].numpy())
+        np.testing.assert_array_equal(back[name].ref_mel, entry["ref_mel"].numpy())
+
+
+def test_a_speaker_zip_with_pickled_arrays_or_a_bomb_is_refused(tmp_path):
+    import zipfile
+
+    from mindone_ext.models.qwen2_5_omni.speakers import SpeakerFileError, read_zip_speakers
+
+    pickled = tmp_path / "pickled.zip"
+    inner = tmp_path / "arrays.npz"
+    np.savez(inner, **{"Ethan/cond": np.array([{"x": 1}], dtype=object)})
+    with zipfile.ZipFile(pickled, "w") as zf:
+        zf.write(inner, "arrays.npz")
+        zf.writestr("meta.json", '{"Ethan/bos_token": 3}')
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("meta.json", b"0" * (300 << 20))
+    (tmp_path / "text.zip").write_text("hello")
+    for path, words in ((pickled, "Object arrays cannot be loaded"), (bomb, "unpacks to more than 256 MB"),
+                        (tmp_path / "arrays.npz", "not a speaker dict"), (tmp_path / "text.zip", "File is not a zip file")):
+        try:
+            read_zip_speakers(str(path))
+            raise AssertionError(f"{path} read")
+        except SpeakerFileError as e:
+            assert words in str(e), e

@@ -2,6 +2,9 @@
 
     python tools/convert/convert_spk_dict_pt2np.py --spk_path CKPT/spk_dict.pt --out CKPT/spk_dict.safetensors
 
+An --out (or --zip_spk_path, the existing MindSpore port's name for it) ending in .zip is written
+in that port's layout (arrays.npz + meta.json); both are read by the model.
+
 The pickle is opened with torch.load(weights_only=True), so it cannot run code; the result is
 read back and compared value for value before it replaces anything at --out.
 """
@@ -14,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from mindone_ext.models.qwen2_5_omni.speakers import (SpeakerFileError, read_speakers, read_torch_speakers,  # noqa: E402
-                                                      save_speakers)
+                                                      read_zip_speakers, save_speakers, save_zip_speakers)
 
 
 def convert(spk_path, out):
@@ -22,11 +25,12 @@ def convert(spk_path, out):
         raise SpeakerFileError(f"{spk_path}: file not found")
     speakers = read_torch_speakers(spk_path)
     folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".spk-", suffix=".safetensors", dir=folder)
+    zipped = out.endswith(".zip")
+    fd, tmp = tempfile.mkstemp(prefix=".spk-", suffix=".zip" if zipped else ".safetensors", dir=folder)
     os.close(fd)
     try:
-        save_speakers(speakers, tmp)
-        back = read_speakers(tmp)
+        (save_zip_speakers if zipped else save_speakers)(speakers, tmp)
+        back = (read_zip_speakers if zipped else read_speakers)(tmp)
         if sorted(back) != sorted(speakers):
             raise SpeakerFileError(f"round trip lost speakers: {sorted(set(speakers) - set(back))}")
         for name, s in speakers.items():
@@ -43,7 +47,8 @@ def convert(spk_path, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spk_path", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", "--zip_spk_path", dest="out", required=True,
+                    help="the file to write: .safetensors, or .zip in the existing MindSpore port's layout")
     a = ap.parse_args()
     try:
         names = convert(a.spk_path, a.out)

@@ -4,22 +4,27 @@ the text-side bos token the Talker starts from.
 The release ships them as `spk_dict.pt` (a torch pickle). Read, in this order:
 - `spk_dict.safetensors`, pickle-free (tensors `<name>.cond`, `<name>.ref_mel`; the bos ids in
   the metadata), written by tools/convert/convert_spk_dict_pt2np.py;
-- `spk_dict.npy`, what the existing MindSpore port's converter writes (`np.save` of the dict):
-  its pickle is read with an unpickler that builds numpy arrays and nothing else;
+- `spk_dict.zip`, what the existing MindSpore port's converter writes now (`arrays.npz` with
+  `<name>/cond`, `<name>/ref_mel`; `meta.json` with `<name>/bos_token`), read without pickle;
+- `spk_dict.npy`, what its earlier converter wrote (`np.save` of the dict): its pickle is read
+  with an unpickler that builds numpy arrays and nothing else;
 - `spk_dict.pt`, when torch happens to be installed, with `weights_only=True`.
 """
 import importlib
 import importlib.util
+import io
 import json
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...utils.safetensors_io import SafetensorsFile, save_file
 
-SAFE_NAME, NUMPY_NAME, TORCH_NAME = "spk_dict.safetensors", "spk_dict.npy", "spk_dict.pt"
+SAFE_NAME, ZIP_NAME, NUMPY_NAME, TORCH_NAME = "spk_dict.safetensors", "spk_dict.zip", "spk_dict.npy", "spk_dict.pt"
+ZIP_LIMIT = 256 << 20  # bytes a speaker zip may unpack to (the release's two voices: ~1 MB)
 
 
 @dataclass
@@ -57,6 +62,35 @@ def save_speakers(speakers, path):
         tensors[f"{name}.cond"], tensors[f"{name}.ref_mel"] = s.cond, s.ref_mel
         meta[f"{name}.bos_token"] = str(s.bos_token)
     save_file(tensors, path, metadata={"format": "speakers", "names": json.dumps(sorted(speakers)), **meta})
+
+
+def save_zip_speakers(speakers, path):
+    """The existing MindSpore port's zip layout, for its users' tools."""
+    arrays = {f"{name}/{field}": getattr(s, field) for name, s in speakers.items() for field in ("cond", "ref_mel")}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("arrays.npz", buffer.getvalue())
+        zf.writestr("meta.json", json.dumps({f"{name}/bos_token": s.bos_token for name, s in speakers.items()}))
+
+
+def read_zip_speakers(path):
+    """spk_dict.zip: arrays through np.load(allow_pickle=False), the rest JSON; nothing runs code."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if sum(info.file_size for info in zf.infolist()) > ZIP_LIMIT:
+                raise SpeakerFileError(f"{path}: unpacks to more than {ZIP_LIMIT >> 20} MB; not a speaker file")
+            flat = json.loads(zf.read("meta.json")) if "meta.json" in zf.namelist() else {}
+            if "arrays.npz" in zf.namelist():
+                with np.load(io.BytesIO(zf.read("arrays.npz")), allow_pickle=False) as arrays:
+                    flat.update({key: arrays[key] for key in arrays.files})
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        raise SpeakerFileError(f"{path}: cannot be read as a speaker zip ({type(e).__name__}: {e})") from None
+    nested = {}
+    for key, value in flat.items():
+        name, _, field = key.rpartition("/")
+        nested.setdefault(name, {})[field] = value
+    return speakers_from_dict(nested, path)
 
 
 def read_speakers(path):
@@ -117,9 +151,11 @@ def read_numpy_speakers(path):
 def load_speakers(folder):
     """Speakers of a checkpoint folder, from the first usable file (see the module's docstring);
     none when there is none (text-only use needs none)."""
-    safe, numpy_file, pickled = (os.path.join(folder, n) for n in (SAFE_NAME, NUMPY_NAME, TORCH_NAME))
+    safe, zipped, numpy_file, pickled = (os.path.join(folder, n) for n in (SAFE_NAME, ZIP_NAME, NUMPY_NAME, TORCH_NAME))
     if os.path.isfile(safe):
         return read_speakers(safe)
+    if os.path.isfile(zipped):
+        return read_zip_speakers(zipped)
     if os.path.isfile(numpy_file):
         return read_numpy_speakers(numpy_file)
     if os.path.isfile(pickled) and importlib.util.find_spec("torch") is not None:
@@ -134,5 +170,5 @@ def no_speakers_message(folder):
         return (f"{folder} has no usable speaker file: {TORCH_NAME} needs torch to be read. Convert it once "
                 f"(with torch installed anywhere): python tools/convert/convert_spk_dict_pt2np.py --spk_path {pickled} "
                 f"--out {os.path.join(folder, SAFE_NAME)}")
-    return (f"{folder} has no speaker file ({SAFE_NAME}, {NUMPY_NAME} or {TORCH_NAME}): copy the release's "
+    return (f"{folder} has no speaker file ({SAFE_NAME}, {ZIP_NAME}, {NUMPY_NAME} or {TORCH_NAME}): copy the release's "
             f"{TORCH_NAME} into it")
