@@ -8,7 +8,8 @@ import logging
 logging.getLogger("transformers").addFilter(lambda record: "None of PyTorch" not in record.getMessage())
 logging.getLogger("transformers.modeling_rope_utils").addFilter(lambda record: "mrope_section" not in record.getMessage())
 
-__all__ = ["Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniProcessor", "process_mm_info"]
+__all__ = ["Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniProcessor",
+           "process_mm_info"]
 __version__ = "0.1.0"
 
 

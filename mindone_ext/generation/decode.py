@@ -13,25 +13,16 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from ..nn.kv_cache import StaticCache
 from ..nn.decoder import head_dim_of
+from ..nn.kv_cache import StaticCache
+from ..utils.quiet import quiet_expected_recompiles
 
 PREFILL_CHUNK = 128  # tokens per prefill step
 SMALL_PIECE = 32  # a piece this short (a text turn, an audio window) runs in a graph of this width
 MIN_CACHE_SLOTS = 256
 
 
-def _quiet_expected_recompiles():
-    """Each decoder (the Thinker's, the Talker's) compiles its own `step`: MindSpore warns that
-    "step" "has been compiled again", which is by design here, not a missed reuse."""
-    from mindspore import log
-
-    get = getattr(log, "_get_logger", None)  # MindSpore's own logger (its name holds the process id)
-    if get is not None:
-        get().addFilter(lambda record: not ("compiled again" in record.getMessage() and __file__ in record.getMessage()))
-
-
-_quiet_expected_recompiles()
+quiet_expected_recompiles()
 
 
 def round_up(n, multiple):

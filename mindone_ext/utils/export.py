@@ -127,3 +127,19 @@ def _alive(pid):
     except PermissionError:
         return True
     return True
+
+
+def saved_dtype(raw_config, source):
+    """The dtype a checkpoint (`source`: keys() and dtype_name()) is saved in: its config's
+    `dtype` (transformers 4.56 and newer write this) or `torch_dtype` (older), else that of its
+    first floating tensor."""
+    named = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    if named in SAFETENSORS_DTYPE:
+        return named
+    stored = {code: name for name, code in SAFETENSORS_DTYPE.items()}
+    for name in source.keys():
+        found = source.dtype_name(name)
+        found = stored.get(found, found)
+        if found in SAFETENSORS_DTYPE:
+            return found
+    return "float32"

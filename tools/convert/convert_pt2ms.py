@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from mindone_ext.utils.checkpoint import CheckpointError, CheckpointFolder  # noqa: E402
 from mindone_ext.utils.export import (SAFETENSORS_DTYPE, building, copy_side_files, parse_size,  # noqa: E402
-                                      write_config, write_weights)
+                                      saved_dtype, write_config, write_weights)
 from mindone_ext.utils.safetensors_io import SafetensorsError  # noqa: E402
 
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -126,21 +126,6 @@ def check(source, expected):
         raise CheckpointError(f"{source.path!r} is not a complete Qwen2.5-Omni checkpoint:\n  " + "\n  ".join(problems))
 
 
-def source_dtype(raw_config, source):
-    """The dtype the source is saved in: its config's `dtype` (transformers 4.56 and newer write
-    this) or `torch_dtype` (older), else that of its first floating tensor."""
-    named = raw_config.get("dtype") or raw_config.get("torch_dtype")
-    if named in SAFETENSORS_DTYPE:
-        return named
-    stored = {code: name for name, code in SAFETENSORS_DTYPE.items()}
-    for name in source.keys():
-        found = source.dtype_name(name)
-        found = stored.get(found, found)
-        if found in SAFETENSORS_DTYPE:
-            return found
-    return "float32"
-
-
 def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progress=True, check_only=False):
     source = open_source(src)
     expected = expected_tensors(os.path.join(src, "config.json"))
@@ -149,7 +134,7 @@ def convert(src, out, dtype=None, max_shard_size="5GB", overwrite=False, progres
         return None
     with open(os.path.join(src, "config.json")) as f:
         raw_config = json.load(f)
-    dtype = dtype or source_dtype(raw_config, source)
+    dtype = dtype or saved_dtype(raw_config, source)
     # tensors grouped by the file they come from: each source file is read once, in order
     names = sorted(source.keys(), key=lambda n: (source.weight_map.get(n, ""), n))
     entries = [(name, SAFETENSORS_DTYPE[dtype], source.shape(name), lambda n=name: source.get(n)) for name in names]

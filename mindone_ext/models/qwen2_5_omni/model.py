@@ -6,10 +6,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 
+from ... import bundled
 from ...generation import CompiledDecoder, SamplingConfig, iter_tokens
 from ...nn.attention import check_attn_implementation
 from ...nn.lora import PEFT_PREFIX, adapter_tensor_names, load_adapter
 from ...utils.checkpoint import CheckpointFolder, load_into
+from ...utils.export import saved_dtype
 from . import speech, streaming
 from .config import load_config
 from .speakers import load_speakers, no_speakers_message
@@ -37,13 +39,23 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         self.generation_defaults = {}
         self.name_or_path = None
         self.speakers = {}
+        self.thinker_max_new_tokens = bundled.RELEASE_THINKER_TOKENS
+        self.talker_max_new_tokens = speech.TALKER_DEFAULTS["max_new_tokens"]
         self._thinker_runner = self._talker_runner = None
 
     @classmethod
-    def from_pretrained(cls, path, mindspore_dtype=ms.float32, attn_implementation="eager", enable_audio_output=True):
-        """Load a Hugging Face Qwen2.5-Omni folder (config.json + safetensors, single or sharded)."""
+    def from_pretrained(cls, path, mindspore_dtype=ms.float32, attn_implementation="eager", enable_audio_output=True,
+                        device_map=None, use_safetensors=None):
+        """Load a Hugging Face Qwen2.5-Omni folder (config.json + safetensors, single or sharded).
+        `mindspore_dtype="auto"` keeps the checkpoint's dtype. `device_map` and
+        `use_safetensors` are accepted for snippets written for transformers and mindone and
+        change nothing: MindSpore runs on its context's device (`mindspore.set_context(
+        device_target=...)`), and weights are always read from safetensors."""
         folder = CheckpointFolder(path)
         config = load_config(folder)
+        if mindspore_dtype is None or mindspore_dtype == "auto":
+            mindspore_dtype = getattr(ms, saved_dtype(folder.read_json("config.json") or {}, folder)
+                                      if mindspore_dtype == "auto" else "float32")
         model = cls(config, mindspore_dtype, attn_implementation, enable_audio_output)
         stored = {name for name, _ in model.stored_parameters()}
         optional = [name for name, _ in model.parameters_and_names() if name not in stored]
@@ -51,6 +63,8 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
                   optional=optional)
         model.generation_defaults = folder.read_json("generation_config.json") or {}
         model.name_or_path = folder.path
+        model.thinker_max_new_tokens = bundled.thinker_max_new_tokens(folder.path)
+        model.talker_max_new_tokens = bundled.talker_max_new_tokens(folder.path)
         if enable_audio_output:
             model.speakers = load_speakers(folder.path)
         model.set_train(False)
@@ -88,6 +102,11 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         return eos, pad
 
     @property
+    def device(self):
+        """Where MindSpore runs ("CPU", "Ascend", ...): what snippets pass to `inputs.to(model.device)`."""
+        return ms.get_context("device_target")
+
+    @property
     def stop_token_ids(self):
         """The tokens that end an answer (the generation config's eos_token_id)."""
         return self._stop_ids(None, None)[0]
@@ -117,18 +136,22 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         return self.speakers[name]
 
     def generate(self, input_ids=None, attention_mask=None, speaker="Chelsie", spk=None, return_audio=None,
-                 use_audio_in_video=False, max_new_tokens=None, thinker_max_new_tokens=1024, do_sample=False,
+                 use_audio_in_video=False, max_new_tokens=None, thinker_max_new_tokens=None, do_sample=False,
                  temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None,
                  seed=None, input_features=None, feature_attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None, **kwargs):
-        """Generate from what the processor returns, like the reference's `generate`: token ids
-        (B, prompt + new) as int64 numpy, and with `return_audio` (default: when the model was
-        loaded with audio output) also the 24 kHz waveform as float32 numpy.
+        """Generate from what the processor returns (numpy arrays or mindspore.Tensor, any int
+        or float dtype), like the reference's `generate`: token ids (B, prompt + new) as an int64
+        mindspore.Tensor, and with `return_audio` (default: when the model was loaded with audio
+        output) also the 24 kHz waveform, a float32 mindspore.Tensor (samples,).
 
         Sampling arguments without a prefix (or with `thinker_`) drive the Thinker; `talker_*`
         ones the Talker (defaults: the reference's, sampling with top_k=40, top_p=0.8,
         temperature=0.9, repetition_penalty=1.05); `token2wav_*` the ODE (`num_steps`,
-        `guidance_scale`, `sway_coefficient`, `noise`). `speaker` and `spk` both name the voice."""
+        `guidance_scale`, `sway_coefficient`, `noise`). `speaker` and `spk` both name the voice.
+        Answers stop after 1024 text tokens and 4096 codec tokens, as in the reference (64 and 100
+        on the bundled tiny checkpoint, whose random weights never stop by themselves), unless
+        `max_new_tokens` / `talker_max_new_tokens` say otherwise."""
         plan = self._plan(locals(), kwargs)
         cache = plan.runner.allocate(plan.ids.shape[0], plan.ids.shape[1] + plan.max_new, plan.cache_dtype)
         try:
@@ -136,10 +159,10 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         finally:
             cache.release()
         new = np.stack([t for t, _, _ in steps], 1) if steps else np.zeros((plan.ids.shape[0], 0), np.int64)
-        sequences = np.concatenate([plan.ids, new], 1)
+        sequences = ms.Tensor(np.concatenate([plan.ids, new], 1))
         if not plan.return_audio:
             return sequences
-        return sequences, self._speak(plan, steps)
+        return sequences, ms.Tensor(self._speak(plan, steps))
 
     def generate_stream(self, tokenizer=None, chunking=None, **kwargs):
         """`generate`'s arguments (batch size 1); returns a generator of events in the order they
@@ -187,7 +210,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             raise ValueError(f"input_ids must have shape (batch, length), got {ids.shape}")
         if plan.return_audio and ids.shape[0] != 1:
             raise ValueError("audio output is generated for one conversation at a time (batch size 1), as in the "
-                             f"reference; got a batch of {ids.shape[0]}")
+                             f"reference; got a batch of {ids.shape[0]}: pass return_audio=False for a batch's text")
         plan.voice = self.speaker(plan.spk or plan.speaker) if plan.return_audio else None
         mask = plan.mask = (np.ones_like(ids, np.int32) if plan.attention_mask is None
                             else as_numpy(plan.attention_mask, np.int32))
@@ -195,8 +218,8 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
         if mask.shape[1] and (mask[:, -1] == 0).any():
             raise ValueError("batched prompts must be left padded (attention_mask is 0 on the last position)")
-        plan.max_new = plan.thinker_args.pop("max_new_tokens", plan.max_new_tokens if plan.max_new_tokens is not None
-                                             else plan.thinker_max_new_tokens)
+        given = [n for n in (plan.max_new_tokens, plan.thinker_max_new_tokens) if n is not None]
+        plan.max_new = plan.thinker_args.pop("max_new_tokens", given[0] if given else self.thinker_max_new_tokens)
         limit = self.config.thinker_config.text_config.max_position_embeddings
         if ids.shape[1] + plan.max_new > limit:
             raise ValueError(f"prompt of {ids.shape[1]} tokens + {plan.max_new} new tokens exceeds the context "
@@ -230,7 +253,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
 
     def _talker_codes(self, plan, talker_prompt):
         """The Talker's codec tokens, one by one (see speech.iter_codes)."""
-        settings = {**speech.TALKER_DEFAULTS, **plan.talker_args}
+        settings = {**speech.TALKER_DEFAULTS, "max_new_tokens": self.talker_max_new_tokens, **plan.talker_args}
         positions, deltas = speech.talker_positions(self.config.talker_config, talker_prompt, plan.media,
                                                     plan.use_audio_in_video)
         return speech.iter_codes(self.talker, self.talker_runner(), talker_prompt, positions, deltas, settings,

@@ -12,6 +12,7 @@ import re
 import numpy as np
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
+from ...utils.batch_feature import BatchFeature, check_tensor_type
 from ...utils.resize import resize
 from .rope_index import chunk_bounds
 from .sizing import smart_resize
@@ -20,6 +21,7 @@ PATCHING = dict(patch_size=14, temporal_patch_size=2, merge_size=2, image_mean=[
                 image_std=[0.26862954, 0.26130258, 0.27577711], rescale_factor=1 / 255)
 IMAGE_PIXELS = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)  # the image processor's, unless configured
 VIDEO_PIXELS = dict(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)  # the video processor's, always
+HUB_ARGUMENTS = {"use_fast", "trust_remote_code", "local_files_only", "revision", "cache_dir", "token"}
 
 
 class PatchPreprocessor:
@@ -89,7 +91,13 @@ class Qwen2_5OmniProcessor:
         self.position_id_per_seconds, self.seconds_per_chunk = position_id_per_seconds, seconds_per_chunk
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, min_pixels=None, max_pixels=None, **ignored):
+        """`min_pixels` / `max_pixels` set the image budget, as in the reference (its video
+        processor keeps its own); hub arguments such as `use_fast` or `trust_remote_code` mean
+        nothing for a local folder and are ignored."""
+        unknown = sorted(set(ignored) - HUB_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"Qwen2_5OmniProcessor.from_pretrained() got unexpected arguments: {', '.join(unknown)}")
         if not os.path.isdir(path):
             raise ValueError(f"processor folder {path!r} does not exist")
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -101,6 +109,7 @@ class Qwen2_5OmniProcessor:
         size = config.get("size") or {}
         image_pixels = dict(min_pixels=config.get("min_pixels", size.get("shortest_edge", IMAGE_PIXELS["min_pixels"])),
                             max_pixels=config.get("max_pixels", size.get("longest_edge", IMAGE_PIXELS["max_pixels"])))
+        image_pixels.update({k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None})
         # the reference's video processor keeps its own pixel budget whatever the files say
         template = None
         if os.path.isfile(os.path.join(path, "chat_template.json")):
@@ -110,9 +119,27 @@ class Qwen2_5OmniProcessor:
         return cls(tokenizer, feature_extractor, PatchPreprocessor(**image_pixels, **patching),
                    PatchPreprocessor(**VIDEO_PIXELS, **patching), template)
 
-    def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False, **kwargs):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=tokenize,
-                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+    def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False, return_dict=False,
+                            load_audio_from_video=False, fps=None, num_frames=None, **kwargs):
+        """The prompt text; with `tokenize=True`, the conversation's media are also loaded (as
+        transformers' processor loads them, see chat_inputs) and everything is processed: the
+        model's inputs (a BatchFeature with `return_dict=True`, else the input ids). Other
+        arguments (`return_tensors`, `padding`, `use_audio_in_video`, ...) go to the processor."""
+        batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        if not tokenize:
+            return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
+        from .chat_inputs import gather, load_videos
+
+        conversations = conversation if batch else [conversation]
+        text = [self.tokenizer.apply_chat_template(c, chat_template=self.chat_template, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt) for c in conversations]
+        images, videos, audios = gather(conversations, load_audio_from_video)
+        images = [i for per_conversation in images for i in per_conversation]
+        videos = load_videos([v for per_conversation in videos for v in per_conversation], fps, num_frames)
+        out = self(text, audio=audios or None, images=images or None, videos=videos or None,
+                   **({} if fps is None else {"fps": fps}), **kwargs)
+        return out if return_dict else out["input_ids"]
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -122,6 +149,9 @@ class Qwen2_5OmniProcessor:
 
     def __call__(self, text, audio=None, images=None, videos=None, use_audio_in_video=False, fps=2.0,
                  padding=True, return_tensors="np", **unused):
+        """A BatchFeature of the model's inputs: numpy arrays (`return_tensors="np"`, the
+        default) or mindspore.Tensor (`"ms"`)."""
+        check_tensor_type(return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
         out = {}
         audio_lengths = []
@@ -153,7 +183,7 @@ class Qwen2_5OmniProcessor:
         encoded = self.tokenizer(texts, padding=padding, return_tensors="np")
         out["input_ids"] = encoded["input_ids"].astype(np.int64)
         out["attention_mask"] = encoded["attention_mask"].astype(np.int64)
-        return out
+        return BatchFeature(out, return_tensors)
 
     def expand_placeholders(self, texts, audio_lengths, image_grids, video_grids, seconds, use_audio_in_video):
         """Each <|AUDIO|>/<|IMAGE|>/<|VIDEO|> becomes as many tokens as its features; with

@@ -7,7 +7,7 @@ yielded as soon as the DiT window around them is complete.
 """
 from dataclasses import dataclass
 
-import numpy as np
+import mindspore as ms
 
 from .token2wav_stream import Token2WavStream
 
@@ -24,8 +24,9 @@ class TextDelta:
 
 @dataclass
 class AudioChunk:
-    """Waveform samples that follow the previous chunk's: float32 in [-1, 1] at 24 kHz."""
-    audio: np.ndarray
+    """Waveform samples that follow the previous chunk's: a float32 mindspore.Tensor (samples,)
+    in [-1, 1] at 24 kHz (`np.asarray(chunk.audio)` for numpy)."""
+    audio: ms.Tensor
     sample_rate: int = SAMPLE_RATE
 
 
@@ -126,7 +127,7 @@ class _Speech:
     @staticmethod
     def _audio(pieces):
         for piece in pieces:
-            yield AudioChunk(piece)
+            yield AudioChunk(ms.Tensor(piece))
 
     def close(self):
         if self.codes is not None:

@@ -76,6 +76,28 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope_tokens = RopeTokens.from_config(config)
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """The Thinker of a Qwen2.5-Omni folder alone (the talker and token2wav weights are not
+        read), as transformers' class of this name loads it; `generate` gives text."""
+        from .model import Qwen2_5OmniForConditionalGeneration
+
+        whole = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, enable_audio_output=False, **kwargs)
+        whole.thinker.__dict__["_whole"] = whole  # a plain reference, not a sub-cell: no second copy of its weights
+        return whole.thinker
+
+    def generate(self, **kwargs):
+        """Text generation, as the whole model's `generate(..., return_audio=False)`."""
+        whole = self.__dict__.get("_whole")
+        if whole is None:
+            raise ValueError("generate() needs a Thinker loaded with "
+                             "Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path)")
+        return whole.generate(return_audio=False, **kwargs)
+
+    @property
+    def device(self):
+        return ms.get_context("device_target")
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 

@@ -122,7 +122,7 @@ def test_generate_with_audio_matches_reference(our_model, reference_model):
                                           eos_token_id=[], talker_do_sample=False, talker_max_new_tokens=30,
                                           token2wav_noise=noise)
     np.testing.assert_array_equal(got_seq, seq.numpy())
-    assert got_wav.dtype == np.float32 and got_wav.shape == tuple(wav.shape) and len(got_wav) % 480 == 0
+    assert got_wav.dtype == ms.float32 and got_wav.shape == tuple(wav.shape) and len(got_wav) % 480 == 0
     assert_close(got_wav, wav.numpy())
 
 
