@@ -10,7 +10,8 @@ the reference produces for each to the npz file argv[2]:
 
 A case: {"conversation": [...], "use_audio_in_video": bool, "direct": optional {"images": [image
 files], "videos": [.npy files of frames]}: media given straight to the processor, without
-process_mm_info}; argv[3] is the processor's folder.
+process_mm_info; "chat": optional {arguments}: the processor's own apply_chat_template(tokenize=True,
+...) loads the media, as transformers' model card does}; argv[3] is the processor's folder.
 """
 import json
 import sys
@@ -28,6 +29,13 @@ def main(spec_path, out_path, processor_folder):
     out = {}
     for i, case in enumerate(cases):
         try:
+            if "chat" in case:  # transformers' own route: the processor loads the media (torchcodec)
+                inputs = processor.apply_chat_template(case["conversation"], add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="pt", padding=True,
+                                                       **case["chat"])
+                for key, value in inputs.items():
+                    out[f"{i}/inputs/{key}"] = value.numpy()
+                continue
             if "direct" in case:
                 from PIL import Image
 

@@ -95,6 +95,18 @@ DIRECT = {
     "processor_video_frames_uint8": lambda f: ([], [f["frames_5x57x95"], f["frames_4x640x360"], f["frames_3x50x50"]]),
 }
 
+# transformers' own route, as its model card calls it: apply_chat_template(tokenize=True, ...) loads
+# the media itself. name -> (conversation(s) from the files, apply_chat_template's arguments)
+CHAT = {
+    "chat_video_with_its_sound_at_1_fps": (lambda f: conv(video(f["landscape"])),
+                                           dict(load_audio_from_video=True, fps=1, use_audio_in_video=True)),
+    "chat_path_and_url_keys_at_3_fps": (lambda f: conv({"type": "audio", "path": f["stereo_mp3"]},
+                                                       {"type": "image", "url": f["rgba"]},
+                                                       {"type": "video", "path": f["odd"]}), dict(fps=3)),
+    "chat_batch_every_frame": (lambda f: [conv(image(f["gray"])), conv(audio(f["stereo_flac"]), video(f["mjpeg"]))],
+                               {}),
+}
+
 # inputs both refuse: name -> (conversation, use_audio_in_video, what our message says)
 REFUSED = {
     "video_max_pixels_below_min_pixels": (lambda f: conv(video(f["portrait"], max_pixels=100 * 784)), False,
@@ -177,7 +189,9 @@ def reference(files, reference_env, tiny_checkpoint, tmp_path_factory):
         images, videos = build(files)
         spec.append({"conversation": direct_conversation(images, videos), "use_audio_in_video": False,
                      "direct": {"images": images, "videos": videos}})
-    names = list(cases) + list(DIRECT)
+    for name, (build, arguments) in CHAT.items():
+        spec.append({"conversation": build(files), "use_audio_in_video": False, "chat": arguments})
+    names = list(cases) + list(DIRECT) + list(CHAT)
     with open(d / "cases.json", "w") as f:
         json.dump(spec, f)
     result = subprocess.run([reference_env, os.path.join(HERE, "run_reference.py"), str(d / "cases.json"),
@@ -192,6 +206,23 @@ def reference(files, reference_env, tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     return Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("name", list(CHAT))
+def test_apply_chat_template_loading_media_matches_the_reference(name, files, reference, processor):
+    """transformers' route (media read by its processor with torchcodec: FFmpeg decodes and
+    resamples audio, videos whole or sampled by its video processor): ids, masks, grids and pixel
+    values exact; features within what two FFmpeg builds' AAC / MP3 decoders differ by."""
+    want = {k.split("/", 1)[1]: v for k, v in reference[name].items() if k.startswith("inputs/")}
+    assert want, reference[name].get("error")
+    build, arguments = CHAT[name]
+    got = processor.apply_chat_template(build(files), tokenize=True, return_dict=True, padding=True, **arguments)
+    assert set(got) == set(want)
+    for key in sorted(want):
+        if want[key].dtype.kind in "iub" or key.startswith("pixel_values"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(got[key], want[key], rtol=0, atol=FEATURES_FROM_FFMPEG_AUDIO, err_msg=key)
 
 
 def direct_conversation(images, videos):
