@@ -1,5 +1,6 @@
 """The examples run as a user runs them: as scripts, on the bundled checkpoint, without torch."""
 import os
+import runpy
 import subprocess
 import sys
 
@@ -147,3 +148,22 @@ def test_lora_inference_without_an_adapter_says_what_to_run_first(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "no adapter in 'omni_lora_output': train one first" in done.stderr and "finetune_lora_in_native" in done.stderr
+
+
+def test_the_existing_mindspore_scripts_flag_names_are_aliases(monkeypatch):
+    """--enable_flash_attention, --bf16 / --fp16, --per_device_train_batch_size, --lora_path and
+    --image_path mean what our own flags mean."""
+    folder = os.path.join(ROOT, "examples", "qwen2_5_omni")
+    monkeypatch.syspath_prepend(folder)
+    native = runpy.run_path(os.path.join(folder, "finetune_lora_in_native_mindspore.py"), run_name="flags")
+    args = native["parser"]().parse_args(["--enable_flash_attention", "--bf16", "--per_device_train_batch_size", "4"])
+    assert (args.attn_implementation, args.mindspore_dtype, args.per_device_batch_size) == ("flash_attention_2",
+                                                                                          "bfloat16", 4)
+    trainer = runpy.run_path(os.path.join(folder, "finetune_lora_with_mindspore_trainer.py"), run_name="flags")
+    monkeypatch.setattr(sys, "argv", ["x", "--fp16", "--per_device_train_batch_size", "2", "--enable_flash_attention"])
+    args = trainer["parse_args"]()
+    assert (args.attn_implementation, args.mindspore_dtype, args.per_device_batch_size) == ("flash_attention_2",
+                                                                                          "float16", 2)
+    done = subprocess.run([sys.executable, os.path.join(folder, "infer_with_lora.py"), "--lora_path", "nowhere",
+                           "--image_path", "x.png"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and "no adapter in 'nowhere'" in done.stderr

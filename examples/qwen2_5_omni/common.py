@@ -31,10 +31,23 @@ def parser(description):
     ap.add_argument("--model_path", default=TINY_CHECKPOINT,
                     help="a Hugging Face Qwen2.5-Omni folder (default: the bundled tiny random checkpoint)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32")
-    ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
+    add_model_flags(ap)
     ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
     return ap
+
+
+def add_model_flags(ap, dtype_help=None):
+    """--mindspore_dtype and --attn_implementation, also under the existing MindSpore port's
+    spellings (--bf16, --fp16, --enable_flash_attention)."""
+    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32", help=dtype_help)
+    ap.add_argument("--bf16", dest="mindspore_dtype", action="store_const", const="bfloat16",
+                    help="same as --mindspore_dtype bfloat16")
+    ap.add_argument("--fp16", dest="mindspore_dtype", action="store_const", const="float16",
+                    help="same as --mindspore_dtype float16")
+    ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager",
+                    help="flash_attention_2: MindSpore's fused kernel on Ascend (exact attention elsewhere)")
+    ap.add_argument("--enable_flash_attention", dest="attn_implementation", action="store_const",
+                    const="flash_attention_2", help="same as --attn_implementation flash_attention_2")
 
 
 def run(main, *args):

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, TINY_CHECKPOINT, mindspore_dtype  # noqa: E402
+from common import TINY_CHECKPOINT, add_model_flags, mindspore_dtype  # noqa: E402
 
 TARGET_PRESETS = ("llm", "llm+audio", "llm+vision", "all")  # the thinker's decoder, with an encoder or both
 
@@ -55,7 +55,8 @@ def parser():
                     "expression for full module names, or a comma-separated list of name suffixes")
     ap.add_argument("--num_train_epochs", type=float, default=1)
     ap.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides epochs)")
-    ap.add_argument("--per_device_batch_size", type=int, default=1)
+    ap.add_argument("--per_device_batch_size", "--per_device_train_batch_size", dest="per_device_batch_size", type=int,
+                    default=1)
     ap.add_argument("--gradient_accumulation_steps", type=int, default=1)
     ap.add_argument("--learning_rate", type=float, default=1e-4)
     ap.add_argument("--weight_decay", type=float, default=0.0)
@@ -64,8 +65,8 @@ def parser():
     ap.add_argument("--max_length", type=int, default=None, help="drop (and count) longer samples")
     ap.add_argument("--allow_remote_media", action="store_true",
                     help="fetch media the dataset names by http(s) URL (off: such rows are skipped and counted)")
-    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32",
-                    help="the base weights' dtype; adapters and optimizer stay float32 (float16 adds loss scaling)")
+    add_model_flags(ap, dtype_help="the base weights' dtype; adapters and optimizer stay float32 "
+                    "(float16 adds loss scaling)")
     ap.add_argument("--recompute", action="store_true", help="recompute decoder layers in the backward pass")
     ap.add_argument("--save_steps", type=int, default=100)
     ap.add_argument("--save_total_limit", type=int, default=2)
@@ -139,7 +140,8 @@ def train(args):
     eval_set = ConversationDataset(args.eval_dataset_path, args.prompt, args.answer_column, args.system_prompt,
                                    args.allow_remote_media) if args.eval_dataset_path else None
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype), enable_audio_output=False)
+        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype),
+        attn_implementation=args.attn_implementation, enable_audio_output=False)
     thinker = model.thinker
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
     collate = Collator(processor, args.use_audio_in_video, args.max_length)

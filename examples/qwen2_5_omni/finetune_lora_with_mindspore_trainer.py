@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, TINY_CHECKPOINT, mindspore_dtype  # noqa: E402
+from common import TINY_CHECKPOINT, add_model_flags, mindspore_dtype  # noqa: E402
 
 
 def parse_args():
@@ -40,13 +40,14 @@ def parse_args():
     ap.add_argument("--lora_alpha", type=float, default=16)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--num_train_epochs", type=int, default=1)
-    ap.add_argument("--per_device_batch_size", type=int, default=1)
+    ap.add_argument("--per_device_batch_size", "--per_device_train_batch_size", dest="per_device_batch_size", type=int,
+                    default=1)
     ap.add_argument("--learning_rate", type=float, default=1e-4)
     ap.add_argument("--warmup_steps", type=int, default=0)
     ap.add_argument("--weight_decay", type=float, default=0.0)
     ap.add_argument("--save_steps", type=int, default=100)
     ap.add_argument("--save_total_limit", type=int, default=2)
-    ap.add_argument("--mindspore_dtype", choices=DTYPES, default="float32")
+    add_model_flags(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
     return ap.parse_args()
@@ -138,7 +139,8 @@ def main(args):
         args.dataset_path = write_ocr_dataset(os.path.join(tempfile.gettempdir(), "mindone_ext_demo_ocr"))
     data = ConversationDataset(args.dataset_path, args.prompt, allow_remote=args.allow_remote_media)
     thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype), enable_audio_output=False).thinker
+        args.model_path, mindspore_dtype=mindspore_dtype(args.mindspore_dtype),
+        attn_implementation=args.attn_implementation, enable_audio_output=False).thinker
     collate = Collator(Qwen2_5OmniProcessor.from_pretrained(args.model_path))
     apply_lora(thinker, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                    base_model_name_or_path=os.path.abspath(args.model_path)), seed=args.seed)

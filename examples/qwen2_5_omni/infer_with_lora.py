@@ -19,8 +19,9 @@ from demo_media import write_ocr_dataset  # noqa: E402
 
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--adapter_path", default="omni_lora_output", help="a folder with adapter_config.json")
-    ap.add_argument("--image", default=None)
+    ap.add_argument("--adapter_path", "--lora_path", dest="adapter_path", default="omni_lora_output",
+                    help="a folder with adapter_config.json")
+    ap.add_argument("--image", "--image_path", dest="image", default=None)
     ap.add_argument("--audio", default=None)
     ap.add_argument("--prompt", default="Write the LaTeX formula shown in the image.")
     ap.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")

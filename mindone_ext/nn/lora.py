@@ -273,3 +273,30 @@ def _unwrap(model, merge):
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+class PeftModel:
+    """PEFT's entry points as the existing MindSpore port's scripts call them:
+    `PeftModel.from_pretrained(model.thinker, adapter_folder)`, then `merge_and_unload()` or
+    `get_base_model()`. The adapter is applied to the model in place (see load_adapter)."""
+
+    def __init__(self, model):
+        self.__dict__["base_model"] = model
+
+    @classmethod
+    def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False):
+        load_adapter(model, model_id)
+        if not is_trainable:
+            for _, layer in lora_layers(model):
+                for param in layer.trainable_params():
+                    param.requires_grad = False
+        return cls(model)
+
+    def merge_and_unload(self):
+        return merge_lora(self.base_model)
+
+    def get_base_model(self):
+        return self.base_model
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["base_model"], name)
