@@ -15,6 +15,7 @@ from mindspore import Tensor, ops
 
 from ..nn.decoder import head_dim_of
 from ..nn.kv_cache import StaticCache
+from ..utils.notice import compiling
 from ..utils.quiet import quiet_expected_recompiles
 
 PREFILL_CHUNK = 128  # tokens per prefill step
@@ -46,8 +47,8 @@ class CompiledDecoder:
     The graphs are pure functions of (input embeddings, positions, valid slots, write position,
     cache buffers) -> (float32 logits of the last position, hidden states, buffers)."""
 
-    def __init__(self, decoder, head, config, input_proj=None):
-        self.decoder, self.head = decoder, head
+    def __init__(self, decoder, head, config, input_proj=None, name="decoder"):
+        self.decoder, self.head, self.name = decoder, head, name
         self.num_layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
@@ -124,8 +125,11 @@ class CompiledDecoder:
         return logits, hidden
 
     def _run(self, cache, embeds, position_ids, start, last):
-        self.shapes.add((embeds.shape[0], embeds.shape[1], cache.slots))
-        logits, hidden, cache.layers = self._step(
-            embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(start, ms.int32),
-            Tensor([last], ms.int32), ms.mutable(cache.layers))
-        return logits.asnumpy(), hidden
+        shape = (embeds.shape[0], embeds.shape[1], cache.slots)
+        first = shape not in self.shapes
+        self.shapes.add(shape)
+        with compiling(f"the {self.name} for {shape[1]} token(s) x {shape[2]} cache slots", first):
+            logits, hidden, cache.layers = self._step(
+                embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(start, ms.int32),
+                Tensor([last], ms.int32), ms.mutable(cache.layers))
+            return logits.asnumpy(), hidden

@@ -4,12 +4,12 @@ MindSpore parameters."""
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from .notice import progress
 from .safetensors_io import SafetensorsFile, round_to_bf16
 
 logger = logging.getLogger(__name__)
@@ -109,15 +109,6 @@ def _listing(title, names, limit=20):
     names = sorted(names)
     shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
     return f"{title} ({len(names)}): {shown}"
-
-
-def progress(items, description, unit):
-    """`items`, with a progress bar on standard error when it is a terminal (none in logs or pipes)."""
-    if not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=description, unit=unit, leave=False)
 
 
 def load_into(cell, folder, requested_dtype, skip_prefixes=(), optional=()):

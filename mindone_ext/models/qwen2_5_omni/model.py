@@ -120,7 +120,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
     def thinker_runner(self):
         if self._thinker_runner is None:
             self._thinker_runner = CompiledDecoder(self.thinker.model, self.thinker.lm_head,
-                                                   self.config.thinker_config.text_config)
+                                                   self.config.thinker_config.text_config, name="Thinker")
         return self._thinker_runner
 
     def talker_runner(self):

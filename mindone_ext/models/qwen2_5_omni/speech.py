@@ -95,5 +95,6 @@ def iter_codes(talker, runner, prompt, positions, deltas, settings, seed):
 
 
 def talker_runner(talker):
-    return CompiledDecoder(talker.model, talker.codec_head, talker.config, input_proj=talker.thinker_to_talker_proj)
+    return CompiledDecoder(talker.model, talker.codec_head, talker.config, input_proj=talker.thinker_to_talker_proj,
+                           name="Talker")
 

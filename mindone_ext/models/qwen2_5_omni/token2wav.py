@@ -8,6 +8,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ...generation.decode import bucket
+from ...utils.notice import compiling
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
 from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer
 
@@ -55,10 +56,16 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             def layer(x, t_emb, cos, sin, window, weights):
                 return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim)
 
+            shapes = set()
+
             def call(x, t_emb, cos, sin, window, weights):
-                # mutable: the tensors are graph inputs, not constants baked into a new graph per
-                # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
-                return layer(x, t_emb, cos, sin, ms.mutable(window), ms.mutable(tuple(Tensor(w) for w in weights)))
+                first = x.shape not in shapes
+                shapes.add(x.shape)
+                with compiling(f"a DiT block for {x.shape[1]} mel frames", first):
+                    # mutable: the tensors are graph inputs, not constants baked into a new graph per
+                    # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
+                    return layer(x, t_emb, cos, sin, ms.mutable(window),
+                                 ms.mutable(tuple(Tensor(w) for w in weights)))
 
             self._layer = call
         return self._layer

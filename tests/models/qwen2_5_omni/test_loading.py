@@ -242,7 +242,7 @@ def test_a_hub_cache_snapshot_of_symlinks_into_blobs_loads(tiny_checkpoint, tmp_
     assert model.thinker.lm_head.weight.shape[0] > 0
 
 
-def test_loading_shows_progress_on_a_terminal_and_nothing_in_a_pipe(tiny_checkpoint):
+def test_loading_and_compiling_show_progress_on_a_terminal_and_nothing_in_a_pipe(tiny_checkpoint):
     import fcntl
     import os
     import pty
@@ -255,7 +255,9 @@ def test_loading_shows_progress_on_a_terminal_and_nothing_in_a_pipe(tiny_checkpo
     from tests.conftest import ROOT
 
     code = ("from mindone_ext import Qwen2_5OmniForConditionalGeneration as M\n"
-            f"M.from_pretrained({tiny_checkpoint!r}, enable_audio_output=False)\nprint('loaded')")
+            f"m = M.from_pretrained({tiny_checkpoint!r})\n"
+            "m.generate(input_ids=[[1, 2, 3]], max_new_tokens=3, eos_token_id=[], talker_max_new_tokens=4)\n"
+            "print('loaded')")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 wide
     seen = []
@@ -279,5 +281,9 @@ def test_loading_shows_progress_on_a_terminal_and_nothing_in_a_pipe(tiny_checkpo
     seen = b"".join(seen)
     assert done.returncode == 0 and done.stdout.strip() == b"loaded"
     assert b"loading tiny" in seen and b"tensor" in seen, seen[-500:]
+    # the first prompt and the first decode step each compile a graph, and say so while they do
+    assert b"compiling the Thinker for 32 token(s) x 256 cache slots" in seen, seen[-500:]
+    assert b"compiling the Thinker for 1 token(s) x 256 cache slots" in seen, seen[-500:]
+    assert b"compiling the Talker for 1 token(s)" in seen and b"compiling a DiT block for" in seen, seen[-500:]
     piped = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, cwd=ROOT)
-    assert piped.returncode == 0 and b"loading tiny" not in piped.stderr
+    assert piped.returncode == 0 and b"loading tiny" not in piped.stderr and b"compiling" not in piped.stderr
