@@ -6,8 +6,6 @@ import logging
 import os
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor
 
 from .notice import progress
 from .safetensors_io import SafetensorsFile, round_to_bf16
@@ -128,6 +126,8 @@ def load_into(cell, folder, requested_dtype, skip_prefixes=(), optional=()):
                                             ("tensors with the wrong shape", wrong)) if n]
     if problems:
         raise CheckpointError(f"checkpoint {folder.path!r} does not match the model:\n  " + "\n  ".join(problems))
+    import mindspore as ms  # here, not above: the converters read checkpoints without MindSpore
+
     bf16_on_cpu = requested_dtype == ms.bfloat16
     # shard by shard (each file read once, in order), with a progress bar when a person watches
     names = sorted(wanted, key=lambda n: (folder.weight_map.get(n, ""), n))
@@ -138,5 +138,5 @@ def load_into(cell, folder, requested_dtype, skip_prefixes=(), optional=()):
             value = value.astype(np.float32)
             if bf16_on_cpu and param.dtype == ms.float32:
                 value = round_to_bf16(value)  # bf16 weights, float32 compute (no bf16 matmul on CPU)
-        param.set_data(Tensor(value, dtype=param.dtype))
+        param.set_data(ms.Tensor(value, dtype=param.dtype))
     logger.info("loaded %d tensors from %s", len(wanted), folder.path)

@@ -66,10 +66,12 @@ def test_serve_load_bench_answers_every_turn_and_frees_the_server():
     assert result["answered"] == 9 and result["busy_refusals"] > 0
     assert (result["hung"], result["mismatched"], result["refused"]) == (0, 0, 0)
     assert (result["sessions_after"], result["caches_after"]) == (0, 0)
-    # the first rounds may compile graphs for shapes their interleavings meet first (~30 MB was
-    # seen in a second round); the last must add nothing (a leak would), and all of it little
-    *_, before_last, last = result["rss_after_mb"]
-    assert last - before_last < 16 and last - result["rss_before_mb"] < 64
+    # a round may compile graphs for shapes its interleaving of turns meets first (~25 MB was seen
+    # in a second round, and in a third); a leak adds in every round, so one of the later rounds
+    # must add nothing, and all of them little
+    after = [result["rss_before_mb"]] + result["rss_after_mb"]
+    added = [b - a for a, b in zip(after, after[1:])]
+    assert min(added[1:]) < 16 and after[-1] - after[0] < 64, added
     assert result["first_audio_p50_s"] > 0
 
 

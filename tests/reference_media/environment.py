@@ -2,6 +2,7 @@
 reused: ~3 minutes and ~6 GB (torch's CUDA build: the only torchvision that installs here).
 MINDONE_REFERENCE_VENV names a folder to use; by default it lives in ~/.cache, keyed by the
 requirements' contents. Used by the tests beside and by bench/media.py."""
+import fcntl
 import hashlib
 import os
 import shutil
@@ -19,14 +20,17 @@ def reference_python():
     folder = os.environ.get("MINDONE_REFERENCE_VENV") or os.path.join(
         os.path.expanduser("~"), ".cache", "mindone_ext", f"reference-media-{key}")
     python, done = os.path.join(folder, "bin", "python"), os.path.join(folder, "complete")
-    if not os.path.exists(done):
-        shutil.rmtree(folder, ignore_errors=True)  # a half-made one (an interrupted install)
-        subprocess.run([sys.executable, "-m", "venv", folder], check=True)
-        result = subprocess.run([python, "-m", "pip", "install", "--quiet", "-r", REQUIREMENTS],
-                                capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError("installing the reference environment failed:\n"
-                               f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
-        with open(done, "w") as f:
-            f.write(key)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test processes running side by side make it once
+        if not os.path.exists(done):
+            shutil.rmtree(folder, ignore_errors=True)  # a half-made one (an interrupted install)
+            subprocess.run([sys.executable, "-m", "venv", folder], check=True)
+            result = subprocess.run([python, "-m", "pip", "install", "--quiet", "-r", REQUIREMENTS],
+                                    capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError("installing the reference environment failed:\n"
+                                   f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+            with open(done, "w") as f:
+                f.write(key)
     return python
