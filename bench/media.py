@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), ROOT]
 from common import emit  # noqa: E402
 from tests.reference_media import real_media  # noqa: E402
-from tests.reference_media.environment import reference_python  # noqa: E402
+from tests.reference_media.environment import reference_environ, reference_python  # noqa: E402
 
 READ = """
 import json, sys, time
@@ -47,7 +47,7 @@ def read(python, side, path, folder):
     """Run one side in a fresh process: its result line and a sample of its frames."""
     sample = os.path.join(folder, f"{side}.npy")
     run = subprocess.run([python, "-c", READ, path, side, sample], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT})
+                         env=reference_environ(PYTHONPATH=ROOT))
     if run.returncode:
         raise SystemExit(f"{side} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1]), np.load(sample)

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -242,7 +243,17 @@ def main():
     ap.add_argument("--shard-size", default="200KB")
     ap.add_argument("--tied", action="store_true", help="tie the thinker's lm_head to its embeddings")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--overwrite", action="store_true", help="replace out_dir when it exists")
     a = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from mindone_ext.utils.export import ExportError, parse_size
+
+    try:
+        parse_size(a.shard_size)
+    except ExportError as e:
+        sys.exit(f"error: --shard-size: {e}")
+    if os.path.exists(a.out_dir) and not a.overwrite:
+        sys.exit(f"error: {a.out_dir} already exists; pass --overwrite to replace it")
     print(build(a.out_dir, a.seed, a.shard_size, a.tied, a.dtype))
 
 

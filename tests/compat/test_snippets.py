@@ -22,7 +22,8 @@ from tests.reference_media import real_media as rm
 
 SNIPPETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snippets")
 EXAMPLES = os.path.join(ROOT, "examples", "qwen2_5_omni")
-VIDEO, AUDIO_URL = "/path/to/video.mp4", "https://qianwen-res.oss-cn-beijing.aliyuncs.com/Qwen2-Audio/audio/1272-128104-0000.flac"
+VIDEO = "/path/to/video.mp4"
+AUDIO_URL = "https://qianwen-res.oss-cn-beijing.aliyuncs.com/Qwen2-Audio/audio/1272-128104-0000.flac"
 
 
 @pytest.fixture(scope="module")

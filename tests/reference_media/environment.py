@@ -34,3 +34,10 @@ def reference_python():
             with open(done, "w") as f:
                 f.write(key)
     return python
+
+
+def reference_environ(**extra):
+    """Environment variables for a process of the reference environment: qwen-omni-utils reads
+    video with decord, the reader it documents (it would pick torchcodec, installed there for
+    transformers' own route, whose frame counts differ on some containers)."""
+    return {**os.environ, "FORCE_QWENVL_VIDEO_READER": "decord", **extra}

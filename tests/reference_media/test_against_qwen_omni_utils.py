@@ -25,7 +25,7 @@ import pytest
 
 from mindone_ext import Qwen2_5OmniProcessor, process_mm_info
 from tests.reference_media import real_media as rm
-from tests.reference_media.environment import HERE
+from tests.reference_media.environment import HERE, reference_environ
 
 SPOKEN = "The quick brown fox jumps over the lazy dog. Seven, eight, nine. Is it raining in Paris today?"
 OTHER = "Please describe what you see and what you hear, in a few words."
@@ -195,7 +195,8 @@ def reference(files, reference_env, tiny_checkpoint, tmp_path_factory):
     with open(d / "cases.json", "w") as f:
         json.dump(spec, f)
     result = subprocess.run([reference_env, os.path.join(HERE, "run_reference.py"), str(d / "cases.json"),
-                             str(d / "out.npz"), tiny_checkpoint], capture_output=True, text=True)
+                             str(d / "out.npz"), tiny_checkpoint], capture_output=True, text=True,
+                            env=reference_environ())
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(d / "out.npz") as npz:
         arrays = {key: npz[key] for key in npz.files}
