@@ -126,9 +126,10 @@ class CompiledDecoder:
 
     def _run(self, cache, embeds, position_ids, start, last):
         shape = (embeds.shape[0], embeds.shape[1], cache.slots)
-        first = shape not in self.shapes
+        # the message is made only for a new shape: this runs once per decoded token
+        new = None if shape in self.shapes else f"the {self.name} for {shape[1]} token(s) x {shape[2]} cache slots"
         self.shapes.add(shape)
-        with compiling(f"the {self.name} for {shape[1]} token(s) x {shape[2]} cache slots", first):
+        with compiling(new):
             logits, hidden, cache.layers = self._step(
                 embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(start, ms.int32),
                 Tensor([last], ms.int32), ms.mutable(cache.layers))

@@ -15,10 +15,10 @@ def progress(items, description, unit):
 
 
 @contextlib.contextmanager
-def compiling(what, first=True):
-    """A line on standard error, when it is a terminal, while `what` compiles: a graph's `first`
-    call for a shape takes seconds, later calls reuse it. Erased when done."""
-    if not (first and sys.stderr.isatty()):
+def compiling(what):
+    """A line on standard error, when it is a terminal, while `what` compiles (a graph's first
+    call for a shape takes seconds, later calls reuse it; they pass None). Erased when done."""
+    if what is None or not sys.stderr.isatty():
         yield
         return
     start = time.perf_counter()

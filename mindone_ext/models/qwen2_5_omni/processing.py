@@ -125,12 +125,12 @@ class Qwen2_5OmniProcessor:
         transformers' processor loads them, see chat_inputs) and everything is processed: the
         model's inputs (a BatchFeature with `return_dict=True`, else the input ids). Other
         arguments (`return_tensors`, `padding`, `use_audio_in_video`, ...) go to the processor."""
-        batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
         if not tokenize:
             return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt, **kwargs)
         from .chat_inputs import gather, load_videos
 
+        batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batch else [conversation]
         text = [self.tokenizer.apply_chat_template(c, chat_template=self.chat_template, tokenize=False,
                                                    add_generation_prompt=add_generation_prompt) for c in conversations]

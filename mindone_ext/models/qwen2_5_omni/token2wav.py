@@ -59,9 +59,9 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             shapes = set()
 
             def call(x, t_emb, cos, sin, window, weights):
-                first = x.shape not in shapes
+                new = None if x.shape in shapes else f"a DiT block for {x.shape[1]} mel frames"
                 shapes.add(x.shape)
-                with compiling(f"a DiT block for {x.shape[1]} mel frames", first):
+                with compiling(new):
                     # mutable: the tensors are graph inputs, not constants baked into a new graph per
                     # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
                     return layer(x, t_emb, cos, sin, ms.mutable(window),
