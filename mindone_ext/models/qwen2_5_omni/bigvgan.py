@@ -1,7 +1,13 @@
 """BigVGAN vocoder: mel (B, 80, T) -> 24 kHz waveform. Transposed-conv upsampling (x240 in all),
 multi-receptive-field AMP blocks with snake-beta activations applied at twice the sample rate
 through Kaiser-windowed sinc up/down-sampling (anti-aliasing). Names mirror the reference
-(`token2wav.code2wav_bigvgan_model.*`)."""
+(`token2wav.code2wav_bigvgan_model.*`).
+
+Every layer also takes `valid`, the number of real samples at its rate (a tensor in a compiled
+graph): the input may be longer, and the output's first `valid` samples are what the reference
+gives on the real samples alone. Zero padding is made exact by zeroing what lies past `valid`
+before each convolution, replicate padding by reading indices clipped to `valid`. One compiled
+graph of a given width then serves every shorter mel (see `CompiledVocoder`)."""
 import math
 
 import numpy as np
@@ -26,6 +32,21 @@ def kaiser_sinc_filter(cutoff, half_width, kernel_size):
     t = (np.arange(-half, half) + 0.5) if kernel_size % 2 == 0 else (np.arange(kernel_size) - half)
     taps = 2 * cutoff * window * np.sinc(2 * cutoff * t.astype(np.float32)).astype(np.float32)
     return (taps / taps.sum()).astype(np.float32)
+
+
+def keep_valid(x, valid):
+    """x with the samples past `valid` (None: all are valid) zeroed, as a zero-padded conv expects."""
+    if valid is None:
+        return x
+    return x * (ops.arange(x.shape[-1], dtype=ms.int32) < valid).astype(x.dtype)
+
+
+def replicate_pad(x, left, right, valid):
+    """torch's replicate padding of the last axis as if it ended after `valid` samples."""
+    if valid is None:
+        return P.pad1d(x, left, right, "replicate")
+    index = ops.minimum(ops.relu(ops.arange(-left, x.shape[-1] + right, dtype=ms.int32)), valid - 1)
+    return ops.gather(x, index, x.ndim - 1)
 
 
 class SnakeBeta(nn.Cell):
@@ -55,13 +76,13 @@ class AntiAliasedActivation(nn.Cell):
         self.up_crop = self.up_pad * ratio + (kernel_size - ratio) // 2, self.up_pad * ratio + (kernel_size - ratio + 1) // 2
         self.down_pad = kernel_size // 2 - int(kernel_size % 2 == 0), kernel_size // 2
 
-    def construct(self, x):
+    def construct(self, x, valid=None):
         f = self.filter.astype(x.dtype)
-        x = P.pad1d(x, self.up_pad, self.up_pad, "replicate")
+        x = replicate_pad(x, self.up_pad, self.up_pad, valid)
         x = self.ratio * P.conv_transpose1d(x, f, None, self.ratio, 0, self.channels)
         x = x[..., self.up_crop[0]:x.shape[-1] - self.up_crop[1]]
         x = self.act(x)
-        x = P.pad1d(x, self.down_pad[0], self.down_pad[1], "replicate")
+        x = replicate_pad(x, self.down_pad[0], self.down_pad[1], None if valid is None else valid * self.ratio)
         return P.conv1d(x, f, None, self.ratio, 0, 1, self.channels)
 
 
@@ -73,10 +94,10 @@ class AMPBlock(nn.Cell):
         self.convs2 = nn.CellList([Conv1d(channels, channels, kernel_size, 1, pad(1), 1, dtype=dtype) for _ in dilations])
         self.activations = nn.CellList([AntiAliasedActivation(channels, dtype) for _ in range(2 * len(dilations))])
 
-    def construct(self, x):
+    def construct(self, x, valid=None):
         for i in range(len(self.convs1)):
-            h = self.convs1[i](self.activations[2 * i](x))
-            x = x + self.convs2[i](self.activations[2 * i + 1](h))
+            h = self.convs1[i](keep_valid(self.activations[2 * i](x, valid), valid))
+            x = x + self.convs2[i](keep_valid(self.activations[2 * i + 1](h, valid), valid))
         return x
 
 
@@ -96,6 +117,8 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         super().__init__()
         c0 = config.upsample_initial_channel
         self.num_kernels = len(config.resblock_kernel_sizes)
+        self.upsample_rates = tuple(config.upsample_rates)
+        self.hop = int(np.prod(self.upsample_rates))  # samples per mel frame
         self.conv_pre = Conv1d(config.mel_dim, c0, 7, 1, 3, dtype=dtype)
         self.ups = nn.CellList([
             nn.CellList([TransposedConv1d(c0 // 2**i, c0 // 2**(i + 1), k, s, (k - s) // 2, dtype)])
@@ -114,11 +137,16 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         db = 20 * ops.log10(ops.clamp(ops.exp(mel), min=floor)) - 20
         return ops.clamp(2 * ((db + 115) / 115) - 1, -1.0, 1.0)
 
-    def construct(self, mel_spectrogram):
-        """mel (B, mel_dim, T) -> waveform (B * 240 T samples, squeezed), clamped to [-1, 1]."""
-        x = self.conv_pre(self.normalise_mel(mel_spectrogram))
+    def construct(self, mel_spectrogram, frames=None):
+        """mel (B, mel_dim, T) -> waveform (B * 240 T samples, squeezed), clamped to [-1, 1].
+        `frames`: how many of the T frames are real (default all); samples past 240 * frames are
+        then not the waveform of anything."""
+        valid = frames
+        x = self.conv_pre(keep_valid(self.normalise_mel(mel_spectrogram), valid))
         for i, up in enumerate(self.ups):
-            x = up[0](x)
-            x = sum(self.resblocks[i * self.num_kernels + j](x) for j in range(self.num_kernels)) / self.num_kernels
-        x = self.conv_post(self.activation_post(x))
+            x = up[0](keep_valid(x, valid))
+            valid = None if valid is None else valid * self.upsample_rates[i]
+            x = sum(self.resblocks[i * self.num_kernels + j](x, valid)
+                    for j in range(self.num_kernels)) / self.num_kernels
+        x = self.conv_post(keep_valid(self.activation_post(x, valid), valid))
         return ops.clamp(x, -1.0, 1.0).squeeze()

@@ -11,6 +11,7 @@ from ...generation.decode import bucket
 from ...utils.notice import compiling
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
 from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer
+from .vocoder import Vocoder
 
 NOISE_FRAMES = 30000  # the reference draws this much noise once and uses its first frames
 
@@ -46,6 +47,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         self.code2wav_dit_model = Qwen2_5OmniToken2WavDiTModel(config.dit_config, ms.float32)
         self.code2wav_bigvgan_model = Qwen2_5OmniToken2WavBigVGANModel(config.bigvgan_config, ms.float32)
         self._layer = None
+        self.vocoder = Vocoder(self.code2wav_bigvgan_model)
 
     def _layer_graph(self):
         """One compiled DiT block shared by all blocks (weights are inputs), see `dit_layer`."""
@@ -143,5 +145,4 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         if code.shape[1] == 0:
             return Tensor(np.zeros(0, np.float32))
         mel = self.sample_mel(code, conditioning, reference_mel, num_steps, guidance_scale, sway_coefficient, noise, seed)
-        # The vocoder runs op by op: compiling it per waveform length costs more than it saves.
-        return self.code2wav_bigvgan_model(mel)
+        return Tensor(self.vocoder(mel.asnumpy()[0].T))

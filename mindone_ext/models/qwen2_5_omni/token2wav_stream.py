@@ -9,13 +9,14 @@ context sizes trade that difference against latency (README: figures measured).
 
 The vocoder is a stack of convolutions with a finite reach: given `vocoder_context` mel frames on
 each side of the new frames, its output equals what it gives on the whole mel, so chunk joins
-need no cross-fade. It therefore holds back the last `vocoder_context` frames until the next
-chunk (or the end) arrives.
+need no cross-fade (see vocoder.py). It therefore holds back the last `vocoder_context` frames
+until the next chunk (or the end) arrives.
 """
 from dataclasses import dataclass
 
 import numpy as np
-from mindspore import Tensor
+
+from .vocoder import CONTEXT, MAX_WINDOW
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,13 @@ class StreamChunking:
     chunk_blocks: int = 2  # mel frames emitted per chunk
     past_blocks: int = 2  # already-emitted context the window repeats before the chunk
     future_blocks: int = 1  # context after the chunk: the codes a chunk waits for
-    vocoder_context: int = 24  # mel frames the vocoder sees on each side of its new frames
+    vocoder_context: int = CONTEXT  # mel frames the vocoder sees on each side of its new frames
 
     def __post_init__(self):
         if self.chunk_blocks < 1 or self.past_blocks < 0 or self.future_blocks < 0 or self.vocoder_context < 0:
             raise ValueError(f"chunk_blocks must be >= 1 and the contexts >= 0; got {self}")
+        if 2 * self.vocoder_context >= MAX_WINDOW:
+            raise ValueError(f"vocoder_context must be below {MAX_WINDOW // 2} frames; got {self.vocoder_context}")
 
 
 class NoiseFrames:
@@ -108,9 +111,6 @@ class Token2WavStream:
         upto = len(self.mel) if self.finished else len(self.mel) - context
         if upto <= self.vocoded:
             return np.zeros(0, np.float32)
-        first, last = max(0, self.vocoded - context), min(len(self.mel), upto + context)
-        wav = self.token2wav.code2wav_bigvgan_model(Tensor(self.mel[first:last].T[None])).asnumpy().reshape(-1)
-        hop = len(wav) // (last - first)
-        piece = wav[(self.vocoded - first) * hop:(upto - first) * hop]
+        piece = self.token2wav.vocoder.span(self.mel, self.vocoded, upto, context)
         self.vocoded = upto
-        return piece.astype(np.float32)
+        return piece
