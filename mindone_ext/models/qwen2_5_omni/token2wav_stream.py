@@ -21,15 +21,25 @@ from .vocoder import CONTEXT, MAX_WINDOW
 
 @dataclass(frozen=True)
 class StreamChunking:
-    """Sizes in DiT blocks (24 mel frames = 12 codec tokens = 0.24 s in the released config)."""
-    chunk_blocks: int = 2  # mel frames emitted per chunk
+    """Sizes in DiT blocks (24 mel frames = 12 codec tokens = 0.24 s in the released config).
+    The first chunk is `chunk_blocks` long, for a short wait; each later one doubles, up to
+    `max_chunk_blocks`, for throughput: a chunk repeats `past_blocks + future_blocks` of context,
+    so longer chunks solve fewer frames twice. A chunk is ready before the previous one has
+    played as long as the Talker outpaces speech (README: "Streaming", figures)."""
+    chunk_blocks: int = 2  # mel frames emitted in the first chunk
     past_blocks: int = 2  # already-emitted context the window repeats before the chunk
     future_blocks: int = 1  # context after the chunk: the codes a chunk waits for
     vocoder_context: int = CONTEXT  # mel frames the vocoder sees on each side of its new frames
+    max_chunk_blocks: int = 8  # the size later chunks grow to (<= chunk_blocks: no growth)
+
+    def blocks(self, n):
+        """The length of chunk n (0: the first), in DiT blocks."""
+        return max(self.chunk_blocks, min(self.chunk_blocks << min(n, 16), self.max_chunk_blocks))
 
     def __post_init__(self):
         if self.chunk_blocks < 1 or self.past_blocks < 0 or self.future_blocks < 0 or self.vocoder_context < 0:
             raise ValueError(f"chunk_blocks must be >= 1 and the contexts >= 0; got {self}")
+
         if 2 * self.vocoder_context >= MAX_WINDOW:
             raise ValueError(f"vocoder_context must be below {MAX_WINDOW // 2} frames; got {self.vocoder_context}")
 
@@ -67,10 +77,9 @@ class Token2WavStream:
         self.token2wav, self.conditioning, self.reference_mel = token2wav, conditioning, reference_mel
         self.chunking = chunking or StreamChunking()
         self.ode = dict(num_steps=num_steps, guidance_scale=guidance_scale, sway_coefficient=sway_coefficient)
-        self.repeats, block = dit.repeats, dit.block_size
-        self.chunk, self.past, self.future = (n * block for n in (self.chunking.chunk_blocks,
-                                                                   self.chunking.past_blocks,
-                                                                   self.chunking.future_blocks))
+        self.repeats, self.block = dit.repeats, dit.block_size
+        self.past, self.future = self.chunking.past_blocks * self.block, self.chunking.future_blocks * self.block
+        self.chunks = 0  # chunks solved so far
         self.noise = NoiseFrames(dit.mel_dim, noise, seed)
         self.codes = np.zeros(0, np.int64)
         self.mel = np.zeros((0, dit.mel_dim), np.float32)  # final mel frames so far
@@ -90,20 +99,21 @@ class Token2WavStream:
     def _advance(self):
         total = len(self.codes) * self.repeats
         while len(self.mel) < total:
-            start = len(self.mel)
-            end = min(start + self.chunk, total)
+            start, chunk = len(self.mel), self.chunking.blocks(self.chunks) * self.block
+            end = min(start + chunk, total)
             if not self.finished and total < end + self.future:
                 break
-            self.mel = np.concatenate([self.mel, self._solve(start, end, total)])
+            self.mel = np.concatenate([self.mel, self._solve(start, end, total, chunk)])
+            self.chunks += 1
         piece = self._vocode()
         return [piece] if piece.size else []
 
-    def _solve(self, start, end, total):
-        """Mel frames start..end from the ODE on the window around them."""
+    def _solve(self, start, end, total, chunk):
+        """Mel frames start..end (at most `chunk`) from the ODE on the window around them."""
         first, last = max(0, start - self.past), min(end + self.future, total)
         code = self.codes[first // self.repeats:last // self.repeats][None]
         mel = self.token2wav.solve(code, self.conditioning, self.reference_mel, self.noise[first:last], **self.ode,
-                                   length=self.past + self.chunk + self.future)
+                                   length=self.past + chunk + self.future)
         return mel.asnumpy()[0, start - first:end - first]
 
     def _vocode(self):

@@ -44,6 +44,19 @@ def test_streamed_audio_matches_the_whole_answer(our_model, whole, chunking, pie
     assert max_abs_diff(wav, at_once) <= 1e-5
 
 
+def test_chunks_grow_after_the_first(our_model):
+    assert [StreamChunking().blocks(n) for n in range(5)] == [2, 4, 8, 8, 8]
+    assert [StreamChunking(chunk_blocks=3, max_chunk_blocks=3).blocks(n) for n in range(3)] == [3, 3, 3]
+    assert StreamChunking(chunk_blocks=4, max_chunk_blocks=2).blocks(3) == 4  # never below the first
+    speaker = our_model.speakers["Ethan"]
+    s = Token2WavStream(our_model.token2wav, speaker.cond, speaker.ref_mel, seed=3)
+    ready = [i for i in range(CODES.shape[1]) if s.push(CODES[:, i:i + 1])]
+    # the first chunk (2 blocks = 24 codes) waits for one block of codes after it (36 codes in
+    # all), then plays but for the vocoder's context; the next chunk (up to 4 blocks) is the rest
+    assert s.chunks == 1 and ready == [35] and len(s.mel) == 48
+    assert s.finish() and s.chunks == 2 and len(s.mel) == 120
+
+
 def test_a_chunk_longer_than_the_answer_is_the_whole_answer(our_model, whole):
     _, pieces = stream(our_model, StreamChunking(chunk_blocks=8), pieces_of=4)
     assert len(pieces) == 1
