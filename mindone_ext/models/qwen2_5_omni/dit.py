@@ -234,11 +234,10 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         layer_masks = tuple(masks[(b.look_backward, b.look_ahead)] for b in self.transformer_blocks)
         return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
 
-    def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, layer=None, voice=None):
-        """The forward on prepared frame inputs (see `frame_inputs`). `layer`, a compiled
-        `dit_layer` taking (x, t_emb, cos, sin, window, weights), runs the blocks if given;
-        `voice`, the input embedding's `reference_voice`, saves computing it again."""
+    def embed(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
+              drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None):
+        """The blocks' input (B, T, hidden), or (2B, ...) with the unconditioned half, and the
+        time embedding. `voice`, the input embedding's `reference_voice`, saves computing it again."""
         b = hidden_states.shape[0]
         if time_step.ndim == 0:
             time_step = ops.tile(time_step.reshape(1), (b,))
@@ -247,11 +246,23 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         code_uncond = self.text_embed(quantized_code, True) if apply_cfg else None
         x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
                              code_uncond, apply_cfg, voice)
-        for i, block in enumerate(self.transformer_blocks):
-            x = block(x, t_emb, cos, sin, masks[i]) if layer is None else layer(x, t_emb, cos, sin, masks[i], block.weights())
+        return x, t_emb  # t_emb (B, hidden) broadcasts over both halves
+
+    def output(self, x, t_emb):
+        """The last blocks' output -> the velocity (B, T, mel_dim)."""
         scale, shift = ops.chunk(self.norm_out.linear(P.silu(t_emb)), 2, 1)
         x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
         return self.proj_out(x)
+
+    def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, layer=None, voice=None):
+        """The forward on prepared frame inputs (see `frame_inputs`). `layer`, a compiled
+        `dit_layer` taking (x, t_emb, cos, sin, window, weights), runs the blocks if given."""
+        x, t_emb = self.embed(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
+                              drop_audio_conditioning, drop_code, apply_cfg, voice)
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, t_emb, cos, sin, masks[i]) if layer is None else layer(x, t_emb, cos, sin, masks[i], block.weights())
+        return self.output(x, t_emb)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
                   drop_audio_conditioning=False, drop_code=False, apply_cfg=True):

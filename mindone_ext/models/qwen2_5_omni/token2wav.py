@@ -46,42 +46,54 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         # float32 throughout, as the reference keeps token2wav in float32 whatever the model dtype
         self.code2wav_dit_model = Qwen2_5OmniToken2WavDiTModel(config.dit_config, ms.float32)
         self.code2wav_bigvgan_model = Qwen2_5OmniToken2WavBigVGANModel(config.bigvgan_config, ms.float32)
-        self._layer = None
+        self._compiled, self._shapes = None, set()
         self.vocoder = Vocoder(self.code2wav_bigvgan_model)
 
-    def _layer_graph(self):
-        """One compiled DiT block shared by all blocks (weights are inputs), see `dit_layer`."""
-        if self._layer is None:
-            heads, head_dim = self.code2wav_dit_model.transformer_blocks[0].heads, self.code2wav_dit_model.head_dim
+    def _graphs(self):
+        """The compiled pieces of one velocity evaluation: the DiT's input embedding, one DiT block
+        shared by all blocks (weights are inputs, see `dit_layer`), and the output with the
+        guidance. Each compiles once per frame count (the compile notice says so)."""
+        if self._compiled is None:
+            dit = self.code2wav_dit_model
+            heads, head_dim = dit.transformer_blocks[0].heads, dit.head_dim
+
+            @ms.jit
+            def embed(x, cond, code, t, voice, apply_cfg):
+                return dit.embed(x, None, cond, code, t, apply_cfg=apply_cfg, voice=voice)
 
             @ms.jit
             def layer(x, t_emb, cos, sin, window, weights):
                 return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim)
 
-            shapes = set()
+            @ms.jit
+            def output(x, t_emb, guidance_scale, apply_cfg):
+                out = dit.output(x, t_emb)
+                if not apply_cfg:
+                    return out
+                guided, null = ops.chunk(out, 2, 0)
+                return guided + (guided - null) * guidance_scale
 
-            def call(x, t_emb, cos, sin, window, weights):
-                new = None if x.shape in shapes else f"a DiT block for {x.shape[1]} mel frames"
-                shapes.add(x.shape)
-                with compiling(new):
-                    # mutable: the tensors are graph inputs, not constants baked into a new graph per
-                    # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
-                    return layer(x, t_emb, cos, sin, ms.mutable(window),
-                                 ms.mutable(tuple(Tensor(w) for w in weights)))
-
-            self._layer = call
-        return self._layer
+            self._compiled = embed, layer, output
+        return self._compiled
 
     def velocity(self, x, ref, cond, code, t, cos, sin, masks, guidance_scale, voice=None):
         """The ODE's right-hand side: the DiT, with classifier-free guidance when the scale is
         non-zero (guided + (guided - unconditioned) * scale). `voice`: the DiT's
         `input_embed.reference_voice(ref, apply_cfg=guidance_scale >= 1e-5)`, if already known."""
-        dit, layer = self.code2wav_dit_model, self._layer_graph()
-        if guidance_scale < 1e-5:
-            return dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=False, layer=layer, voice=voice)
-        out = dit.run(x, ref, cond, code, t, cos, sin, masks, apply_cfg=True, layer=layer, voice=voice)
-        guided, null = out[:x.shape[0]], out[x.shape[0]:]
-        return guided + (guided - null) * guidance_scale
+        dit = self.code2wav_dit_model
+        apply_cfg = guidance_scale >= 1e-5
+        if voice is None:
+            voice = dit.input_embed.reference_voice(ref, apply_cfg=apply_cfg)
+        embed, layer, output = self._graphs()
+        new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
+        self._shapes.add(x.shape)
+        with compiling(new):
+            h, t_emb = embed(x, cond, code, t, voice, apply_cfg)
+            # mutable: the tensors are graph inputs, not constants baked into a new graph per
+            # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
+            for i, block in enumerate(dit.transformer_blocks):
+                h = layer(h, t_emb, cos, sin, ms.mutable(masks[i]), ms.mutable(tuple(Tensor(w) for w in block.weights())))
+            return output(h, t_emb, Tensor(np.float32(guidance_scale)), apply_cfg)
 
     def clip_codes(self, code):
         """The Talker's vocabulary is larger than the DiT's codec table: a code past the table

@@ -1,0 +1,172 @@
+"""Answer latency of one spoken turn, ours against the PyTorch reference on the same checkpoint.
+
+    python bench/latency.py                  # the bundled tiny checkpoint (framework overhead only)
+    python bench/latency.py --model_path DIR # any Qwen2.5-Omni folder
+
+The turn: a spoken question (espeak-ng, ~3 s), `--text_tokens` greedy text tokens, then
+`--codec_tokens` greedy codec tokens (2 s of speech at 50 tokens/s) and Token2Wav. Each
+implementation runs in its own new process (so its first call is a cold start): the first
+whole answer (`cold`: graphs compile), a second one (`warm`), then for ours a streamed answer
+(`generate_stream`: first text token, first audio chunk, all chunks). `ours_compiled_vocoder`
+is the same with the vocoder compiled (`model.token2wav.vocoder.compiled = True`), which trades
+compile time for speed per window. `voice_chatting` is the README's first command from a new
+process to its exit.
+
+MindSpore's compile cache is not used: in 2.7.1 it indexes cached graphs by the order a process
+compiled them, and a process that compiles in another order gets another graph's results
+(README: "Latency"). So every process compiles; there is no warm-cache figure.
+JSON lines: one per implementation, then a summary with the ratios.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory "
+          "and visual inputs, as well as generating text and speech.")
+
+
+def question(path):
+    subprocess.run(["espeak-ng", "-w", path, "What will the weather be like in Paris tomorrow morning?"], check=True)
+    return path
+
+
+def inputs(model_path, wav):
+    from mindone_ext import Qwen2_5OmniProcessor
+    from mindone_ext.utils.audio import load_audio
+
+    processor = Qwen2_5OmniProcessor.from_pretrained(model_path)
+    audio = load_audio(wav)
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+                    {"role": "user", "content": [{"type": "audio", "audio": audio}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return processor(text=text, audio=[audio], return_tensors="np", padding=True), len(audio) / 16000
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, round(time.perf_counter() - start, 3)
+
+
+def run_ours(args, compiled_vocoder):
+    start = time.perf_counter()
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+    from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model_path)
+    model.token2wav.vocoder.compiled = compiled_vocoder
+    feed, question_s = inputs(args.model_path, args.wav)
+    loaded = round(time.perf_counter() - start, 3)
+    settings = dict(feed, spk="Ethan", max_new_tokens=args.text_tokens, eos_token_id=[], talker_do_sample=False,
+                    talker_max_new_tokens=args.codec_tokens, seed=0)
+    (_, wav), cold = timed(lambda: model.generate(**settings))
+    _, warm = timed(lambda: model.generate(**settings))
+    start, first_text, first_audio, chunks = time.perf_counter(), None, None, 0
+    for event in model.generate_stream(**settings):
+        now = round(time.perf_counter() - start, 3)
+        if isinstance(event, TextDelta) and first_text is None:
+            first_text = now
+        if isinstance(event, AudioChunk):
+            first_audio, chunks = first_audio or now, chunks + 1
+    stream_total = round(time.perf_counter() - start, 3)
+    return dict(import_and_load_s=loaded, whole_cold_s=cold, whole_warm_s=warm, stream_first_text_s=first_text,
+                stream_first_audio_s=first_audio, stream_total_s=stream_total, stream_chunks=chunks,
+                speech_s=round(len(wav) / 24000, 2), question_s=round(question_s, 2))
+
+
+def run_reference(args):
+    start = time.perf_counter()
+    import torch
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model_path, dtype=torch.float32).eval()
+    # Random weights may emit codes past the DiT's table (the Talker's vocabulary is larger), on
+    # which the reference's Token2Wav fails with an IndexError; they are dropped first, as ours does.
+    token2wav, limit = model.token2wav.forward, model.config.token2wav_config.dit_config.num_embeds
+    model.token2wav.forward = lambda code, *rest, **kw: token2wav(code[:, code[0] < limit], *rest, **kw)
+    feed, question_s = inputs(args.model_path, args.wav)
+    feed = {k: torch.tensor(v) for k, v in feed.items()}
+    loaded = round(time.perf_counter() - start, 3)
+
+    def answer():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model.generate(**feed, speaker="Ethan", thinker_max_new_tokens=args.text_tokens,
+                                  thinker_do_sample=False, thinker_eos_token_id=None, talker_do_sample=False,
+                                  talker_max_new_tokens=args.codec_tokens)
+
+    (_, wav), cold = timed(answer)
+    _, warm = timed(answer)
+    return dict(import_and_load_s=loaded, whole_cold_s=cold, whole_warm_s=warm, speech_s=round(wav.numel() / 24000, 2),
+                question_s=round(question_s, 2))
+
+
+def run_voice_chatting(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, os.path.join(ROOT, "examples", "qwen2_5_omni", "voice_chatting.py"), "--audio",
+                   args.wav, "--output", os.path.join(tmp, "answer.wav")]
+        if args.model_path != default_model():
+            command += ["--model_path", args.model_path]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        return dict(process_total_s=round(time.perf_counter() - start, 3))
+
+
+def default_model():
+    from mindone_ext.bundled import CHECKPOINT
+
+    return CHECKPOINT
+
+
+def child(args):
+    run = {"ours": lambda: run_ours(args, False), "ours_compiled_vocoder": lambda: run_ours(args, True),
+           "reference": lambda: run_reference(args), "voice_chatting": lambda: run_voice_chatting(args)}[args.impl]
+    emit(dict(bench="latency", impl=args.impl, text_tokens=args.text_tokens, codec_tokens=args.codec_tokens,
+              model=os.path.basename(os.path.normpath(args.model_path)), device="CPU", dtype="float32", **run()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", default=None, help="a Qwen2.5-Omni folder (default: the bundled tiny checkpoint)")
+    ap.add_argument("--text_tokens", type=int, default=24)
+    ap.add_argument("--codec_tokens", type=int, default=100)
+    ap.add_argument("--impls", default="ours,ours_compiled_vocoder,reference,voice_chatting")
+    ap.add_argument("--impl", help=argparse.SUPPRESS)  # one child process
+    ap.add_argument("--wav", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.model_path = args.model_path or default_model()
+    if args.impl:
+        return child(args)
+    records = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = question(os.path.join(tmp, "question.wav"))
+        for impl in args.impls.split(","):
+            command = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--wav", wav, "--model_path",
+                       args.model_path, "--text_tokens", str(args.text_tokens), "--codec_tokens", str(args.codec_tokens)]
+            out = subprocess.run(command, capture_output=True, text=True, check=False)
+            if out.returncode:
+                sys.exit(f"{impl} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+            records[impl] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+            emit(records[impl])
+    ours, reference = records.get("ours"), records.get("reference")
+    summary = dict(bench="latency", compile_cache="off (MindSpore 2.7.1's can load another graph's results)")
+    if ours:
+        summary["ratio_stream_total_vs_whole"] = round(ours["stream_total_s"] / ours["whole_warm_s"], 3)
+        summary["ratio_cold_vs_warm"] = round(ours["whole_cold_s"] / ours["whole_warm_s"], 3)
+    if ours and reference:
+        summary["ratio_first_audio_vs_reference_whole"] = round(ours["stream_first_audio_s"] / reference["whole_warm_s"], 3)
+        summary["ratio_whole_vs_reference_whole"] = round(ours["whole_warm_s"] / reference["whole_warm_s"], 3)
+        summary["same_speech_length"] = ours["speech_s"] == reference["speech_s"]
+    emit(summary)
+
+
+if __name__ == "__main__":
+    main()
