@@ -46,6 +46,23 @@ def test_streaming_bench_output_form():
     assert lines[-1]["same_length"] is True and lines[-1]["snr_db_stream_vs_whole"] >= 30
 
 
+def test_latency_bench_output_form():
+    lines = run_bench("latency.py", "--impls", "ours,reference", "--text_tokens", "4", "--codec_tokens", "30")
+    assert [r.get("impl") for r in lines] == ["ours", "reference", None]
+    ours, reference, summary = lines
+    assert 0 < ours["stream_first_text_s"] <= ours["stream_first_audio_s"] <= ours["stream_total_s"]
+    assert ours["whole_warm_s"] > 0 and reference["whole_warm_s"] > 0 and ours["stream_chunks"] >= 1
+    assert ours["speech_s"] == reference["speech_s"] > 0 and summary["same_speech_length"] is True
+    assert summary["ratio_first_audio_vs_reference_whole"] > 0 and summary["ratio_stream_total_vs_whole"] > 0
+
+
+def test_compile_cache_probe_output_form():
+    lines = run_bench("compile_cache_probe.py")
+    assert [r["order"] for r in lines[:2]] == ["fg", "gf"] and lines[0]["correct"] is True
+    # the probe reports what MindSpore does; the package keeps the cache off while it is unsafe
+    assert lines[-1]["cache_is_safe"] == all(r["correct"] for r in lines[:2])
+
+
 def test_finetune_bench_output_form():
     lines = run_bench("finetune.py", "--tiny", "--steps", "2", "--tokens", "300", "--answer_tokens", "32")
     assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
