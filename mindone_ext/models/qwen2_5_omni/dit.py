@@ -192,8 +192,10 @@ class DiTDecoderLayer(nn.Cell):
 
     def weights(self):
         a, f = self.attn, self.ff.ff
-        layers = (self.attn_norm.linear, a.to_q, a.to_k, a.to_v, a.to_out[0], f[0], f[3])
-        return tuple(p for layer in layers for p in (layer.weight, layer.bias))
+        norm, out, up, down = self.attn_norm.linear, a.to_out[0], f[0], f[3]
+        # written out (not a nested comprehension) so that a compiled graph can call it too
+        return (norm.weight, norm.bias, a.to_q.weight, a.to_q.bias, a.to_k.weight, a.to_k.bias, a.to_v.weight,
+                a.to_v.bias, out.weight, out.bias, up.weight, up.bias, down.weight, down.bias)
 
     def construct(self, x, t_emb, cos, sin, window):
         return dit_layer(x, t_emb, cos, sin, window, self.weights(), self.heads, self.head_dim)

@@ -13,6 +13,8 @@ from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
 from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer
 from .vocoder import Vocoder
 
+ONE_GRAPH_BYTES = 256 << 20  # see Qwen2_5OmniToken2WavModel.one_graph
+ACTIVATIONS_PER_LAYER = 16  # (frames x hidden)-sized tensors a DiT block's graph keeps, roughly
 NOISE_FRAMES = 30000  # the reference draws this much noise once and uses its first frames
 
 
@@ -49,13 +51,32 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         self._compiled, self._shapes = None, set()
         self.vocoder = Vocoder(self.code2wav_bigvgan_model)
 
+    def one_graph(self, frames):
+        """Whether one velocity evaluation over `frames` runs as a single graph of the whole DiT:
+        yes while the activations it keeps allocated (see `dit_layer`) stay small; the released
+        DiT at a streaming window's size would keep ~0.8 GB, the tiny checkpoint's 4 MB."""
+        dit = self.code2wav_dit_model
+        hidden, layers = dit.proj_out.in_features, len(dit.transformer_blocks)
+        return 2 * frames * hidden * layers * ACTIVATIONS_PER_LAYER * 4 <= ONE_GRAPH_BYTES
+
     def _graphs(self):
-        """The compiled pieces of one velocity evaluation: the DiT's input embedding, one DiT block
-        shared by all blocks (weights are inputs, see `dit_layer`), and the output with the
-        guidance. Each compiles once per frame count (the compile notice says so)."""
+        """The compiled pieces of one velocity evaluation: the whole DiT as one graph, or its input
+        embedding, one DiT block shared by all blocks (weights are inputs, see `dit_layer`) and
+        its output, each with the guidance. Each compiles once per frame count."""
         if self._compiled is None:
             dit = self.code2wav_dit_model
             heads, head_dim = dit.transformer_blocks[0].heads, dit.head_dim
+
+            def guide(out, guidance_scale, apply_cfg):
+                if not apply_cfg:
+                    return out
+                guided, null = ops.chunk(out, 2, 0)
+                return guided + (guided - null) * guidance_scale
+
+            @ms.jit
+            def whole(x, cond, code, t, voice, cos, sin, masks, guidance_scale, apply_cfg):
+                return guide(dit.run(x, None, cond, code, t, cos, sin, masks, apply_cfg=apply_cfg, voice=voice),
+                             guidance_scale, apply_cfg)
 
             @ms.jit
             def embed(x, cond, code, t, voice, apply_cfg):
@@ -67,13 +88,9 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
 
             @ms.jit
             def output(x, t_emb, guidance_scale, apply_cfg):
-                out = dit.output(x, t_emb)
-                if not apply_cfg:
-                    return out
-                guided, null = ops.chunk(out, 2, 0)
-                return guided + (guided - null) * guidance_scale
+                return guide(dit.output(x, t_emb), guidance_scale, apply_cfg)
 
-            self._compiled = embed, layer, output
+            self._compiled = whole, embed, layer, output
         return self._compiled
 
     def velocity(self, x, ref, cond, code, t, cos, sin, masks, guidance_scale, voice=None):
@@ -84,16 +101,19 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         apply_cfg = guidance_scale >= 1e-5
         if voice is None:
             voice = dit.input_embed.reference_voice(ref, apply_cfg=apply_cfg)
-        embed, layer, output = self._graphs()
+        whole, embed, layer, output = self._graphs()
+        scale = Tensor(np.float32(guidance_scale))
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
         with compiling(new):
+            if self.one_graph(x.shape[1]):
+                return whole(x, cond, code, t, voice, cos, sin, ms.mutable(masks), scale, apply_cfg)
             h, t_emb = embed(x, cond, code, t, voice, apply_cfg)
             # mutable: the tensors are graph inputs, not constants baked into a new graph per
             # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
             for i, block in enumerate(dit.transformer_blocks):
                 h = layer(h, t_emb, cos, sin, ms.mutable(masks[i]), ms.mutable(tuple(Tensor(w) for w in block.weights())))
-            return output(h, t_emb, Tensor(np.float32(guidance_scale)), apply_cfg)
+            return output(h, t_emb, scale, apply_cfg)
 
     def clip_codes(self, code):
         """The Talker's vocabulary is larger than the DiT's codec table: a code past the table

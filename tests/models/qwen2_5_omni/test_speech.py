@@ -1,5 +1,7 @@
 """Speaking against the PyTorch reference: Talker, ECAPA, DiT, BigVGAN, the ODE, and the whole
 generate(..., return_audio=True) chain with the same injected noise."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,28 @@ def test_speech_argument_errors(our_model, tiny_checkpoint):
     with pytest.raises(ValueError, match="enable_audio_output=True"):
         text_only.generate(input_ids=ids, return_audio=True)
     assert text_only.generate(input_ids=ids, max_new_tokens=2).shape == (1, 5)  # return_audio defaults to off
+
+
+def test_the_dit_as_one_graph_or_block_by_block_gives_the_same_velocity(our_model, monkeypatch):
+    from mindone_ext.models.qwen2_5_omni import token2wav as token2wav_module
+
+    t2w = our_model.token2wav
+    dit = t2w.code2wav_dit_model
+    speaker = our_model.speakers["Chelsie"]
+    frames = 50
+    x = Tensor(rng.standard_normal((1, 72, 80)).astype(np.float32))
+    cond = Tensor(np.tile(np.asarray(speaker.cond, np.float32).reshape(1, 1, -1), (1, 72, 1)))
+    code = Tensor(rng.integers(0, 8193, size=(1, 36)), ms.int32)
+    cos, sin, masks = dit.frame_inputs(frames, ms.float32, 72)
+    args = (x, Tensor(speaker.ref_mel), cond, code, Tensor(np.float32(0.4)), cos, sin, masks)
+    assert t2w.one_graph(72)  # the tiny DiT: one graph
+    for scale in (0.5, 0.0):  # with and without guidance
+        whole = t2w.velocity(*args, scale).asnumpy()
+        monkeypatch.setattr(token2wav_module, "ONE_GRAPH_BYTES", 0)
+        layered = t2w.velocity(*args, scale).asnumpy()
+        monkeypatch.undo()
+        assert max_abs_diff(whole[:, :frames], layered[:, :frames]) <= 1e-5
+    # the released DiT (1024 wide, 22 blocks) at a streaming window's 264 frames runs block by block
+    released = SimpleNamespace(code2wav_dit_model=SimpleNamespace(proj_out=SimpleNamespace(in_features=1024),
+                                                                  transformer_blocks=[None] * 22))
+    assert not type(t2w).one_graph(released, 264)
