@@ -28,7 +28,8 @@ def storage_dtype(requested):
 
 
 def prefer_synchronous_cpu_dispatch():
-    """On CPU, run PyNative ops synchronously (`pynative_synchronize`), unless MINDONE_EXT_CPU_ASYNC=1.
+    """On CPU, run PyNative ops synchronously (`mindspore.runtime.launch_blocking()`), unless
+    MINDONE_EXT_CPU_ASYNC=1.
 
     MindSpore's asynchronous op pipeline lets the host run ahead of the kernels, which is what an
     Ascend card needs; on a CPU the host and the kernels share the cores, and on this project's
@@ -36,4 +37,12 @@ def prefer_synchronous_cpu_dispatch():
     4.05 s asynchronous, 0.87 s synchronous; one spoken turn on the tiny checkpoint: 8.6 s, 6.1 s).
     It is a process-wide MindSpore setting: models set it when they are built."""
     if ms.get_context("device_target") == "CPU" and os.environ.get(ASYNC_ENV) != "1":
-        ms.set_context(pynative_synchronize=True)
+        from mindspore import runtime
+
+        runtime.launch_blocking()
+
+
+def dispatch_is_synchronous():
+    from mindspore._c_expression import RuntimeConf  # MindSpore has no public getter for it
+
+    return RuntimeConf.get_instance().is_launch_blocking()

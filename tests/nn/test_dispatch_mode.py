@@ -12,9 +12,10 @@ PROBE = """
 import mindspore as ms
 from mindone_ext.bundled import CHECKPOINT
 from mindone_ext import Qwen2_5OmniForConditionalGeneration
-before = ms.get_context("pynative_synchronize")
+from mindone_ext.nn.device import dispatch_is_synchronous
+before = dispatch_is_synchronous()
 Qwen2_5OmniForConditionalGeneration.from_pretrained(CHECKPOINT, enable_audio_output=False)
-print(ms.get_context("device_target"), before, ms.get_context("pynative_synchronize"))
+print(ms.get_context("device_target"), before, dispatch_is_synchronous())
 """
 
 
