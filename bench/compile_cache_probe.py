@@ -12,7 +12,6 @@ Our graphs compile in an order set by the prompts a process meets, so the cache 
 Prints one JSON line per process and a summary with `cache_is_safe`.
 """
 import json
-import os
 import subprocess
 import sys
 import tempfile

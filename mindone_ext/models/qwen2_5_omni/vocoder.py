@@ -8,10 +8,10 @@ each side. The vocoder is a stack of convolutions with a finite reach, so a wind
 equals the whole mel's output (tests/models/qwen2_5_omni/test_vocoder.py); MindSpore's CPU backend
 keeps each graph's buffers for the life of the process, and windows bound them.
 
-Why compiling is not the default: a graph of the vocoder is ~1500 kernels, and MindSpore 2.7.1
-compiles it in ~35 s on this project's CPU machine (per width), while its compile cache can
-return another graph's results (README: "Latency"). Compiled, a window then runs ~15x faster
-on the bundled tiny checkpoint: it pays in a long-lived process that vocodes many windows.
+Why compiling is not the default: a graph of the vocoder is ~1500 kernels, which MindSpore 2.7.1
+compiles in ~35 s per width on this project's CPU machine, its compile cache can return another
+graph's results (README: "Latency"), and with synchronous CPU dispatch op by op is as fast. It is
+for devices where op-by-op dispatch is the bottleneck.
 """
 import numpy as np
 import mindspore as ms
