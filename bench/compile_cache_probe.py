@@ -12,6 +12,7 @@ Our graphs compile in an order set by the prompts a process meets, so the cache 
 Prints one JSON line per process and a summary with `cache_is_safe`.
 """
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,13 @@ EXPECTED = {"f": 3.0, "g": -4.0}
 
 
 def main():
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as tmp:
+        child, cache = os.path.join(tmp, "child.py"), os.path.join(tmp, "cache")
+        with open(child, "w") as f:
+            f.write(CHILD)  # a file: MindSpore compiles from the source it reads back
         records = []
         for order in ("fg", "gf"):
-            out = subprocess.run([sys.executable, "-c", CHILD, cache, order], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run([sys.executable, child, cache, order], capture_output=True, text=True, check=True)
             got = json.loads(out.stdout.strip().splitlines()[-1])
             records.append(dict(bench="compile_cache_probe", order=order, got=got, expected=EXPECTED,
                                 correct=got == EXPECTED))

@@ -257,13 +257,13 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         return self.proj_out(x)
 
     def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, layer=None, voice=None):
-        """The forward on prepared frame inputs (see `frame_inputs`). `layer`, a compiled
-        `dit_layer` taking (x, t_emb, cos, sin, window, weights), runs the blocks if given."""
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None):
+        """The forward on prepared frame inputs (see `frame_inputs`); Token2Wav compiles it whole, or
+        its `embed`, `dit_layer` per block and `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
         x, t_emb = self.embed(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
                               drop_audio_conditioning, drop_code, apply_cfg, voice)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, t_emb, cos, sin, masks[i]) if layer is None else layer(x, t_emb, cos, sin, masks[i], block.weights())
+            x = block(x, t_emb, cos, sin, masks[i])
         return self.output(x, t_emb)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
