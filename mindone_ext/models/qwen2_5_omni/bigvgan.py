@@ -7,7 +7,7 @@ Every layer also takes `valid`, the number of real samples at its rate (a tensor
 graph): the input may be longer, and the output's first `valid` samples are what the reference
 gives on the real samples alone. Zero padding is made exact by zeroing what lies past `valid`
 before each convolution, replicate padding by reading indices clipped to `valid`. One compiled
-graph of a given width then serves every shorter mel (see `CompiledVocoder`)."""
+graph of a given width then serves every shorter mel (see vocoder.py's `Vocoder`)."""
 import math
 
 import numpy as np

@@ -39,7 +39,6 @@ class StreamChunking:
     def __post_init__(self):
         if self.chunk_blocks < 1 or self.past_blocks < 0 or self.future_blocks < 0 or self.vocoder_context < 0:
             raise ValueError(f"chunk_blocks must be >= 1 and the contexts >= 0; got {self}")
-
         if 2 * self.vocoder_context >= MAX_WINDOW:
             raise ValueError(f"vocoder_context must be below {MAX_WINDOW // 2} frames; got {self.vocoder_context}")
 
