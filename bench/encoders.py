@@ -45,9 +45,7 @@ def main():
 
     from mindone_ext.models.qwen2_5_omni.audio_encoder import Qwen2_5OmniAudioEncoder
     from mindone_ext.models.qwen2_5_omni.vision_encoder import Qwen2_5OmniVisionEncoder
-    from mindone_ext.nn.device import prefer_synchronous_cpu_dispatch
 
-    prefer_synchronous_cpu_dispatch()  # as a model does when built (the encoders alone do not)
     audio_config, vision_config = configs(args.tiny)
     torch.manual_seed(0)
     ref_audio = ref.Qwen2_5OmniAudioEncoder._from_config(audio_config, attn_implementation="eager").eval()

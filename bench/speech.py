@@ -62,9 +62,7 @@ def main():
     from mindone_ext.models.qwen2_5_omni import speech
     from mindone_ext.models.qwen2_5_omni.talker import Qwen2_5OmniTalkerForConditionalGeneration
     from mindone_ext.models.qwen2_5_omni.token2wav import Qwen2_5OmniToken2WavModel
-    from mindone_ext.nn.device import prefer_synchronous_cpu_dispatch
 
-    prefer_synchronous_cpu_dispatch()  # as a model does when built (the talker and token2wav alone do not)
     talker_config, t2w_config = configs(args.tiny)
     rng = np.random.default_rng(0)
 

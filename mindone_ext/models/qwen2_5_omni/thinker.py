@@ -13,7 +13,6 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ...nn.decoder import Qwen2Decoder
-from ...nn.device import prefer_synchronous_cpu_dispatch
 from ...nn.layers import Linear
 from .audio_encoder import Qwen2_5OmniAudioEncoder, output_lengths
 from .rope_index import RopeTokens, get_rope_index
@@ -66,7 +65,6 @@ MULTIMODAL_INPUTS = ("input_features", "feature_attention_mask", "pixel_values",
 class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
     def __init__(self, config, dtype=ms.float32, attn_implementation="eager"):
         super().__init__()
-        prefer_synchronous_cpu_dispatch()  # every model has a Thinker: set once here
         self.config = config
         text = config.text_config
         self.audio_tower = Qwen2_5OmniAudioEncoder(config.audio_config, dtype, attn_implementation)
