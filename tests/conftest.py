@@ -27,6 +27,27 @@ def tiny_tied_checkpoint(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp("ckpt") / "tied"), seed=1, shard_size="1GB", tie_word_embeddings=True)
 
 
+@pytest.fixture
+def ascend_kernels(monkeypatch):
+    """The kernels only Ascend registers, for the tests of how we call them: on an Ascend device the
+    real ones, elsewhere CPU stand-ins written from their documented contracts
+    (tests/ascend_standins.py). The one place the suite chooses by device; returns its name."""
+    from mindone_ext.nn.device import on_ascend
+
+    if on_ascend():
+        return "Ascend"
+    from tests import ascend_standins
+
+    ascend_standins.install(monkeypatch)
+    return "CPU stand-ins"
+
+
+# Tolerances of a kernel against the exact float32 path on the same (rounded) inputs: a few units
+# in the last place of the result's dtype (fp16: 2^-10, bf16: 2^-7), sums accumulated in float32.
+KERNEL_TOLERANCE = {"Float32": dict(rtol=1e-4, atol=1e-4), "Float16": dict(rtol=4e-3, atol=4e-3),
+                    "BFloat16": dict(rtol=3e-2, atol=3e-2)}
+
+
 @pytest.fixture(scope="session")
 def reference_model(tiny_checkpoint):
     import torch

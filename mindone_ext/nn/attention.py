@@ -19,10 +19,17 @@ def check_attn_implementation(name):
     return name
 
 
-def use_flash(attn_implementation, dtype):
-    """Flash attention runs only on Ascend and only in half precision; elsewhere the exact
-    path gives the same numerics whichever implementation was asked for."""
-    return attn_implementation == "flash_attention_2" and on_ascend() and dtype in (ms.float16, ms.bfloat16)
+def flash_fits(head_dim):
+    """flash_attention_score takes head sizes that are multiples of 16, up to 512."""
+    return head_dim % 16 == 0 and head_dim <= 512
+
+
+def use_flash(attn_implementation, dtype, head_dim):
+    """Flash attention runs only on Ascend, only in half precision and only for head sizes the
+    kernel takes; elsewhere the exact path gives the same numerics whichever implementation was
+    asked for."""
+    return (attn_implementation == "flash_attention_2" and on_ascend() and dtype in (ms.float16, ms.bfloat16)
+            and flash_fits(head_dim))
 
 
 def exact_attention(q, k, v, mask, scale):
@@ -43,8 +50,12 @@ def exact_attention(q, k, v, mask, scale):
 
 def ascend_attention(q, k, v, mask, scale):
     b, h, t, d = q.shape
-    discard = ops.logical_not(mask).astype(ms.uint8)
-    out = ops.flash_attention_score(q, k, v, h, attn_mask=discard, scalar_value=scale, input_layout="BNSD")
+    # The kernel's polarity is 1 = discard. A query with no key to attend (a left-padding row)
+    # would get a result the kernel leaves undefined, and a NaN there reaches real rows in the next
+    # layer (probability 0 x NaN value): such a row attends to every key instead, a finite result
+    # nothing reads, as the exact path's uniform row is.
+    discard = ops.logical_and(ops.logical_not(mask), mask.any(-1, keep_dims=True)).astype(ms.uint8)
+    out = ops.flash_attention_score(q, k, v, h, attn_mask=discard, scalar_value=float(scale), input_layout="BNSD")
     return out.swapaxes(1, 2).reshape(b, t, h * d)
 
 

@@ -26,7 +26,7 @@ class Qwen2Attention(nn.Cell):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.scale = self.head_dim**-0.5
-        self.flash = use_flash(attn_implementation, dtype)
+        self.flash = use_flash(attn_implementation, dtype, self.head_dim)
         hidden = config.hidden_size
         self.q_proj = Linear(hidden, self.num_heads * self.head_dim, True, dtype)
         self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, True, dtype)

@@ -107,49 +107,6 @@ def arange(n, dtype=ms.int32):
     return exact_arange(n, dtype)
 
 
-def ascend_cumsum(x, axis):
-    return mint.cumsum(x, axis)
-
-
-def exact_cumsum(x, axis):
-    return ops.cumsum(x, axis)
-
-
-def cumsum(x, axis):
-    if on_ascend():
-        return ascend_cumsum(x, axis)
-    return exact_cumsum(x, axis)
-
-
-def ascend_topk(x, k):
-    return mint.topk(x, k)
-
-
-def exact_topk(x, k):
-    return ops.topk(x, k)
-
-
-def topk(x, k):
-    """Largest k values along the last axis and their indices, descending."""
-    if on_ascend():
-        return ascend_topk(x, k)
-    return exact_topk(x, k)
-
-
-def ascend_argmax(x):
-    return mint.argmax(x, -1)
-
-
-def exact_argmax(x):
-    return ops.argmax(x, -1)
-
-
-def argmax(x):
-    if on_ascend():
-        return ascend_argmax(x)
-    return exact_argmax(x)
-
-
 def gelu_tanh(x):
     return gelu(x, "tanh")
 

@@ -10,7 +10,7 @@ from mindone_ext.nn.device import on_ascend
 from mindone_ext.nn.kv_cache import causal_mask, write_kv
 from mindone_ext.nn.rotary import MultimodalRotaryEmbedding, apply_rotary, rope_inv_freq
 
-from tests.nn.test_portable_ops import assert_no_kernel_here
+from tests.conftest import KERNEL_TOLERANCE
 
 rng = np.random.default_rng(1)
 
@@ -49,17 +49,77 @@ def test_causal_mask_is_the_reference_mask():
     np.testing.assert_array_equal(got, want)
 
 
-def test_flash_path_is_called_with_valid_arguments():
-    q, k, v = qkv(d=128)
-    mask = np.ones((2, 1, 5, 9), bool)
-    half = lambda x: Tensor(x, ms.float16)  # noqa: E731
-    assert_no_kernel_here(lambda: ascend_attention(half(q), half(k), half(v), Tensor(mask), 128**-0.5))
+def torch_attention_with_keep_mask(q, k, v, keep, scale):
+    """Softmax attention in float64 over the (B, N1, S1, S2) pairs `keep` marks, grouped-query heads
+    by repetition (query head h uses key head h // (N1 / N2))."""
+    q, k, v = (torch.tensor(np.asarray(x, np.float64)) for x in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    scores = torch.where(torch.tensor(keep), scale * q @ k.transpose(-1, -2), -torch.inf)
+    return (torch.softmax(scores, -1) @ v).numpy()
 
 
-def test_flash_is_only_chosen_on_ascend_in_half_precision():
-    assert use_flash("flash_attention_2", ms.float16) == use_flash("flash_attention_2", ms.bfloat16) == on_ascend()
-    assert not use_flash("flash_attention_2", ms.float32)
-    assert not use_flash("eager", ms.float16)
+LAYOUTS = {  # (B, N, S, D) -> the layout, and its head axis for key/value
+    "BNSD": lambda x: x,
+    "BSND": lambda x: x.transpose(0, 2, 1, 3),
+    "BSH": lambda x: x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1),
+    "SBH": lambda x: x.transpose(2, 0, 1, 3).reshape(x.shape[2], x.shape[0], -1),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("sparse_mode", [0, 2, 3])
+def test_flash_attention_score_follows_its_documented_contract(layout, sparse_mode, ascend_kernels):
+    """The kernel's conventions, against torch on the same half-rounded inputs: its layouts,
+    grouped-query heads, scalar_value as the scale, attn_mask 1 = discard (mode 0), the top-left
+    and bottom-right causal modes (2, 3) with their compressed 2048 x 2048 mask, query and key
+    lengths that differ."""
+    b, n1, n2, s1, s2, d, scale = 2, 4, 2, 5, 9, 32, 0.3
+    q, k, v = (np.asarray(Tensor(x, ms.float16).astype(ms.float32).asnumpy()) for x in qkv(b, n1, n2, s1, s2, d))
+    i, j = np.arange(s1)[:, None], np.arange(s2)[None, :]
+    if sparse_mode == 0:
+        discard = rng.random((b, 1, s1, s2)) < 0.3
+        discard[..., 0] = False  # every query keeps a key: an all-discarded row is undefined
+        mask, keep = Tensor(discard.astype(np.uint8)), ~discard
+    else:
+        mask = Tensor(np.triu(np.ones((2048, 2048), bool), 1))
+        keep = np.broadcast_to(j <= i + (s2 - s1 if sparse_mode == 3 else 0), (b, n1, s1, s2))
+    to = LAYOUTS[layout]
+    out = ms.ops.flash_attention_score(Tensor(to(q), ms.float16), Tensor(to(k), ms.float16), Tensor(to(v), ms.float16),
+                                       n1, attn_mask=mask, scalar_value=scale, input_layout=layout,
+                                       sparse_mode=sparse_mode)
+    want = to(torch_attention_with_keep_mask(q, k, v, np.broadcast_to(keep, (b, n1, s1, s2)), scale))
+    assert out.dtype == ms.float16 and out.shape == want.shape
+    np.testing.assert_allclose(out.astype(ms.float32).asnumpy(), want, **KERNEL_TOLERANCE["Float16"],
+                               err_msg=ascend_kernels)
+
+
+@pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_flash_path_matches_the_exact_path_with_padding_rows(dtype, head_dim, ascend_kernels):
+    """Grouped-query heads under a causal mask over a left-padded cache: rows of real queries equal
+    the exact path's; rows with no key to attend (padding) come back finite (the stand-in makes such
+    a row NaN if the kernel is asked for it)."""
+    q, k, v = qkv(b=2, h=4, kv=2, t=5, s=9, d=head_dim)
+    valid = np.ones((2, 9), np.int32)
+    valid[1, :6] = 0  # row 1's first queries (slots 4, 5) see no valid key
+    mask = causal_mask(Tensor(valid), Tensor(4, ms.int32), 5)
+    rounded = [Tensor(x).astype(dtype) for x in (q, k, v)]
+    got = ascend_attention(*rounded, mask, head_dim**-0.5).astype(ms.float32).asnumpy()
+    want = exact_attention(*[x.astype(ms.float32) for x in rounded], mask, head_dim**-0.5).asnumpy()
+    seen = mask.asnumpy().any(-1)[:, 0]  # (B, T): queries with a key to attend
+    assert not seen.all() and np.isfinite(got).all(), ascend_kernels
+    np.testing.assert_allclose(got[seen], want[seen], **KERNEL_TOLERANCE[str(dtype)], err_msg=ascend_kernels)
+
+
+def test_flash_is_chosen_on_ascend_in_half_precision_for_the_head_sizes_it_takes():
+    for head_dim in (64, 80, 128):
+        assert use_flash("flash_attention_2", ms.float16, head_dim) == on_ascend()
+        assert use_flash("flash_attention_2", ms.bfloat16, head_dim) == on_ascend()
+    assert not use_flash("flash_attention_2", ms.float16, 72)  # not a multiple of 16
+    assert not use_flash("flash_attention_2", ms.float16, 1024)  # past the kernel's 512
+    assert not use_flash("flash_attention_2", ms.float32, 128)
+    assert not use_flash("eager", ms.float16, 128)
     with pytest.raises(ValueError, match="attn_implementation"):
         check_attn_implementation("flash_attention_3")
     q, k, v = qkv()
@@ -102,3 +162,30 @@ def test_multimodal_rope_matches_reference(section):
     cos, sin = rotary(Tensor(positions))
     got = apply_rotary(Tensor(x.numpy()), cos, sin).asnumpy()
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
+def test_a_decoder_on_flash_attention_matches_the_exact_path(ascend_kernels):
+    """Two layers in float16 over a left-padded batch: the padding rows' outputs feed the next
+    layer's keys, so an undefined padding row would reach the real ones."""
+    from mindone_ext.nn.decoder import Qwen2Decoder
+
+    config = ref.Qwen2_5OmniTextConfig(vocab_size=64, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                                       rope_scaling={"mrope_section": [4, 6, 6], "rope_type": "default", "type": "default"})
+    flash, exact = Qwen2Decoder(config, ms.float16, "flash_attention_2"), Qwen2Decoder(config, ms.float32, "eager")
+    for (name, p), (_, q) in zip(flash.parameters_and_names(), exact.parameters_and_names()):
+        value = (1.0 if "norm" in name else 0.0) + 0.1 * rng.standard_normal(p.shape)
+        p.set_data(Tensor(value, ms.float16))
+        q.set_data(Tensor(value, ms.float16).astype(ms.float32))
+    for layer in flash.layers:
+        layer.self_attn.flash = True  # what use_flash chooses on a card
+    valid = np.ones((2, 7), np.int32)
+    valid[1, :3] = 0
+    positions = np.broadcast_to(np.maximum(np.cumsum(valid, 1) - 1, 0), (3, 2, 7)).astype(np.int32)
+    embeds = Tensor(rng.standard_normal((2, 7, 128)), ms.float16)
+    got, _ = flash(embeds, Tensor(positions), Tensor(valid))
+    want, _ = exact(embeds.astype(ms.float32), Tensor(positions), Tensor(valid))
+    got, want = got.astype(ms.float32).asnumpy(), want.asnumpy()
+    assert np.isfinite(got).all(), ascend_kernels
+    real = valid.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], rtol=2e-2, atol=2e-2, err_msg=ascend_kernels)

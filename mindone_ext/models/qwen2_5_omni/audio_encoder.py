@@ -79,7 +79,7 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         self.conv2 = Conv1d(d, d, 3, stride=2, padding=1, dtype=dtype)
         self.positions = Tensor(sinusoid_table(config.max_source_positions, d))
         self.audio_bos_eos_token = Embedding(2, config.output_dim, dtype)
-        flash = use_flash(attn_implementation, dtype)
+        flash = use_flash(attn_implementation, dtype, d // config.encoder_attention_heads)
         self.layers = nn.CellList([AudioEncoderLayer(config, dtype, flash) for _ in range(config.encoder_layers)])
         self.ln_post = LayerNorm(d, 1e-5, dtype)
         self.proj = Linear(d, config.output_dim, True, dtype)

@@ -114,7 +114,7 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         self.fullatt_block_indexes = set(config.fullatt_block_indexes)
         self.patch_embed = PatchEmbed(config, dtype)
         self.inv_freq = rope_inv_freq(config.hidden_size // config.num_heads // 2, 10000.0)
-        flash = use_flash(attn_implementation, dtype)
+        flash = use_flash(attn_implementation, dtype, config.hidden_size // config.num_heads)
         self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
 
