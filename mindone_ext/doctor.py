@@ -22,6 +22,8 @@ import tempfile
 import time
 import zlib
 
+import numpy as np
+
 # A stage passes when max |result - exact| <= tolerance x max |exact|: float32 must agree with
 # the exact path to float32 rounding; half precision rounds weights and activations (fp16: 10
 # mantissa bits, bf16: 7) through several layers, as the checkpoint-loading tests allow.
@@ -45,7 +47,6 @@ def parse_args(argv=None):
 def tiny_model(dtype, attn_implementation):
     """The tiny-config model with deterministic random weights: each parameter's values depend
     only on its name, so every process and dtype gets the same ones (rounded to `dtype`)."""
-    import numpy as np
     import mindspore as ms
     from mindspore import Tensor
 
@@ -68,8 +69,6 @@ def tiny_model(dtype, attn_implementation):
 def initial_value(name, shape, table):
     """O(0.1-1) activations: tables ~ N(0, 1), matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.01),
     scales ~ 1 + N(0, 0.01); the vocoder's last conv x0.02 keeps the waveform inside its clamp."""
-    import numpy as np
-
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     value = rng.standard_normal(shape)
     if table:
@@ -84,10 +83,7 @@ def initial_value(name, shape, table):
 
 
 def inputs(config):
-    import numpy as np
-
     rng = np.random.default_rng(0)
-    text = config.thinker_config.text_config
     ids = rng.integers(0, 256, size=(2, 40))
     mask = np.ones_like(ids)
     mask[1, :7] = 0  # left padding: rows no key is visible to
@@ -113,7 +109,6 @@ def inputs(config):
 # ---------------------------------------------------------------- the stages
 
 def as_float32(x):
-    import numpy as np
     import mindspore as ms
 
     if isinstance(x, ms.Tensor):
@@ -122,15 +117,11 @@ def as_float32(x):
 
 
 def text_positions(mask):
-    import numpy as np
-
     return np.broadcast_to(np.maximum(np.cumsum(mask, 1) - 1, 0), (3,) + mask.shape).astype(np.int64)
 
 
 def run_decoder(runner, embeds, positions, mask, next_embeds):
     """Prefill then one decode step per entry of `next_embeds`: (prefill logits, decode logits)."""
-    import numpy as np
-
     cache = runner.allocate(embeds.shape[0], embeds.shape[1] + len(next_embeds), embeds.dtype)
     try:
         first, _ = runner.prefill(cache, embeds, positions, mask)
@@ -144,8 +135,6 @@ def run_decoder(runner, embeds, positions, mask, next_embeds):
 
 
 def thinker(model, x):
-    from mindspore import Tensor
-
     t = model.thinker
     embeds = t.embed(x["ids"])
     nexts = [t.embed(i) for i in x["next_ids"]]
@@ -153,7 +142,6 @@ def thinker(model, x):
 
 
 def talker(model, x):
-    import numpy as np
     from mindspore import Tensor
 
     dtype = model.talker.thinker_to_talker_proj.weight.dtype
@@ -166,7 +154,6 @@ def talker(model, x):
 
 def lora_step(model, x):
     """Loss and gradients of LoRA adapters on the Thinker's attention and MLP projections."""
-    import numpy as np
     import mindspore as ms
     from mindspore import Tensor
 
@@ -181,7 +168,7 @@ def lora_step(model, x):
                 param.set_data(Tensor(initial_value(name, param.shape, False)).astype(param.dtype))
     labels = np.where(np.arange(x["ids"].shape[1]) >= x["labels_from"], x["ids"], -100)
     batch = dict(input_ids=x["ids"], attention_mask=x["mask"], labels=labels)
-    adapters = [p for p in thinker.trainable_params()]
+    adapters = thinker.trainable_params()
 
     def loss():
         total, count = causal_lm_loss_sum(thinker, batch)
@@ -226,8 +213,6 @@ def run_stages(dtype, attn_implementation, names):
 
 def versions():
     import mindspore as ms
-    import numpy as np
-
     found = {"python": platform.python_version(), "mindspore": ms.__version__, "numpy": np.__version__,
              "device": ms.get_context("device_target"), "cann": cann_version()}
     return found
@@ -250,8 +235,6 @@ def cann_version():
 
 
 def compare(got, want, tolerance):
-    import numpy as np
-
     if got.shape != want.shape:
         return None, f"shape {got.shape}, exact path {want.shape}"
     if not np.isfinite(got).all():
@@ -262,8 +245,6 @@ def compare(got, want, tolerance):
 
 def exact_results():
     """The exact float32 path on the CPU, in a child process (a process has one device)."""
-    import numpy as np
-
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "exact.npz")
         done = subprocess.run([sys.executable, "-m", "mindone_ext.doctor", "--exact", path], capture_output=True,
@@ -317,7 +298,6 @@ def table(report):
 def main(argv=None):
     args = parse_args(argv)
     if args.exact:
-        import numpy as np
         import mindspore as ms
 
         ms.set_device("CPU")
