@@ -1,12 +1,17 @@
 """Thinker text decoding, ours against the PyTorch reference on the same random weights.
 
-    python bench/thinker_decode.py            # Qwen2.5-0.5B-shaped thinker, fp32, CPU
-    python bench/thinker_decode.py --tiny     # a few-second smoke run
+    python bench/thinker_decode.py                  # Qwen2.5-0.5B-shaped thinker, fp32, CPU
+    python bench/thinker_decode.py --context 4096   # decoding after a 4096-token prompt
+    python bench/thinker_decode.py --tiny           # a few-second smoke run
 
 Prints one JSON line per implementation (prefill ms for the prompt, decode tokens/s) and a
 summary line with ratios ours / reference. Decode rate = (new - 1) / (t(new) - t(1)): the time of
 `generate` for `new` tokens minus the time for one token (prefill and first token), median of
 repeats, after a warm-up call (which includes our graph compilation).
+
+Ours also reports `kv_write_ms_per_token`: what writing one token into the KV cache costs per
+decode step at the cache size the run used (every layer's whole key and value buffers rewritten,
+`write_kv`), timed alone in the same run: the share of a step that an in-place write would save.
 """
 import argparse
 import os
@@ -39,13 +44,44 @@ def build_config(shape):
                              enable_audio_output=False)
 
 
+def kv_write_seconds(text_config, slots, repeats):
+    """One decode step's cache writes alone: every layer's keys and values, one new token each."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from mindone_ext.nn.decoder import head_dim_of
+    from mindone_ext.nn.kv_cache import write_kv
+
+    shape = (1, text_config.num_key_value_heads, slots, head_dim_of(text_config))
+    buffers = [ms.ops.zeros(shape, ms.float32) for _ in range(2 * text_config.num_hidden_layers)]
+    new = Tensor(np.ones(shape[:2] + (1, shape[3]), np.float32))
+
+    @ms.jit
+    def write_all(buffers, start):
+        written = ()
+        for b in buffers:
+            written = written + (write_kv(b, new, start),)
+        return written
+
+    state = {"buffers": tuple(buffers)}
+
+    def step():
+        state["buffers"] = write_all(ms.mutable(state["buffers"]), Tensor(slots // 2, ms.int32))
+        state["buffers"][-1].asnumpy()
+
+    return median_seconds(step, max(repeats, 5))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--prompt_len", type=int, default=128)
+    ap.add_argument("--context", type=int, default=None, help="the prompt's length (alias of --prompt_len)")
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.context:
+        args.prompt_len = args.context
     shape = "tiny" if args.tiny else "qwen2.5-0.5b"
 
     import torch
@@ -53,6 +89,7 @@ def main():
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     from mindone_ext import Qwen2_5OmniForConditionalGeneration
+    from mindone_ext.generation.decode import cache_slots
 
     config = build_config(shape)
     torch.manual_seed(0)
@@ -80,6 +117,10 @@ def main():
         full = median_seconds(lambda: run(args.new_tokens), args.repeats)
         results[impl] = dict(prefill_ms=round(first * 1e3, 2),
                              decode_tok_s=round((args.new_tokens - 1) / max(full - first, 1e-9), 2))
+        if impl == "mindone_ext":
+            slots = cache_slots(args.prompt_len + args.new_tokens)
+            results[impl].update(cache_slots=slots, kv_write_ms_per_token=round(
+                kv_write_seconds(config.thinker_config.text_config, slots, args.repeats) * 1e3, 2))
         emit(dict(bench="thinker_decode", impl=impl, **results[impl], **common))
     emit(dict(bench="thinker_decode",
               ratio_decode_tok_s=round(results["mindone_ext"]["decode_tok_s"] / results["torch"]["decode_tok_s"], 3),

@@ -16,10 +16,12 @@ def run_bench(script, *args):
 
 
 def test_thinker_decode_bench_output_form():
-    lines = run_bench("thinker_decode.py", "--tiny", "--repeats", "1", "--new_tokens", "8", "--prompt_len", "20")
+    lines = run_bench("thinker_decode.py", "--tiny", "--repeats", "1", "--new_tokens", "8", "--context", "300")
     assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
     for record in lines[:2]:
         assert record["bench"] == "thinker_decode" and record["prefill_ms"] > 0 and record["decode_tok_s"] > 0
+        assert record["prompt_len"] == 300
+    assert lines[0]["cache_slots"] == 512 and lines[0]["kv_write_ms_per_token"] > 0
     summary = lines[-1]
     assert summary["ratio_decode_tok_s"] > 0 and summary["greedy_tokens_identical"] is True
 
