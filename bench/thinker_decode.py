@@ -5,17 +5,21 @@
     python bench/thinker_decode.py --tiny           # a few-second smoke run
 
 Prints one JSON line per implementation (prefill ms for the prompt, decode tokens/s) and a
-summary line with ratios ours / reference. Decode rate = (new - 1) / (t(new) - t(1)): the time of
-`generate` for `new` tokens minus the time for one token (prefill and first token), median of
+summary line with ratios ours / reference. Each token is time-stamped as it is produced (ours:
+`generate_stream`'s text events; the reference: a logits processor, called once per token), so
+decode rate = (new - 1) / (last stamp - first stamp) and prefill = the first stamp: median of
 repeats, after a warm-up call (which includes our graph compilation).
 
 Ours also reports `kv_write_ms_per_token`: what writing one token into the KV cache costs per
-decode step at the cache size the run used (every layer's whole key and value buffers rewritten,
-`write_kv`), timed alone in the same run: the share of a step that an in-place write would save.
+decode step at the cache size the run used (`cache_slots`: every layer's whole key and value
+buffers are rewritten, `write_kv`), timed alone in the same run: the share of a step an in-place
+write would save.
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -45,7 +49,8 @@ def build_config(shape):
 
 
 def kv_write_seconds(text_config, slots, repeats):
-    """One decode step's cache writes alone: every layer's keys and values, one new token each."""
+    """One decode step's cache writes alone into buffers of `slots` slots: every layer's keys and
+    values, one new token each."""
     import mindspore as ms
     from mindspore import Tensor
 
@@ -86,6 +91,7 @@ def main():
 
     import torch
     import mindspore as ms
+    from transformers import LogitsProcessorList
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     from mindone_ext import Qwen2_5OmniForConditionalGeneration
@@ -101,24 +107,40 @@ def main():
     common = dict(shape=shape, batch=1, prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype="float32",
                   device="CPU", torch_threads=torch.get_num_threads())
 
-    def run_ours(n):
-        return ours.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])
+    def stamps_ours(n):
+        events = ours.generate_stream(input_ids=ids, max_new_tokens=n, return_audio=False, eos_token_id=[])
+        start = time.perf_counter()
+        stamps, tokens = [], []
+        for event in events:
+            stamps.append(time.perf_counter() - start)
+            tokens.append(event.token_id)
+        return stamps, tokens
 
-    def run_reference(n):
+    class Stamp:  # a logits processor: called once per generated token, after its forward
+        def __init__(self):
+            self.start, self.stamps = time.perf_counter(), []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter() - self.start)
+            return scores
+
+    def stamps_reference(n):
+        stamp = Stamp()
         with torch.no_grad():
-            return reference.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
-                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0).numpy()
+            out = reference.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                                     max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0, logits_processor=LogitsProcessorList([stamp]))
+        return stamp.stamps, out[0, ids.shape[1]:].tolist()
 
-    same = bool(np.array_equal(run_ours(args.new_tokens), run_reference(args.new_tokens)))
+    n = args.new_tokens
+    same = stamps_ours(n)[1] == stamps_reference(n)[1]  # also the warm-up (our graphs compile)
     results = {}
-    for impl, run in (("mindone_ext", run_ours), ("torch", run_reference)):
-        first = median_seconds(lambda: run(1), args.repeats)
-        full = median_seconds(lambda: run(args.new_tokens), args.repeats)
-        results[impl] = dict(prefill_ms=round(first * 1e3, 2),
-                             decode_tok_s=round((args.new_tokens - 1) / max(full - first, 1e-9), 2))
+    for impl, run in (("mindone_ext", stamps_ours), ("torch", stamps_reference)):
+        runs = [run(n)[0] for _ in range(args.repeats)]
+        results[impl] = dict(prefill_ms=round(statistics.median(r[0] for r in runs) * 1e3, 2),
+                             decode_tok_s=round(statistics.median((n - 1) / (r[-1] - r[0]) for r in runs), 2))
         if impl == "mindone_ext":
-            slots = cache_slots(args.prompt_len + args.new_tokens)
+            slots = cache_slots(args.prompt_len + n)
             results[impl].update(cache_slots=slots, kv_write_ms_per_token=round(
                 kv_write_seconds(config.thinker_config.text_config, slots, args.repeats) * 1e3, 2))
         emit(dict(bench="thinker_decode", impl=impl, **results[impl], **common))
