@@ -156,9 +156,11 @@ def test_the_existing_mindspore_scripts_flag_names_are_aliases(monkeypatch):
     folder = os.path.join(ROOT, "examples", "qwen2_5_omni")
     monkeypatch.syspath_prepend(folder)
     native = runpy.run_path(os.path.join(folder, "finetune_lora_in_native_mindspore.py"), run_name="flags")
-    args = native["parser"]().parse_args(["--enable_flash_attention", "--bf16", "--per_device_train_batch_size", "4"])
+    args = native["parser"]().parse_args(["--enable_flash_attention", "--bf16", "--per_device_train_batch_size", "4",
+                                          "--use_rslora"])
     assert (args.attn_implementation, args.mindspore_dtype, args.per_device_batch_size) == ("flash_attention_2",
                                                                                           "bfloat16", 4)
+    assert args.use_rslora and not native["parser"]().parse_args([]).use_rslora
     trainer = runpy.run_path(os.path.join(folder, "finetune_lora_with_mindspore_trainer.py"), run_name="flags")
     monkeypatch.setattr(sys, "argv", ["x", "--fp16", "--per_device_train_batch_size", "2", "--enable_flash_attention"])
     args = trainer["parse_args"]()

@@ -51,6 +51,8 @@ def parser():
     ap.add_argument("--lora_rank", type=int, default=8)
     ap.add_argument("--lora_alpha", type=float, default=16)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
+    ap.add_argument("--use_rslora", action="store_true",
+                    help="scale the adapters by lora_alpha / sqrt(rank) (rsLoRA) instead of lora_alpha / rank")
     ap.add_argument("--target_modules", default="llm", help=f"one of {list(TARGET_PRESETS)}, a regular "
                     "expression for full module names, or a comma-separated list of name suffixes")
     ap.add_argument("--num_train_epochs", type=float, default=1)
@@ -146,7 +148,7 @@ def train(args):
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
     collate = Collator(processor, args.use_audio_in_video, args.max_length)
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=target_modules(args.target_modules),
+                        use_rslora=args.use_rslora, target_modules=target_modules(args.target_modules),
                         base_model_name_or_path=os.path.abspath(args.model_path))
     apply_lora(thinker, config, seed=args.seed)
     if args.recompute:

@@ -39,6 +39,8 @@ def parse_args():
     ap.add_argument("--lora_rank", type=int, default=8)
     ap.add_argument("--lora_alpha", type=float, default=16)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
+    ap.add_argument("--use_rslora", action="store_true",
+                    help="scale the adapters by lora_alpha / sqrt(rank) (rsLoRA) instead of lora_alpha / rank")
     ap.add_argument("--num_train_epochs", type=int, default=1)
     ap.add_argument("--per_device_batch_size", "--per_device_train_batch_size", dest="per_device_batch_size", type=int,
                     default=1)
@@ -143,7 +145,8 @@ def main(args):
         attn_implementation=args.attn_implementation, enable_audio_output=False).thinker
     collate = Collator(Qwen2_5OmniProcessor.from_pretrained(args.model_path))
     apply_lora(thinker, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                   base_model_name_or_path=os.path.abspath(args.model_path)), seed=args.seed)
+                                   use_rslora=args.use_rslora, base_model_name_or_path=os.path.abspath(args.model_path)),
+               seed=args.seed)
     steps = args.num_train_epochs * math.ceil(len(data) / args.per_device_batch_size)
     schedule = Tensor([args.learning_rate * cosine_with_warmup(s, args.warmup_steps, steps) for s in range(steps)],
                       ms.float32)

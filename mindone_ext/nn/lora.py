@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters wrapped around chosen Linear layers, by name, from outside the model.
 
 `apply_lora(model, LoraConfig(...))` replaces every matching `Linear` with a `LoraLinear` that
-keeps the original as `base_layer` and adds `lora_B(lora_A(dropout(x))) * lora_alpha / r`.
+keeps the original as `base_layer` and adds `lora_B(lora_A(dropout(x))) * scaling` (lora_alpha / r,
+or lora_alpha / sqrt(r) with rsLoRA).
 Afterwards only the adapters are trainable. The module names, the adapter file
 (`adapter_model.safetensors`, tensors named `base_model.model.<module>.lora_A.weight`) and
 `adapter_config.json` are those Hugging Face PEFT writes and reads, so adapters move both ways
@@ -40,18 +41,38 @@ class LoraError(ValueError):
     """An adapter that cannot be applied or loaded as asked; the message names the problem."""
 
 
+# How each field of PEFT's LoraConfig is treated when an adapter is loaded.
+# Understood and applied:
+IMPLEMENTED = ("r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path", "use_rslora",
+               "layers_to_transform", "layers_pattern", "init_lora_weights")
+# Bookkeeping, or settings of a way of initialising that leaves a trained adapter's meaning alone:
+NO_EFFECT = ("peft_type", "task_type", "auto_mapping", "revision", "inference_mode", "megatron_config",
+             "megatron_core", "runtime_config", "eva_config", "corda_config", "loftq_config", "qalora_group_size")
+# Initialisations that leave the base weights as they are (the trained A and B are all there is);
+# pissa*, corda, olora and loftq rewrite the base weights, so their adapters mean something else
+# on the original base.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
 @dataclass
 class LoraConfig:
     """The fields of PEFT's LoraConfig that this port implements (the others keep PEFT's defaults).
 
     `target_modules` follows PEFT: a string is a regular expression the whole module name must
     match; a list matches a module whose name equals an entry or ends with "." + entry.
+    `layers_to_transform` (an index or a list) keeps, of those, the ones in the numbered layers
+    given (the number after `layers_pattern`, or after any name, as PEFT finds it); `use_rslora`
+    scales by lora_alpha / sqrt(r) instead of lora_alpha / r.
     """
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     target_modules: Union[str, List[str]] = THINKER_LLM_TARGETS
     base_model_name_or_path: Optional[str] = None
+    use_rslora: bool = False
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    init_lora_weights: Union[bool, str] = True
 
     def __post_init__(self):
         if not (isinstance(self.r, int) and self.r > 0):
@@ -60,47 +81,74 @@ class LoraConfig:
             raise LoraError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not self.target_modules:
             raise LoraError("target_modules is empty: name the layers to adapt")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise LoraError("layers_to_transform and layers_pattern need target_modules as a list of names "
+                            "(as in PEFT): a regular expression names the layers itself")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise LoraError("layers_pattern needs layers_to_transform (as in PEFT)")
+        if self.init_lora_weights not in PLAIN_INITS:
+            raise LoraError(
+                f"init_lora_weights={self.init_lora_weights!r} rewrites the base model's weights when the adapter is "
+                "made, so the adapter does not apply to the original base: convert it to a plain LoRA with PEFT "
+                "first (save_pretrained(..., path_initial_model_for_weight_conversion=...)), or merge it in PyTorch")
 
     @property
     def scaling(self):
-        return self.lora_alpha / self.r
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def matches(self, name):
         targets = self.target_modules
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith("." + t) for t in targets)
+        if name in targets:  # named whole: PEFT applies no layer filter then
+            return True
+        return any(name.endswith("." + t) for t in targets) and self._in_transformed_layer(name)
+
+    def _in_transformed_layer(self, name):
+        """PEFT's rule: the layer number is the first `.N.` after a `layers_pattern` name (or
+        after any name when there is none); a name without one is not transformed."""
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == []:
+            return True
+        patterns = self.layers_pattern
+        patterns = [patterns] if isinstance(patterns, str) else (patterns or [])
+        found = None
+        for pattern in patterns or [r"[^.]*"]:
+            found = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+            if found is not None:
+                break
+        if found is None:
+            return False
+        index = int(found.group(1))
+        return index == wanted if isinstance(wanted, int) else index in wanted
 
     def to_peft_dict(self):
         d = asdict(self)
-        d.update(peft_type="LORA", bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
-                 init_lora_weights=True, inference_mode=True, modules_to_save=None, layers_to_transform=None,
-                 rank_pattern={}, alpha_pattern={})
+        d.update(peft_type="LORA", bias="none", fan_in_fan_out=False, use_dora=False, inference_mode=True,
+                 modules_to_save=None, rank_pattern={}, alpha_pattern={})
         return d
 
     @classmethod
     def from_peft_dict(cls, d):
+        if not isinstance(d, dict):
+            raise LoraError(f"adapter config is a {type(d).__name__}, not a JSON object")
         if d.get("peft_type", "LORA") != "LORA":
             raise LoraError(f"adapter is of type {d.get('peft_type')!r}, only LORA is supported")
-        unsupported = {k: d[k] for k in ("use_rslora", "use_dora", "fan_in_fan_out") if d.get(k)}
-        unsupported.update({k: d[k] for k in ("rank_pattern", "alpha_pattern", "modules_to_save",
-                                              "layers_to_transform") if d.get(k)})
-        if d.get("bias", "none") != "none":
-            unsupported["bias"] = d["bias"]
+        unsupported = {k: v for k, v in d.items()
+                       if k not in IMPLEMENTED and k not in NO_EFFECT and v not in (None, False, {}, [], "none")}
         if unsupported:
             raise LoraError(f"adapter uses PEFT options this port does not implement: {unsupported}")
-        known = {"r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path"}
-        return cls(**{k: d[k] for k in known if k in d})
+        return cls(**{k: d[k] for k in IMPLEMENTED if k in d})
 
 
 class LoraLinear(nn.Cell):
     """`base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`; the adapters are float32 whatever
     the base dtype (PEFT's default too), so half-precision training updates them in full precision."""
 
-    def __init__(self, base_layer, r, lora_alpha, lora_dropout=0.0, rng=None):
+    def __init__(self, base_layer, r, scaling, lora_dropout=0.0, rng=None):
         super().__init__()
         self.base_layer = base_layer
-        self.scaling = lora_alpha / r
+        self.scaling = scaling
         self.lora_A = Linear(base_layer.in_features, r, False, ms.float32)
         self.lora_B = Linear(r, base_layer.out_features, False, ms.float32)
         rng = rng or np.random.default_rng()
@@ -166,7 +214,7 @@ def apply_lora(model, config, seed=0):
     for param in model.get_parameters():
         param.requires_grad = False
     for name, base in targets:
-        _set_child(model, name, LoraLinear(base, config.r, config.lora_alpha, config.lora_dropout, rng))
+        _set_child(model, name, LoraLinear(base, config.r, config.scaling, config.lora_dropout, rng))
     _name_parameters(model)
     model.lora_config = config
     return [name for name, _ in targets]
@@ -243,6 +291,11 @@ def load_adapter_weights(model, folder):
     expected = {k: v.shape for k, v in adapter_state(model).items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
+    speech = [k for k in unexpected if k.startswith((PEFT_PREFIX + "talker.", PEFT_PREFIX + "token2wav."))]
+    if speech and getattr(model, "has_talker", True) is False:
+        raise LoraError(f"adapter {folder!r} also adapts the Talker ({len(speech)} tensors under talker.), and "
+                        "this model was loaded with enable_audio_output=False: load it with "
+                        "enable_audio_output=True to apply the whole adapter")
     wrong = [k for k in sorted(set(expected) & set(saved)) if weights.shape(saved[k]) != expected[k]]
     if missing or unexpected or wrong:
         raise LoraError(f"adapter {folder!r} does not fit the model: missing {missing[:5]}, unexpected "

@@ -169,3 +169,81 @@ def test_bad_adapter_folders(tiny_checkpoint, tmp_path):
     with pytest.raises(LoraError, match="does not fit the model: missing"):
         load_adapter(fresh, str(tmp_path / "q_only"))
     assert not lora_layers(fresh) and not hasattr(fresh, "lora_config")  # left as it was
+
+
+def peft_adapter(checkpoint, folder, **options):
+    """A PEFT adapter on the reference Thinker with `options`, random (non-zero) B, saved to `folder`;
+    returns the PEFT model."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    base = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    model = get_peft_model(base, PeftLoraConfig(**{"r": RANK, "lora_alpha": ALPHA, **options}))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.mark.parametrize("options", [
+    dict(use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=1),
+    dict(target_modules=["q_proj", "o_proj"], layers_to_transform=[0], layers_pattern="layers"),
+], ids=["rslora+layers_to_transform", "layers_pattern"])
+def test_rslora_and_layers_to_transform_equal_peft_both_ways(tiny_checkpoint, batch, tmp_path, options):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    valid = mask.astype(bool)
+    theirs = peft_adapter(tiny_checkpoint, tmp_path / "peft", **options)
+    with torch.no_grad():
+        want = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    peft_names = sorted(n.split(".lora_A")[0][len("base_model.model."):] for n, _ in theirs.named_parameters()
+                        if "lora_A" in n)
+    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, enable_audio_output=False).thinker
+    load_adapter(thinker, str(tmp_path / "peft"))
+    assert sorted(name for name, _ in lora_layers(thinker)) == peft_names  # the same layers, no others
+    layer = 1 if options.get("use_rslora") else 0
+    assert f"model.layers.{layer}.self_attn.q_proj" in peft_names
+    assert all(f".{layer}." in name for name in peft_names)  # of the numbered layers, only that one
+    scale = ALPHA / (RANK ** 0.5 if options.get("use_rslora") else RANK)
+    assert all(cell.scaling == scale for _, cell in lora_layers(thinker))
+    got = thinker(input_ids=ids, attention_mask=mask).logits.asnumpy()
+    assert max_abs_diff(got[valid], want[valid]) <= 1e-4
+    base = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, enable_audio_output=False).thinker
+    assert max_abs_diff(base(input_ids=ids, attention_mask=mask).logits.asnumpy()[valid], want[valid]) > 1e-3
+
+    save_adapter(thinker, tmp_path / "ours")  # and back: PEFT reads our file the same way
+    with torch.no_grad():
+        again = peft_thinker(tiny_checkpoint, str(tmp_path / "ours"))(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert max_abs_diff(again[valid], want[valid]) <= 1e-5
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' rewrites the base model's weights"),
+    (dict(init_lora_weights="olora"), "init_lora_weights='olora' rewrites the base model's weights"),
+    (dict(use_dora=True), "does not implement.*'use_dora': True"),
+    (dict(modules_to_save=["lm_head"]), "does not implement.*'modules_to_save'"),
+    (dict(rank_pattern={"q_proj": 2}), "does not implement.*'rank_pattern'"),
+], ids=["pissa", "olora", "dora", "modules_to_save", "rank_pattern"])
+def test_peft_adapters_we_cannot_apply_exactly_are_refused_by_name(tiny_checkpoint, tmp_path, options, named):
+    """A PiSSA or OLoRA adapter is saved for a base PEFT rewrote: applied to the original base it
+    would load without complaint and give other logits."""
+    peft_adapter(tiny_checkpoint, tmp_path, target_modules=["q_proj", "v_proj"], **options)
+    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, enable_audio_output=False).thinker
+    with pytest.raises(LoraError, match=named):
+        load_adapter(thinker, str(tmp_path))
+    assert not lora_layers(thinker) and not hasattr(thinker, "lora_config")
+
+
+def test_a_whole_model_adapter_with_talker_layers_says_to_load_the_talker(tiny_checkpoint, tmp_path):
+    whole = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    apply_lora(whole, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"]))
+    assert any(name.startswith("talker.") for name, _ in lora_layers(whole))
+    save_adapter(whole, tmp_path)
+    text_only = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, enable_audio_output=False)
+    with pytest.raises(LoraError, match=r"also adapts the Talker \(\d+ tensors.*enable_audio_output=True"):
+        text_only.load_adapter(str(tmp_path))
+    assert not lora_layers(text_only)
+    Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint).load_adapter(str(tmp_path))  # loads whole
