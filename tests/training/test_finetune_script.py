@@ -57,6 +57,15 @@ def test_overfits_sixteen_image_text_examples(ocr_set, tmp_path):
     assert answers[0] == answers[1]
 
 
+def test_the_demo_learns_with_its_own_defaults(tmp_path):
+    """README's command as a newcomer types it: no dataset, no learning flags."""
+    done = subprocess.run([sys.executable, FINETUNE, "--output_dir", str(tmp_path / "demo"), "--quiet"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 20 and summary["final_loss"] < 0.5 * summary["first_loss"], summary
+
+
 def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(ocr_set, tmp_path):
     settings = ["--max_steps", "6", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "2",
                 "--learning_rate", "1e-2", "--lora_dropout", "0.1", "--save_steps", "2", "--warmup_steps", "2"]
