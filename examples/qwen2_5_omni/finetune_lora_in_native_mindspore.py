@@ -11,11 +11,13 @@
 The dataset is a JSONL file, Parquet files or a `datasets.save_to_disk` folder of conversations or
 flat rows (image/audio/video + text); see mindone_ext/training/data.py. The loss counts the
 assistant's tokens only. Each optimizer step: forward and backward of every micro-batch
-(`mindspore.value_and_grad` over the adapters only), gradients summed over the accumulation
-window and divided by its labelled-token count, clipped by global norm, AdamW with warmup and
-cosine decay. Checkpoints (`output_dir/checkpoint-N`) are written atomically; `--resume` continues
-from the newest one with the same data order and dropout masks. The adapter ends up in
-`output_dir` in PEFT's layout (load it with infer_with_lora.py, or with PEFT in PyTorch).
+(`mindspore.value_and_grad` over the adapters only: one compiled graph per bucketed batch shape when
+only the language model has adapters and --lora_dropout is 0, op by op otherwise or with
+--eager_step), gradients summed over the accumulation window and divided by its labelled-token
+count, clipped by global norm, AdamW with warmup and cosine decay. Checkpoints
+(`output_dir/checkpoint-N`) are written atomically; `--resume` continues from the newest one with
+the same data order and dropout masks. The adapter ends up in `output_dir` in PEFT's layout (load it
+with infer_with_lora.py, or with PEFT in PyTorch).
 
 Multi-card data parallel (8 Ascend cards): `msrun --worker_num 8 --local_worker_num 8
 examples/qwen2_5_omni/finetune_lora_in_native_mindspore.py --distributed ...`; each card takes
@@ -66,7 +68,8 @@ def parser():
     ap.add_argument("--output_dir", default="omni_lora_output")
     ap.add_argument("--lora_rank", type=int, default=8)
     ap.add_argument("--lora_alpha", type=float, default=16)
-    ap.add_argument("--lora_dropout", type=float, default=0.05)
+    ap.add_argument("--lora_dropout", type=float, default=0.0,
+                    help="PEFT's default, 0, lets the step run compiled; with dropout it runs op by op")
     ap.add_argument("--use_rslora", action="store_true",
                     help="scale the adapters by lora_alpha / sqrt(rank) (rsLoRA) instead of lora_alpha / rank")
     ap.add_argument("--target_modules", default="llm", help=f"one of {list(TARGET_PRESETS)}, a regular "
@@ -86,6 +89,8 @@ def parser():
     add_model_flags(ap, dtype_help="the base weights' dtype; adapters and optimizer stay float32 "
                     "(float16 adds loss scaling)")
     ap.add_argument("--recompute", action="store_true", help="recompute decoder layers in the backward pass")
+    ap.add_argument("--eager_step", action="store_true", help="run the training step op by op (PyNative) instead of "
+                    "as one compiled graph (the default when only the language model has adapters)")
     ap.add_argument("--save_steps", type=int, default=100)
     ap.add_argument("--save_total_limit", type=int, default=2)
     ap.add_argument("--eval_steps", type=int, default=100)
@@ -106,10 +111,11 @@ from demo_media import write_ocr_dataset  # noqa: E402
 
 from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor  # noqa: E402
 from mindone_ext.nn.lora import (AUDIO_ATTENTION_TARGETS, THINKER_LLM_TARGETS, VISION_ATTENTION_TARGETS,  # noqa: E402
-                                 LoraConfig, LoraError, apply_lora, save_adapter)
+                                 LoraConfig, LoraError, apply_lora, lora_layers, save_adapter)
 from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, DynamicLossScale,  # noqa: E402
                                   causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, resume_latest,
                                   save_checkpoint)
+from mindone_ext.training.compiled import CompiledLossGrad  # noqa: E402
 from mindone_ext.training.distributed import DataParallel  # noqa: E402
 
 
@@ -174,6 +180,12 @@ def train(args):
     thinker.set_train(True)
     params = thinker.trainable_params()
     optimizer = AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    compiled = None
+    if not args.eager_step and all(name.startswith("model.") for name, _ in lora_layers(thinker)):
+        if args.lora_dropout == 0:
+            compiled = CompiledLossGrad(thinker, params)
+        else:  # MindSpore 2.7.1 cannot re-seed a compiled graph's dropout per step: --resume would draw other masks
+            parallel.log("--lora_dropout > 0: the training step runs op by op, not compiled")
     loss_scale = DynamicLossScale() if args.mindspore_dtype == "float16" else None
 
     global_batch = args.per_device_batch_size * args.gradient_accumulation_steps * parallel.size
@@ -206,11 +218,14 @@ def train(args):
         scale = loss_scale.scale if loss_scale else 1.0
         started, loss_sum, grads = time.time(), 0.0, None
         for batch in mine:
-            def micro_loss(batch=batch):
-                loss, _ = causal_lm_loss_sum(thinker, batch)
-                return loss * (scale / tokens)
+            if compiled is not None:
+                loss, micro_grads = compiled(batch, scale / tokens)
+            else:
+                def micro_loss(batch=batch):
+                    loss, _ = causal_lm_loss_sum(thinker, batch)
+                    return loss * (scale / tokens)
 
-            loss, micro_grads = ms.value_and_grad(micro_loss, None, params)()
+                loss, micro_grads = ms.value_and_grad(micro_loss, None, params)()
             loss_sum += float(loss.asnumpy()) / scale * tokens
             grads = micro_grads if grads is None else tuple(g + m for g, m in zip(grads, micro_grads))
         if grads is None:  # no usable sample on this card: contribute zeros

@@ -58,7 +58,9 @@ class AdamW:
             v.set_data(v * self.beta2 + g * g * (1 - self.beta2))
             value = p.astype(ms.float32) * (1 - lr * self.weight_decay)
             value = value - (lr / bias1) * m / (ops.sqrt(v) / bias2_sqrt + self.eps)
-            p.set_data(value.astype(p.dtype))
+            # written into the parameter's own memory: a compiled graph that reads the parameter
+            # stays bound to that memory (set_data would give it a new buffer the graph never sees)
+            ops.assign(p, value.astype(p.dtype))
 
     def state_dict(self):
         state = {m.name: m.asnumpy() for m in self.exp_avg + self.exp_avg_sq}

@@ -66,9 +66,10 @@ def test_the_demo_learns_with_its_own_defaults(tmp_path):
     assert summary["steps"] == 20 and summary["final_loss"] < 0.5 * summary["first_loss"], summary
 
 
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(ocr_set, tmp_path):
+@pytest.mark.parametrize("dropout", ["0", "0.1"], ids=["compiled step", "op-by-op step with dropout masks"])
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(ocr_set, tmp_path, dropout):
     settings = ["--max_steps", "6", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "2",
-                "--learning_rate", "1e-2", "--lora_dropout", "0.1", "--save_steps", "2", "--warmup_steps", "2"]
+                "--learning_rate", "1e-2", "--lora_dropout", dropout, "--save_steps", "2", "--warmup_steps", "2"]
     whole = run(tmp_path / "whole", ocr_set, *settings)
 
     process = subprocess.Popen(command(tmp_path / "killed", ocr_set, *settings), stdout=subprocess.DEVNULL,
