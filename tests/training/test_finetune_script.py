@@ -66,10 +66,11 @@ def test_the_demo_learns_with_its_own_defaults(tmp_path):
     assert summary["steps"] == 20 and summary["final_loss"] < 0.5 * summary["first_loss"], summary
 
 
-@pytest.mark.parametrize("dropout", ["0", "0.1"], ids=["compiled step", "op-by-op step with dropout masks"])
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(ocr_set, tmp_path, dropout):
+@pytest.mark.parametrize("step", [["--step", "compiled", "--lora_dropout", "0"], ["--step", "eager", "--lora_dropout", "0.1"]],
+                         ids=["compiled step", "op-by-op step with dropout masks"])
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(ocr_set, tmp_path, step):
     settings = ["--max_steps", "6", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "2",
-                "--learning_rate", "1e-2", "--lora_dropout", dropout, "--save_steps", "2", "--warmup_steps", "2"]
+                "--learning_rate", "1e-2", "--save_steps", "2", "--warmup_steps", "2", *step]
     whole = run(tmp_path / "whole", ocr_set, *settings)
 
     process = subprocess.Popen(command(tmp_path / "killed", ocr_set, *settings), stdout=subprocess.DEVNULL,
@@ -116,7 +117,8 @@ def test_two_process_data_parallel_equals_one_process_accumulating(ocr_set, tmp_
     one process accumulating the same two samples: the same steps, hence the same adapter."""
     from mindone_ext.utils.safetensors_io import SafetensorsFile
 
-    settings = ["--max_steps", "3", "--per_device_batch_size", "1", "--learning_rate", "1e-2", "--lora_dropout", "0"]
+    settings = ["--max_steps", "3", "--per_device_batch_size", "1", "--learning_rate", "1e-2", "--lora_dropout", "0",
+                "--step", "compiled"]
     single = run(tmp_path / "single", ocr_set, *settings, "--gradient_accumulation_steps", "2")
     logs = tmp_path / "logs"
     done = subprocess.run(["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
@@ -152,7 +154,7 @@ def test_recompute_evaluation_and_float16(ocr_set, tmp_path):
     eval_set.write_text("".join(open(ocr_set).readlines()[:3]))
     os.symlink(os.path.join(os.path.dirname(ocr_set), "images"), tmp_path / "images")
     settings = ["--max_steps", "2", "--per_device_batch_size", "2", "--lora_dropout", "0", "--learning_rate", "1e-2",
-                "--eval_dataset_path", str(eval_set), "--eval_steps", "1"]
+                "--eval_dataset_path", str(eval_set), "--eval_steps", "1", "--step", "compiled"]
     plain = run(tmp_path / "plain", ocr_set, *settings)
     recomputed = run(tmp_path / "recomputed", ocr_set, *settings, "--recompute")
     logs = [json.load(open(tmp_path / d / "trainer_state.json"))["log_history"] for d in ("plain", "recomputed")]
