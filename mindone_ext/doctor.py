@@ -121,24 +121,23 @@ def text_positions(mask):
 
 
 def run_decoder(runner, embeds, positions, mask, next_embeds):
-    """Prefill then one decode step per entry of `next_embeds`: (prefill logits, decode logits)."""
+    """Prefill then one decode step per entry of `next_embeds`: the logits of each, stacked."""
     cache = runner.allocate(embeds.shape[0], embeds.shape[1] + len(next_embeds), embeds.dtype)
     try:
-        first, _ = runner.prefill(cache, embeds, positions, mask)
-        steps = []
+        logits = [runner.prefill(cache, embeds, positions, mask)[0]]
         for i, e in enumerate(next_embeds):
             step_positions = np.broadcast_to(positions[..., -1:] + 1 + i, (3, e.shape[0], 1))
-            steps.append(runner.decode(cache, e, step_positions)[0])
-        return first, np.stack(steps)
+            logits.append(runner.decode(cache, e, step_positions)[0])
+        return np.stack(logits)
     finally:
         cache.release()
 
 
-def thinker(model, x):
+def thinker(model, x, decode):
+    """The prompt's prefill, and with `decode` the decode steps after it."""
     t = model.thinker
-    embeds = t.embed(x["ids"])
-    nexts = [t.embed(i) for i in x["next_ids"]]
-    return run_decoder(model.thinker_runner(), embeds, text_positions(x["mask"]), x["mask"], nexts)
+    nexts = [t.embed(i) for i in x["next_ids"]] if decode else []
+    return run_decoder(model.thinker_runner(), t.embed(x["ids"]), text_positions(x["mask"]), x["mask"], nexts)
 
 
 def talker(model, x):
@@ -148,8 +147,7 @@ def talker(model, x):
     embeds = Tensor(x["talker_embeds"]).astype(dtype)
     mask = np.ones(embeds.shape[:2], np.int64)
     nexts = [Tensor(e).astype(dtype) for e in x["talker_next"]]
-    first, steps = run_decoder(model.talker_runner(), embeds, text_positions(mask), mask, nexts)
-    return np.concatenate([first[None], steps])
+    return run_decoder(model.talker_runner(), embeds, text_positions(mask), mask, nexts)
 
 
 def lora_step(model, x):
@@ -181,8 +179,8 @@ def lora_step(model, x):
 STAGES = {
     "audio encoder": lambda m, x: m.thinker.audio_tower(x["mel"], x["mel_lengths"]),
     "vision encoder": lambda m, x: m.thinker.visual(x["pixels"], x["grid"]),
-    "thinker prefill": lambda m, x: thinker(m, x)[0],
-    "thinker decode": lambda m, x: thinker(m, x)[1],
+    "thinker prefill": lambda m, x: thinker(m, x, decode=False),
+    "thinker prefill+decode": lambda m, x: thinker(m, x, decode=True),
     "talker": talker,
     "DiT (ODE, 4 steps)": lambda m, x: m.token2wav.sample_mel(x["codes"], x["conditioning"], x["reference_mel"],
                                                               num_steps=4, noise=x["noise"]),
@@ -190,7 +188,8 @@ STAGES = {
     "LoRA step": lora_step,
 }
 # the stages with attention, which flash attention changes
-ATTENTION_STAGES = ("audio encoder", "vision encoder", "thinker prefill", "thinker decode", "talker", "LoRA step")
+ATTENTION_STAGES = ("audio encoder", "vision encoder", "thinker prefill", "thinker prefill+decode", "talker",
+                    "LoRA step")
 
 
 def run_stages(dtype, attn_implementation, names):
@@ -285,12 +284,12 @@ def table(report):
              f"Python {v['python']} | numpy {v['numpy']}",
              f"each stage against the exact float32 path on the CPU; passes at max error <= "
              f"{report['tolerance']:.0e} x max |exact|", ""]
-    header = f"{'stage':<20} {'attention':<18} {'dtype':<9} {'ms':>9} {'error':>9}  verdict"
+    header = f"{'stage':<22} {'attention':<18} {'dtype':<9} {'ms':>9} {'error':>9}  verdict"
     lines += [header, "-" * len(header)]
     for r in report["stages"]:
         ms_ = "" if r["seconds"] is None else f"{1000 * r['seconds']:.1f}"
         error = "" if r["error"] is None else f"{r['error']:.1e}"
-        lines.append(f"{r['stage']:<20} {r['attention']:<18} {r['dtype']:<9} {ms_:>9} {error:>9}  {r['verdict']}")
+        lines.append(f"{r['stage']:<22} {r['attention']:<18} {r['dtype']:<9} {ms_:>9} {error:>9}  {r['verdict']}")
     lines += ["", "verdict: all stages pass" if report["passed"] else "verdict: some stages FAIL (see above)"]
     return "\n".join(lines)
 

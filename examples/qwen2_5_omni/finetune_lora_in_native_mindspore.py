@@ -114,12 +114,12 @@ from demo_media import write_ocr_dataset  # noqa: E402
 
 from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor  # noqa: E402
 from mindone_ext.nn.lora import (AUDIO_ATTENTION_TARGETS, THINKER_LLM_TARGETS, VISION_ATTENTION_TARGETS,  # noqa: E402
-                                 LoraConfig, LoraError, apply_lora, lora_layers, save_adapter)
+                                 LoraConfig, LoraError, apply_lora, save_adapter)
 from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, DynamicLossScale,  # noqa: E402
                                   causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, resume_latest,
                                   save_checkpoint)
 from mindone_ext.nn.device import on_ascend  # noqa: E402
-from mindone_ext.training.compiled import CompiledLossGrad  # noqa: E402
+from mindone_ext.training.compiled import CompiledLossGrad, outside_language_model  # noqa: E402
 from mindone_ext.training.distributed import DataParallel  # noqa: E402
 
 
@@ -186,7 +186,7 @@ def train(args):
     optimizer = AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     compiled = None
     wanted = args.step == "compiled" or (args.step == "auto" and on_ascend())
-    if wanted and all(name.startswith("model.") for name, _ in lora_layers(thinker)):
+    if wanted and not outside_language_model(thinker):
         if args.lora_dropout == 0:
             compiled = CompiledLossGrad(thinker, params)
         else:  # MindSpore 2.7.1 cannot re-seed a compiled graph's dropout per step: --resume would draw other masks

@@ -19,17 +19,12 @@ def check_attn_implementation(name):
     return name
 
 
-def flash_fits(head_dim):
-    """flash_attention_score takes head sizes that are multiples of 16, up to 512."""
-    return head_dim % 16 == 0 and head_dim <= 512
-
-
 def use_flash(attn_implementation, dtype, head_dim):
     """Flash attention runs only on Ascend, only in half precision and only for head sizes the
-    kernel takes; elsewhere the exact path gives the same numerics whichever implementation was
-    asked for."""
+    kernel takes (multiples of 16 up to 512); elsewhere the exact path gives the same numerics
+    whichever implementation was asked for."""
     return (attn_implementation == "flash_attention_2" and on_ascend() and dtype in (ms.float16, ms.bfloat16)
-            and flash_fits(head_dim))
+            and head_dim % 16 == 0 and head_dim <= 512)
 
 
 def exact_attention(q, k, v, mask, scale):

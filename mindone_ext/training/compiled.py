@@ -14,7 +14,12 @@ from mindspore import Tensor, ops
 
 from ..generation.decode import bucket
 from ..nn.lora import lora_layers
-from .data import IGNORE_INDEX
+from .loss import labelled_positions
+
+
+def outside_language_model(thinker):
+    """The Thinker's adapted layers the compiled step cannot train (those not in its decoder)."""
+    return [name for name, _ in lora_layers(thinker) if not name.startswith("model.")]
 
 
 class CompiledLossGrad:
@@ -22,12 +27,11 @@ class CompiledLossGrad:
     that for `params`), as `value_and_grad` of `causal_lm_loss_sum(thinker, batch)[0] * scale`."""
 
     def __init__(self, thinker, params):
-        outside = [name for name, _ in lora_layers(thinker) if not name.startswith("model.")]
+        outside = outside_language_model(thinker)
         if outside:
             raise ValueError(f"the compiled step trains adapters of the language model only; {outside[0]} is not "
                              "(train encoder adapters with the op-by-op step)")
         self.thinker = thinker
-        self.shapes = set()  # (batch, tokens, labelled positions): one compiled graph each
 
         def loss(embeds, position_ids, valid, rows, targets, weights):
             hidden, _ = thinker.model(embeds, position_ids, valid)
@@ -49,16 +53,11 @@ class CompiledLossGrad:
             embeds = ops.cat((embeds, ops.zeros((b, width - t, embeds.shape[2]), embeds.dtype)), 1)
             positions = np.concatenate([positions, np.zeros((3, b, width - t), positions.dtype)], -1)
             valid = np.concatenate([valid, np.zeros((b, width - t), valid.dtype)], 1)
-        targets = np.asarray(batch["labels"])[:, 1:].reshape(-1)
-        where = np.flatnonzero(targets != IGNORE_INDEX)
-        if len(where) == 0:
-            raise ValueError("a batch without any labelled (assistant) token")
-        rows = (where // (t - 1)) * width + where % (t - 1)  # position predicting target (r, c + 1) is (r, c)
-        count = bucket(len(where), 16)
+        rows, targets = labelled_positions(batch["labels"], width)
+        count = bucket(len(rows), 16)
         weights = np.zeros(count, np.float32)
-        weights[:len(where)] = scale
-        self.shapes.add((b, width, count))
+        weights[:len(rows)] = scale
         return self._value_and_grad(
             embeds, Tensor(positions, ms.int32), Tensor(valid, ms.int32),
-            Tensor(np.pad(rows, (0, count - len(where))).astype(np.int32)),
-            Tensor(np.pad(targets[where], (0, count - len(where))).astype(np.int32)), Tensor(weights))
+            Tensor(np.pad(rows, (0, count - len(rows))).astype(np.int32)),
+            Tensor(np.pad(targets, (0, count - len(rows))).astype(np.int32)), Tensor(weights))
