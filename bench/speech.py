@@ -80,13 +80,14 @@ def main():
         text_ids = rng.integers(0, 1000, size=(1, length))
         codec_ids = np.full((1, length), talker_config.tts_codec_mask_token_id)
         positions = np.broadcast_to(np.arange(length), (3, 1, length)).copy()
-        prompt = SimpleNamespace(embeds=Tensor(embeds), codec_ids=codec_ids,
+        prompt = SimpleNamespace(embeds=Tensor(embeds), codec_ids=codec_ids, ready=lambda step: True,
                                  reply_at=lambda step: Tensor(reply[:, min(step, reply.shape[1] - 1)][:, None]))
         runner = speech.talker_runner(our_talker)
 
         def ours(n):
             settings = dict(speech.TALKER_DEFAULTS, max_new_tokens=n, do_sample=False, eos_token_id=())
-            return list(speech.iter_codes(our_talker, runner, prompt, positions, np.zeros((1, 1), np.int64), settings, 0))
+            return list(speech.CodecLoop(our_talker, runner, prompt, positions, np.zeros((1, 1), np.int64), settings,
+                                         0).codes())
 
         def reference(n):
             with torch.no_grad():

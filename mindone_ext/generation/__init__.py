@@ -1,5 +1,5 @@
 from .decode import CompiledDecoder
-from .loop import iter_tokens
+from .loop import DecodeRequest, Step, TokenLoop
 from .sampling import Sampler, SamplingConfig
 
-__all__ = ["CompiledDecoder", "iter_tokens", "Sampler", "SamplingConfig"]
+__all__ = ["CompiledDecoder", "DecodeRequest", "Step", "TokenLoop", "Sampler", "SamplingConfig"]

@@ -1,18 +1,18 @@
 """The composite Qwen2.5-Omni model: loading from a Hugging Face folder, and generate()."""
 import inspect
-from types import SimpleNamespace
 
 import numpy as np
 import mindspore as ms
 from mindspore import nn
 
 from ... import bundled
-from ...generation import CompiledDecoder, SamplingConfig, iter_tokens
+from ...generation import CompiledDecoder, SamplingConfig, TokenLoop
 from ...nn.attention import check_attn_implementation
 from ...nn.lora import PEFT_PREFIX, adapter_tensor_names, load_adapter
 from ...utils.checkpoint import CheckpointFolder, load_into
 from ...utils.export import saved_dtype
-from . import speech, streaming
+from . import speech
+from .answer import Answer, AnswerRequest, stream
 from .config import load_config
 from .speakers import load_speakers, no_speakers_message
 from .talker import Qwen2_5OmniTalkerForConditionalGeneration
@@ -152,17 +152,21 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         Answers stop after 1024 text tokens and 4096 codec tokens, as in the reference (64 and 100
         on the bundled tiny checkpoint, whose random weights never stop by themselves), unless
         `max_new_tokens` / `talker_max_new_tokens` say otherwise."""
-        plan = self._plan(locals(), kwargs)
-        cache = plan.runner.allocate(plan.ids.shape[0], plan.ids.shape[1] + plan.max_new, plan.cache_dtype)
+        request = self.plan_answer(locals(), kwargs)
+        cache = self.thinker_runner().allocate(request.ids.shape[0], request.ids.shape[1] + request.max_new,
+                                               self.cache_dtype)
         try:
-            steps = list(self._thinker_steps(plan, cache))
+            prompt = request.prompt
+            logits, hidden = self.thinker_runner().prefill(cache, prompt.inputs_embeds, prompt.position_ids,
+                                                           request.mask)
+            steps = list(self.thinker_loop(request, cache).run(logits, hidden, prompt.inputs_embeds))
         finally:
             cache.release()
-        new = np.stack([t for t, _, _ in steps], 1) if steps else np.zeros((plan.ids.shape[0], 0), np.int64)
-        sequences = ms.Tensor(np.concatenate([plan.ids, new], 1))
-        if not plan.return_audio:
+        new = np.stack([s.tokens for s in steps], 1) if steps else np.zeros((request.ids.shape[0], 0), np.int64)
+        sequences = ms.Tensor(np.concatenate([request.ids, new], 1))
+        if not request.return_audio:
             return sequences
-        return sequences, ms.Tensor(self._speak(plan, steps))
+        return sequences, ms.Tensor(self._speak(request, steps))
 
     def generate_stream(self, tokenizer=None, chunking=None, **kwargs):
         """`generate`'s arguments (batch size 1); returns a generator of events in the order they
@@ -172,11 +176,19 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         the Token2Wav chunk and context sizes. Joined, the text equals `generate`'s and the audio
         is its waveform to within the chunking's error (README). Closing the generator frees the
         caches; the model stays usable."""
+        return stream(self.answer(tokenizer, chunking, **kwargs))
+
+    def answer(self, tokenizer=None, chunking=None, cache=None, record=None, prepared=None, **kwargs):
+        """generate_stream's answer as an explicit pipeline (answer.Answer), for a caller that runs
+        the decode steps itself (the voice server batches those of many answers). `cache` and
+        `prepared`: a conversation whose prompt is in that cache already; `record` (a list)
+        receives the Thinker's steps."""
         args = self.bind_generate_args(kwargs)
-        plan = self._plan(args, args.pop("kwargs"))
-        if plan.ids.shape[0] != 1:
-            raise ValueError(f"generate_stream streams one conversation (batch size 1); got a batch of {plan.ids.shape[0]}")
-        return streaming.stream_answer(self, plan, tokenizer, chunking)
+        request = self.plan_answer(args, args.pop("kwargs"), prepared)
+        if request.ids.shape[0] != 1:
+            raise ValueError(f"generate_stream streams one conversation (batch size 1); got a batch of "
+                             f"{request.ids.shape[0]}")
+        return Answer(self, request, tokenizer, chunking, cache, record)
 
     def bind_generate_args(self, kwargs):
         """Keyword arguments -> all of generate()'s parameters (defaults filled in, extras in "kwargs")."""
@@ -186,88 +198,95 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         args["kwargs"] = dict(args.get("kwargs", {}))
         return args
 
-    def _plan(self, args, kwargs, prepared=None):
-        """generate()'s arguments checked and sorted: what the Thinker, Talker and Token2Wav get.
-        `prepared`: the prompt's inputs when they are already in a cache (a ConversationSession)."""
-        plan = SimpleNamespace(**{k: v for k, v in args.items() if k not in ("self", "kwargs", "__class__")})
-        plan.thinker_args = {k[len("thinker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("thinker_")}
-        plan.talker_args = {k[len("talker_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("talker_")}
-        plan.token2wav_args = {k[len("token2wav_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("token2wav_")}
+    def plan_answer(self, args, kwargs, prepared=None):
+        """generate()'s arguments (`args`, and the extra `kwargs`) checked and sorted into an
+        AnswerRequest. `prepared`: the prompt's inputs when they are already in a cache (a
+        ConversationSession's, whose `media` tells the Talker where audio was)."""
+        prefixed = {p: {k[len(p) + 1:]: kwargs.pop(k) for k in list(kwargs) if k.startswith(p + "_")}
+                    for p in ("thinker", "talker", "token2wav")}
         sampling_keys = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                          "eos_token_id", "pad_token_id"}
-        unknown = sorted(set(kwargs) | {f"thinker_{k}" for k in set(plan.thinker_args) - sampling_keys}
-                         | {f"talker_{k}" for k in set(plan.talker_args) - sampling_keys})
+        unknown = sorted(set(kwargs) | {f"{p}_{k}" for p in ("thinker", "talker") for k in prefixed[p]
+                                        if k not in sampling_keys})
         if unknown:
             raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)}")
-        if plan.return_audio is None:
-            plan.return_audio = self.has_talker
-        if plan.return_audio and not self.has_talker:
+        return_audio = self.has_talker if args["return_audio"] is None else args["return_audio"]
+        if return_audio and not self.has_talker:
             raise ValueError("return_audio=True needs the speech modules: load with enable_audio_output=True")
-        if plan.input_ids is None:
+        if args["input_ids"] is None:
             raise ValueError("generate() needs input_ids")
-        ids = plan.ids = as_numpy(plan.input_ids, np.int64)
+        ids = as_numpy(args["input_ids"], np.int64)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {ids.shape}")
-        if plan.return_audio and ids.shape[0] != 1:
+        if return_audio and ids.shape[0] != 1:
             raise ValueError("audio output is generated for one conversation at a time (batch size 1), as in the "
                              f"reference; got a batch of {ids.shape[0]}: pass return_audio=False for a batch's text")
-        plan.voice = self.speaker(plan.spk or plan.speaker) if plan.return_audio else None
-        mask = plan.mask = (np.ones_like(ids, np.int32) if plan.attention_mask is None
-                            else as_numpy(plan.attention_mask, np.int32))
+        voice = self.speaker(args["spk"] or args["speaker"]) if return_audio else None
+        mask = (np.ones_like(ids, np.int32) if args["attention_mask"] is None
+                else as_numpy(args["attention_mask"], np.int32))
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
         if mask.shape[1] and (mask[:, -1] == 0).any():
             raise ValueError("batched prompts must be left padded (attention_mask is 0 on the last position)")
-        given = [n for n in (plan.max_new_tokens, plan.thinker_max_new_tokens) if n is not None]
-        plan.max_new = plan.thinker_args.pop("max_new_tokens", given[0] if given else self.thinker_max_new_tokens)
+        given = [n for n in (args["max_new_tokens"], args["thinker_max_new_tokens"]) if n is not None]
+        max_new = prefixed["thinker"].pop("max_new_tokens", given[0] if given else self.thinker_max_new_tokens)
         limit = self.config.thinker_config.text_config.max_position_embeddings
-        if ids.shape[1] + plan.max_new > limit:
-            raise ValueError(f"prompt of {ids.shape[1]} tokens + {plan.max_new} new tokens exceeds the context "
+        if ids.shape[1] + max_new > limit:
+            raise ValueError(f"prompt of {ids.shape[1]} tokens + {max_new} new tokens exceeds the context "
                              f"length {limit}")
         settings = {k: args[k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                                          "eos_token_id", "pad_token_id")}
-        settings.update(plan.thinker_args)
-        plan.sampling = SamplingConfig.from_settings(settings, plan.seed)
-        plan.eos, plan.pad = self._stop_ids(settings["eos_token_id"], settings["pad_token_id"])
-        plan.media = {k: args[k] for k in ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
-                                           "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
-                      if args[k] is not None}
-        plan.prompt = prepared or self.thinker.prepare_inputs(ids, mask, use_audio_in_video=plan.use_audio_in_video,
-                                                              **plan.media)
-        plan.runner = self.thinker_runner()
-        plan.cache_dtype = self.thinker.model.embed_tokens.weight.dtype
-        return plan
+        settings.update(prefixed["thinker"])
+        eos, pad = self._stop_ids(settings["eos_token_id"], settings["pad_token_id"])
+        if prepared is not None:
+            media = prepared.media
+        else:
+            media = {k: args[k] for k in ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
+                                          "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+                     if args[k] is not None}
+            prepared = self.thinker.prepare_inputs(ids, mask, use_audio_in_video=args["use_audio_in_video"], **media)
+        return AnswerRequest(ids, mask, prepared, media, max_new, SamplingConfig.from_settings(settings, args["seed"]),
+                             eos, pad, return_audio, voice, args["seed"], args["use_audio_in_video"],
+                             prefixed["talker"], prefixed["token2wav"])
 
-    def _thinker_steps(self, plan, cache):
-        return iter_tokens(plan.runner, cache, plan.prompt.inputs_embeds, plan.ids, plan.mask, plan.prompt.position_ids,
-                           plan.prompt.rope_deltas, plan.max_new, plan.sampling, plan.eos, plan.pad,
-                           lambda step, tokens: self.thinker.embed(tokens[:, None]),
-                           prefilled=getattr(plan.prompt, "prefilled", None))
+    @property
+    def cache_dtype(self):
+        """The dtype of the Thinker's and Talker's KV caches: the weights'."""
+        return self.thinker.model.embed_tokens.weight.dtype
 
-    def _talker_prompt(self, plan, first_step, second_step):
-        _, prompt_embeds, prompt_hidden = first_step
+    def thinker_loop(self, request, cache):
+        """The Thinker's token loop (generation.TokenLoop) for `request` over `cache`."""
+        return TokenLoop(self.thinker_runner(), cache, request.ids, request.prompt.rope_deltas, request.max_new,
+                         request.sampling, request.eos, request.pad,
+                         lambda step, tokens: self.thinker.embed(tokens[:, None]))
+
+    def talker_prompt(self, request, first_step, second_step):
+        """The Talker's prompt (speech.TalkerPrompt) from the Thinker's first two steps: the
+        prompt's states and the first answer token's."""
         return speech.TalkerPrompt(
-            self.talker, self.thinker, plan.ids,
-            speech.zero_media_positions(prompt_embeds, plan.ids, self.config.thinker_config, plan.media), prompt_hidden,
-            int(first_step[0][0]), second_step[1], second_step[2], plan.voice.bos_token)
+            self.talker, self.thinker, request.ids,
+            speech.zero_media_positions(first_step.embeds, request.ids, self.config.thinker_config, request.media),
+            first_step.hidden, int(first_step.tokens[0]), second_step.embeds, second_step.hidden,
+            request.voice.bos_token)
 
-    def _talker_codes(self, plan, talker_prompt):
-        """The Talker's codec tokens, one by one (see speech.iter_codes)."""
-        settings = {**speech.TALKER_DEFAULTS, "max_new_tokens": self.talker_max_new_tokens, **plan.talker_args}
-        positions, deltas = speech.talker_positions(self.config.talker_config, talker_prompt, plan.media,
-                                                    plan.use_audio_in_video)
-        return speech.iter_codes(self.talker, self.talker_runner(), talker_prompt, positions, deltas, settings,
-                                 None if plan.seed is None else plan.seed + 1)
+    def codec_loop(self, request, talker_prompt):
+        """The Talker's codec token loop (speech.CodecLoop) for `talker_prompt`."""
+        settings = {**speech.TALKER_DEFAULTS, "max_new_tokens": self.talker_max_new_tokens, **request.talker_args}
+        positions, deltas = speech.talker_positions(self.config.talker_config, talker_prompt, request.media,
+                                                    request.use_audio_in_video)
+        return speech.CodecLoop(self.talker, self.talker_runner(), talker_prompt, positions, deltas, settings,
+                                None if request.seed is None else request.seed + 1)
 
-    def _speak(self, plan, steps):
+    def _speak(self, request, steps):
         if len(steps) < 2:  # nothing was said before the stop token
             return np.zeros(0, np.float32)
-        talker_prompt = self._talker_prompt(plan, steps[0], steps[1])
-        for _, embeds, hidden in steps[2:]:
-            talker_prompt.add_reply(embeds, hidden)
+        talker_prompt = self.talker_prompt(request, steps[0], steps[1])
+        for step in steps[2:]:
+            talker_prompt.add_reply(step.embeds, step.hidden)
         talker_prompt.finish()
-        codes = np.asarray(list(self._talker_codes(plan, talker_prompt))[:-1], np.int64)  # the stop token dropped
+        codes = np.asarray(list(self.codec_loop(request, talker_prompt).codes())[:-1], np.int64)  # the stop token dropped
         if len(codes) == 0:
             return np.zeros(0, np.float32)
-        wav = self.token2wav(codes[None], plan.voice.cond, plan.voice.ref_mel, seed=plan.seed, **plan.token2wav_args)
+        wav = self.token2wav(codes[None], request.voice.cond, request.voice.ref_mel, seed=request.seed,
+                             **request.token2wav_args)
         return wav.asnumpy().astype(np.float32).reshape(-1)

@@ -23,7 +23,7 @@ from mindspore import ops
 
 from .audio_encoder import output_lengths
 from .prompts import SYSTEM_PROMPT  # noqa: F401  (where callers have imported it from)
-from .streaming import stream_answer
+from .answer import stream
 
 # The system prompt the released model needs before it will speak (its model card says so).
 
@@ -225,6 +225,12 @@ class ConversationSession:
         """The assistant's answer to the conversation so far, as `generate_stream` events; the
         answer then joins the conversation (also when the stream is closed early: what was said
         so far)."""
+        return stream(self.answer(tokenizer, chunking, **kwargs))
+
+    def answer(self, tokenizer=None, chunking=None, **kwargs):
+        """respond()'s answer as an explicit pipeline (answer.Answer), for a caller that runs the
+        decode steps itself. Its close() keeps what was said in the conversation, or, after an
+        error, rewinds the conversation to before the user's turn."""
         self._no_audio_turn()
         if self.logits is None:
             raise ValueError("nothing to answer: the last user turn was cancelled")
@@ -237,17 +243,13 @@ class ConversationSession:
             media = {"input_features": None, "feature_attention_mask": mask}
         steps = []
         with self._turn():
-            prepared = _Prepared(ops.cat(self.embeds, 1), ops.cat(self.hidden, 1), self.logits.copy())
-            args = model.bind_generate_args(dict(kwargs, input_ids=self.ids))
-            plan = model._plan(args, args.pop("kwargs"), prepared=prepared)
-            plan.media = media
-            self._check_room(plan.max_new + ANSWER_CLOSING, f"an answer of up to {plan.max_new} tokens", answer=False)
-            try:
-                yield from stream_answer(model, plan, tokenizer, chunking, cache=self.cache, record=steps)
-            except GeneratorExit:  # closed early: what was said so far stays in the conversation
-                self._keep_answer(steps)
-                raise
-            self._keep_answer(steps)
+            prepared = _Prepared(ops.cat(self.embeds, 1), ops.cat(self.hidden, 1), self.logits.copy(), media)
+            answer = model.answer(tokenizer, chunking, cache=self.cache, record=steps, prepared=prepared,
+                                  input_ids=self.ids, **kwargs)
+            self._check_room(answer.request.max_new + ANSWER_CLOSING,
+                             f"an answer of up to {answer.request.max_new} tokens", answer=False)
+        answer.on_close = lambda error: self.rewind(self.turn_start) if error else self._keep_answer(steps)
+        return answer
 
     def _keep_answer(self, steps):
         """The answer's tokens but the last are in the cache (step i + 1 holds token i's states);
@@ -271,9 +273,11 @@ class ConversationSession:
 
 
 class _Prepared:
-    """A prompt already in the cache: `prefilled` = (last logits, all hidden states) for iter_tokens."""
+    """A prompt already in the cache: `prefilled` = (last logits, all hidden states) for the
+    Thinker's first token; `media` what the Talker needs to know of the conversation's audio."""
 
-    def __init__(self, embeds, hidden, logits):
+    def __init__(self, embeds, hidden, logits, media):
+        self.media = media
         self.inputs_embeds = embeds
         self.position_ids = None
         self.rope_deltas = np.zeros((1, 1), np.int64)

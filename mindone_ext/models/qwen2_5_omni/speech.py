@@ -10,7 +10,7 @@ previous codec token.
 import numpy as np
 from mindspore import Tensor, ops
 
-from ...generation import CompiledDecoder, SamplingConfig, iter_tokens
+from ...generation import CompiledDecoder, SamplingConfig, TokenLoop
 from .rope_index import RopeTokens, get_rope_index
 
 TALKER_DEFAULTS = dict(max_new_tokens=4096, do_sample=True, top_k=40, top_p=0.8, temperature=0.9,
@@ -73,25 +73,52 @@ def talker_positions(talker_config, prompt, media, use_audio_in_video):
                           media.get("video_second_per_grid"))
 
 
-def iter_codes(talker, runner, prompt, positions, deltas, settings, seed):
-    """Codec tokens one by one (the last one, a stop token or the cut, included). Decode step n
-    reads `prompt.reply_at(n)`: when the prompt is still growing, check `prompt.ready(n)` before
-    asking for token n + 1. The cache is freed when the generator ends or is closed."""
-    sampling = SamplingConfig.from_settings(settings, seed)
-    cache = runner.allocate(1, prompt.embeds.shape[1] + settings["max_new_tokens"], prompt.embeds.dtype)
-    mask = np.ones_like(prompt.codec_ids)
+class CodecLoop:
+    """The Talker's codec tokens for one answer, as an explicit loop (see generation.TokenLoop):
+    `first()` prefills the prompt and gives the first code; then, while not `done`, `request()`
+    is the next decode step when its input is known (None while the prompt still waits for the
+    Thinker's answer token it reads) and `accept` gives the code it produced. Codes include the
+    last one (a stop token or the cut). `release()` frees the cache."""
 
-    def embed_next(step, tokens):
-        return talker.codec_embedding(tokens[:, None]) + prompt.reply_at(step)
+    def __init__(self, talker, runner, prompt, positions, deltas, settings, seed):
+        self.talker, self.runner, self.prompt, self.positions = talker, runner, prompt, positions
+        self.cache = runner.allocate(1, prompt.embeds.shape[1] + settings["max_new_tokens"], prompt.embeds.dtype)
+        self.loop = TokenLoop(runner, self.cache, prompt.codec_ids, deltas, settings["max_new_tokens"],
+                              SamplingConfig.from_settings(settings, seed), list(settings["eos_token_id"]),
+                              talker.codec_pad_token, self._embed_next, suppress_ids=[talker.codec_bos_token])
 
-    try:
-        for tokens, _, _ in iter_tokens(
-                runner, cache, prompt.embeds, prompt.codec_ids, mask, positions, deltas, settings["max_new_tokens"],
-                sampling, list(settings["eos_token_id"]), talker.codec_pad_token, embed_next,
-                suppress_ids=[talker.codec_bos_token]):
-            yield int(tokens[0])
-    finally:
-        cache.release()
+    def _embed_next(self, step, tokens):
+        return self.talker.codec_embedding(tokens[:, None]) + self.prompt.reply_at(step)
+
+    @property
+    def done(self):
+        return self.loop.done
+
+    def first(self):
+        logits, hidden = self.runner.prefill(self.cache, self.prompt.embeds, self.positions,
+                                             np.ones_like(self.prompt.codec_ids))
+        return int(self.loop.first(logits, hidden, self.prompt.embeds).tokens[0])
+
+    def request(self):
+        if self.loop.done or not self.prompt.ready(self.loop.count - 1):
+            return None
+        return self.loop.request()
+
+    def accept(self, request, logits, hidden):
+        return int(self.loop.accept(request, logits, hidden).tokens[0])
+
+    def codes(self):
+        """Every code, the decode steps run one by one (the prompt must be finished)."""
+        try:
+            yield self.first()
+            while not self.done:
+                request = self.request()
+                yield self.accept(request, *self.loop.decode(request))
+        finally:
+            self.release()
+
+    def release(self):
+        self.cache.release()
 
 
 def talker_runner(talker):

@@ -1,0 +1,207 @@
+"""One answer as an explicit pipeline: the Thinker's tokens, the Talker's codec tokens in lockstep
+with them, and Token2Wav's audio chunks.
+
+Qwen2.5-Omni's Talker step n reads the Thinker's answer token n + 1 (its hidden state and
+embedding), so the two advance together. An `Answer` advances in rounds: `pending()` lists the
+decode steps it needs next (the Thinker's next token and, when its input is known, the Talker's
+next codec token); whoever drives it runs them and hands the logits back to `advance`, which returns
+the events they produced (`TextDelta`, `AudioChunk`). Alone (`stream`), each step runs by itself;
+the voice server runs the steps of many answers as one batched call. Everything else (prefills,
+the ODE, the vocoder) runs inside `start` and `advance`.
+"""
+from dataclasses import dataclass, field
+
+import mindspore as ms
+import numpy as np
+
+from ...generation import SamplingConfig
+from .streaming import AudioChunk, TextDecoder, TextDelta
+from .token2wav_stream import Token2WavStream
+
+
+@dataclass
+class AnswerRequest:
+    """generate()'s arguments checked and sorted: what the Thinker, Talker and Token2Wav get."""
+    ids: np.ndarray  # (B, T) prompt token ids
+    mask: np.ndarray  # (B, T) int32, 0 on left padding
+    prompt: object  # the Thinker's prepared inputs (inputs_embeds, position_ids, rope_deltas[, prefilled])
+    media: dict  # the processor's media arrays given (the Talker needs where media was and its lengths)
+    max_new: int  # Thinker tokens at most
+    sampling: SamplingConfig
+    eos: list  # the Thinker's stop tokens
+    pad: int
+    return_audio: bool
+    voice: object = None  # the speaker (with return_audio)
+    seed: object = None
+    use_audio_in_video: bool = False
+    talker_args: dict = field(default_factory=dict)  # talker_* arguments, prefix removed
+    token2wav_args: dict = field(default_factory=dict)  # token2wav_* arguments, prefix removed
+
+    @property
+    def prefilled(self):
+        """(logits, hidden) when the prompt is already in the cache (a conversation), else None."""
+        return getattr(self.prompt, "prefilled", None)
+
+
+class Answer:
+    """One conversation's answer (batch size 1). A `cache` passed in already holds the prompt and
+    stays open (the session that owns it continues the conversation); otherwise one is allocated
+    and freed. `record` (a list) receives the Thinker's steps. Call `close()` at the end, also
+    after an error or to stop early: it stops the Talker and frees the caches."""
+
+    def __init__(self, model, request, tokenizer=None, chunking=None, cache=None, record=None):
+        self.model, self.request = model, request
+        runner = model.thinker_runner()
+        self.own_cache = cache is None
+        if self.own_cache:
+            cache = runner.allocate(1, request.ids.shape[1] + request.max_new, model.cache_dtype)
+        else:
+            runner.reserve(cache, cache.length + request.max_new)
+        self.cache = cache
+        self.thinker = model.thinker_loop(request, cache)
+        self.text = TextDecoder(tokenizer)
+        self.record = record
+        self.speech = _Speech(model, request, chunking) if request.return_audio else None
+        self.finished = False  # the last event was produced
+        self.on_close = None  # called once by close(error) (a conversation keeps or drops the answer)
+        self.closed = False
+
+    @property
+    def done(self):
+        return self.finished
+
+    def start(self):
+        """Prefill (unless the prompt is in the cache already) and the first token's events."""
+        prompt, request = self.request.prompt, self.request
+        logits, hidden = request.prefilled or self.thinker.runner.prefill(
+            self.cache, prompt.inputs_embeds, prompt.position_ids, request.mask)
+        return self._settle(self._after_thinker(self.thinker.first(logits, hidden, prompt.inputs_embeds)))
+
+    def pending(self):
+        """The decode steps this answer needs next (DecodeRequests; empty when it is done)."""
+        needed = [] if self.thinker.done else [self.thinker.request()]
+        talker = self.speech.request() if self.speech is not None else None
+        return needed + ([talker] if talker is not None else [])
+
+    def advance(self, results):
+        """`results`: (request, logits, hidden) for each of `pending()`'s requests -> events."""
+        events = []
+        for request, logits, hidden in results:
+            if request.loop is self.thinker:
+                events += self._after_thinker(self.thinker.accept(request, logits, hidden))
+            else:
+                events += self.speech.accept(request, logits, hidden)
+        return self._settle(events)
+
+    def _after_thinker(self, step):
+        token = int(step.tokens[0])
+        if self.record is not None:
+            self.record.append(step)
+        events = [TextDelta(token, self.text.push(token, final=self.thinker.done))]
+        if self.thinker.done and self.own_cache:
+            self.cache.release()  # the Thinker is done; the Talker may still have a while to go
+        if self.speech is not None:
+            events += self.speech.after_thinker(step, self.thinker.done)
+        return events
+
+    def _settle(self, events):
+        """The last audio once the Thinker and the Talker are both done."""
+        if self.speech is not None and self.thinker.done and self.speech.done:
+            events += self.speech.finish()
+        self.finished = self.thinker.done and (self.speech is None or self.speech.finished)
+        return events
+
+    def __iter__(self):
+        return stream(self)
+
+    def close(self, error=None):
+        """Free the caches; `error`: the exception that ended the answer, if one did."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.own_cache:
+            self.cache.release()
+        if self.speech is not None:
+            self.speech.close()
+        if self.on_close is not None:
+            self.on_close(error)
+
+
+def stream(answer):
+    """An answer's events, its decode steps run one by one (generate_stream). Closing the
+    generator early ends the answer where it is."""
+    try:
+        yield from answer.start()
+        while not answer.done:
+            results = [(request, *request.loop.decode(request)) for request in answer.pending()]
+            yield from answer.advance(results)
+    except GeneratorExit:
+        answer.close()
+        raise
+    except BaseException as error:
+        answer.close(error)
+        raise
+    answer.close()
+
+
+class _Speech:
+    """The Talker fed one answer token at a time, and Token2Wav fed its codec tokens."""
+
+    def __init__(self, model, request, chunking):
+        self.model, self.answer_request = model, request
+        self.first_steps = []
+        self.prompt = self.codes = None
+        self.held = None  # the newest codec token: the answer's last one (a stop token or the cut) is dropped
+        self.silent = False  # the Thinker ended before the Talker could start: nothing to say
+        self.finished = False
+        voice = request.voice
+        self.wave = Token2WavStream(model.token2wav, voice.cond, voice.ref_mel, chunking, seed=request.seed,
+                                    **request.token2wav_args)
+
+    @property
+    def done(self):
+        """No more codec tokens will come (the Talker stopped, or never started: nothing was said)."""
+        return self.codes.done if self.codes is not None else self.silent
+
+    def after_thinker(self, step, thinker_done):
+        events = []
+        if self.prompt is None:
+            self.first_steps.append(step)
+            if len(self.first_steps) == 2:  # the Talker's prompt ends with the first answer token's state
+                self.prompt = self.model.talker_prompt(self.answer_request, *self.first_steps)
+                self.codes = self.model.codec_loop(self.answer_request, self.prompt)
+                events += self._code(self.codes.first())
+        else:
+            self.prompt.add_reply(step.embeds, step.hidden)
+        if thinker_done:
+            if self.prompt is None:
+                self.silent = True
+            else:
+                self.prompt.finish()
+        return events
+
+    def request(self):
+        return None if self.codes is None else self.codes.request()
+
+    def accept(self, request, logits, hidden):
+        return self._code(self.codes.accept(request, logits, hidden))
+
+    def _code(self, code):
+        events = [] if self.held is None else self._audio(self.wave.push([self.held]))
+        self.held = code
+        return events
+
+    def finish(self):
+        if self.finished:
+            return []
+        self.finished = True
+        self.close()
+        return self._audio(self.wave.finish())
+
+    @staticmethod
+    def _audio(pieces):
+        return [AudioChunk(ms.Tensor(piece)) for piece in pieces]
+
+    def close(self):
+        if self.codes is not None:
+            self.codes.release()
