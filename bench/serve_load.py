@@ -1,7 +1,8 @@
-"""Load on the voice server: many simulated clients talking at once over loopback.
+"""Load on the voice server: many simulated clients talking at once over loopback, with the
+batched engine and with the interleaved one, each in its own server process, in the same run.
 
     python bench/serve_load.py                          # 16 clients x 3 spoken turns, tiny checkpoint
-    python bench/serve_load.py --clients 32 --max_active 4 --model_path /models/Qwen2.5-Omni-7B
+    python bench/serve_load.py --clients 32 --max_active 8 --model_path /models/Qwen2.5-Omni-7B
 
 Each client holds a WebSocket conversation and speaks `--turns` questions (generated speech-like
 clips, sent at once, ended with "end"). Clients follow one of `--scripts` scripts; every script is
@@ -11,9 +12,12 @@ no load. A turn refused as busy is retried after a pause (the server forgot it, 
 continues the same conversation). Afterwards the server must hold no session and no cache, and
 its resident memory is compared with what it was before the load.
 
-Prints one JSON line: answered / busy refusals / hung / mismatched turns, p50 and p95 of the time
-from "end" to the first audio chunk under load and alone, and the server's memory before and after.
-Exits 1 when a turn hung or mismatched, or the server kept state.
+Prints a JSON line per engine: answered / busy refusals / hung / mismatched turns, throughput
+(answers per minute and codec tokens per second under load: audio seconds x 50 / wall time), p50
+and p95 of the time from "end" to the first audio chunk under load and alone, and the server's
+memory before and after; then a summary line with the batched engine's ratios (first audio under
+load vs alone, throughput vs the interleaved engine). Exits 1 when a turn hung or mismatched, or a
+server kept state.
 """
 import argparse
 import asyncio
@@ -36,6 +40,7 @@ from voice_server_client import ServerError, speak_turn, start  # noqa: E402
 from mindone_ext.serve.process import ServerProcess  # noqa: E402
 
 TINY = os.path.join(ROOT, "examples", "qwen2_5_omni", "tiny-qwen2.5-omni")
+SAMPLES_PER_CODEC_TOKEN = 480  # 2 mel frames x the vocoder's hop of 240 at 24 kHz (50 tokens per second)
 
 
 def question(script, turn):
@@ -107,7 +112,7 @@ def percentile(values, q):
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
-async def run(server, args):
+async def run(server, args, engine):
     settings = {"seed": 0, "max_new_tokens": args.max_new_tokens, "talker_max_new_tokens": args.talker_max_new_tokens}
     stats = {"busy_refusals": 0, "refused": 0, "hung": 0, "mismatched": 0}
     await client(server.ws_url, 0, 1, settings, args, stats)  # warm-up: graphs compiled before timing
@@ -124,9 +129,12 @@ async def run(server, args):
         rss_after.append(round(server.rss_mb(), 1))
     wall = time.perf_counter() - start
     under_load = [first for answers in results for _, _, first in answers if first is not None]
-    return {"bench": "serve_load", "impl": "mindone_ext", "clients": args.clients, "turns": args.turns,
-            "max_active": args.max_active, "max_queue": args.max_queue,
-            "answered": sum(len(a) for a in results), "busy_refusals": stats["busy_refusals"],
+    answered = sum(len(a) for a in results)
+    codec_tokens = sum(len(audio) for answers in results for _, audio, _ in answers) / SAMPLES_PER_CODEC_TOKEN
+    return {"bench": "serve_load", "impl": "mindone_ext", "engine": engine, "clients": args.clients,
+            "turns": args.turns, "max_active": args.max_active, "max_queue": args.max_queue,
+            "answers_per_min": round(60 * answered / wall, 2), "codec_tokens_per_s": round(codec_tokens / wall, 2),
+            "answered": answered, "busy_refusals": stats["busy_refusals"],
             "refused": stats["refused"], "hung": stats["hung"], "mismatched": stats["mismatched"],
             "first_audio_p50_s": percentile(under_load, 50), "first_audio_p95_s": percentile(under_load, 95),
             "alone_first_audio_p50_s": percentile(alone, 50), "alone_first_audio_p95_s": percentile(alone, 95),
@@ -141,7 +149,8 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--scripts", type=int, default=4, help="distinct conversations among the clients")
-    ap.add_argument("--max_active", type=int, default=2)
+    ap.add_argument("--max_active", type=int, default=4)
+    ap.add_argument("--engines", default="batched,interleaved", help="comma-separated, each its own server")
     ap.add_argument("--max_queue", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=6)
     ap.add_argument("--talker_max_new_tokens", type=int, default=20)
@@ -150,12 +159,23 @@ def main():
     ap.add_argument("--backoff", type=float, default=1.0, help="seconds before a retry (times 1 to 2)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds a turn may take before it counts as hung")
     args = ap.parse_args()
-    random.seed(0)
-    with ServerProcess(args.model_path, "--max_active", args.max_active, "--max_queue", args.max_queue,
-                       "--max_sessions", args.clients + 1) as server:
-        result = asyncio.run(run(server, args))
-    print(json.dumps(result), flush=True)
-    failed = result["hung"] or result["mismatched"] or result["sessions_after"] or result["caches_after"]
+    results = {}
+    for engine in args.engines.split(","):
+        random.seed(0)
+        with ServerProcess(args.model_path, "--max_active", args.max_active, "--max_queue", args.max_queue,
+                           "--max_sessions", args.clients + 1, "--engine", engine) as server:
+            results[engine] = asyncio.run(run(server, args, engine))
+        print(json.dumps(results[engine]), flush=True)
+    if {"batched", "interleaved"} <= set(results):
+        batched, interleaved = results["batched"], results["interleaved"]
+        ratio = lambda a, b: round(a / b, 2) if a and b else None  # noqa: E731
+        print(json.dumps({"bench": "serve_load", "summary": True,
+                          "ratio_first_audio_p50_load_vs_alone": ratio(batched["first_audio_p50_s"],
+                                                                       batched["alone_first_audio_p50_s"]),
+                          "ratio_throughput_batched_vs_interleaved": ratio(batched["codec_tokens_per_s"],
+                                                                           interleaved["codec_tokens_per_s"])}),
+              flush=True)
+    failed = any(r["hung"] or r["mismatched"] or r["sessions_after"] or r["caches_after"] for r in results.values())
     sys.exit(1 if failed else 0)
 
 

@@ -11,7 +11,7 @@ import weakref
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..nn.decoder import head_dim_of
 from ..nn.kv_cache import StaticCache
@@ -62,11 +62,21 @@ class CompiledDecoder:
             last = ops.gather(hidden, last_index, 1)
             return head(last)[:, 0].astype(ms.float32), hidden, presents
 
+        self.step_function = step  # what a CachePool compiles over its own buffers
         self._step = ms.jit(step)  # compiled once per input shape: a chunk, a small piece, one token
+        self.pool = None  # a CachePool: single-row caches are its rows (use_pool)
+
+    def use_pool(self, rows, dtype):
+        """From now on, single-row caches are rows of one pool of `rows` rows, whose decode steps
+        `decode_many` runs together (the voice server's continuous batching)."""
+        self.pool = CachePool(self, rows, dtype)
 
     def allocate(self, batch, slots, dtype):
-        cache = StaticCache.allocate(self.num_layers, batch, self.kv_heads, cache_slots(slots),
-                                     self.head_dim, dtype)
+        if self.pool is not None and batch == 1 and dtype == self.pool.dtype:
+            cache = self.pool.take(cache_slots(slots))
+        else:
+            cache = StaticCache.allocate(self.num_layers, batch, self.kv_heads, cache_slots(slots),
+                                         self.head_dim, dtype)
         self._caches = [ref for ref in self._caches if ref() is not None] + [weakref.ref(cache)]
         return cache
 
@@ -124,7 +134,22 @@ class CompiledDecoder:
         cache.length += 1
         return logits, hidden
 
+    def decode_many(self, caches, embeds, position_ids):
+        """`decode` for several rows of this runner's pool in one compiled step: per cache, its
+        embeds (1, 1, E) and positions (3, 1, 1). Returns [(logits (1, V), hidden (1, 1, H))]."""
+        for cache in caches:
+            if cache.length >= cache.slots:
+                raise ValueError(f"the KV cache is full ({cache.slots} slots)")
+            cache.valid[:, cache.length] = 1
+        logits, hidden = self.pool.run([c.row for c in caches], ops.cat(embeds), np.concatenate(position_ids, 1),
+                                       [c.length for c in caches], 0)
+        for cache in caches:
+            cache.length += 1
+        return [(logits[i:i + 1], hidden[i:i + 1]) for i in range(len(caches))]
+
     def _run(self, cache, embeds, position_ids, start, last):
+        if isinstance(cache, CacheRow):
+            return cache.pool.run([cache.row], embeds, position_ids, [start], last)
         shape = (embeds.shape[0], embeds.shape[1], cache.slots)
         # the message is made only for a new shape: this runs once per decoded token
         new = None if shape in self.shapes else f"the {self.name} for {shape[1]} token(s) x {shape[2]} cache slots"
@@ -134,3 +159,155 @@ class CompiledDecoder:
                 embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(start, ms.int32),
                 Tensor([last], ms.int32), ms.mutable(cache.layers))
             return logits.asnumpy(), hidden
+
+
+class CachePool:
+    """Rows of one KV cache that conversations share, so that one compiled step decodes many of
+    them at once. Each row has its own length; a step gathers the rows it advances, runs the
+    decoder on them and writes only their new slots back, in place: the buffers are Parameters
+    of a Cell, the one kind of tensor MindSpore's compiled graphs update in place (and that
+    binds each compiled graph to them: growing the pool builds new buffers and new graphs).
+    A last, spare row takes the padding rows of a step whose row count is rounded up."""
+
+    def __init__(self, runner, rows, dtype):
+        self.runner, self.rows, self.dtype = runner, rows, dtype
+        self.valid = np.zeros((rows + 1, 0), np.int32)
+        self.lengths = np.zeros(rows + 1, np.int64)
+        self.free = list(range(rows))
+        self.buffers = None
+        self.grow(MIN_CACHE_SLOTS)
+
+    @property
+    def slots(self):
+        return self.valid.shape[1]
+
+    @property
+    def in_use(self):
+        return self.rows - len(self.free)
+
+    def take(self, slots):
+        if not self.free:
+            raise CacheFull(f"all {self.rows} rows of the {self.runner.name}'s cache pool are in use")
+        self.grow(slots)
+        return CacheRow(self, self.free.pop(0))
+
+    def give_back(self, row):
+        self.valid[row] = 0
+        self.lengths[row] = 0
+        self.free.append(row)
+
+    def grow(self, slots):
+        """At least `slots` slots per row, the written ones kept."""
+        if slots <= self.slots:
+            return
+        old = self.buffers
+        self.buffers = PoolBuffers(self.runner, self.rows + 1, slots, self.dtype, old)
+        self.valid = np.concatenate([self.valid, np.zeros((self.rows + 1, slots - self.slots), np.int32)], 1)
+
+    def run(self, rows, embeds, position_ids, starts, last):
+        """One compiled step over `rows`: embeds (n, T, E) written at slots starts[i].. of row
+        rows[i] (T > 1: one row). Rows are padded with the spare row to a power of two."""
+        n, t = embeds.shape[0], embeds.shape[1]
+        width = 1 << (n - 1).bit_length()
+        spare = self.rows
+        rows = list(rows) + [spare] * (width - n)
+        starts = np.asarray(list(starts) + [self.slots] * (width - n), np.int64)
+        if width > n:
+            embeds = ops.cat((embeds, ops.zeros((width - n,) + tuple(embeds.shape[1:]), embeds.dtype)))
+            position_ids = np.concatenate([position_ids, np.zeros((3, width - n, t), position_ids.dtype)], 1)
+        # the new keys' slots: read from the step's rows, written to the pool's (slots past the
+        # end, of padded tokens or padding rows, go to slot 0 of the spare row)
+        slot = starts[:, None] + np.arange(t)[None]  # (width, T)
+        kept = slot < self.slots
+        target = np.where(kept, np.asarray(rows)[:, None], spare)
+        read, write = (self._slot_index(first, np.where(kept, slot, 0))
+                       for first in (np.broadcast_to(np.arange(width)[:, None], kept.shape), target))
+        shape = (width, t, self.slots)
+        runner = self.runner
+        new = None if shape in runner.shapes else f"the {runner.name} for {width} row(s) x {t} token(s) x {self.slots} slots"
+        runner.shapes.add(shape)
+        with compiling(new):
+            logits, hidden = self.buffers.step(
+                embeds, Tensor(position_ids, ms.int32), Tensor(self.valid[rows]), Tensor(starts, ms.int32),
+                Tensor([last], ms.int32), Tensor(np.asarray(rows, np.int32)), Tensor(read, ms.int32),
+                Tensor(write, ms.int32))
+        return logits.asnumpy()[:n], hidden[:n] if width > n else hidden
+
+    def _slot_index(self, rows, slots):
+        """(row, head, slot) triples of every KV head at rows[i, j], slots[i, j] (both (n, T))."""
+        heads = np.arange(self.runner.kv_heads)[None, :, None]
+        return np.stack(np.broadcast_arrays(rows[:, None, :], heads, slots[:, None, :]), -1).reshape(-1, 3)
+
+
+class PoolBuffers(nn.Cell):
+    """A pool's key and value buffers (rows, KV heads, slots, head size) per layer, and the
+    compiled step over them (see CachePool)."""
+
+    def __init__(self, runner, rows, slots, dtype, old=None):
+        super().__init__()
+        shape = (rows, runner.kv_heads, slots, runner.head_dim)
+
+        def buffer(name, i):
+            data = ops.zeros(shape, dtype)
+            if old is not None:  # keep what the rows hold
+                before = getattr(old, name)[i]
+                data = ops.cat((before, data[:, :, before.shape[2]:]), 2)
+            return Parameter(data, name=f"{runner.name}_pool{id(self)}_{name}{i}", requires_grad=False)
+
+        self.keys = ParameterTuple([buffer("keys", i) for i in range(runner.num_layers)])
+        self.values = ParameterTuple([buffer("values", i) for i in range(runner.num_layers)])
+        self.function = runner.step_function
+        self.step = ms.jit(self.run)
+
+    def run(self, embeds, position_ids, valid, start, last_index, rows, read, write):
+        layers = tuple((ops.gather(k, rows, 0), ops.gather(v, rows, 0)) for k, v in zip(self.keys, self.values))
+        logits, hidden, presents = self.function(embeds, position_ids, valid, start, last_index, layers)
+        for (k, v), (new_k, new_v) in zip(zip(self.keys, self.values), presents):
+            ops.scatter_nd_update(k, write, ops.gather_nd(new_k, read))
+            ops.scatter_nd_update(v, write, ops.gather_nd(new_v, read))
+        return logits, hidden
+
+
+class CacheFull(RuntimeError):
+    """Every row of a cache pool is taken."""
+
+
+class CacheRow:
+    """One conversation's row of a CachePool, used where a StaticCache of batch 1 is."""
+
+    def __init__(self, pool, row):
+        self.pool, self.row = pool, row
+        self.released = False
+
+    @property
+    def length(self):
+        return int(self.pool.lengths[self.row])
+
+    @length.setter
+    def length(self, value):
+        self.pool.lengths[self.row] = value
+
+    @property
+    def valid(self):
+        return self.pool.valid[self.row:self.row + 1]
+
+    @property
+    def slots(self):
+        return self.pool.slots
+
+    @property
+    def layers(self):
+        """Truthy while the row is held (as a StaticCache's buffers are)."""
+        return () if self.released else (self.row,)
+
+    def grow(self, slots):
+        self.pool.grow(slots)
+
+    def truncate(self, length):
+        self.pool.valid[self.row, length:] = 0
+        self.length = length
+
+    def release(self):
+        if not self.released:
+            self.released = True
+            self.pool.give_back(self.row)

@@ -15,12 +15,14 @@ from .ops import arange
 def write_kv(cache, new, start):
     """Return `cache` (B, KV, S, D) with `new` (B, KV, T, D) written at slots start..start+T-1.
 
-    `start` is a scalar tensor, so one compiled graph serves every position."""
+    `start` is a tensor, so one compiled graph serves every position: a scalar, or one start per
+    row (B,) when T is 1 (rows of a pool decoding together, each at its own length). A start at
+    or past S writes nothing."""
     slots, t = cache.shape[2], new.shape[2]
-    offset = arange(slots) - start
-    inside = ops.logical_and(offset >= 0, offset < t).reshape(1, 1, slots, 1)
+    offset = arange(slots).reshape(1, slots) - start.reshape(-1, 1)
+    inside = ops.logical_and(offset >= 0, offset < t).reshape(-1, 1, slots, 1)
     if t > 1:
-        new = ops.gather(new, ops.clip(offset, 0, t - 1), 2)
+        new = ops.gather(new, ops.clip(offset[0], 0, t - 1), 2)
     return ops.where(inside, new, cache)
 
 
@@ -56,8 +58,9 @@ class StaticCache:
 
 
 def causal_mask(valid, start, t):
-    """(B, 1, T, S) boolean mask: query i (at slot start+i) sees valid slots up to its own."""
+    """(B, 1, T, S) boolean mask: query i (at slot start+i) sees valid slots up to its own.
+    `start`: a scalar, or one per row (B,)."""
     slots = valid.shape[1]
-    query_slots = (arange(t) + start).reshape(t, 1)
-    causal = arange(slots).reshape(1, slots) <= query_slots
-    return ops.logical_and(causal.reshape(1, 1, t, slots), valid.astype(ms.bool_).reshape(-1, 1, 1, slots))
+    query_slots = arange(t).reshape(1, t, 1) + start.reshape(-1, 1, 1)
+    causal = arange(slots).reshape(1, 1, slots) <= query_slots
+    return ops.logical_and(causal.reshape(-1, 1, t, slots), valid.astype(ms.bool_).reshape(-1, 1, 1, slots))

@@ -18,11 +18,13 @@ import tempfile
 from dataclasses import fields
 
 from .. import bundled
-from .options import ServeOptions  # plain Python: --help answers without importing MindSpore
+from .options import ENGINES, ServeOptions  # plain Python: --help answers without importing MindSpore
 
 DTYPES = ("float32", "float16", "bfloat16")
 HELP = {
-    "max_active": "answers generated at once, interleaved on the one model",
+    "max_active": "answers generated at once",
+    "engine": "batched: the active answers' decode steps run as one compiled step (their caches are rows of a "
+              "pool); interleaved: one answer's step at a time",
     "max_queue": "answers waiting beyond those; more are refused with a busy error",
     "max_sessions": "open voice conversations",
     "idle_timeout": "seconds a voice conversation may stay silent before it is closed",
@@ -54,11 +56,11 @@ def parse_args(argv=None):
     defaults = ServeOptions()
     for field in fields(ServeOptions):
         default = getattr(defaults, field.name)
-        kind = str if field.name in ("api_key", "allowed_origins") else type(default)
+        kind = str if field.name in ("api_key", "allowed_origins", "engine") else type(default)
         told = f"{default}; {bundled.TALKER_TOKENS} on the bundled checkpoint" if field.name == "talker_max_new_tokens" \
             else default
         ap.add_argument(f"--{field.name}", type=kind, default=None if field.name == "talker_max_new_tokens" else default,
-                        help=f"{HELP[field.name]} (default {told})")
+                        choices=ENGINES if field.name == "engine" else None, help=f"{HELP[field.name]} (default {told})")
     args = ap.parse_args(argv)
     if args.model_path is None:
         if not os.path.isdir(bundled.CHECKPOINT):

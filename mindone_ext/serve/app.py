@@ -67,7 +67,13 @@ async def _stop_serving(app):
 async def _engine(app):
     state = app[STATE]
     options = state["options"]
-    app[ENGINE] = Engine(options.max_active, options.max_queue)
+    batched = options.engine == "batched"
+    if batched:  # every conversation's cache is a row of a pool: sessions hold one, answers one more
+        model = state["model"]
+        model.thinker_runner().use_pool(options.max_sessions + options.max_active, model.cache_dtype)
+        if model.has_talker:
+            model.talker_runner().use_pool(options.max_active, model.cache_dtype)
+    app[ENGINE] = Engine(options.max_active, options.max_queue, batched)
     # Requests are decoded and tokenized on one thread with a processor of its own: a fast tokenizer
     # used from two threads at once fails ("Already borrowed"); the model thread keeps the original.
     state["preprocess"] = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
@@ -207,7 +213,7 @@ async def _chat_completions(request):
     kwargs = chat.settings.generate_kwargs()
     tokenizer = state["processor"].tokenizer  # the model thread's own
     try:
-        generation = engine.submit(lambda: model.generate_stream(tokenizer=tokenizer, **inputs, **kwargs))
+        generation = engine.submit(lambda: model.answer(tokenizer=tokenizer, **inputs, **kwargs))
     except Busy as e:
         raise ApiError(503, f"the server is busy ({e}): try again", code="busy") from None
     answer = _Answer(model, chat.settings.max_new_tokens, prompt_tokens)

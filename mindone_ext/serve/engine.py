@@ -2,10 +2,15 @@
 
 MindSpore models are not safe to call from several threads, and on one machine there is one
 model. Everything that runs it goes through this thread: short calls (opening a session,
-prefilling a piece of audio) in the order they come, and generations, which are Python generators
-of events. At most `max_active` generations run at once, interleaved one event at a time (so a
-long answer does not starve a short one); up to `max_queue` more wait their turn; beyond that
-`submit` raises Busy. Events reach the asyncio side through each generation's queue.
+prefilling a piece of audio) in the order they come, and generations. At most `max_active`
+generations run at once; up to `max_queue` more wait their turn; beyond that `submit` raises
+Busy. Events reach the asyncio side through each generation's queue.
+
+A generation is an iterable of events, or an answer pipeline (models.qwen2_5_omni.answer.Answer)
+that says which decode steps it needs next. The batched engine advances every active answer in
+rounds: one compiled Thinker step and one compiled Talker step serve the round's answers together
+(their caches are rows of the runners' pools); the interleaved engine takes one event of each
+generation in turn, each running its own decode steps.
 """
 import asyncio
 import collections
@@ -13,6 +18,8 @@ import ctypes
 import threading
 import uuid
 from dataclasses import dataclass
+
+from ..generation.decode import CacheRow
 
 
 class Busy(Exception):
@@ -52,6 +59,7 @@ class Generation:
         self.loop = loop
         self.events = asyncio.Queue()
         self.iterator = None
+        self.answer = None  # an answer pipeline the batched engine advances (then also `iterator`)
         self.done = False
         self.position = 0  # when submitted: 0 if it could start at once, else its place in the queue (1 = next)
 
@@ -60,10 +68,10 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, max_active=1, max_queue=8):
+    def __init__(self, max_active=1, max_queue=8, batched=False):
         if max_active < 1 or max_queue < 0:
             raise ValueError(f"max_active must be >= 1 and max_queue >= 0, got {max_active} and {max_queue}")
-        self.max_active, self.max_queue = max_active, max_queue
+        self.max_active, self.max_queue, self.batched = max_active, max_queue, batched
         self.calls = collections.deque()
         self.waiting = collections.deque()
         self.active = []
@@ -150,13 +158,91 @@ class Engine:
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            for generation in running:
-                self._step(generation)
+            try:
+                self._round(running)
+            except Exception as e:  # noqa: BLE001  (a bug of ours: fail this round's answers, keep the thread)
+                for generation in running:
+                    if not generation.done:
+                        self._fail(generation, e)
         for _, _, future, loop in calls:
             loop.call_soon_threadsafe(_settle, future, None, Stopped("the server is shutting down"))
         for generation in list(self.active) + list(self.waiting):
             self._close(generation)
             generation.deliver(Failed(Stopped("the server is shutting down")))
+
+    def _round(self, running):
+        together = []
+        for generation in running:
+            if generation.done:
+                continue
+            if self.batched and generation.iterator is None:
+                self._begin(generation)
+            elif generation.answer is not None:
+                together.append(generation)
+            else:
+                self._step(generation)
+        if together:
+            self._decode_together(together)
+
+    def _begin(self, generation):
+        """Start a generation: an answer pipeline is prefilled and gives its first events."""
+        try:
+            started = generation.start()
+            if not hasattr(started, "pending"):
+                generation.iterator = iter(started)
+                generation.deliver(Started())
+                return
+            generation.answer = generation.iterator = started
+            generation.deliver(Started())
+            self._deliver(generation, started.start())
+        except Exception as e:  # noqa: BLE001  (the client is told; the server goes on)
+            self._fail(generation, e)
+
+    def _decode_together(self, generations):
+        """One round: every answer's next decode steps, those of one runner in one batched call."""
+        wanted, groups = {}, {}
+        for generation in list(generations):
+            try:
+                wanted[generation] = generation.answer.pending()
+            except Exception as e:  # noqa: BLE001
+                self._fail(generation, e)
+                continue
+            for request in wanted[generation]:
+                groups.setdefault(request.loop.runner, []).append(request)
+        results = {}
+        for runner, requests in groups.items():
+            try:
+                outputs = decode_requests(runner, requests)
+            except Exception as e:  # noqa: BLE001  (a failed step fails the answers in it, not the server)
+                outputs = [e] * len(requests)
+            results.update(zip(map(id, requests), outputs))
+        for generation, requests in wanted.items():
+            outputs = [results[id(r)] for r in requests]
+            error = next((o for o in outputs if isinstance(o, Exception)), None)
+            if error is not None:
+                self._fail(generation, error)
+                continue
+            try:
+                self._deliver(generation, generation.answer.advance(
+                    [(r, logits, hidden) for r, (logits, hidden) in zip(requests, outputs)]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(generation, e)
+
+    def _deliver(self, generation, events):
+        for event in events:
+            generation.deliver(event)
+        if generation.answer.done:
+            generation.answer.close()
+            generation.deliver(Finished())
+            self._retire(generation)
+
+    def _fail(self, generation, error):
+        if generation.answer is not None:
+            generation.answer.close(error)
+        elif generation.iterator is not None and hasattr(generation.iterator, "close"):
+            generation.iterator.close()
+        generation.deliver(Failed(error))
+        self._retire(generation)
 
     def _step(self, generation):
         if generation.done:
@@ -186,6 +272,15 @@ class Engine:
                 self.active.remove(generation)
             if generation in self.waiting:
                 self.waiting.remove(generation)
+
+
+def decode_requests(runner, requests):
+    """The decode steps `requests` (of one runner) -> [(logits, hidden)]: in one batched call when
+    their caches are rows of the runner's pool, else one by one."""
+    if runner.pool is not None and all(isinstance(r.loop.cache, CacheRow) for r in requests):
+        return runner.decode_many([r.loop.cache for r in requests], [r.embeds for r in requests],
+                                  [r.positions for r in requests])
+    return [r.loop.decode(r) for r in requests]
 
 
 def _settle(future, result, error):

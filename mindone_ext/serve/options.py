@@ -6,11 +6,13 @@ from ..bundled import RELEASE_TALKER_TOKENS
 
 AUDIO_IN_RATE = 16000  # what the model hears
 MODALITIES = ("text", "audio")
+ENGINES = ("batched", "interleaved")
 
 
 @dataclass
 class ServeOptions:
-    max_active: int = 1  # answers generated at once (interleaved on the one model)
+    max_active: int = 4  # answers generated at once
+    engine: str = "batched"  # "batched": the active answers' decode steps run together; "interleaved": one by one
     max_queue: int = 8  # answers waiting beyond those; more are refused as busy
     max_sessions: int = 16  # open WebSocket conversations
     idle_timeout: float = 300.0  # seconds a conversation may stay silent before it is closed
@@ -24,6 +26,10 @@ class ServeOptions:
     speaker: str = "Chelsie"
     api_key: Optional[str] = None
     allowed_origins: str = ""  # web pages (besides this server's own) that may call it: comma-separated origins
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
 
 
 class BadSetting(ValueError):

@@ -233,7 +233,7 @@ class VoiceConversation:
         session, kwargs = self.session, self.settings.generate_kwargs()
         tokenizer = self.processor.tokenizer
         try:
-            generation = self.engine.submit(lambda: session.respond(tokenizer=tokenizer, **kwargs))
+            generation = self.engine.submit(lambda: session.answer(tokenizer=tokenizer, **kwargs))
         except Busy as e:
             await self.engine.call(session.rewind, mark)
             raise ClientError("busy", f"the server is busy ({e}); the turn was not kept, try again") from None

@@ -75,14 +75,15 @@ def test_finetune_bench_output_form():
 
 
 def test_serve_load_bench_answers_every_turn_and_frees_the_server():
-    """3 clients on 2 answer slots and no queue: turns are refused as busy and retried; every
-    turn is answered with its script's answer alone (no cross-talk), none hangs, and the server
-    ends with no session, no cache and its memory back near where it was. (Each spoken turn
+    """3 clients on 2 answer slots and no queue, the batched engine: turns are refused as busy and
+    retried; every turn is answered with its script's answer alone (no cross-talk), none hangs,
+    and the server ends with no session, no cache and its memory back near where it was. (Each spoken turn
     costs seconds on CPU: the figures under heavier load are bench/serve_load.py's.)"""
     lines = run_bench("serve_load.py", "--clients", "3", "--turns", "1", "--scripts", "2", "--max_active", "2",
                       "--max_queue", "0", "--max_new_tokens", "4", "--talker_max_new_tokens", "10", "--backoff", "0.3",
-                      "--rounds", "3")
+                      "--rounds", "3", "--engines", "batched")
     (result,) = lines
+    assert result["engine"] == "batched" and result["codec_tokens_per_s"] > 0
     assert result["answered"] == 9 and result["busy_refusals"] > 0
     assert (result["hung"], result["mismatched"], result["refused"]) == (0, 0, 0)
     assert (result["sessions_after"], result["caches_after"]) == (0, 0)

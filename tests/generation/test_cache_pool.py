@@ -1,0 +1,95 @@
+"""Conversations as rows of one cache pool, decoded together: every row's logits and hidden states
+equal its own cache's, decoding alone, as rows join, leave, are reused and the pool grows."""
+import numpy as np
+import pytest
+
+from mindone_ext.generation.decode import MIN_CACHE_SLOTS, CacheFull, CompiledDecoder
+from tests.conftest import max_abs_diff
+
+
+def runner_of(model, rows=None):
+    thinker = model.thinker
+    runner = CompiledDecoder(thinker.model, thinker.lm_head, model.config.thinker_config.text_config, name="Thinker")
+    if rows:
+        runner.use_pool(rows, model.cache_dtype)
+    return runner
+
+
+class Conversation:
+    """One prompt, then random next-token embeddings, on a given runner."""
+
+    def __init__(self, model, runner, length, seed, slots=None):
+        rng = np.random.default_rng(seed)
+        self.model, self.runner = model, runner
+        self.ids = rng.integers(0, 400, size=(1, length))
+        self.rng = rng
+        self.cache = runner.allocate(1, slots or length + 8, model.cache_dtype)
+        prepared = model.thinker.prepare_inputs(self.ids, np.ones_like(self.ids))
+        self.prefill = runner.prefill(self.cache, prepared.inputs_embeds, prepared.position_ids, np.ones_like(self.ids))
+
+    def next_input(self):
+        token = self.rng.integers(0, 400, size=(1, 1))
+        positions = np.full((3, 1, 1), self.cache.length, np.int64)
+        return self.model.thinker.embed(token), positions
+
+
+def pair(model, pooled, alone, length, seed, slots=None):
+    return Conversation(model, pooled, length, seed, slots), Conversation(model, alone, length, seed, slots)
+
+
+def assert_same(got, want):
+    assert max_abs_diff(got[0], want[0]) <= 1e-5
+    assert max_abs_diff(np.asarray(got[1]), np.asarray(want[1])) <= 1e-5
+
+
+def step_all(pooled_runner, pairs):
+    inputs = [p.next_input() for p, _ in pairs]
+    got = pooled_runner.decode_many([p.cache for p, _ in pairs], [e for e, _ in inputs], [q for _, q in inputs])
+    for g, (_, alone), (embeds, positions) in zip(got, pairs, inputs):
+        want = alone.runner.decode(alone.cache, embeds, positions)
+        assert_same((g[0], g[1].asnumpy()), (want[0], want[1].asnumpy()))
+
+
+def test_rows_decoded_together_equal_each_alone(our_model):
+    pooled, alone = runner_of(our_model, rows=3), runner_of(our_model)
+    pairs = [pair(our_model, pooled, alone, n, seed) for seed, n in enumerate((5, 40, 130))]
+    for p, a in pairs:
+        assert_same((p.prefill[0], p.prefill[1].asnumpy()), (a.prefill[0], a.prefill[1].asnumpy()))
+    for _ in range(3):
+        step_all(pooled, pairs)  # 3 rows: padded to 4 with the spare row
+    pairs[1][0].cache.release()  # a row leaves; a new conversation takes it
+    pairs[1][1].cache.release()
+    assert pooled.pool.in_use == 2
+    pairs[1] = pair(our_model, pooled, alone, 17, 7)
+    assert pairs[1][0].cache.row == 1 and pairs[1][0].cache.length == 17  # nothing of the last one left
+    for _ in range(2):
+        step_all(pooled, pairs)
+    step_all(pooled, pairs[:1])  # one row alone
+    step_all(pooled, pairs[1:])
+    for p, a in pairs:
+        p.cache.release(), a.cache.release()
+    assert pooled.pool.in_use == 0
+
+
+def test_the_pool_grows_keeping_every_row(our_model):
+    pooled, alone = runner_of(our_model, rows=2), runner_of(our_model)
+    short = pair(our_model, pooled, alone, 9, 1)
+    near_end = pair(our_model, pooled, alone, MIN_CACHE_SLOTS - 2, 2, slots=MIN_CACHE_SLOTS)
+    assert pooled.pool.slots == MIN_CACHE_SLOTS
+    for step in range(4):  # the second row crosses the pool's end at the third step
+        for p, a in (short, near_end):
+            for c in (p, a):
+                c.runner.reserve(c.cache, c.cache.length + 1)
+        step_all(pooled, [short, near_end])
+    assert pooled.pool.slots == 2 * MIN_CACHE_SLOTS
+
+
+def test_a_truncated_row_forgets_its_tail_and_a_full_pool_says_so(our_model):
+    pooled, alone = runner_of(our_model, rows=1), runner_of(our_model)
+    p, a = pair(our_model, pooled, alone, 30, 3)
+    step_all(pooled, [(p, a)])
+    for c in (p, a):
+        c.cache.truncate(20)
+    step_all(pooled, [(p, a)])
+    with pytest.raises(CacheFull, match="all 1 rows of the Thinker's cache pool are in use"):
+        pooled.allocate(1, 10, our_model.cache_dtype)

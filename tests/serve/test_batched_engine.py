@@ -1,0 +1,107 @@
+"""The batched engine: answers whose decode steps run together (rows of the runners' cache pools)
+give each conversation exactly what it gets alone, as answers join, leave, fail and are cancelled."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from mindone_ext import Qwen2_5OmniForConditionalGeneration
+from mindone_ext.models.qwen2_5_omni.session import ConversationSession
+from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
+from mindone_ext.serve.engine import Engine, Failed, Finished, Started
+
+PROMPTS = [np.array([[401, 5, 6, 7, 8, 9, 10, 402]]), np.array([[401, 20, 30, 40, 402]]),
+           np.array([[401] + list(range(50, 90)) + [402]])]
+
+
+def settings(i):
+    # answers of different lengths (rows leave at different steps), the Talker sampling, seeded
+    return dict(spk="Ethan", max_new_tokens=(6, 11, 3)[i % 3], eos_token_id=[], talker_max_new_tokens=(9, 14, 30)[i % 3],
+                seed=i)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    """A model of this module's own: its runners get pools."""
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint)
+
+
+def outcome(events):
+    events = list(events)
+    text = [e.token_id for e in events if isinstance(e, TextDelta)]
+    audio = [np.asarray(e.audio) for e in events if isinstance(e, AudioChunk)]
+    return text, np.concatenate(audio) if audio else np.zeros(0, np.float32)
+
+
+async def drain(generation):
+    events = []
+    while not events or not isinstance(events[-1], (Finished, Failed)):
+        events.append(await generation.events.get())
+    return events
+
+
+def assert_same(got, want):
+    assert got[0] == want[0]
+    assert got[1].shape == want[1].shape and float(np.abs(got[1] - want[1]).max(initial=0)) <= 1e-5
+
+
+def test_answers_decoded_together_equal_each_alone(model, processor):
+    alone = [outcome(model.generate_stream(input_ids=p, **settings(i))) for i, p in enumerate(PROMPTS)]
+    session_alone = talk(model, processor)
+    model.thinker_runner().use_pool(6, model.cache_dtype)
+    model.talker_runner().use_pool(3, model.cache_dtype)
+
+    async def scenario():
+        engine = Engine(max_active=3, max_queue=4, batched=True)
+        try:
+            # 3 at once, a 4th waits for a row and joins while the others decode; a 5th fails at
+            # its start; a 6th is cancelled mid-answer
+            runs = [engine.submit(lambda p=p, i=i: model.answer(input_ids=p, **settings(i % 3)))
+                    for i, p in enumerate(PROMPTS + PROMPTS[:1])]
+            broken = engine.submit(lambda: model.answer(input_ids=PROMPTS[0], spk="Nobody"))
+            endless = engine.submit(lambda: model.answer(input_ids=PROMPTS[1], spk="Ethan", max_new_tokens=500,
+                                                         eos_token_id=[]))
+            got = await asyncio.gather(*(drain(r) for r in runs), drain(broken))
+            assert await endless.events.get() == Started()
+            await endless.events.get()
+            await engine.cancel(endless)
+            session = await talk_async(engine, model, processor)
+            return got, session
+        finally:
+            engine.stop()
+
+    got, session = asyncio.run(scenario())
+    for i, events in enumerate(got[:4]):
+        assert events[0] == Started() and events[-1] == Finished()
+        assert_same(outcome(events[1:-1]), alone[i % 3])
+    assert isinstance(got[4][-1], Failed) and "unknown speaker 'Nobody'" in str(got[4][-1].error)
+    assert_same(session, session_alone)
+    assert model.thinker_runner().pool.in_use == 0 and model.talker_runner().pool.in_use == 0
+    assert {shape[0] for shape in model.talker_runner().shapes} >= {2, 4}  # steps did run batched
+
+
+def talk(model, processor):
+    """Two text turns of a conversation, its second answer's outcome (run alone)."""
+    session = ConversationSession(model, processor)
+    try:
+        for question in ("hello there", "and then?"):
+            session.ask(question)
+            result = outcome(session.respond(**settings(1)))
+        return result
+    finally:
+        session.close()
+
+
+async def talk_async(engine, model, processor):
+    """talk() through the engine, next to other answers."""
+    session = await engine.call(ConversationSession, model, processor)
+    other = engine.submit(lambda: model.answer(input_ids=PROMPTS[2], **settings(2)))
+    try:
+        for question in ("hello there", "and then?"):
+            await engine.call(session.ask, question)
+            events = await drain(engine.submit(lambda: session.answer(**settings(1))))
+            result = outcome(events[1:-1])
+        await drain(other)
+        return result
+    finally:
+        await engine.call(session.close)
