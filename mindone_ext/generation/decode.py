@@ -223,9 +223,10 @@ class CachePool:
         read, write = (self._slot_index(first, np.where(kept, slot, 0))
                        for first in (np.broadcast_to(np.arange(width)[:, None], kept.shape), target))
         shape = (width, t, self.slots)
-        runner = self.runner
-        new = None if shape in runner.shapes else f"the {runner.name} for {width} row(s) x {t} token(s) x {self.slots} slots"
-        runner.shapes.add(shape)
+        compiled = self.buffers.shapes  # graphs are bound to the buffers: grown buffers compile anew
+        new = None if shape in compiled else f"the {self.runner.name} for {width} row(s) x {t} token(s) x {self.slots} slots"
+        compiled.add(shape)
+        self.runner.shapes.add(shape)
         with compiling(new):
             logits, hidden = self.buffers.step(
                 embeds, Tensor(position_ids, ms.int32), Tensor(self.valid[rows]), Tensor(starts, ms.int32),
@@ -258,6 +259,7 @@ class PoolBuffers(nn.Cell):
         self.values = ParameterTuple([buffer("values", i) for i in range(runner.num_layers)])
         self.function = runner.step_function
         self.step = ms.jit(self.run)
+        self.shapes = set()  # (rows, tokens, slots) compiled over these buffers
 
     def run(self, embeds, position_ids, valid, start, last_index, rows, read, write):
         layers = tuple((ops.gather(k, rows, 0), ops.gather(v, rows, 0)) for k, v in zip(self.keys, self.values))
