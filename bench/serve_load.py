@@ -104,6 +104,7 @@ async def settle(url, seconds=60):
         state = await health(url)
         if (state["sessions"], state["active"], state["queued"], state["caches"]) == (0, 0, 0, 0) \
                 or time.time() > deadline:
+            await asyncio.sleep(1.0)  # the model thread returns freed heap pages once idle (after this call)
             return state
         await asyncio.sleep(0.2)
 
@@ -115,7 +116,9 @@ def percentile(values, q):
 async def run(server, args, engine):
     settings = {"seed": 0, "max_new_tokens": args.max_new_tokens, "talker_max_new_tokens": args.talker_max_new_tokens}
     stats = {"busy_refusals": 0, "refused": 0, "hung": 0, "mismatched": 0}
-    await client(server.ws_url, 0, 1, settings, args, stats)  # warm-up: graphs compiled before timing
+    # warm-up: graphs compiled before timing, those of batched steps too (as many at once as may run)
+    await asyncio.gather(*(client(server.ws_url, i, 1, settings, args, stats)
+                           for i in range(min(args.max_active, args.clients))))
     references = [await client(server.ws_url, s, args.turns, settings, args, stats) for s in range(args.scripts)]
     alone = [first for answers in references for _, _, first in answers if first is not None]
     await settle(server.url)

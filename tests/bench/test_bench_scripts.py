@@ -77,8 +77,8 @@ def test_finetune_bench_output_form():
 def test_serve_load_bench_answers_every_turn_and_frees_the_server():
     """3 clients on 2 answer slots and no queue, the batched engine: turns are refused as busy and
     retried; every turn is answered with its script's answer alone (no cross-talk), none hangs,
-    and the server ends with no session, no cache and its memory back near where it was. (Each spoken turn
-    costs seconds on CPU: the figures under heavier load are bench/serve_load.py's.)"""
+    and the server ends with no session, no cache and its memory back near where it was. (Each
+    spoken turn costs seconds on CPU: the figures under heavier load are bench/serve_load.py's.)"""
     lines = run_bench("serve_load.py", "--clients", "3", "--turns", "1", "--scripts", "2", "--max_active", "2",
                       "--max_queue", "0", "--max_new_tokens", "4", "--talker_max_new_tokens", "10", "--backoff", "0.3",
                       "--rounds", "3", "--engines", "batched")
