@@ -134,6 +134,15 @@ class CompiledDecoder:
         cache.length += 1
         return logits, hidden
 
+    def decode_requests(self, requests):
+        """The decode steps `requests` (generation.DecodeRequest of loops on this runner) ->
+        [(logits, hidden)]: in one batched call when their caches are rows of this runner's
+        pool, else one by one."""
+        caches = [r.loop.cache for r in requests]
+        if self.pool is not None and all(isinstance(c, CacheRow) for c in caches):
+            return self.decode_many(caches, [r.embeds for r in requests], [r.positions for r in requests])
+        return [r.loop.decode(r) for r in requests]
+
     def decode_many(self, caches, embeds, position_ids):
         """`decode` for several rows of this runner's pool in one compiled step: per cache, its
         embeds (1, 1, E) and positions (3, 1, 1). Returns [(logits (1, V), hidden (1, 1, H))]."""

@@ -19,8 +19,6 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from ..generation.decode import CacheRow
-
 
 class Busy(Exception):
     """The queue of waiting generations is full."""
@@ -173,35 +171,17 @@ class Engine:
     def _round(self, running):
         together = []
         for generation in running:
-            if generation.done:
-                continue
-            if self.batched and generation.iterator is None:
-                self._begin(generation)
-            elif generation.answer is not None:
+            if generation.answer is not None and not generation.done:
                 together.append(generation)
             else:
                 self._step(generation)
         if together:
             self._decode_together(together)
 
-    def _begin(self, generation):
-        """Start a generation: an answer pipeline is prefilled and gives its first events."""
-        try:
-            started = generation.start()
-            if not hasattr(started, "pending"):
-                generation.iterator = iter(started)
-                generation.deliver(Started())
-                return
-            generation.answer = generation.iterator = started
-            generation.deliver(Started())
-            self._deliver(generation, started.start())
-        except Exception as e:  # noqa: BLE001  (the client is told; the server goes on)
-            self._fail(generation, e)
-
     def _decode_together(self, generations):
         """One round: every answer's next decode steps, those of one runner in one batched call."""
         wanted, groups = {}, {}
-        for generation in list(generations):
+        for generation in generations:
             try:
                 wanted[generation] = generation.answer.pending()
             except Exception as e:  # noqa: BLE001
@@ -212,7 +192,7 @@ class Engine:
         results = {}
         for runner, requests in groups.items():
             try:
-                outputs = decode_requests(runner, requests)
+                outputs = runner.decode_requests(requests)
             except Exception as e:  # noqa: BLE001  (a failed step fails the answers in it, not the server)
                 outputs = [e] * len(requests)
             results.update(zip(map(id, requests), outputs))
@@ -245,14 +225,24 @@ class Engine:
         self._retire(generation)
 
     def _step(self, generation):
+        """One event of a generation, started if its turn has just come (the batched engine
+        advances an answer pipeline with the others' from then on, after its prefill here)."""
         if generation.done:
             return
         try:
             if generation.iterator is None:
-                generation.iterator = iter(generation.start())
+                started = generation.start()
                 generation.deliver(Started())
+                if self.batched and hasattr(started, "pending"):
+                    generation.answer = generation.iterator = started
+                    self._deliver(generation, started.start())
+                    return
+                generation.iterator = iter(started)
             event = next(generation.iterator, Finished())
         except Exception as e:  # noqa: BLE001  (the client is told; the server goes on)
+            if generation.answer is not None:
+                self._fail(generation, e)
+                return
             event = Failed(e)
         generation.deliver(event)
         if isinstance(event, (Finished, Failed)):
@@ -272,15 +262,6 @@ class Engine:
                 self.active.remove(generation)
             if generation in self.waiting:
                 self.waiting.remove(generation)
-
-
-def decode_requests(runner, requests):
-    """The decode steps `requests` (of one runner) -> [(logits, hidden)]: in one batched call when
-    their caches are rows of the runner's pool, else one by one."""
-    if runner.pool is not None and all(isinstance(r.loop.cache, CacheRow) for r in requests):
-        return runner.decode_many([r.loop.cache for r in requests], [r.embeds for r in requests],
-                                  [r.positions for r in requests])
-    return [r.loop.decode(r) for r in requests]
 
 
 def _settle(future, result, error):

@@ -50,7 +50,7 @@ class Answer:
     after an error or to stop early: it stops the Talker and frees the caches."""
 
     def __init__(self, model, request, tokenizer=None, chunking=None, cache=None, record=None):
-        self.model, self.request = model, request
+        self.request = request
         runner = model.thinker_runner()
         self.own_cache = cache is None
         if self.own_cache:
@@ -62,13 +62,9 @@ class Answer:
         self.text = TextDecoder(tokenizer)
         self.record = record
         self.speech = _Speech(model, request, chunking) if request.return_audio else None
-        self.finished = False  # the last event was produced
+        self.done = False  # the last event was produced
         self.on_close = None  # called once by close(error) (a conversation keeps or drops the answer)
         self.closed = False
-
-    @property
-    def done(self):
-        return self.finished
 
     def start(self):
         """Prefill (unless the prompt is in the cache already) and the first token's events."""
@@ -108,7 +104,7 @@ class Answer:
         """The last audio once the Thinker and the Talker are both done."""
         if self.speech is not None and self.thinker.done and self.speech.done:
             events += self.speech.finish()
-        self.finished = self.thinker.done and (self.speech is None or self.speech.finished)
+        self.done = self.thinker.done and (self.speech is None or self.speech.finished)
         return events
 
     def __iter__(self):

@@ -153,12 +153,11 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         on the bundled tiny checkpoint, whose random weights never stop by themselves), unless
         `max_new_tokens` / `talker_max_new_tokens` say otherwise."""
         request = self.plan_answer(locals(), kwargs)
-        cache = self.thinker_runner().allocate(request.ids.shape[0], request.ids.shape[1] + request.max_new,
-                                               self.cache_dtype)
+        runner = self.thinker_runner()
+        cache = runner.allocate(request.ids.shape[0], request.ids.shape[1] + request.max_new, self.cache_dtype)
         try:
             prompt = request.prompt
-            logits, hidden = self.thinker_runner().prefill(cache, prompt.inputs_embeds, prompt.position_ids,
-                                                           request.mask)
+            logits, hidden = runner.prefill(cache, prompt.inputs_embeds, prompt.position_ids, request.mask)
             steps = list(self.thinker_loop(request, cache).run(logits, hidden, prompt.inputs_embeds))
         finally:
             cache.release()
