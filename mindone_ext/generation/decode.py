@@ -6,6 +6,10 @@ the process, so the set of shapes is kept small by construction: prompts of any 
 chunks of PREFILL_CHUNK tokens (a piece of at most SMALL_PIECE tokens in a graph of that width),
 and caches come in powers of two. A model then compiles at most 3 graphs per cache size, whatever
 prompts it is given, and a prefill's activations are bounded by one chunk.
+
+Every cache is rows of a CachePool, whose buffers the compiled steps write in place (see
+nn.kv_cache): the rows of one batch (or one conversation) in a pool of their own, or, in the voice
+server, one row per conversation of a pool shared by all (`use_pool`), decoded together.
 """
 import weakref
 
@@ -14,7 +18,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..nn.decoder import head_dim_of
-from ..nn.kv_cache import StaticCache
+from ..nn.kv_cache import step_mask
 from ..utils.notice import compiling
 from ..utils.quiet import quiet_expected_recompiles
 
@@ -44,8 +48,8 @@ def cache_slots(n):
 
 class CompiledDecoder:
     """Owns the compiled graphs for one decoder: `input_proj` (optional) -> decoder -> `head`.
-    The graphs are pure functions of (input embeddings, positions, valid slots, write position,
-    cache buffers) -> (float32 logits of the last position, hidden states, buffers)."""
+    A step is a pure function of (input embeddings, positions, mask, cache Parameters and slots) ->
+    (float32 logits of the last position, hidden states) that writes the new keys in place."""
 
     def __init__(self, decoder, head, config, input_proj=None, name="decoder"):
         self.decoder, self.head, self.name = decoder, head, name
@@ -53,32 +57,44 @@ class CompiledDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self._caches = []  # weak references to the caches handed out
-        self.shapes = set()  # (batch, tokens, cache slots) of every step run: one compiled graph each
+        self.shapes = set()  # (rows, tokens, cache slots) of every step run: one compiled graph each
 
-        def step(embeds, position_ids, valid, start, last_index, layers):
+        def step(embeds, position_ids, mask, last_index, cache):
             if input_proj is not None:
                 embeds = input_proj(embeds)
-            hidden, presents = decoder(embeds, position_ids, valid, layers, start)
+            hidden = decoder(embeds, position_ids, mask, cache)
             last = ops.gather(hidden, last_index, 1)
-            return head(last)[:, 0].astype(ms.float32), hidden, presents
+            return head(last)[:, 0].astype(ms.float32), hidden
 
-        self.step_function = step  # what a CachePool compiles over its own buffers
-        self._step = ms.jit(step)  # compiled once per input shape: a chunk, a small piece, one token
-        self.pool = None  # a CachePool: single-row caches are its rows (use_pool)
+        self.step_function = step  # what each pool compiles over its own buffers
+        self.pool = None  # the shared pool: single-row caches are its rows (use_pool)
+        # pools of caches taken whole (a batch; one conversation without a shared pool), kept for
+        # the next cache of the same shape: their compiled steps are bound to their buffers
+        self.pools = []
 
     def use_pool(self, rows, dtype):
         """From now on, single-row caches are rows of one pool of `rows` rows, whose decode steps
         `decode_many` runs together (the voice server's continuous batching)."""
-        self.pool = CachePool(self, rows, dtype)
+        self.pool = CachePool(self, rows, dtype, spare=True)
 
     def allocate(self, batch, slots, dtype):
+        slots = cache_slots(slots)
         if self.pool is not None and batch == 1 and dtype == self.pool.dtype:
-            cache = self.pool.take(cache_slots(slots))
+            cache = self.pool.take(slots)
         else:
-            cache = StaticCache.allocate(self.num_layers, batch, self.kv_heads, cache_slots(slots),
-                                         self.head_dim, dtype)
+            pool = self.free_pool(batch, slots, dtype)
+            cache = PoolCache(pool, pool.take_all())
         self._caches = [ref for ref in self._caches if ref() is not None] + [weakref.ref(cache)]
         return cache
+
+    def free_pool(self, rows, slots, dtype):
+        """A pool of exactly this shape with every row free: a kept one, else a new one."""
+        for pool in self.pools:
+            if (pool.rows, pool.slots, pool.dtype) == (rows, slots, dtype) and pool.in_use == 0:
+                return pool
+        pool = CachePool(self, rows, dtype, slots)
+        self.pools.append(pool)
+        return pool
 
     def caches_in_use(self):
         """Caches allocated here and not yet released (a closed stream must leave none)."""
@@ -112,8 +128,8 @@ class CompiledDecoder:
         return logits, hidden[0] if len(hidden) == 1 else ops.cat(hidden, 1)
 
     def _extend_chunk(self, cache, embeds, position_ids, mask):
-        """At most PREFILL_CHUNK tokens, right-padded with invalid slots to SMALL_PIECE or
-        PREFILL_CHUNK (padded keys written past the cache's end are dropped by `write_kv`)."""
+        """At most PREFILL_CHUNK tokens, right-padded with invalid tokens to SMALL_PIECE or
+        PREFILL_CHUNK (padded tokens past the cache's end are not written)."""
         b, t, e = embeds.shape
         start = cache.length
         width = SMALL_PIECE if t <= SMALL_PIECE else PREFILL_CHUNK
@@ -121,70 +137,58 @@ class CompiledDecoder:
             embeds = ops.cat((embeds, ops.zeros((b, width - t, e), embeds.dtype)), 1)
             position_ids = np.concatenate([position_ids, np.zeros((3, b, width - t), position_ids.dtype)], -1)
         cache.valid[:, start:start + t] = mask
-        logits, hidden = self._run(cache, embeds, position_ids, start, t - 1)
+        logits, hidden = cache.pool.run(cache.rows, embeds, position_ids, [start] * b, t - 1)
         cache.length = start + t
         return logits, hidden[:, :t]
 
     def decode(self, cache, embeds, position_ids):
         """One token per row (embeds (B, 1, E)) at slot `cache.length`."""
-        if cache.length >= cache.slots:
-            raise ValueError(f"the KV cache is full ({cache.slots} slots)")
-        cache.valid[:, cache.length] = 1
-        logits, hidden = self._run(cache, embeds, position_ids, cache.length, 0)
-        cache.length += 1
-        return logits, hidden
+        return self.decode_many([cache], [embeds], [position_ids])[0]
 
     def decode_requests(self, requests):
         """The decode steps `requests` (generation.DecodeRequest of loops on this runner) ->
         [(logits, hidden)]: in one batched call when their caches are rows of this runner's
-        pool, else one by one."""
+        shared pool, else one by one."""
         caches = [r.loop.cache for r in requests]
-        if self.pool is not None and all(isinstance(c, CacheRow) for c in caches):
+        if self.pool is not None and all(c.pool is self.pool for c in caches):
             return self.decode_many(caches, [r.embeds for r in requests], [r.positions for r in requests])
         return [r.loop.decode(r) for r in requests]
 
     def decode_many(self, caches, embeds, position_ids):
-        """`decode` for several rows of this runner's pool in one compiled step: per cache, its
-        embeds (1, 1, E) and positions (3, 1, 1). Returns [(logits (1, V), hidden (1, 1, H))]."""
+        """One token for each row of `caches` (all of one pool) in one compiled step: per cache,
+        its embeds (B, 1, E) and positions (3, B, 1). Returns [(logits (B, V), hidden (B, 1, H))]."""
         for cache in caches:
             if cache.length >= cache.slots:
                 raise ValueError(f"the KV cache is full ({cache.slots} slots)")
             cache.valid[:, cache.length] = 1
-        logits, hidden = self.pool.run([c.row for c in caches], ops.cat(embeds), np.concatenate(position_ids, 1),
-                                       [c.length for c in caches], 0)
+        rows = [row for c in caches for row in c.rows]
+        starts = [c.length for c in caches for _ in c.rows]
+        logits, hidden = caches[0].pool.run(rows, ops.cat(embeds), np.concatenate(position_ids, 1), starts, 0)
         for cache in caches:
             cache.length += 1
-        return [(logits[i:i + 1], hidden[i:i + 1]) for i in range(len(caches))]
-
-    def _run(self, cache, embeds, position_ids, start, last):
-        if isinstance(cache, CacheRow):
-            return cache.pool.run([cache.row], embeds, position_ids, [start], last)
-        shape = (embeds.shape[0], embeds.shape[1], cache.slots)
-        # the message is made only for a new shape: this runs once per decoded token
-        new = None if shape in self.shapes else f"the {self.name} for {shape[1]} token(s) x {shape[2]} cache slots"
-        self.shapes.add(shape)
-        with compiling(new):
-            logits, hidden, cache.layers = self._step(
-                embeds, Tensor(position_ids, ms.int32), Tensor(cache.valid), Tensor(start, ms.int32),
-                Tensor([last], ms.int32), ms.mutable(cache.layers))
-            return logits.asnumpy(), hidden
+        if len(caches) == 1:
+            return [(logits, hidden)]
+        bounds = np.cumsum([0] + [len(c.rows) for c in caches]).tolist()
+        return [(logits[lo:hi], hidden[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 class CachePool:
-    """Rows of one KV cache that conversations share, so that one compiled step decodes many of
-    them at once. Each row has its own length; a step gathers the rows it advances, runs the
-    decoder on them and writes only their new slots back, in place: the buffers are Parameters
-    of a Cell, the one kind of tensor MindSpore's compiled graphs update in place (and that
-    binds each compiled graph to them: growing the pool builds new buffers and new graphs).
-    A last, spare row takes the padding rows of a step whose row count is rounded up."""
+    """Rows of KV cache buffers that one set of compiled steps serves; each row has its own
+    length. A step over every row in order reads the buffers as they are; a step over some rows
+    (a shared pool: conversations come and go) gathers them, padded with a last, spare row to a
+    power of two. Either way only the new slots are written, in place: the buffers are
+    Parameters of a Cell (PoolBuffers), the one kind of tensor MindSpore's compiled graphs update
+    in place, which also binds each compiled graph to them (growing a pool compiles anew)."""
 
-    def __init__(self, runner, rows, dtype):
+    def __init__(self, runner, rows, dtype, slots=MIN_CACHE_SLOTS, spare=False):
         self.runner, self.rows, self.dtype = runner, rows, dtype
-        self.valid = np.zeros((rows + 1, 0), np.int32)
-        self.lengths = np.zeros(rows + 1, np.int64)
+        self.spare = rows if spare else None
+        total = rows + bool(spare)
+        self.valid = np.zeros((total, 0), np.int32)
+        self.lengths = np.zeros(total, np.int64)
         self.free = list(range(rows))
         self.buffers = None
-        self.grow(MIN_CACHE_SLOTS)
+        self.grow(slots)
 
     @property
     def slots(self):
@@ -195,74 +199,80 @@ class CachePool:
         return self.rows - len(self.free)
 
     def take(self, slots):
+        """One free row, as a cache with room for `slots` tokens."""
         if not self.free:
             raise CacheFull(f"all {self.rows} rows of the {self.runner.name}'s cache pool are in use")
         self.grow(slots)
-        return CacheRow(self, self.free.pop(0))
+        return PoolCache(self, [self.free.pop(0)])
 
-    def give_back(self, row):
-        self.valid[row] = 0
-        self.lengths[row] = 0
-        self.free.append(row)
+    def take_all(self):
+        rows, self.free = self.free, []
+        return rows
+
+    def give_back(self, rows):
+        self.valid[rows] = 0
+        self.lengths[rows] = 0
+        self.free.extend(rows)
 
     def grow(self, slots):
         """At least `slots` slots per row, the written ones kept."""
         if slots <= self.slots:
             return
-        old = self.buffers
-        self.buffers = PoolBuffers(self.runner, self.rows + 1, slots, self.dtype, old)
-        self.valid = np.concatenate([self.valid, np.zeros((self.rows + 1, slots - self.slots), np.int32)], 1)
+        total = self.valid.shape[0]
+        old, self.buffers = self.buffers, PoolBuffers(self.runner, total, slots, self.dtype)
+        if old is not None:
+            self.buffers.load(old)
+        self.valid = np.concatenate([self.valid, np.zeros((total, slots - self.slots), np.int32)], 1)
 
     def run(self, rows, embeds, position_ids, starts, last):
         """One compiled step over `rows`: embeds (n, T, E) written at slots starts[i].. of row
-        rows[i] (T > 1: one row). Rows are padded with the spare row to a power of two."""
+        rows[i] (T > 1: the rows of one cache)."""
         n, t = embeds.shape[0], embeds.shape[1]
-        width = 1 << (n - 1).bit_length()
-        spare = self.rows
-        rows = list(rows) + [spare] * (width - n)
-        starts = np.asarray(list(starts) + [self.slots] * (width - n), np.int64)
+        whole = self.spare is None  # such a pool's caches are all its rows, stepped together
+        width = n if whole else 1 << (n - 1).bit_length()
         if width > n:
             embeds = ops.cat((embeds, ops.zeros((width - n,) + tuple(embeds.shape[1:]), embeds.dtype)))
             position_ids = np.concatenate([position_ids, np.zeros((3, width - n, t), position_ids.dtype)], 1)
-        # the new keys' slots: read from the step's rows, written to the pool's (slots past the
-        # end, of padded tokens or padding rows, go to slot 0 of the spare row)
-        slot = starts[:, None] + np.arange(t)[None]  # (width, T)
-        kept = slot < self.slots
-        target = np.where(kept, np.asarray(rows)[:, None], spare)
-        read, write = (self._slot_index(first, np.where(kept, slot, 0))
-                       for first in (np.broadcast_to(np.arange(width)[:, None], kept.shape), target))
+        rows = np.asarray(list(rows) + [self.spare] * (width - n))
+        starts = np.asarray(list(starts) + [self.slots] * (width - n))
+        pick, slots = self._write_plan(rows, starts, t)
         shape = (width, t, self.slots)
         compiled = self.buffers.shapes  # graphs are bound to the buffers: grown buffers compile anew
-        new = None if shape in compiled else f"the {self.runner.name} for {width} row(s) x {t} token(s) x {self.slots} slots"
+        rows_note = f" for {width} rows" if width > 1 else ""
+        new = None if shape in compiled else f"the {self.runner.name} for {t} token(s) x {self.slots} cache slots{rows_note}"
         compiled.add(shape)
         self.runner.shapes.add(shape)
         with compiling(new):
             logits, hidden = self.buffers.step(
-                embeds, Tensor(position_ids, ms.int32), Tensor(self.valid[rows]), Tensor(starts, ms.int32),
-                Tensor([last], ms.int32), Tensor(np.asarray(rows, np.int32)), Tensor(read, ms.int32),
-                Tensor(write, ms.int32))
+                embeds, Tensor(position_ids, ms.int32), Tensor(step_mask(self.valid[rows], starts, t)),
+                Tensor([last], ms.int32), None if whole else Tensor(rows.astype(np.int32)), Tensor(pick), Tensor(slots))
         return logits.asnumpy()[:n], hidden[:n] if width > n else hidden
 
-    def _slot_index(self, rows, slots):
-        """(row, head, slot) triples of every KV head at rows[i, j], slots[i, j] (both (n, T))."""
-        heads = np.arange(self.runner.kv_heads)[None, :, None]
-        return np.stack(np.broadcast_arrays(rows[:, None, :], heads, slots[:, None, :]), -1).reshape(-1, 3)
+    def _write_plan(self, rows, starts, t):
+        """Where a step's new keys go: for each (row, KV head, token), the flat index of the new
+        vector it takes (`pick`) and of the buffer slot it is written to (`slots`). A token past
+        its row's last slot repeats the row's last token within it; padding rows (start at the
+        end) write slot 0 of the spare row, which nothing reads."""
+        width, heads = len(rows), self.runner.kv_heads
+        token = np.minimum(np.arange(t)[None], np.clip(self.slots - 1 - starts, 0, t - 1)[:, None])  # (width, T)
+        slot = np.where(starts[:, None] < self.slots, starts[:, None] + token, 0)
+        head = np.arange(heads)[None, :, None]
+        pick = (np.arange(width)[:, None, None] * heads + head) * t + token[:, None, :]
+        slots = (rows[:, None, None] * heads + head) * self.slots + slot[:, None, :]
+        return pick.reshape(-1).astype(np.int32), slots.reshape(-1).astype(np.int32)
 
 
 class PoolBuffers(nn.Cell):
-    """A pool's key and value buffers (rows, KV heads, slots, head size) per layer, and the
-    compiled step over them (see CachePool)."""
+    """A pool's key and value buffers per layer, each (rows x KV heads x slots, head size) (flat:
+    see nn.kv_cache), and the compiled step over them (see CachePool)."""
 
-    def __init__(self, runner, rows, slots, dtype, old=None):
+    def __init__(self, runner, rows, slots, dtype):
         super().__init__()
-        shape = (rows, runner.kv_heads, slots, runner.head_dim)
+        self.view = (rows, runner.kv_heads, slots, runner.head_dim)
 
         def buffer(name, i):
-            data = ops.zeros(shape, dtype)
-            if old is not None:  # keep what the rows hold
-                before = getattr(old, name)[i]
-                data = ops.cat((before, data[:, :, before.shape[2]:]), 2)
-            return Parameter(data, name=f"{runner.name}_pool{id(self)}_{name}{i}", requires_grad=False)
+            return Parameter(ops.zeros((rows * runner.kv_heads * slots, runner.head_dim), dtype),
+                             name=f"{runner.name}_pool{id(self)}_{name}{i}", requires_grad=False)
 
         self.keys = ParameterTuple([buffer("keys", i) for i in range(runner.num_layers)])
         self.values = ParameterTuple([buffer("values", i) for i in range(runner.num_layers)])
@@ -270,37 +280,44 @@ class PoolBuffers(nn.Cell):
         self.step = ms.jit(self.run)
         self.shapes = set()  # (rows, tokens, slots) compiled over these buffers
 
-    def run(self, embeds, position_ids, valid, start, last_index, rows, read, write):
-        layers = tuple((ops.gather(k, rows, 0), ops.gather(v, rows, 0)) for k, v in zip(self.keys, self.values))
-        logits, hidden, presents = self.function(embeds, position_ids, valid, start, last_index, layers)
-        for (k, v), (new_k, new_v) in zip(zip(self.keys, self.values), presents):
-            ops.scatter_nd_update(k, write, ops.gather_nd(new_k, read))
-            ops.scatter_nd_update(v, write, ops.gather_nd(new_v, read))
-        return logits, hidden
+    def load(self, old):
+        """Copy what `old` (as many rows, fewer slots) holds into the first slots, in place (graphs
+        compiled over these buffers keep reading them)."""
+        for mine, theirs in zip(tuple(self.keys) + tuple(self.values), tuple(old.keys) + tuple(old.values)):
+            before = theirs.reshape(old.view)
+            after = ops.zeros(self.view[:2] + (self.view[2] - old.view[2], self.view[3]), before.dtype)
+            ops.assign(mine, ops.cat((before, after), 2).reshape(mine.shape))
+
+    def run(self, embeds, position_ids, mask, last_index, rows, pick, slots):
+        layers = tuple(zip(self.keys, self.values))
+        return self.function(embeds, position_ids, mask, last_index, (layers, (rows, self.view, pick, slots)))
 
 
 class CacheFull(RuntimeError):
     """Every row of a cache pool is taken."""
 
 
-class CacheRow:
-    """One conversation's row of a CachePool, used where a StaticCache of batch 1 is."""
+class PoolCache:
+    """A cache: some rows of a CachePool (a batch's sequences, or one conversation's row), all
+    at the same length (prompts are left padded)."""
 
-    def __init__(self, pool, row):
-        self.pool, self.row = pool, row
+    def __init__(self, pool, rows):
+        self.pool, self.rows = pool, rows
         self.released = False
 
     @property
     def length(self):
-        return int(self.pool.lengths[self.row])
+        return int(self.pool.lengths[self.rows[0]])
 
     @length.setter
     def length(self, value):
-        self.pool.lengths[self.row] = value
+        self.pool.lengths[self.rows] = value
 
     @property
     def valid(self):
-        return self.pool.valid[self.row:self.row + 1]
+        """(rows, slots) int32, 1 where a slot holds a real token; a view callers write into."""
+        first = self.rows[0]
+        return self.pool.valid[first:first + len(self.rows)]
 
     @property
     def slots(self):
@@ -308,17 +325,31 @@ class CacheRow:
 
     @property
     def layers(self):
-        """Truthy while the row is held (as a StaticCache's buffers are)."""
-        return () if self.released else (self.row,)
+        """Truthy while the rows are held."""
+        return () if self.released else tuple(self.rows)
 
     def grow(self, slots):
-        self.pool.grow(slots)
+        """Room for `slots` tokens: a shared pool grows every row; a cache in a pool of its own
+        moves to a (kept or new) pool of the larger size, leaving this one for the next cache of
+        its size (a pool grown in place would be lost to that size, and a new one made each time)."""
+        pool = self.pool
+        if pool.spare is not None or slots <= pool.slots:
+            pool.grow(slots)
+            return
+        bigger = pool.runner.free_pool(pool.rows, slots, pool.dtype)
+        rows = bigger.take_all()
+        bigger.buffers.load(pool.buffers)
+        bigger.valid[:, :pool.slots] = pool.valid
+        bigger.lengths[:] = pool.lengths
+        pool.give_back(self.rows)
+        self.pool, self.rows = bigger, rows
 
     def truncate(self, length):
-        self.pool.valid[self.row, length:] = 0
+        """Forget the slots from `length` on (they are overwritten by the next writes)."""
+        self.pool.valid[self.rows, length:] = 0
         self.length = length
 
     def release(self):
         if not self.released:
             self.released = True
-            self.pool.give_back(self.row)
+            self.pool.give_back(self.rows)

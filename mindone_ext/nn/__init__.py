@@ -2,8 +2,7 @@
 from .attention import attention, check_attn_implementation
 from .decoder import Qwen2Decoder
 from .device import on_ascend, storage_dtype
-from .kv_cache import StaticCache
 from .layers import Embedding, Linear, RMSNorm
 
-__all__ = ["attention", "check_attn_implementation", "Qwen2Decoder", "on_ascend", "storage_dtype", "StaticCache",
-           "Embedding", "Linear", "RMSNorm"]
+__all__ = ["attention", "check_attn_implementation", "Qwen2Decoder", "on_ascend", "storage_dtype", "Embedding",
+           "Linear", "RMSNorm"]

@@ -3,13 +3,14 @@ and used by the Thinker's text model and the Talker.
 
 Attribute names equal the reference checkpoint's (`self_attn.q_proj`, `input_layernorm`, ...).
 `construct` serves both a plain forward (no cache: keys are the inputs themselves) and a
-cached forward (keys are static cache buffers, written at `start`).
+cached step (keys: the cache's past slots and the new tokens; the new ones are then written
+into the cache in place, see kv_cache).
 """
 import mindspore as ms
 from mindspore import nn, ops
 
 from .attention import attention, use_flash
-from .kv_cache import causal_mask, write_kv
+from .kv_cache import causal_mask, read_past, write_new
 from .layers import Embedding, Linear, RMSNorm
 from .mlp import GatedMLP
 from .rotary import MultimodalRotaryEmbedding, apply_rotary
@@ -33,16 +34,18 @@ class Qwen2Attention(nn.Cell):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, True, dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, False, dtype)
 
-    def construct(self, x, cos, sin, mask, past=None, start=None):
+    def construct(self, x, cos, sin, mask, past=None, step=None):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim).swapaxes(1, 2)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).swapaxes(1, 2)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).swapaxes(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past is not None:
-            k, v = write_kv(past[0], k, start), write_kv(past[1], v, start)
-        out = attention(q, k, v, mask, self.scale, self.flash)
-        return self.o_proj(out), (k, v)
+        if past is None:
+            return self.o_proj(attention(q, k, v, mask, self.scale, self.flash))
+        out = attention(q, k, v, mask, self.scale, self.flash, (read_past(past[0], step), read_past(past[1], step)))
+        out = ops.depend(out, write_new(past[0], k, step))
+        out = ops.depend(out, write_new(past[1], v, step))
+        return self.o_proj(out)
 
 
 class Qwen2DecoderLayer(nn.Cell):
@@ -53,10 +56,9 @@ class Qwen2DecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def construct(self, x, cos, sin, mask, past=None, start=None):
-        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, start)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+    def construct(self, x, cos, sin, mask, past=None, step=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen2Decoder(nn.Cell):
@@ -69,18 +71,19 @@ class Qwen2Decoder(nn.Cell):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = MultimodalRotaryEmbedding(head_dim_of(config), config.rope_theta, config.rope_scaling["mrope_section"])
 
-    def construct(self, inputs_embeds, position_ids, valid, past_key_values=None, start=None):
-        """inputs_embeds (B, T, H); position_ids (3, B, T); valid (B, S) with S = T without a
-        cache or the cache's slot count with one. Returns (hidden (B, T, H), presents)."""
-        t = inputs_embeds.shape[1]
-        if start is None:
-            start = ops.zeros((), ms.int32)
-        mask = causal_mask(valid, start, t)
+    def construct(self, inputs_embeds, position_ids, mask, cache=None):
+        """inputs_embeds (B, T, H); position_ids (3, B, T). Without a cache, `mask` is (B, T), 1 for
+        real tokens. With one, `cache` is (layers, step): per layer the (keys, values) Parameters,
+        and the step's rows and slots (see kv_cache), and `mask` the step's boolean mask
+        (B, 1, T, S + T) from kv_cache.step_mask. Returns hidden (B, T, H)."""
+        step = None
+        if cache is None:
+            mask = causal_mask(mask, inputs_embeds.shape[1])
+        else:
+            step = cache[1]
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         hidden = inputs_embeds
-        presents = ()
         for i, layer in enumerate(self.layers):
-            past = None if past_key_values is None else past_key_values[i]
-            hidden, present = layer(hidden, cos, sin, mask, past, start)
-            presents = presents + (present,)
-        return self.norm(hidden), presents
+            past = None if cache is None else cache[0][i]
+            hidden = layer(hidden, cos, sin, mask, past, step)
+        return self.norm(hidden)

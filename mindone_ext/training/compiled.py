@@ -34,7 +34,7 @@ class CompiledLossGrad:
         self.thinker = thinker
 
         def loss(embeds, position_ids, valid, rows, targets, weights):
-            hidden, _ = thinker.model(embeds, position_ids, valid)
+            hidden = thinker.model(embeds, position_ids, valid)
             b, t, h = hidden.shape
             picked = ops.gather(hidden.reshape(b * t, h), rows, 0)
             log_probs = ops.log_softmax(thinker.lm_head(picked).astype(ms.float32), -1)

@@ -61,7 +61,7 @@ def test_rows_decoded_together_equal_each_alone(our_model):
     pairs[1][1].cache.release()
     assert pooled.pool.in_use == 2
     pairs[1] = pair(our_model, pooled, alone, 17, 7)
-    assert pairs[1][0].cache.row == 1 and pairs[1][0].cache.length == 17  # nothing of the last one left
+    assert pairs[1][0].cache.rows == [1] and pairs[1][0].cache.length == 17  # nothing of the last one left
     for _ in range(2):
         step_all(pooled, pairs)
     step_all(pooled, pairs[:1])  # one row alone
@@ -93,3 +93,22 @@ def test_a_truncated_row_forgets_its_tail_and_a_full_pool_says_so(our_model):
     step_all(pooled, [(p, a)])
     with pytest.raises(CacheFull, match="all 1 rows of the Thinker's cache pool are in use"):
         pooled.allocate(1, 10, our_model.cache_dtype)
+
+
+def test_a_cache_of_its_own_grows_into_a_kept_pool_and_pools_are_reused(our_model):
+    """Without a shared pool each cache has a pool of its own, kept for the next cache of its shape
+    (its graphs are bound to it). A cache that outgrows its pool moves to one of the larger size,
+    a kept one when free: copied in place, so the graphs compiled over it earlier see the rows."""
+    own, alone = runner_of(our_model), runner_of(our_model)
+    for seed in (1, 2):  # the second conversation reuses both pools, and their compiled steps
+        pooled, want = pair(our_model, own, alone, MIN_CACHE_SLOTS - 2, seed, slots=2 * MIN_CACHE_SLOTS)
+        pooled.cache.release()
+        pooled = Conversation(our_model, own, MIN_CACHE_SLOTS - 2, seed, slots=MIN_CACHE_SLOTS)
+        assert pooled.cache.slots == MIN_CACHE_SLOTS
+        for _ in range(4):  # crosses the first pool's end at the third step
+            own.reserve(pooled.cache, pooled.cache.length + 1)
+            step_all(own, [(pooled, want)])
+        assert pooled.cache.slots == 2 * MIN_CACHE_SLOTS
+        pooled.cache.release(), want.cache.release()
+    assert sorted(p.slots for p in own.pools) == [MIN_CACHE_SLOTS, 2 * MIN_CACHE_SLOTS]
+    assert own.caches_in_use() == 0

@@ -67,3 +67,24 @@ def test_compiled_shapes_are_bounded_whatever_the_prompt_lengths(our_model):
     widths = {t for _, t, _ in runner.shapes}
     assert widths <= {SMALL_PIECE, PREFILL_CHUNK}
     assert len(runner.shapes) <= 2 * len(slots)
+
+
+def test_pieces_padded_past_the_last_slot_leave_the_written_slots_intact(our_model, reference_model):
+    """A piece runs padded to SMALL_PIECE tokens; near the cache's end the padding falls past its
+    last slot and must not disturb what is written. For every start of a last piece near the end,
+    the piece fills the cache up to one slot, and a decode step at that slot (which reads every
+    written slot back from the cache) gives the reference's logits."""
+    runner, thinker = our_model.thinker_runner(), our_model.thinker
+    slots = cache_slots(1)
+    ids = np.random.default_rng(2).integers(0, 400, size=(1, slots))
+    want = reference_forward(reference_model, ids, np.ones_like(ids))[0][0]
+    prepared = thinker.prepare_inputs(ids, np.ones_like(ids))
+    embeds, positions = prepared.inputs_embeds, prepared.position_ids
+    for start in range(slots - SMALL_PIECE - 1, slots - 1):
+        cache = runner.allocate(1, slots, thinker.model.embed_tokens.weight.dtype)
+        assert cache.slots == slots
+        runner.prefill(cache, embeds[:, :start], positions[..., :start], None)
+        runner.extend(cache, embeds[:, start:slots - 1], positions[..., start:slots - 1])
+        logits, _ = runner.decode(cache, embeds[:, slots - 1:], positions[..., slots - 1:])
+        cache.release()
+        assert max_abs_diff(logits[0], want[-1]) <= 1e-4, start

@@ -7,7 +7,7 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
 
 from mindone_ext.nn.attention import ascend_attention, attention, check_attn_implementation, exact_attention, use_flash
 from mindone_ext.nn.device import on_ascend
-from mindone_ext.nn.kv_cache import causal_mask, write_kv
+from mindone_ext.nn.kv_cache import causal_mask, step_mask
 from mindone_ext.nn.rotary import MultimodalRotaryEmbedding, apply_rotary, rope_inv_freq
 
 from tests.conftest import KERNEL_TOLERANCE
@@ -31,22 +31,80 @@ def torch_reference_attention(q, k, v, mask, scale):
     return out.reshape(out.shape[0], out.shape[1], -1).numpy()
 
 
+def cache_mask(valid, start, t):
+    """The reference's mask over a cache's slots: query i (at slot start + i) sees the valid slots
+    up to its own."""
+    slots = np.arange(valid.shape[1])
+    return ((slots[None, :] <= (start + np.arange(t))[:, None])[None] & (valid[:, None, :] != 0))[:, None]
+
+
 def test_exact_attention_matches_reference_gqa_with_padding_and_causal_mask():
     q, k, v = qkv()
     valid = np.ones((2, 9), np.int32)
     valid[1, :3] = 0
-    mask = causal_mask(Tensor(valid), Tensor(4, ms.int32), 5).asnumpy()
+    mask = cache_mask(valid, 4, 5)
     got = exact_attention(Tensor(q), Tensor(k), Tensor(v), Tensor(mask), 0.25).asnumpy()
     want = torch_reference_attention(q, k, v, mask, 0.25)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_causal_mask_is_the_reference_mask():
-    valid = np.array([[0, 0, 1, 1, 1, 1, 0, 0]], np.int32)
-    got = causal_mask(Tensor(valid), Tensor(2, ms.int32), 4).asnumpy()[0, 0]
-    slots = np.arange(8)
-    want = (slots[None, :] <= (2 + np.arange(4))[:, None]) & valid.astype(bool)
-    np.testing.assert_array_equal(got, want)
+    valid = np.array([[0, 0, 1, 1, 1, 0]], np.int32)
+    np.testing.assert_array_equal(causal_mask(Tensor(valid), 6).asnumpy(), cache_mask(valid, 0, 6))
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 8, 9])
+def test_step_mask_is_the_reference_mask_with_the_new_keys_apart(start):
+    """Keys of a cached step: the past slots, then the new tokens. Put back in their slots, the
+    mask is the reference's; new tokens past the last slot (a padded piece) are seen by nobody."""
+    slots, t = 12, 4
+    valid = np.zeros((2, slots), np.int32)
+    valid[:, :start + t] = 1
+    valid[1, :3] = 0  # left padding
+    valid[0, start + 1:start + 2] = 0  # a padding token among the new ones
+    got = step_mask(valid, [start, start], t)
+    assert got.shape == (2, 1, t, slots + t)
+    want = cache_mask(valid, start, t)
+    inside = min(t, slots - start)
+    placed = got[..., :slots].copy()
+    placed[..., start:start + inside] = got[..., slots:slots + inside]
+    np.testing.assert_array_equal(placed, want)
+    assert not got[..., slots + inside:].any()
+
+
+def split_cache_case(t, start=5):
+    """A cache of 9 slots with left padding, t new tokens at `start`: (q, new k, new v, past k,
+    past v, the step's mask) and the reference's attention with the new keys in their slots."""
+    q, k, v = qkv(b=2, h=4, kv=2, t=t, s=9, d=16)
+    new_k, new_v = qkv(b=2, h=4, kv=2, t=t, s=t, d=16)[1:]
+    valid = np.ones((2, 9), np.int32)
+    valid[1, :2] = 0
+    placed_k, placed_v = k.copy(), v.copy()
+    placed_k[:, :, start:start + t], placed_v[:, :, start:start + t] = new_k, new_v
+    want = torch_reference_attention(q, placed_k, placed_v, cache_mask(valid, start, t), 0.25)
+    return (q, new_k, new_v, k, v, step_mask(valid, [start] * 2, t)), want
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_attention_with_past_keys_apart_is_the_reference_over_all_keys(t):
+    """A cached step attends to the past slots and the new keys as two tensors; the reference
+    sees them in place."""
+    (q, k, v, past_k, past_v, mask), want = split_cache_case(t)
+    got = attention(Tensor(q), Tensor(k), Tensor(v), Tensor(mask), 0.25, past=(Tensor(past_k), Tensor(past_v)))
+    np.testing.assert_allclose(got.asnumpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_flash_attention_with_past_keys_is_the_exact_path(t, ascend_kernels):
+    """With flash attention, several queries attend through the kernel over the past and new keys
+    joined; a single query (a decode step) takes the exact path."""
+    case, _ = split_cache_case(t)
+    q, k, v, past_k, past_v = [Tensor(x).astype(ms.float16) for x in case[:5]]
+    mask = Tensor(case[5])
+    got = attention(q, k, v, mask, 0.25, flash=True, past=(past_k, past_v)).astype(ms.float32).asnumpy()
+    f32 = [x.astype(ms.float32) for x in (q, k, v, past_k, past_v)]
+    want = attention(*f32[:3], mask, 0.25, past=tuple(f32[3:])).asnumpy()
+    np.testing.assert_allclose(got, want, **KERNEL_TOLERANCE["Float16"], err_msg=ascend_kernels)
 
 
 def torch_attention_with_keep_mask(q, k, v, keep, scale):
@@ -103,7 +161,7 @@ def test_flash_path_matches_the_exact_path_with_padding_rows(dtype, head_dim, as
     q, k, v = qkv(b=2, h=4, kv=2, t=5, s=9, d=head_dim)
     valid = np.ones((2, 9), np.int32)
     valid[1, :6] = 0  # row 1's first queries (slots 4, 5) see no valid key
-    mask = causal_mask(Tensor(valid), Tensor(4, ms.int32), 5)
+    mask = Tensor(cache_mask(valid, 4, 5))
     rounded = [Tensor(x).astype(dtype) for x in (q, k, v)]
     got = ascend_attention(*rounded, mask, head_dim**-0.5).astype(ms.float32).asnumpy()
     want = exact_attention(*[x.astype(ms.float32) for x in rounded], mask, head_dim**-0.5).asnumpy()
@@ -126,19 +184,6 @@ def test_flash_is_chosen_on_ascend_in_half_precision_for_the_head_sizes_it_takes
     mask = np.ones((2, 1, 5, 9), bool)
     a = attention(Tensor(q), Tensor(k), Tensor(v), Tensor(mask), 0.25, flash=False).asnumpy()
     np.testing.assert_allclose(a, torch_reference_attention(q, k, v, mask, 0.25), atol=1e-5)
-
-
-def test_write_kv_writes_only_the_given_slots():
-    cache = rng.standard_normal((1, 2, 8, 4)).astype(np.float32)
-    new = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
-    got = write_kv(Tensor(cache), Tensor(new), Tensor(4, ms.int32)).asnumpy()
-    want = cache.copy()
-    want[:, :, 4:7] = new
-    np.testing.assert_array_equal(got, want)
-    one = write_kv(Tensor(cache), Tensor(new[:, :, :1]), Tensor(7, ms.int32)).asnumpy()
-    want = cache.copy()
-    want[:, :, 7:8] = new[:, :, :1]
-    np.testing.assert_array_equal(one, want)
 
 
 @pytest.mark.parametrize("section", [[2, 3, 3], [16, 24, 24]])
@@ -183,8 +228,8 @@ def test_a_decoder_on_flash_attention_matches_the_exact_path(ascend_kernels):
     valid[1, :3] = 0
     positions = np.broadcast_to(np.maximum(np.cumsum(valid, 1) - 1, 0), (3, 2, 7)).astype(np.int32)
     embeds = Tensor(rng.standard_normal((2, 7, 128)), ms.float16)
-    got, _ = flash(embeds, Tensor(positions), Tensor(valid))
-    want, _ = exact(embeds.astype(ms.float32), Tensor(positions), Tensor(valid))
+    got = flash(embeds, Tensor(positions), Tensor(valid))
+    want = exact(embeds.astype(ms.float32), Tensor(positions), Tensor(valid))
     got, want = got.astype(ms.float32).asnumpy(), want.asnumpy()
     assert np.isfinite(got).all(), ascend_kernels
     real = valid.astype(bool)

@@ -30,6 +30,6 @@ class Qwen2_5OmniTalkerForConditionalGeneration(nn.Cell):
     def construct(self, inputs_embeds, position_ids, attention_mask):
         """Full-sequence forward on thinker-space embeddings (B, T, embedding_size); returns
         float32 codec logits (B, T, vocab)."""
-        hidden, _ = self.model(self.thinker_to_talker_proj(inputs_embeds), Tensor(position_ids, ms.int32),
-                               Tensor(attention_mask, ms.int32))
+        hidden = self.model(self.thinker_to_talker_proj(inputs_embeds), Tensor(position_ids, ms.int32),
+                            Tensor(attention_mask, ms.int32))
         return self.codec_head(hidden).astype(ms.float32)

@@ -174,5 +174,5 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
             raise TypeError(f"unexpected keyword argument(s) for the Thinker: {', '.join(unknown)}")
         p = self.prepare_inputs(input_ids, attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                 **multimodal)
-        hidden, _ = self.model(p.inputs_embeds, Tensor(p.position_ids, ms.int32), Tensor(p.attention_mask, ms.int32))
+        hidden = self.model(p.inputs_embeds, Tensor(p.position_ids, ms.int32), Tensor(p.attention_mask, ms.int32))
         return hidden, p
