@@ -30,38 +30,27 @@ def use_flash(attn_implementation, dtype, head_dim):
 _scores = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T (swapaxes copies it)
 
 
-FLOOR = -3.4028234663852886e38  # the mask's score: finite, so fully masked rows (left padding) stay finite
-
-
-def masked_scores(q, k, mask, scale, shape):
-    """Scaled float32 scores of the grouped queries q (B, KV, G * T, D) against k (B, KV, S, D),
-    FLOOR where `mask` (B, 1, T, S) is False; `shape` = (B, KV, G, T)."""
-    scores = (_scores(q, k) * scale).reshape(shape + (k.shape[2],)).astype(ms.float32)
-    return ops.where(mask.expand_dims(2), scores, ops.full_like(scores, FLOOR))
-
-
 def exact_attention(q, k, v, mask, scale, past=None):
-    """`past`: see `attention`. Its scores are never joined to the new keys' (at a prefill chunk's
-    size that copy cost more than the cache write it replaces): the softmax runs over both parts."""
     b, h, t, d = q.shape
     kv = k.shape[1]
     g = h // kv
     # Grouped-query attention without repeating k/v: the g query heads that share a kv head
     # (reference repeat_kv order: head = kv_index * g + r) are stacked along the query axis.
     q = q.reshape(b, kv, g * t, d)
+    scores = _scores(q, k)
+    if past is not None:  # keys: the cache's past slots, then the new ones
+        scores = ops.cat((_scores(q, past[0]), scores), -1)
+    s = scores.shape[-1]
+    scores = (scores * scale).reshape(b, kv, g, t, s).astype(ms.float32)
+    # A finite floor, not -inf: fully masked rows (left padding) stay finite, as in the reference.
+    floor = ops.full_like(scores, -3.4028234663852886e38)
+    scores = ops.where(mask.expand_dims(2), scores, floor)
+    probs = ops.softmax(scores, -1).astype(q.dtype).reshape(b, kv, g * t, s)
     if past is None:
-        probs = ops.softmax(masked_scores(q, k, mask, scale, (b, kv, g, t)), -1).astype(q.dtype)
-        out = ops.matmul(probs.reshape(b, kv, g * t, -1), v)
+        out = ops.matmul(probs, v)
     else:
-        slots = past[0].shape[2]
-        old = masked_scores(q, past[0], mask[..., :slots], scale, (b, kv, g, t))
-        new = masked_scores(q, k, mask[..., slots:], scale, (b, kv, g, t))
-        top = ops.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
-        old, new = ops.exp(old - top), ops.exp(new - top)
-        total = old.sum(-1, keepdims=True) + new.sum(-1, keepdims=True)
-        old = (old / total).astype(q.dtype).reshape(b, kv, g * t, slots)
-        new = (new / total).astype(q.dtype).reshape(b, kv, g * t, t)
-        out = ops.matmul(old, past[1]) + ops.matmul(new, v)
+        slots = past[1].shape[2]
+        out = ops.matmul(probs[..., :slots], past[1]) + ops.matmul(probs[..., slots:], v)
     return out.reshape(b, h, t, d).swapaxes(1, 2).reshape(b, t, h * d)
 
 
@@ -77,12 +66,10 @@ def ascend_attention(q, k, v, mask, scale):
 
 
 def attention(q, k, v, mask, scale, flash=False, past=None):
-    """`past`: a cache's (keys, values) (B, KV, S, D) before the new k, v; the mask then covers
-    S + T keys. Flash attention needs them as one tensor (a copy: worth it for a prefill piece of
-    many queries); a single query (a decode step) attends to them separately, exactly."""
-    t = q.shape[2]
-    if flash and past is not None and t > 1:
-        return ascend_attention(q, ops.cat((past[0], k), 2), ops.cat((past[1], v), 2), mask, scale)
+    """`past`: a cache's (keys, values) (B, KV, S, D) besides the new k, v (a decode step reads the
+    cache where it lies and writes the new key after, nn/kv_cache.py); the mask then covers S + T
+    keys, past first. Such a step attends exactly: the kernel would need the keys joined (a copy),
+    and one query per row has nothing for it to tile."""
     if flash and past is None:
         return ascend_attention(q, k, v, mask, scale)
     return exact_attention(q, k, v, mask, scale, past)

@@ -3,8 +3,7 @@ and used by the Thinker's text model and the Talker.
 
 Attribute names equal the reference checkpoint's (`self_attn.q_proj`, `input_layernorm`, ...).
 `construct` serves both a plain forward (no cache: keys are the inputs themselves) and a
-cached step (keys: the cache's past slots and the new tokens; the new ones are then written
-into the cache in place, see kv_cache).
+cached step (the new keys written into the cache in place, see kv_cache).
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -41,10 +40,15 @@ class Qwen2Attention(nn.Cell):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).swapaxes(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is None:
-            return self.o_proj(attention(q, k, v, mask, self.scale, self.flash))
-        out = attention(q, k, v, mask, self.scale, self.flash, (read_past(past[0], step), read_past(past[1], step)))
-        out = ops.depend(out, write_new(past[0], k, step))
-        out = ops.depend(out, write_new(past[1], v, step))
+            out = attention(q, k, v, mask, self.scale, self.flash)
+        elif t == 1:  # a decode step: the past where it lies and the new key apart, then the write
+            out = attention(q, k, v, mask, self.scale, self.flash, (read_past(past[0], step), read_past(past[1], step)))
+            out = ops.depend(out, write_new(past[0], k, step))
+            out = ops.depend(out, write_new(past[1], v, step))
+        else:  # a piece of a prompt: written first, then attended with the rest of the cache
+            keys = ops.depend(past[0], write_new(past[0], k, step))
+            values = ops.depend(past[1], write_new(past[1], v, step))
+            out = attention(q, read_past(keys, step), read_past(values, step), mask, self.scale, self.flash)
         return self.o_proj(out)
 
 
@@ -75,7 +79,7 @@ class Qwen2Decoder(nn.Cell):
         """inputs_embeds (B, T, H); position_ids (3, B, T). Without a cache, `mask` is (B, T), 1 for
         real tokens. With one, `cache` is (layers, step): per layer the (keys, values) Parameters,
         and the step's rows and slots (see kv_cache), and `mask` the step's boolean mask
-        (B, 1, T, S + T) from kv_cache.step_mask. Returns hidden (B, T, H)."""
+        (kv_cache.step_mask). Returns hidden (B, T, H)."""
         step = None
         if cache is None:
             mask = causal_mask(mask, inputs_embeds.shape[1])

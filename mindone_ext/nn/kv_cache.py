@@ -4,10 +4,15 @@
 Why this shape: MindSpore's compiled graphs update in place only Parameters held by a Cell, and
 on the CPU backend only `scatter_update` (whole rows of the first axis) does so without copying
 the buffer; ScatterNdUpdate and a functional `where` rewrite all of it (~5 GB/s: 45 ms per token
-at 8192 slots on the 0.5B shape). A step reads the past slots through a reshape (no copy),
-attends to the new keys separately (`attention(..., past=...)`) and only then writes the new
-slots: a write before the reads, or after every layer's reads, made the backend copy the buffer
-(measured), so each layer writes right after its own attention.
+at 8192 slots on the 0.5B shape). Reads go through a reshape (no copy). Two kinds of step:
+
+- a decode step (one token per row) attends to the past slots where they lie and to the new key
+  apart (`attention(..., past=...)`), then writes the new slot: written before its reads, the
+  buffer was copied whole (measured), which is the cost this layout exists to avoid;
+- a piece of a prompt (many tokens) writes its keys first and attends over the buffer: one
+  buffer copy is small beside the piece's own work, and attending to the past apart would keep
+  a second set of (tokens x slots) scores per layer alive in the compiled graph (the CPU backend
+  keeps a graph's intermediates: a 4096-token prompt on the 0.5B shape reached 24 GB that way).
 """
 import numpy as np
 import mindspore as ms
@@ -23,19 +28,19 @@ def causal_mask(valid, t):
 
 
 def step_mask(valid, starts, t):
-    """The mask of a cached step (host side): (B, 1, T, S + T) over the past slots, then the T new
-    tokens. `valid` (B, S): slots holding real tokens, the new ones (slots starts[i]..) included;
-    a query sees the valid slots before its row's start, and the valid new tokens up to itself.
-    New tokens past the last slot (padding of a fixed-width piece) are not valid."""
+    """The boolean mask of a cached step (host side). `valid` (B, S): slots holding real tokens,
+    the new ones (slots starts[i]..) included. A piece (T > 1) attends over the buffer after its
+    write: (B, 1, T, S), query i sees the valid slots up to its own. A decode step (T = 1) attends
+    to the past slots and its new key apart: (B, 1, 1, S + 1)."""
     b, slots = valid.shape
     starts = np.asarray(starts).reshape(b, 1)
-    past = (valid != 0) & (np.arange(slots)[None] < starts)
-    new_slots = starts + np.arange(t)[None]
-    new = np.take_along_axis(valid, np.minimum(new_slots, slots - 1), 1) != 0
-    new &= new_slots < slots
-    causal = np.tril(np.ones((t, t), bool))
-    mask = np.concatenate([np.broadcast_to(past[:, None, :], (b, t, slots)), causal[None] & new[:, None, :]], -1)
-    return np.ascontiguousarray(mask[:, None])
+    seen = valid != 0
+    if t > 1:
+        causal = np.arange(slots)[None, None] <= starts[:, :, None] + np.arange(t)[None, :, None]
+        return (causal & seen[:, None])[:, None]
+    past = seen & (np.arange(slots)[None] < starts)
+    new = np.take_along_axis(seen, np.minimum(starts, slots - 1), 1)
+    return np.concatenate([past, new], 1)[:, None, None]
 
 
 def read_past(buffer, step):

@@ -53,58 +53,41 @@ def test_causal_mask_is_the_reference_mask():
     np.testing.assert_array_equal(causal_mask(Tensor(valid), 6).asnumpy(), cache_mask(valid, 0, 6))
 
 
-@pytest.mark.parametrize("start", [0, 1, 5, 8, 9])
-def test_step_mask_is_the_reference_mask_with_the_new_keys_apart(start):
-    """Keys of a cached step: the past slots, then the new tokens. Put back in their slots, the
-    mask is the reference's; new tokens past the last slot (a padded piece) are seen by nobody."""
+@pytest.mark.parametrize("start", [0, 1, 5, 8, 9, 11])
+def test_step_masks_are_the_reference_mask(start):
+    """A piece of a prompt, attended after its write, sees the reference's mask over the cache's
+    slots (its padded tokens past the last slot are not keys); a decode step sees the past slots
+    and its new key apart, which put back in its slot is the reference's mask again."""
     slots, t = 12, 4
     valid = np.zeros((2, slots), np.int32)
     valid[:, :start + t] = 1
     valid[1, :3] = 0  # left padding
     valid[0, start + 1:start + 2] = 0  # a padding token among the new ones
-    got = step_mask(valid, [start, start], t)
-    assert got.shape == (2, 1, t, slots + t)
-    want = cache_mask(valid, start, t)
-    inside = min(t, slots - start)
+    np.testing.assert_array_equal(step_mask(valid, [start, start], t), cache_mask(valid, start, t))
+    one = valid.copy()
+    one[:, start + 1:] = 0
+    got = step_mask(one, [start, start], 1)
+    assert got.shape == (2, 1, 1, slots + 1)
     placed = got[..., :slots].copy()
-    placed[..., start:start + inside] = got[..., slots:slots + inside]
-    np.testing.assert_array_equal(placed, want)
-    assert not got[..., slots + inside:].any()
+    placed[..., start] = got[..., slots]
+    np.testing.assert_array_equal(placed, cache_mask(one, start, 1))
 
 
-def split_cache_case(t, start=5):
-    """A cache of 9 slots with left padding, t new tokens at `start`: (q, new k, new v, past k,
-    past v, the step's mask) and the reference's attention with the new keys in their slots."""
-    q, k, v = qkv(b=2, h=4, kv=2, t=t, s=9, d=16)
-    new_k, new_v = qkv(b=2, h=4, kv=2, t=t, s=t, d=16)[1:]
+def test_a_decode_step_attending_to_the_past_apart_is_the_reference_over_all_keys():
+    """A decode step attends to the cache's past slots and its new key as two tensors; the
+    reference sees the key in its slot."""
+    q, k, v = qkv(b=2, h=4, kv=2, t=1, s=9, d=16)
+    new_k, new_v = qkv(b=2, h=4, kv=2, t=1, s=1, d=16)[1:]
+    start = 5
     valid = np.ones((2, 9), np.int32)
+    valid[:, start + 1:] = 0
     valid[1, :2] = 0
     placed_k, placed_v = k.copy(), v.copy()
-    placed_k[:, :, start:start + t], placed_v[:, :, start:start + t] = new_k, new_v
-    want = torch_reference_attention(q, placed_k, placed_v, cache_mask(valid, start, t), 0.25)
-    return (q, new_k, new_v, k, v, step_mask(valid, [start] * 2, t)), want
-
-
-@pytest.mark.parametrize("t", [1, 3])
-def test_attention_with_past_keys_apart_is_the_reference_over_all_keys(t):
-    """A cached step attends to the past slots and the new keys as two tensors; the reference
-    sees them in place."""
-    (q, k, v, past_k, past_v, mask), want = split_cache_case(t)
-    got = attention(Tensor(q), Tensor(k), Tensor(v), Tensor(mask), 0.25, past=(Tensor(past_k), Tensor(past_v)))
+    placed_k[:, :, start:start + 1], placed_v[:, :, start:start + 1] = new_k, new_v
+    want = torch_reference_attention(q, placed_k, placed_v, cache_mask(valid, start, 1), 0.25)
+    got = attention(Tensor(q), Tensor(new_k), Tensor(new_v), Tensor(step_mask(valid, [start] * 2, 1)), 0.25,
+                    past=(Tensor(k), Tensor(v)))
     np.testing.assert_allclose(got.asnumpy(), want, atol=1e-5)
-
-
-@pytest.mark.parametrize("t", [1, 3])
-def test_flash_attention_with_past_keys_is_the_exact_path(t, ascend_kernels):
-    """With flash attention, several queries attend through the kernel over the past and new keys
-    joined; a single query (a decode step) takes the exact path."""
-    case, _ = split_cache_case(t)
-    q, k, v, past_k, past_v = [Tensor(x).astype(ms.float16) for x in case[:5]]
-    mask = Tensor(case[5])
-    got = attention(q, k, v, mask, 0.25, flash=True, past=(past_k, past_v)).astype(ms.float32).asnumpy()
-    f32 = [x.astype(ms.float32) for x in (q, k, v, past_k, past_v)]
-    want = attention(*f32[:3], mask, 0.25, past=tuple(f32[3:])).asnumpy()
-    np.testing.assert_allclose(got, want, **KERNEL_TOLERANCE["Float16"], err_msg=ascend_kernels)
 
 
 def torch_attention_with_keep_mask(q, k, v, keep, scale):
