@@ -57,7 +57,7 @@ class CompiledDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self._caches = []  # weak references to the caches handed out
-        self.shapes = set()  # (rows, tokens, cache slots) of every step run: one compiled graph each
+        self.shapes = set()  # (rows, tokens, attended slots) of every step run: one compiled graph each
 
         def step(embeds, position_ids, mask, last_index, cache):
             if input_proj is not None:
@@ -236,16 +236,20 @@ class CachePool:
         rows = np.asarray(list(rows) + [self.spare] * (width - n))
         starts = np.asarray(list(starts) + [self.slots] * (width - n))
         pick, slots = self._write_plan(rows, starts, t)
-        shape = (width, t, self.slots)
+        # a piece attends to the slots up to its end, rounded up to a power of two (one graph per
+        # size: a long prompt's early pieces do not attend to the whole cache); a decode step to all
+        span = self.slots if t == 1 else min(self.slots, cache_slots(int(starts[:n].max()) + t))
+        shape = (width, t, span)
         compiled = self.buffers.shapes  # graphs are bound to the buffers: grown buffers compile anew
         rows_note = f" for {width} rows" if width > 1 else ""
-        new = None if shape in compiled else f"the {self.runner.name} for {t} token(s) x {self.slots} cache slots{rows_note}"
+        new = None if shape in compiled else f"the {self.runner.name} for {t} token(s) x {span} cache slots{rows_note}"
         compiled.add(shape)
         self.runner.shapes.add(shape)
         with compiling(new):
             logits, hidden = self.buffers.step(
-                embeds, Tensor(position_ids, ms.int32), Tensor(step_mask(self.valid[rows], starts, t)),
-                Tensor([last], ms.int32), None if whole else Tensor(rows.astype(np.int32)), Tensor(pick), Tensor(slots))
+                embeds, Tensor(position_ids, ms.int32), Tensor(step_mask(self.valid[rows, :span], starts, t)),
+                Tensor([last], ms.int32), None if whole else Tensor(rows.astype(np.int32)), span, Tensor(pick),
+                Tensor(slots))
         return logits.asnumpy()[:n], hidden[:n] if width > n else hidden
 
     def _write_plan(self, rows, starts, t):
@@ -278,7 +282,7 @@ class PoolBuffers(nn.Cell):
         self.values = ParameterTuple([buffer("values", i) for i in range(runner.num_layers)])
         self.function = runner.step_function
         self.step = ms.jit(self.run)
-        self.shapes = set()  # (rows, tokens, slots) compiled over these buffers
+        self.shapes = set()  # (rows, tokens, attended slots) compiled over these buffers
 
     def load(self, old):
         """Copy what `old` (as many rows, fewer slots) holds into the first slots, in place (graphs
@@ -288,9 +292,9 @@ class PoolBuffers(nn.Cell):
             after = ops.zeros(self.view[:2] + (self.view[2] - old.view[2], self.view[3]), before.dtype)
             ops.assign(mine, ops.cat((before, after), 2).reshape(mine.shape))
 
-    def run(self, embeds, position_ids, mask, last_index, rows, pick, slots):
+    def run(self, embeds, position_ids, mask, last_index, rows, span, pick, slots):
         layers = tuple(zip(self.keys, self.values))
-        return self.function(embeds, position_ids, mask, last_index, (layers, (rows, self.view, pick, slots)))
+        return self.function(embeds, position_ids, mask, last_index, (layers, (rows, self.view, span, pick, slots)))
 
 
 class CacheFull(RuntimeError):

@@ -44,10 +44,13 @@ def step_mask(valid, starts, t):
 
 
 def read_past(buffer, step):
-    """A layer's past keys (or values) (n, KV, S, D) for the step's rows: the buffer as it is
-    (every row, in order: no copy) or the rows gathered."""
-    rows, view, _, _ = step
+    """A layer's cached keys (or values) for the step's rows, as (n, KV, span, D): the buffer as it
+    is (every row, in order, every slot: no copy), or the rows gathered and the first `span` slots
+    (a prompt's piece attends only to the slots up to its own, a power of two: the rest is unwritten)."""
+    rows, view, span, _, _ = step
     past = buffer.reshape(view)
+    if span < view[2]:
+        past = past[:, :, :span]
     return past if rows is None else ops.gather(past, rows, 0)
 
 
@@ -56,5 +59,5 @@ def write_new(buffer, new, step):
     chooses which new vector goes to each flat slot of `slots`: tokens past a row's last slot
     repeat the row's last written one at the same slot (an identical value, so the repeated index
     is harmless)."""
-    _, _, pick, slots = step
+    _, _, _, pick, slots = step
     return ops.scatter_update(buffer, slots, ops.gather(new.reshape(-1, new.shape[-1]), pick, 0))

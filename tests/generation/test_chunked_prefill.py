@@ -1,9 +1,10 @@
 """Prompts of every length prefill in fixed-size chunks through the cache: the same logits and
 hidden states as the reference's one-shot forward, and a bounded set of compiled shapes."""
 import numpy as np
+import pytest
 import torch
 
-from mindone_ext.generation.decode import PREFILL_CHUNK, SMALL_PIECE, cache_slots
+from mindone_ext.generation.decode import MIN_CACHE_SLOTS, PREFILL_CHUNK, SMALL_PIECE, cache_slots
 from tests.conftest import max_abs_diff
 
 
@@ -69,22 +70,25 @@ def test_compiled_shapes_are_bounded_whatever_the_prompt_lengths(our_model):
     assert len(runner.shapes) <= 2 * len(slots)
 
 
-def test_pieces_padded_past_the_last_slot_leave_the_written_slots_intact(our_model, reference_model):
-    """A piece runs padded to SMALL_PIECE tokens; near the cache's end the padding falls past its
-    last slot and must not disturb what is written. For every start of a last piece near the end,
-    the piece fills the cache up to one slot, and a decode step at that slot (which reads every
-    written slot back from the cache) gives the reference's logits."""
+@pytest.mark.parametrize("slots", [MIN_CACHE_SLOTS, 2 * MIN_CACHE_SLOTS])
+def test_pieces_near_a_power_of_two_equal_the_reference(our_model, reference_model, slots):
+    """A piece runs padded to SMALL_PIECE tokens and attends to the cache's slots up to its end,
+    rounded up to a power of two. Near such a boundary the padding falls past the cache's last slot
+    (a full cache), or the piece crosses into the next power of two (a larger cache). For every
+    start of a piece near the boundary, a decode step after it (which reads every written slot
+    back from the cache) gives the reference's logits."""
     runner, thinker = our_model.thinker_runner(), our_model.thinker
-    slots = cache_slots(1)
-    ids = np.random.default_rng(2).integers(0, 400, size=(1, slots))
+    edge = MIN_CACHE_SLOTS
+    ids = np.random.default_rng(2).integers(0, 400, size=(1, edge + SMALL_PIECE))
     want = reference_forward(reference_model, ids, np.ones_like(ids))[0][0]
     prepared = thinker.prepare_inputs(ids, np.ones_like(ids))
     embeds, positions = prepared.inputs_embeds, prepared.position_ids
-    for start in range(slots - SMALL_PIECE - 1, slots - 1):
+    for start in range(edge - SMALL_PIECE - 1, edge - 1):
+        end = min(slots - 1, start + SMALL_PIECE - 8)  # the decoded token's slot
         cache = runner.allocate(1, slots, thinker.model.embed_tokens.weight.dtype)
         assert cache.slots == slots
         runner.prefill(cache, embeds[:, :start], positions[..., :start], None)
-        runner.extend(cache, embeds[:, start:slots - 1], positions[..., start:slots - 1])
-        logits, _ = runner.decode(cache, embeds[:, slots - 1:], positions[..., slots - 1:])
+        runner.extend(cache, embeds[:, start:end], positions[..., start:end])
+        logits, _ = runner.decode(cache, embeds[:, end:end + 1], positions[..., end:end + 1])
         cache.release()
-        assert max_abs_diff(logits[0], want[-1]) <= 1e-4, start
+        assert max_abs_diff(logits[0], want[end]) <= 1e-4, start
