@@ -1,11 +1,13 @@
-"""Static-cache decoding for a Qwen2Decoder + head: prefill in fixed-size chunks and a
+"""Cached decoding for a Qwen2Decoder + head: prefill in fixed-size chunks and a
 fixed-shape decode step, each compiled once per shape with `mindspore.jit` and reused.
 
 MindSpore's CPU backend keeps every compiled graph (and its activations) allocated for the life of
 the process, so the set of shapes is kept small by construction: prompts of any length run as
 chunks of PREFILL_CHUNK tokens (a piece of at most SMALL_PIECE tokens in a graph of that width),
-and caches come in powers of two. A model then compiles at most 3 graphs per cache size, whatever
-prompts it is given, and a prefill's activations are bounded by one chunk.
+caches come in powers of two, and a piece attends to the cache's slots up to its end rounded up to
+a power of two. A pool (a cache shape) then compiles at most 2 piece graphs per power of two up
+to its size and one decode step, whatever prompts it is given, and a prefill's activations are
+bounded by one chunk.
 
 Every cache is rows of a CachePool, whose buffers the compiled steps write in place (see
 nn.kv_cache): the rows of one batch (or one conversation) in a pool of their own, or, in the voice
@@ -98,7 +100,7 @@ class CompiledDecoder:
 
     def caches_in_use(self):
         """Caches allocated here and not yet released (a closed stream must leave none)."""
-        return sum(1 for ref in self._caches if ref() is not None and ref().layers)
+        return sum(1 for ref in self._caches if ref() is not None and not ref().released)
 
     def reserve(self, cache, slots):
         """Make room for `slots` tokens in all, growing the cache (to the next size) if needed."""
@@ -326,11 +328,6 @@ class PoolCache:
     @property
     def slots(self):
         return self.pool.slots
-
-    @property
-    def layers(self):
-        """Truthy while the rows are held."""
-        return () if self.released else tuple(self.rows)
 
     def grow(self, slots):
         """Room for `slots` tokens: a shared pool grows every row; a cache in a pool of its own

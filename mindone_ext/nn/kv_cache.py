@@ -44,9 +44,9 @@ def step_mask(valid, starts, t):
 
 
 def read_past(buffer, step):
-    """A layer's cached keys (or values) for the step's rows, as (n, KV, span, D): the buffer as it
-    is (every row, in order, every slot: no copy), or the rows gathered and the first `span` slots
-    (a prompt's piece attends only to the slots up to its own, a power of two: the rest is unwritten)."""
+    """A layer's cached keys (or values) for the step's rows, as (n, KV, span, D): every row in
+    order (no copy) or the rows gathered; every slot (a decode step: no copy) or the first `span`
+    (a prompt's piece attends only to the slots up to its end, rounded up to a power of two)."""
     rows, view, span, _, _ = step
     past = buffer.reshape(view)
     if span < view[2]:
