@@ -165,7 +165,9 @@ class CompiledDecoder:
             cache.valid[:, cache.length] = 1
         rows = [row for c in caches for row in c.rows]
         starts = [c.length for c in caches for _ in c.rows]
-        logits, hidden = caches[0].pool.run(rows, ops.cat(embeds), np.concatenate(position_ids, 1), starts, 0)
+        if len(caches) > 1:  # one cache (generate, a session) needs no joining: this runs per token
+            embeds, position_ids = [ops.cat(embeds)], [np.concatenate(position_ids, 1)]
+        logits, hidden = caches[0].pool.run(rows, embeds[0], position_ids[0], starts, 0)
         for cache in caches:
             cache.length += 1
         if len(caches) == 1:
