@@ -9,8 +9,9 @@ Busy. Events reach the asyncio side through each generation's queue.
 A generation is an iterable of events, or an answer pipeline (models.qwen2_5_omni.answer.Answer)
 that says which decode steps it needs next. The batched engine advances every active answer in
 rounds: one compiled Thinker step and one compiled Talker step serve the round's answers together
-(their caches are rows of the runners' pools); the interleaved engine takes one event of each
-generation in turn, each running its own decode steps.
+(their caches are rows of the runners' pools), then Token2Wav makes the audio their new codec
+tokens allow, windows of several answers solved and vocoded as batches; the interleaved engine
+takes one event of each generation in turn, each running its own steps.
 """
 import asyncio
 import collections
@@ -18,6 +19,8 @@ import ctypes
 import threading
 import uuid
 from dataclasses import dataclass
+
+from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
 
 class Busy(Exception):
@@ -177,6 +180,7 @@ class Engine:
                 self._step(generation)
         if together:
             self._decode_together(together)
+            self._synthesise_together([g for g in together if not g.done and g.answer.wave is not None])
 
     def _decode_together(self, generations):
         """One round: every answer's next decode steps, those of one runner in one batched call."""
@@ -205,6 +209,20 @@ class Engine:
             try:
                 self._deliver(generation, generation.answer.advance(
                     [(r, logits, hidden) for r, (logits, hidden) in zip(requests, outputs)]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(generation, e)
+
+    def _synthesise_together(self, generations):
+        """The round's audio: every answer's ready ODE windows and vocoder spans, as batches."""
+        try:
+            made = synthesise([generation.answer.wave for generation in generations])
+        except Exception as e:  # noqa: BLE001  (a failed batch fails the answers in it, not the server)
+            made = [e] * len(generations)
+        for generation, pieces in zip(generations, made):
+            try:
+                if isinstance(pieces, Exception):
+                    raise pieces
+                self._deliver(generation, generation.answer.audio(pieces))
             except Exception as e:  # noqa: BLE001
                 self._fail(generation, e)
 

@@ -5,9 +5,11 @@ Qwen2.5-Omni's Talker step n reads the Thinker's answer token n + 1 (its hidden 
 embedding), so the two advance together. An `Answer` advances in rounds: `pending()` lists the
 decode steps it needs next (the Thinker's next token and, when its input is known, the Talker's
 next codec token); whoever drives it runs them and hands the logits back to `advance`, which returns
-the events they produced (`TextDelta`, `AudioChunk`). Alone (`stream`), each step runs by itself;
-the voice server runs the steps of many answers as one batched call. Everything else (prefills,
-the ODE, the vocoder) runs inside `start` and `advance`.
+the events they produced (`TextDelta`). The codec tokens go to the answer's `wave` (a
+Token2WavStream); the driver then makes its audio with `token2wav_stream.synthesise` and hands the
+pieces to `audio`, which returns the `AudioChunk`s. Alone (`stream`), each step runs by itself; the
+voice server runs the decode steps, ODE windows and vocoder spans of many answers as batches.
+Prefills run inside `start` and `advance`.
 """
 from dataclasses import dataclass, field
 
@@ -79,6 +81,15 @@ class Answer:
         talker = self.speech.request() if self.speech is not None else None
         return needed + ([talker] if talker is not None else [])
 
+    @property
+    def wave(self):
+        """The answer's Token2WavStream (None without audio): its codes so far, the audio to make."""
+        return None if self.speech is None else self.speech.wave
+
+    def audio(self, pieces):
+        """The waveform pieces `synthesise` made of `wave` -> events."""
+        return self._settle([AudioChunk(ms.Tensor(piece)) for piece in pieces])
+
     def advance(self, results):
         """`results`: (request, logits, hidden) for each of `pending()`'s requests -> events."""
         events = []
@@ -86,7 +97,7 @@ class Answer:
             if request.loop is self.thinker:
                 events += self._after_thinker(self.thinker.accept(request, logits, hidden))
             else:
-                events += self.speech.accept(request, logits, hidden)
+                self.speech.accept(request, logits, hidden)
         return self._settle(events)
 
     def _after_thinker(self, step):
@@ -97,14 +108,15 @@ class Answer:
         if self.thinker.done and self.own_cache:
             self.cache.release()  # the Thinker is done; the Talker may still have a while to go
         if self.speech is not None:
-            events += self.speech.after_thinker(step, self.thinker.done)
+            self.speech.after_thinker(step, self.thinker.done)
         return events
 
     def _settle(self, events):
-        """The last audio once the Thinker and the Talker are both done."""
+        """Once the Thinker and the Talker are both done, the codes are all known: the stream ends
+        (the audio left is made by the next `synthesise`). Done when that audio is out too."""
         if self.speech is not None and self.thinker.done and self.speech.done:
-            events += self.speech.finish()
-        self.done = self.thinker.done and (self.speech is None or self.speech.finished)
+            self.speech.finish()
+        self.done = self.thinker.done and (self.speech is None or self.speech.wave.drained)
         return events
 
     def __iter__(self):
@@ -131,6 +143,8 @@ def stream(answer):
         while not answer.done:
             results = [(request, *request.loop.decode(request)) for request in answer.pending()]
             yield from answer.advance(results)
+            if answer.wave is not None:
+                yield from answer.audio(answer.wave.synthesise())
     except GeneratorExit:
         answer.close()
         raise
@@ -149,7 +163,6 @@ class _Speech:
         self.prompt = self.codes = None
         self.held = None  # the newest codec token: the answer's last one (a stop token or the cut) is dropped
         self.silent = False  # the Thinker ended before the Talker could start: nothing to say
-        self.finished = False
         voice = request.voice
         self.wave = Token2WavStream(model.token2wav, voice.cond, voice.ref_mel, chunking, seed=request.seed,
                                     **request.token2wav_args)
@@ -160,13 +173,12 @@ class _Speech:
         return self.codes.done if self.codes is not None else self.silent
 
     def after_thinker(self, step, thinker_done):
-        events = []
         if self.prompt is None:
             self.first_steps.append(step)
             if len(self.first_steps) == 2:  # the Talker's prompt ends with the first answer token's state
                 self.prompt = self.model.talker_prompt(self.answer_request, *self.first_steps)
                 self.codes = self.model.codec_loop(self.answer_request, self.prompt)
-                events += self._code(self.codes.first())
+                self._code(self.codes.first())
         else:
             self.prompt.add_reply(step.embeds, step.hidden)
         if thinker_done:
@@ -174,29 +186,23 @@ class _Speech:
                 self.silent = True
             else:
                 self.prompt.finish()
-        return events
 
     def request(self):
         return None if self.codes is None else self.codes.request()
 
     def accept(self, request, logits, hidden):
-        return self._code(self.codes.accept(request, logits, hidden))
+        self._code(self.codes.accept(request, logits, hidden))
 
     def _code(self, code):
-        events = [] if self.held is None else self._audio(self.wave.push([self.held]))
+        if self.held is not None:
+            self.wave.add([self.held])
         self.held = code
-        return events
 
     def finish(self):
-        if self.finished:
-            return []
-        self.finished = True
-        self.close()
-        return self._audio(self.wave.finish())
-
-    @staticmethod
-    def _audio(pieces):
-        return [AudioChunk(ms.Tensor(piece)) for piece in pieces]
+        """The codes are all known: the Talker's cache is freed, the stream ends."""
+        if not self.wave.finished:
+            self.close()
+            self.wave.end()
 
     def close(self):
         if self.codes is not None:

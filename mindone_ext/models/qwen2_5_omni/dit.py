@@ -51,23 +51,26 @@ def block_window(frames, block_size, back, ahead, length=None):
     [-back, ahead]. Each query block attends to the (back + 1 + ahead) blocks around it, so
     attention costs T x window instead of T x T (memory and time), with the same keys.
     `length` >= frames pads the sequence: padded frames are never keys, so the real frames'
-    outputs do not depend on them (one compiled shape serves many frame counts).
-    Returns (key frame per window slot (blocks * width,), valid slots (blocks, block_size, width))."""
-    length = length or frames
+    outputs do not depend on them (one compiled shape serves many frame counts). `frames` may be
+    a list, one count per batch row (windows of several answers solved together).
+    Returns (key frame per window slot (blocks * width,), valid slots ([rows,] blocks, block_size, width))."""
+    length = length or max(np.atleast_1d(frames))
     blocks = -(-length // block_size)
     width = (back + 1 + ahead) * block_size
     first = (np.arange(blocks) - back) * block_size  # first key frame of each query block's window
     keys = first[:, None] + np.arange(width)[None, :]
-    valid = (keys >= 0) & (keys < frames)
+    valid = (keys >= 0) & (keys < np.asarray(frames)[..., None, None])  # ([rows,] blocks, width)
     return (Tensor(np.clip(keys, 0, length - 1).reshape(-1).astype(np.int32)),
-            Tensor(np.broadcast_to(valid[:, None, :], (blocks, block_size, width)).copy()))
+            Tensor(np.broadcast_to(valid[..., None, :], valid.shape[:-1] + (block_size, width)).copy()))
 
 
 def window_attention(q, k, v, window, scale):
     """q, k, v (B, H, T, D) -> (B, T, H * D), each query block over its key window."""
     keys, valid = window
     b, h, t, d = q.shape
-    n, size, width = valid.shape
+    n, size, width = valid.shape[-3:]
+    if valid.ndim == 4:  # a mask per row: the heads share it
+        valid = valid.expand_dims(1)
     if n * size > t:
         q = ops.cat((q, ops.zeros((b, h, n * size - t, d), q.dtype)), 2)
     q = q.reshape(b, h, n, size, d)
@@ -224,8 +227,9 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
     def frame_inputs(self, frames, dtype, length=None):
         """Host-side tensors that depend only on the frame count: rotary cos/sin (T, head_dim) and
         each layer's block mask, so the forward itself is pure tensor code (compilable). With
-        `length` the inputs are padded to that many frames (see `block_window`)."""
-        length = length or frames
+        `length` the inputs are padded to that many frames (see `block_window`; `frames` may be
+        one count per row)."""
+        length = length or max(np.atleast_1d(frames))
         inv_freq = self.rotary_embed.inv_freq.asnumpy().astype(np.float32)
         freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
         freqs = np.repeat(freqs, 2, axis=-1)  # interleaved pairs share a frequency
@@ -248,7 +252,9 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         code_uncond = self.text_embed(quantized_code, True) if apply_cfg else None
         x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
                              code_uncond, apply_cfg, voice)
-        return x, t_emb  # t_emb (B, hidden) broadcasts over both halves
+        if apply_cfg and b > 1:  # one row of t_emb broadcasts over both halves; B rows must be repeated
+            t_emb = ops.cat((t_emb, t_emb), 0)
+        return x, t_emb
 
     def output(self, x, t_emb):
         """The last blocks' output -> the velocity (B, T, mel_dim)."""

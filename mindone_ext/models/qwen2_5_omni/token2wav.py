@@ -2,6 +2,7 @@
 classifier-free guidance, then mel -> 24 kHz waveform by BigVGAN. Names mirror the reference
 (`token2wav.code2wav_dit_model`, `token2wav.code2wav_bigvgan_model`)."""
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import mindspore as ms
@@ -42,6 +43,16 @@ def rk4_integrate(f, y0, times):
     return y
 
 
+@dataclass
+class OdeRow:
+    """One window of the ODE: codes (frames / repeats,) int64, starting noise (frames, mel_dim),
+    the speaker's conditioning (enc_emb_dim,) and voice (`speaker_voice`)."""
+    code: np.ndarray
+    noise: np.ndarray
+    conditioning: np.ndarray
+    voice: Tensor
+
+
 class Qwen2_5OmniToken2WavModel(nn.Cell):
     def __init__(self, config, dtype=ms.float32):
         super().__init__()
@@ -52,7 +63,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         self.vocoder = Vocoder(self.code2wav_bigvgan_model)
 
     def one_graph(self, frames):
-        """Whether one velocity evaluation over `frames` runs as a single graph of the whole DiT:
+        """Whether one velocity evaluation over `frames` (all rows') runs as a single graph of the whole DiT:
         yes while the activations it keeps allocated (see `dit_layer`) stay small; the released
         DiT at a streaming window's size would keep ~0.8 GB, the tiny checkpoint's 4 MB."""
         dit = self.code2wav_dit_model
@@ -106,7 +117,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
         with compiling(new):
-            if self.one_graph(x.shape[1]):
+            if self.one_graph(x.shape[0] * x.shape[1]):
                 return whole(x, cond, code, t, voice, cos, sin, ms.mutable(masks), scale, apply_cfg)
             h, t_emb = embed(x, cond, code, t, voice, apply_cfg)
             # mutable: the tensors are graph inputs, not constants baked into a new graph per
@@ -134,30 +145,48 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             raise ValueError(f"noise must be (1, >= {frames}, {mel_dim}); got {noise.shape}")
         return noise[:, :frames]
 
+    def speaker_voice(self, reference_mel, guidance_scale=0.5):
+        """The ECAPA embedding of a speaker's reference mel, as the ODE's rows take it (see OdeRow):
+        it depends on nothing else, so an answer computes it once for all its windows."""
+        ref = Tensor(np.asarray(reference_mel, np.float32))
+        return self.code2wav_dit_model.input_embed.reference_voice(ref, apply_cfg=guidance_scale >= 1e-5)
+
     def solve(self, code, conditioning, reference_mel, noise, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
-              length=None):
+              length=None, voice=None):
         """The ODE from `noise` (1, T, mel_dim) under codes (1, T / repeats) -> mel (1, T, mel_dim).
         `length` (a multiple of the DiT block) pads the frames so one compiled graph serves
-        several frame counts; the padding never reaches the real frames."""
-        dit = self.code2wav_dit_model
+        several frame counts; the padding never reaches the real frames. `voice`: the speaker's
+        `speaker_voice`, when known."""
         frames = noise.shape[1]
-        length = max(length or frames, frames)
-        code = np.asarray(code, np.int64).reshape(1, -1)
-        if length > frames:
-            code = np.pad(code, ((0, 0), (0, (length - frames) // dit.repeats)))
-            noise = np.pad(noise, ((0, 0), (0, length - frames), (0, 0)))
+        if voice is None:
+            voice = self.speaker_voice(reference_mel, guidance_scale)
+        row = OdeRow(np.asarray(code, np.int64).reshape(-1), np.asarray(noise, np.float32)[0], conditioning, voice)
+        return self.solve_rows([row], max(length or frames, frames), num_steps, guidance_scale,
+                               sway_coefficient)[:, :frames]
+
+    def solve_rows(self, rows, length, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0):
+        """The ODE of several windows at once, each padded to `length` frames (a multiple of the
+        DiT block): one batch through the DiT per evaluation, each row masked to its own frames,
+        so a row's mel is what it gets alone. -> mel (rows, length, mel_dim)."""
+        dit = self.code2wav_dit_model
+        frames = [len(row.noise) for row in rows]
+        code = np.stack([np.pad(row.code, (0, length // dit.repeats - len(row.code))) for row in rows])
+        noise = np.stack([np.pad(row.noise, ((0, length - len(row.noise)), (0, 0))) for row in rows])
+        cond = np.stack([np.asarray(row.conditioning, np.float32).reshape(-1) for row in rows])
+        cond = Tensor(np.repeat(cond[:, None], length, 1))
+        apply_cfg = guidance_scale >= 1e-5
+        halves = [row.voice for row in rows] if not apply_cfg else \
+            [row.voice[:1] for row in rows] + [row.voice[1:] for row in rows]  # conditioned rows, then unconditioned
+        voice = halves[0] if len(halves) == 1 else ops.cat(halves, 0)
+        # one row keeps the unbatched mask (and its graphs); several have a mask per row (x2 with guidance)
+        cos, sin, masks = dit.frame_inputs(frames[0] if len(rows) == 1 else frames * (1 + apply_cfg), ms.float32,
+                                           length)
         code_t = Tensor(code, ms.int32)
-        cond = Tensor(np.asarray(conditioning, np.float32).reshape(1, 1, -1))
-        cond = ops.tile(cond, (1, length, 1))
-        ref = Tensor(np.asarray(reference_mel, np.float32))
-        cos, sin, masks = dit.frame_inputs(frames, ms.float32, length)
-        voice = dit.input_embed.reference_voice(ref, apply_cfg=guidance_scale >= 1e-5)
 
         def velocity(t, x):
-            return self.velocity(x, ref, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice)
+            return self.velocity(x, None, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice)
 
-        mel = rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))
-        return mel[:, :frames]
+        return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))
 
     def sample_mel(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
                    noise=None, seed=None):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .token2wav import OdeRow
 from .vocoder import CONTEXT, MAX_WINDOW
 
 
@@ -66,9 +67,21 @@ class NoiseFrames:
         return self.frames[span][None]
 
 
+@dataclass
+class OdeWindow:
+    """Mel frames start..end of an answer, from the ODE solved on `row`'s frames from `first` on,
+    padded to `length`."""
+    start: int
+    end: int
+    first: int
+    row: OdeRow
+    length: int
+
+
 class Token2WavStream:
     """`push(codes)` and `finish()` return the waveform pieces (float32, 24 kHz) that became ready;
-    joined, they are the answer's waveform."""
+    joined, they are the answer's waveform. A driver of several answers (the voice server) gives
+    codes with `add` and `end` instead, and makes every stream's pieces at once with `synthesise`."""
 
     def __init__(self, token2wav, conditioning, reference_mel, chunking=None, num_steps=10, guidance_scale=0.5,
                  sway_coefficient=-1.0, noise=None, seed=None):
@@ -80,46 +93,107 @@ class Token2WavStream:
         self.past, self.future = self.chunking.past_blocks * self.block, self.chunking.future_blocks * self.block
         self.chunks = 0  # chunks solved so far
         self.noise = NoiseFrames(dit.mel_dim, noise, seed)
+        self.voice = None  # the speaker's ECAPA embedding, computed for the first window
         self.codes = np.zeros(0, np.int64)
         self.mel = np.zeros((0, dit.mel_dim), np.float32)  # final mel frames so far
         self.vocoded = 0  # mel frames already turned into samples
         self.finished = False
 
     def push(self, codes):
+        self.add(codes)
+        return self.synthesise()
+
+    def finish(self):
+        self.end()
+        return self.synthesise()
+
+    def synthesise(self):
+        """This stream's `synthesise` alone."""
+        pieces, = synthesise([self])
+        if isinstance(pieces, Exception):
+            raise pieces
+        return pieces
+
+    def add(self, codes):
+        """More codec tokens (nothing is computed until `synthesise`)."""
         if self.finished:
             raise ValueError("this stream has finished")
         self.codes = np.concatenate([self.codes, self.token2wav.clip_codes(codes)[0]])
-        return self._advance()
 
-    def finish(self):
+    def end(self):
+        """No more codes: the last frames need no future context."""
         self.finished = True
-        return self._advance()
 
-    def _advance(self):
+    @property
+    def drained(self):
+        """Ended, and every frame of its codes is in the samples given out."""
+        return self.finished and self.vocoded == len(self.codes) * self.repeats
+
+    def windows(self):
+        """The ODE windows whose codes are all here and whose frames are not solved yet (the
+        windows of one stream are independent: each starts from its own noise frames)."""
         total = len(self.codes) * self.repeats
-        while len(self.mel) < total:
-            start, chunk = len(self.mel), self.chunking.blocks(self.chunks) * self.block
+        windows, start, n = [], len(self.mel), self.chunks
+        while start < total:
+            chunk = self.chunking.blocks(n) * self.block
             end = min(start + chunk, total)
             if not self.finished and total < end + self.future:
                 break
-            self.mel = np.concatenate([self.mel, self._solve(start, end, total, chunk)])
-            self.chunks += 1
-        piece = self._vocode()
-        return [piece] if piece.size else []
+            first, last = max(0, start - self.past), min(end + self.future, total)
+            if self.voice is None:
+                self.voice = self.token2wav.speaker_voice(self.reference_mel, self.ode["guidance_scale"])
+            row = OdeRow(self.codes[first // self.repeats:last // self.repeats], self.noise[first:last][0],
+                         self.conditioning, self.voice)
+            windows.append(OdeWindow(start, end, first, row, self.past + chunk + self.future))
+            start, n = end, n + 1
+        return windows
 
-    def _solve(self, start, end, total, chunk):
-        """Mel frames start..end (at most `chunk`) from the ODE on the window around them."""
-        first, last = max(0, start - self.past), min(end + self.future, total)
-        code = self.codes[first // self.repeats:last // self.repeats][None]
-        mel = self.token2wav.solve(code, self.conditioning, self.reference_mel, self.noise[first:last], **self.ode,
-                                   length=self.past + chunk + self.future)
-        return mel.asnumpy()[0, start - first:end - first]
+    def take_mel(self, mels):
+        """The frames of `windows()`'s windows, in order."""
+        self.mel = np.concatenate([self.mel, *mels])
+        self.chunks += len(mels)
 
-    def _vocode(self):
+    def vocoder_span(self):
+        """(mel, start, end, context) for the vocoder's next samples, or None. It holds back the
+        last `vocoder_context` frames until the frames after them (or the end) are known."""
         context = self.chunking.vocoder_context
         upto = len(self.mel) if self.finished else len(self.mel) - context
-        if upto <= self.vocoded:
-            return np.zeros(0, np.float32)
-        piece = self.token2wav.vocoder.span(self.mel, self.vocoded, upto, context)
-        self.vocoded = upto
-        return piece
+        return (self.mel, self.vocoded, upto, context) if upto > self.vocoded else None
+
+    def take_samples(self, span, samples):
+        self.vocoded = span[2]
+        return samples
+
+
+def synthesise(streams):
+    """Everything `streams` (of one Token2Wav) can make now: their ODE windows, those of equal
+    length and settings solved as one batch, then their vocoder spans, spans of equal width as
+    one batch. Rows are independent, so each stream's pieces are what it makes alone.
+    -> per stream, its new waveform pieces (a list: empty or one array), or the ValueError that
+    stopped it making its windows (noise too short): the others go on. A failed batch raises."""
+    if not streams:
+        return []
+    token2wav = streams[0].token2wav
+    windows, results = {}, {}
+    for stream in streams:
+        try:
+            windows[stream] = stream.windows()
+        except ValueError as error:
+            results[stream] = error
+    groups = {}
+    for stream, own in windows.items():
+        for window in own:
+            groups.setdefault((window.length, *stream.ode.items()), []).append(window)
+    solved = {}
+    for (length, *ode), group in groups.items():
+        mels = token2wav.solve_rows([w.row for w in group], length, **dict(ode)).asnumpy()
+        solved.update((id(w), mel[w.start - w.first:w.end - w.first]) for w, mel in zip(group, mels))
+    spans = {}
+    for stream, own in windows.items():
+        stream.take_mel([solved[id(w)] for w in own])
+        spans[stream] = stream.vocoder_span()
+    live = [stream for stream, span in spans.items() if span is not None]
+    for stream, samples in zip(live, token2wav.vocoder.spans([spans[stream] for stream in live])):
+        results[stream] = [stream.take_samples(spans[stream], samples)]
+    return [results.get(stream, []) for stream in streams]
+

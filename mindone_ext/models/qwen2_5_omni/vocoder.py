@@ -43,20 +43,45 @@ class Vocoder:
     def span(self, mel, start, end, context=CONTEXT):
         """Samples of frames start..end of `mel` (T, mel_dim), the vocoder seeing `context`
         frames on each side of them (fewer at the mel's ends, which are real edges)."""
-        step = MAX_WINDOW - 2 * context if self.compiled else max(1, end - start)
-        pieces = []
-        for lo in range(start, end, step):
-            hi = min(end, lo + step)
-            first, last = max(0, lo - context), min(len(mel), hi + context)
-            wav = self.window(mel[first:last])
-            pieces.append(wav[(lo - first) * self.bigvgan.hop:(hi - first) * self.bigvgan.hop])
-        return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        return self.spans([(mel, start, end, context)])[0]
 
-    def window(self, mel):
-        """BigVGAN on `mel` (T, mel_dim) as if it were the whole input."""
+    def spans(self, requests):
+        """`span` of several requests (mel, start, end, context) at once (the answers of a voice
+        server): their windows of equal width run as one batch. -> samples per request."""
+        hop = self.bigvgan.hop
+        plans = [self._windows(*request) for request in requests]
+        waves = iter(self.windows([mel[first:last] for (mel, *_), plan in zip(requests, plans)
+                                   for first, last, _, _ in plan]))
+        samples = []
+        for plan in plans:
+            pieces = [next(waves)[(lo - first) * hop:(hi - first) * hop] for first, _, lo, hi in plan]
+            samples.append(np.concatenate(pieces) if pieces else np.zeros(0, np.float32))
+        return samples
+
+    def _windows(self, mel, start, end, context):
+        """(first, last, lo, hi) per window: frames lo..hi kept from the vocoder on first..last."""
+        step = MAX_WINDOW - 2 * context if self.compiled else max(1, end - start)
+        return [(max(0, lo - context), min(len(mel), min(end, lo + step) + context), lo, min(end, lo + step))
+                for lo in range(start, end, step)]
+
+    def windows(self, mels):
+        """BigVGAN on each of `mels` (T, mel_dim) as if it were the whole input -> waveforms.
+        Op by op, mels of equal length run as one batch (rows are independent: a row's samples
+        are what it gets alone); compiled, each runs through its width's graph."""
+        if self.compiled:
+            return [self._compiled_window(mel) for mel in mels]
+        waves, by_length = [None] * len(mels), {}
+        for i, mel in enumerate(mels):
+            by_length.setdefault(mel.shape[0], []).append(i)
+        for rows in by_length.values():
+            batch = np.ascontiguousarray(np.stack([mels[i].T for i in rows]))
+            wav = self.bigvgan(Tensor(batch)).asnumpy().reshape(len(rows), -1).astype(np.float32)
+            for i, row in zip(rows, wav):
+                waves[i] = row
+        return waves
+
+    def _compiled_window(self, mel):
         frames, mel_dim = mel.shape
-        if not self.compiled:
-            return self.bigvgan(Tensor(np.ascontiguousarray(mel.T[None]))).asnumpy().reshape(-1).astype(np.float32)
         width = bucket(frames, SMALLEST_WIDTH)
         padded = np.zeros((1, mel_dim, width), np.float32)
         padded[0, :, :frames] = mel.T

@@ -4,7 +4,7 @@ import pytest
 from mindspore import Tensor
 
 from mindone_ext.models.qwen2_5_omni.dit import block_window, window_attention
-from mindone_ext.models.qwen2_5_omni.token2wav_stream import NoiseFrames, StreamChunking, Token2WavStream
+from mindone_ext.models.qwen2_5_omni.token2wav_stream import NoiseFrames, StreamChunking, Token2WavStream, synthesise
 from tests.conftest import max_abs_diff, snr_db
 
 CODES = np.random.default_rng(5).integers(0, 8000, size=(1, 60))  # 120 mel frames = 5 DiT blocks
@@ -78,6 +78,11 @@ def test_padded_frames_never_reach_real_ones():
         exact = window_attention(*(Tensor(a[:, :, :30]) for a in (q, k, v)), block_window(30, 24, back, ahead), 0.25)
         padded = window_attention(Tensor(q), Tensor(k), Tensor(v), block_window(30, 24, back, ahead, 72), 0.25)
         assert max_abs_diff(padded.asnumpy()[:, :30], exact.asnumpy()) <= 1e-6
+        # a mask per row: rows of 30 and 50 frames in one padded batch, each as if alone
+        rows = window_attention(Tensor(q), Tensor(k), Tensor(v), block_window([30, 50], 24, back, ahead, 72), 0.25)
+        longer = window_attention(*(Tensor(a[1:, :, :50]) for a in (q, k, v)), block_window(50, 24, back, ahead), 0.25)
+        assert max_abs_diff(rows.asnumpy()[:1, :30], exact.asnumpy()[:1]) <= 1e-6
+        assert max_abs_diff(rows.asnumpy()[1:, :50], longer.asnumpy()) <= 1e-6
 
 
 def test_noise_frames_are_one_draw_and_checked():
@@ -100,3 +105,52 @@ def test_bad_chunking_and_pushing_after_finish(our_model):
     assert s.finish() == []
     with pytest.raises(ValueError, match="finished"):
         s.push(CODES[:, :3])
+
+
+def test_streams_made_together_equal_each_made_alone(our_model, monkeypatch):
+    """The voice server's way: several answers' windows solved as one batch (rows with their own
+    speaker, noise and frame count) and their vocoder spans of equal width as one batch."""
+    t2w, speakers = our_model.token2wav, our_model.speakers
+    rng = np.random.default_rng(11)
+    # a third answer with codes past the DiT's table: fewer frames, so its last window shares a
+    # batch with the others' at another frame count
+    plan = [("Ethan", rng.integers(0, 8000, 60), 3), ("Chelsie", rng.integers(0, 8000, 60), 4),
+            ("Ethan", np.insert(rng.integers(0, 8000, 54), [3, 20, 21, 30, 40, 50], 8400), 5)]
+
+    def streams():
+        return [Token2WavStream(t2w, speakers[name].cond, speakers[name].ref_mel, seed=seed) for name, _, seed in plan]
+
+    alone = []
+    for s, (_, codes, _) in zip(streams(), plan):
+        alone.append(np.concatenate([p for c in codes for p in s.push([c])] + s.finish()))
+    rows, widths = [], []
+    solve_rows, bigvgan = t2w.solve_rows, t2w.vocoder.bigvgan
+    monkeypatch.setattr(t2w, "solve_rows", lambda r, *a, **k: rows.append(len(r)) or solve_rows(r, *a, **k))
+    monkeypatch.setattr(t2w.vocoder, "bigvgan", type("Spy", (), {
+        "hop": bigvgan.hop, "__call__": lambda self, mel: widths.append(mel.shape) or bigvgan(mel)})())
+    together, got = streams(), [[], [], []]
+    for i in range(60):
+        for s, (_, codes, _) in zip(together, plan):
+            s.add([codes[i]])
+        for pieces, made in zip(got, synthesise(together)):
+            pieces += made
+    for s in together:
+        s.end()
+    for pieces, made in zip(got, synthesise(together)):
+        pieces += made
+    for want, pieces in zip(alone, got):
+        assert max_abs_diff(np.concatenate(pieces), want) <= 1e-5
+    assert 3 in rows and 2 in rows  # every answer's last window in one batch; the first two answers' earlier ones
+    assert any(shape[0] == 2 for shape in widths)  # equal vocoder spans of two answers in one batch
+    assert all(s.drained for s in together)
+
+
+def test_one_answer_with_too_little_noise_fails_alone(our_model):
+    speaker = our_model.speakers["Ethan"]
+    short = Token2WavStream(our_model.token2wav, speaker.cond, speaker.ref_mel, noise=np.zeros((1, 30, 80), np.float32))
+    fine = Token2WavStream(our_model.token2wav, speaker.cond, speaker.ref_mel, seed=1)
+    for s in (short, fine):
+        s.add(CODES[0, :40])
+    failed, made = synthesise([short, fine])
+    assert isinstance(failed, ValueError) and "noise has 30 frames" in str(failed)
+    assert len(made) == 1 and made[0].size > 0

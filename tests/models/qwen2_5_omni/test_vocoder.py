@@ -58,3 +58,17 @@ def test_op_by_op_runs_the_span_in_one_call(bigvgan):
     plain = Vocoder(bigvgan)
     assert max_abs_diff(plain.span(MEL, 40, 90, context=40), op_by_op(bigvgan, MEL[:130])[40 * 6:90 * 6]) <= 1e-4
     assert plain.widths == set()
+
+
+def test_spans_of_several_answers_equal_each_alone(bigvgan, monkeypatch):
+    plain = Vocoder(bigvgan)
+    other = (np.random.default_rng(2).standard_normal((120, CONFIG.mel_dim)) - 4).astype(np.float32)
+    requests = [(MEL, 40, 90, 24), (other, 30, 80, 24), (MEL, 0, 30, 24), (other, 96, 120, 24)]
+    alone = [plain.span(*request) for request in requests]
+    batches = []
+    monkeypatch.setattr(plain, "bigvgan", type("Spy", (), {
+        "hop": bigvgan.hop, "__call__": lambda self, mel: batches.append(mel.shape[0]) or bigvgan(mel)})())
+    for got, want in zip(plain.spans(requests), alone):
+        assert got.shape == want.shape and max_abs_diff(got, want) <= 1e-5
+    # windows 16..114 and 6..104 are both 98 frames wide: one batch of two; the others alone
+    assert sorted(batches) == [1, 1, 2]
