@@ -39,6 +39,8 @@ HELP = {
     "api_key": "required from clients when set (default: $MINDONE_API_KEY)",
     "allowed_origins": "comma-separated web origins, besides this server's own page, allowed to call it "
                        "(e.g. https://app.example.com)",
+    "stall_timeout": "seconds one model step (a round of answers, a prefill) may take before GET /health/live "
+                     "answers 503, so that a load balancer takes the process out",
 }
 
 

@@ -2,6 +2,7 @@
 
     GET  /                     the voice-chat page (static/)
     GET  /health               {"status", "sessions", "active", "queued", "caches"}
+    GET  /health/live          200, or 503 when the model's thread is gone or stuck (for a load balancer)
     GET  /v1/models            the one model, OpenAI-style (and /v1/models/{id})
     GET  /v1/voice             WebSocket: the voice conversation (docs/voice_service.md)
     POST /v1/chat/completions  OpenAI's chat completions, streamed as server-sent events or whole
@@ -47,6 +48,7 @@ def create_app(model, processor, options, loopback=True):
     app.router.add_get("/", _page)
     app.router.add_static("/static/", STATIC)
     app.router.add_get("/health", _health)
+    app.router.add_get("/health/live", _live)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/v1/voice", _voice)
@@ -145,6 +147,13 @@ async def _health(request):
     state, engine = request.app[STATE], request.app[ENGINE]
     caches = await engine.call(_caches_in_use, state["model"])
     return web.json_response({"status": "ok", "sessions": state["sessions"], **engine.load(), "caches": caches})
+
+
+async def _live(request):
+    """Answered without the model's thread (which /health waits for): a balancer's check must not
+    fail because a long round of answers is running, only because the thread died or is stuck."""
+    stalled = request.app[ENGINE].stalled(request.app[STATE]["options"].stall_timeout)
+    return web.json_response({"status": "stalled" if stalled else "ok"}, status=503 if stalled else 200)
 
 
 def _caches_in_use(model):

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import ctypes
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class Engine:
         self.active = []
         self.wake = threading.Condition()
         self.stopping = False
+        self.busy_since = None  # when the model thread began what it is doing (None: waiting for work)
         self.thread = threading.Thread(target=self._run, name="model", daemon=True)
         self.thread.start()
 
@@ -118,6 +120,12 @@ class Engine:
         with self.wake:
             return {"active": len(self.active), "queued": len(self.waiting)}
 
+    def stalled(self, seconds):
+        """Whether the model thread is gone or has spent more than `seconds` in one call or round
+        (asked without waiting for it: a load balancer's health check)."""
+        since = self.busy_since
+        return not self.thread.is_alive() or (since is not None and time.monotonic() - since > seconds)
+
     def stop(self, timeout=5.0):
         """Stop the model thread after its current step: waiting calls fail with Stopped, running
         and queued generations end with Failed(Stopped). Returns after at most `timeout` seconds
@@ -154,17 +162,20 @@ class Engine:
                     self.active.append(self.waiting.popleft())
                 running = list(self.active)
             for fn, args, future, loop in calls:
+                self.busy_since = time.monotonic()
                 try:
                     result, error = fn(*args), None
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
+            self.busy_since = time.monotonic()
             try:
                 self._round(running)
             except Exception as e:  # noqa: BLE001  (a bug of ours: fail this round's answers, keep the thread)
                 for generation in running:
                     if not generation.done:
                         self._fail(generation, e)
+            self.busy_since = None
         for _, _, future, loop in calls:
             loop.call_soon_threadsafe(_settle, future, None, Stopped("the server is shutting down"))
         for generation in list(self.active) + list(self.waiting):

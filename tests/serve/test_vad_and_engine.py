@@ -1,6 +1,7 @@
 """The turn detector on synthetic speech, and the model thread's scheduling with plain generators
 (no model): interleaving, the bounded queue, cancellation, errors."""
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -82,3 +83,25 @@ async def _scheduling():
 
 def test_engine_interleaves_bounds_its_queue_and_cancels():
     asyncio.run(_scheduling())
+
+
+async def _stalls():
+    engine = Engine()
+    release = threading.Event()
+    try:
+        assert not engine.stalled(0.2)  # waiting for work is not a stall
+        stuck = asyncio.ensure_future(engine.call(release.wait))
+        await asyncio.sleep(0.5)
+        assert engine.stalled(0.2) and not engine.stalled(60)  # one call past the limit
+        release.set()
+        assert await stuck is True
+        await asyncio.sleep(0.1)
+        assert not engine.stalled(0.2)
+    finally:
+        release.set()
+        engine.stop()
+    assert engine.stalled(60)  # the model thread is gone
+
+
+def test_a_model_thread_stuck_in_one_call_or_gone_is_stalled():
+    asyncio.run(_stalls())

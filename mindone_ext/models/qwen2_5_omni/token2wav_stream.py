@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...generation.decode import round_up
 from .token2wav import OdeRow
 from .vocoder import CONTEXT, MAX_WINDOW
 
@@ -144,7 +145,9 @@ class Token2WavStream:
                 self.voice = self.token2wav.speaker_voice(self.reference_mel, self.ode["guidance_scale"])
             row = OdeRow(self.codes[first // self.repeats:last // self.repeats], self.noise[first:last][0],
                          self.conditioning, self.voice)
-            windows.append(OdeWindow(start, end, first, row, self.past + chunk + self.future))
+            # padded to whole DiT blocks: a handful of graph sizes, and a short window (the first,
+            # the last) costs what its frames do
+            windows.append(OdeWindow(start, end, first, row, round_up(last - first, self.block)))
             start, n = end, n + 1
         return windows
 
