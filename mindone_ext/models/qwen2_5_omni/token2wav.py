@@ -169,6 +169,10 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         DiT block): one batch through the DiT per evaluation, each row masked to its own frames,
         so a row's mel is what it gets alone. -> mel (rows, length, mel_dim)."""
         dit = self.code2wav_dit_model
+        count = len(rows)
+        # rows padded to a power of two (copies of the last): a few compiled graphs per length,
+        # whatever the number of answers (the CPU backend keeps each graph's memory)
+        rows = rows + rows[-1:] * ((1 << (count - 1).bit_length()) - count)
         frames = [len(row.noise) for row in rows]
         code = np.stack([np.pad(row.code, (0, length // dit.repeats - len(row.code))) for row in rows])
         noise = np.stack([np.pad(row.noise, ((0, length - len(row.noise)), (0, 0))) for row in rows])
@@ -186,7 +190,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         def velocity(t, x):
             return self.velocity(x, None, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice)
 
-        return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))
+        return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))[:count]
 
     def sample_mel(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
                    noise=None, seed=None):

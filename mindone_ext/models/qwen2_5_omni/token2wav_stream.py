@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...generation.decode import round_up
 from .token2wav import OdeRow
 from .vocoder import CONTEXT, MAX_WINDOW
 
@@ -92,6 +91,12 @@ class Token2WavStream:
         self.ode = dict(num_steps=num_steps, guidance_scale=guidance_scale, sway_coefficient=sway_coefficient)
         self.repeats, self.block = dit.repeats, dit.block_size
         self.past, self.future = self.chunking.past_blocks * self.block, self.chunking.future_blocks * self.block
+        # the frames a window is padded to (one compiled DiT graph each): the first chunk's window
+        # (no past, so shorter: its wait is the user's) and each chunk size's with its context;
+        # a last window takes the smallest that holds it
+        chunks = {self.chunking.blocks(n) for n in range(17)}
+        self.lengths = sorted({min(chunks) * self.block + self.future} |
+                              {self.past + c * self.block + self.future for c in chunks})
         self.chunks = 0  # chunks solved so far
         self.noise = NoiseFrames(dit.mel_dim, noise, seed)
         self.voice = None  # the speaker's ECAPA embedding, computed for the first window
@@ -145,9 +150,8 @@ class Token2WavStream:
                 self.voice = self.token2wav.speaker_voice(self.reference_mel, self.ode["guidance_scale"])
             row = OdeRow(self.codes[first // self.repeats:last // self.repeats], self.noise[first:last][0],
                          self.conditioning, self.voice)
-            # padded to whole DiT blocks: a handful of graph sizes, and a short window (the first,
-            # the last) costs what its frames do
-            windows.append(OdeWindow(start, end, first, row, round_up(last - first, self.block)))
+            length = next(size for size in self.lengths if size >= last - first)
+            windows.append(OdeWindow(start, end, first, row, length))
             start, n = end, n + 1
         return windows
 
