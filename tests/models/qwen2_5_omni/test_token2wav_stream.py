@@ -154,3 +154,13 @@ def test_one_answer_with_too_little_noise_fails_alone(our_model):
     failed, made = synthesise([short, fine])
     assert isinstance(failed, ValueError) and "noise has 30 frames" in str(failed)
     assert len(made) == 1 and made[0].size > 0
+
+
+def test_a_speakers_voice_is_computed_once(our_model):
+    t2w, speaker = our_model.token2wav, our_model.speakers["Chelsie"]
+    voice = t2w.speaker_voice(speaker.ref_mel)
+    assert t2w.speaker_voice(speaker.ref_mel) is voice  # kept for the speaker's next answers
+    fresh = t2w.speaker_voice(speaker.ref_mel.copy())  # another array: computed, and equal
+    assert fresh is not voice and max_abs_diff(fresh.asnumpy(), voice.asnumpy()) == 0
+    unguided = t2w.speaker_voice(speaker.ref_mel, guidance_scale=0)
+    assert unguided.shape[0] == 1 and voice.shape[0] == 2
