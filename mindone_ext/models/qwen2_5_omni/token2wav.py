@@ -162,15 +162,13 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         return voice
 
     def solve(self, code, conditioning, reference_mel, noise, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
-              length=None, voice=None):
+              length=None):
         """The ODE from `noise` (1, T, mel_dim) under codes (1, T / repeats) -> mel (1, T, mel_dim).
         `length` (a multiple of the DiT block) pads the frames so one compiled graph serves
-        several frame counts; the padding never reaches the real frames. `voice`: the speaker's
-        `speaker_voice`, when known."""
+        several frame counts; the padding never reaches the real frames."""
         frames = noise.shape[1]
-        if voice is None:
-            voice = self.speaker_voice(reference_mel, guidance_scale)
-        row = OdeRow(np.asarray(code, np.int64).reshape(-1), np.asarray(noise, np.float32)[0], conditioning, voice)
+        row = OdeRow(np.asarray(code, np.int64).reshape(-1), np.asarray(noise, np.float32)[0], conditioning,
+                     self.speaker_voice(reference_mel, guidance_scale))
         return self.solve_rows([row], max(length or frames, frames), num_steps, guidance_scale,
                                sway_coefficient)[:, :frames]
 

@@ -91,15 +91,17 @@ class Token2WavStream:
         self.ode = dict(num_steps=num_steps, guidance_scale=guidance_scale, sway_coefficient=sway_coefficient)
         self.repeats, self.block = dit.repeats, dit.block_size
         self.past, self.future = self.chunking.past_blocks * self.block, self.chunking.future_blocks * self.block
-        # the frames a window is padded to (one compiled DiT graph each): the first chunk's window
-        # (no past, so shorter: its wait is the user's) and each chunk size's with its context;
-        # a last window takes the smallest that holds it
+        # the frames a window is padded to (one compiled DiT graph each, per power of two of
+        # answers solved together): each chunk size's window with its context, and every whole
+        # number of blocks up to the first chunk's window (which has no past: its wait is the
+        # user's), so a short answer's or a first window costs about its frames; a window takes
+        # the smallest length that holds it
         chunks = {self.chunking.blocks(n) for n in range(17)}
-        self.lengths = sorted({min(chunks) * self.block + self.future} |
+        first_window = min(chunks) + self.chunking.future_blocks
+        self.lengths = sorted({blocks * self.block for blocks in range(1, first_window + 1)} |
                               {self.past + c * self.block + self.future for c in chunks})
         self.chunks = 0  # chunks solved so far
         self.noise = NoiseFrames(dit.mel_dim, noise, seed)
-        self.voice = None  # the speaker's ECAPA embedding, computed for the first window
         self.codes = np.zeros(0, np.int64)
         self.mel = np.zeros((0, dit.mel_dim), np.float32)  # final mel frames so far
         self.vocoded = 0  # mel frames already turned into samples
@@ -146,10 +148,8 @@ class Token2WavStream:
             if not self.finished and total < end + self.future:
                 break
             first, last = max(0, start - self.past), min(end + self.future, total)
-            if self.voice is None:
-                self.voice = self.token2wav.speaker_voice(self.reference_mel, self.ode["guidance_scale"])
             row = OdeRow(self.codes[first // self.repeats:last // self.repeats], self.noise[first:last][0],
-                         self.conditioning, self.voice)
+                         self.conditioning, self.token2wav.speaker_voice(self.reference_mel, self.ode["guidance_scale"]))
             length = next(size for size in self.lengths if size >= last - first)
             windows.append(OdeWindow(start, end, first, row, length))
             start, n = end, n + 1
