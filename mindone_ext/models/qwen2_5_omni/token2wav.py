@@ -106,14 +106,12 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             self._compiled = whole, embed, layer, output
         return self._compiled
 
-    def velocity(self, x, ref, cond, code, t, cos, sin, masks, guidance_scale, voice=None):
+    def velocity(self, x, cond, code, t, cos, sin, masks, guidance_scale, voice):
         """The ODE's right-hand side: the DiT, with classifier-free guidance when the scale is
-        non-zero (guided + (guided - unconditioned) * scale). `voice`: the DiT's
-        `input_embed.reference_voice(ref, apply_cfg=guidance_scale >= 1e-5)`, if already known."""
+        non-zero (guided + (guided - unconditioned) * scale). `voice`: the speaker's embedding
+        for that scale (`speaker_voice`; rows of several speakers stacked as solve_rows does)."""
         dit = self.code2wav_dit_model
         apply_cfg = guidance_scale >= 1e-5
-        if voice is None:
-            voice = dit.input_embed.reference_voice(ref, apply_cfg=apply_cfg)
         whole, embed, layer, output = self._graphs()
         scale = Tensor(np.float32(guidance_scale))
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
@@ -196,7 +194,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         code_t = Tensor(code, ms.int32)
 
         def velocity(t, x):
-            return self.velocity(x, None, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice)
+            return self.velocity(x, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice)
 
         return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))[:count]
 

@@ -19,6 +19,8 @@ import numpy as np
 from .token2wav import OdeRow
 from .vocoder import CONTEXT, MAX_WINDOW
 
+MAX_DOUBLINGS = 16  # chunks stop doubling after this many (max_chunk_blocks caps them long before)
+
 
 @dataclass(frozen=True)
 class StreamChunking:
@@ -35,7 +37,11 @@ class StreamChunking:
 
     def blocks(self, n):
         """The length of chunk n (0: the first), in DiT blocks."""
-        return max(self.chunk_blocks, min(self.chunk_blocks << min(n, 16), self.max_chunk_blocks))
+        return max(self.chunk_blocks, min(self.chunk_blocks << min(n, MAX_DOUBLINGS), self.max_chunk_blocks))
+
+    def sizes(self):
+        """Every chunk length `blocks` gives, in DiT blocks."""
+        return {self.blocks(n) for n in range(MAX_DOUBLINGS + 1)}
 
     def __post_init__(self):
         if self.chunk_blocks < 1 or self.past_blocks < 0 or self.future_blocks < 0 or self.vocoder_context < 0:
@@ -96,7 +102,7 @@ class Token2WavStream:
         # number of blocks up to the first chunk's window (which has no past: its wait is the
         # user's), so a short answer's or a first window costs about its frames; a window takes
         # the smallest length that holds it
-        chunks = {self.chunking.blocks(n) for n in range(17)}
+        chunks = self.chunking.sizes()
         first_window = min(chunks) + self.chunking.future_blocks
         self.lengths = sorted({blocks * self.block for blocks in range(1, first_window + 1)} |
                               {self.past + c * self.block + self.future for c in chunks})
