@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 def create_app(model, processor, options, loopback=True):
     """`loopback`: the server listens on a loopback address only (then the Host header must name one)."""
     app = web.Application(client_max_size=options.max_request_bytes,
-                          middlewares=[_errors, _same_origin(options.allowed_origins, loopback), _auth(options.api_key)])
+                          middlewares=[_errors, _declared_size(options.max_request_bytes),
+                                       _same_origin(options.allowed_origins, loopback), _auth(options.api_key)])
     app[STATE] = {"model": model, "processor": processor, "options": options, "sessions": 0,
                   "started": int(time.time()), "transcripts": AudioTranscripts(), "sockets": set()}
     app.router.add_get("/", _page)
@@ -84,6 +85,18 @@ async def _engine(app):
     yield
     app[ENGINE].stop()
     state["preprocess"].shutdown(wait=False, cancel_futures=True)
+
+
+def _declared_size(max_bytes):
+    """A body declared larger than the limit is refused before it is read: aiohttp would take in
+    up to the limit (32 MB by default) first, and the client would upload it all for nothing."""
+    @web.middleware
+    async def check(request, handler):
+        if request.content_length is not None and request.content_length > max_bytes:
+            raise ApiError(413, f"request body too large: {request.content_length} bytes declared, at most "
+                                f"{max_bytes} allowed", code="too_large")
+        return await handler(request)
+    return check
 
 
 def _auth(api_key):

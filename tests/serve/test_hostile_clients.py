@@ -58,6 +58,14 @@ def _raw_request(server, head):
         return s.recv(65536).split(b"\r\n")[0]
 
 
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(server):
+    # headers only: a server that read the body first would wait for a terabyte (socket timeout)
+    line = _raw_request(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                                + API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: 1000000000000\r\nConnection: close\r\n\r\n")
+    assert line.startswith(b"HTTP/1.1 413"), line
+
+
 def test_malformed_requests_get_4xx_never_500(server):
     deep = "[" * 100000 + "]" * 100000
     for body, words in [(deep, "nested too deeply"), ("1e999999", None), ('{"messages": [' + "{}," * 3 + "{}]}", None)]:
