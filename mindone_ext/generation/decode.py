@@ -98,6 +98,10 @@ class CompiledDecoder:
         self.pools.append(pool)
         return pool
 
+    def row_bytes(self, slots, dtype):
+        """Memory of one cache row of `slots` slots: every layer's keys and values."""
+        return 2 * self.num_layers * self.kv_heads * slots * self.head_dim * ops.zeros((), dtype).itemsize
+
     def caches_in_use(self):
         """Caches allocated here and not yet released (a closed stream must leave none)."""
         return sum(1 for ref in self._caches if ref() is not None and not ref().released)
@@ -201,6 +205,11 @@ class CachePool:
     @property
     def in_use(self):
         return self.rows - len(self.free)
+
+    @property
+    def nbytes(self):
+        """Memory of the buffers (the spare row included)."""
+        return self.valid.shape[0] * self.runner.row_bytes(self.slots, self.dtype)
 
     def take(self, slots):
         """One free row, as a cache with room for `slots` tokens."""

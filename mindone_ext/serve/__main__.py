@@ -41,6 +41,8 @@ HELP = {
                        "(e.g. https://app.example.com)",
     "stall_timeout": "seconds one model step (a round of answers, a prefill) may take before GET /health/live "
                      "answers 503, so that a load balancer takes the process out",
+    "cache_memory_mb": "memory the KV caches may take: the server refuses to start when its limits (conversations, "
+                       "answers, context tokens) could need more (default: no check; the bound is printed)",
 }
 
 
@@ -58,7 +60,8 @@ def parse_args(argv=None):
     defaults = ServeOptions()
     for field in fields(ServeOptions):
         default = getattr(defaults, field.name)
-        kind = str if field.name in ("api_key", "allowed_origins", "engine") else type(default)
+        kind = str if field.name in ("api_key", "allowed_origins", "engine") else \
+            float if field.name == "cache_memory_mb" else type(default)
         told = f"{default}; {bundled.TALKER_TOKENS} on the bundled checkpoint" if field.name == "talker_max_new_tokens" \
             else default
         ap.add_argument(f"--{field.name}", type=kind, default=None if field.name == "talker_max_new_tokens" else default,
@@ -122,6 +125,7 @@ def main(argv=None):
 
     from .. import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
     from .app import create_app
+    from .memory import MB, check_cache_memory, context_tokens
 
     if args.device_target:
         ms.set_context(device_target=args.device_target)
@@ -143,6 +147,12 @@ def main(argv=None):
     if model.has_talker and options.speaker not in model.speakers:
         sys.exit(f"--speaker {options.speaker!r} is not in the checkpoint; "
                  f"available: {', '.join(sorted(model.speakers))}")
+    try:
+        bound = check_cache_memory(model, options)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"KV caches: at most {bound / MB:.0f} MB ({options.max_sessions} conversations, {options.max_active} answers, "
+          f"{context_tokens(model, options)} tokens each)", flush=True)
     # MindSpore writes a compile failure's analysis (rank_0/om/analyze_fail.ir) into the working
     # directory; the server's is a folder of its own, removed at exit (paths were resolved above).
     with tempfile.TemporaryDirectory(prefix="mindone-serve-") as workdir:

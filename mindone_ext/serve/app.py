@@ -1,7 +1,7 @@
 """The aiohttp application: the browser page, the voice WebSocket, OpenAI-style chat completions.
 
     GET  /                     the voice-chat page (static/)
-    GET  /health               {"status", "sessions", "active", "queued", "caches"}
+    GET  /health               {"status", "sessions", "active", "queued", "caches", "cache_mb"}
     GET  /health/live          200, or 503 when the model's thread is gone or stuck (for a load balancer)
     GET  /v1/models            the one model, OpenAI-style (and /v1/models/{id})
     GET  /v1/voice             WebSocket: the voice conversation (docs/voice_service.md)
@@ -29,6 +29,7 @@ from aiohttp import web
 
 from ..models.qwen2_5_omni.streaming import AudioChunk, TextDelta
 from .engine import Busy, Engine, Failed, Finished, Stopped, error_id
+from .memory import MB, cache_pools, context_tokens
 from .openai_api import ApiError, AudioTranscripts, ChatRequest, prepare_inputs
 from .voice import VoiceConversation
 
@@ -74,9 +75,8 @@ async def _engine(app):
     # either engine: one set of compiled steps serves them all (a cache of its own would be a pool
     # of its own, with graphs of its own: +560 MB and slower under 16 clients, measured)
     model = state["model"]
-    model.thinker_runner().use_pool(options.max_sessions + options.max_active, model.cache_dtype)
-    if model.has_talker:
-        model.talker_runner().use_pool(options.max_active, model.cache_dtype)
+    for runner, rows, _ in cache_pools(model, options):
+        runner.use_pool(rows, model.cache_dtype)
     app[ENGINE] = Engine(options.max_active, options.max_queue, options.engine == "batched")
     # Requests are decoded and tokenized on one thread with a processor of its own: a fast tokenizer
     # used from two threads at once fails ("Already borrowed"); the model thread keeps the original.
@@ -159,8 +159,9 @@ async def _page(request):
 
 async def _health(request):
     state, engine = request.app[STATE], request.app[ENGINE]
-    caches = await engine.call(_caches_in_use, state["model"])
-    return web.json_response({"status": "ok", "sessions": state["sessions"], **engine.load(), "caches": caches})
+    caches, cache_mb = await engine.call(_caches_in_use, state["model"])
+    return web.json_response({"status": "ok", "sessions": state["sessions"], **engine.load(), "caches": caches,
+                              "cache_mb": cache_mb})
 
 
 async def _live(request):
@@ -171,8 +172,10 @@ async def _live(request):
 
 
 def _caches_in_use(model):
+    """(caches in use, MB of the shared pools' buffers)."""
     runners = [model.thinker_runner()] + ([model.talker_runner()] if model.has_talker else [])
-    return sum(runner.caches_in_use() for runner in runners)
+    return (sum(runner.caches_in_use() for runner in runners),
+            round(sum(runner.pool.nbytes for runner in runners if runner.pool is not None) / MB, 1))
 
 
 def _model_card(state):
@@ -228,7 +231,7 @@ async def _chat_completions(request):
     except ValueError as e:  # MediaError among them
         raise ApiError(400, str(e), "messages") from None
     prompt_tokens = int(inputs["input_ids"].shape[1])
-    context = min(options.max_context_tokens, model.config.thinker_config.text_config.max_position_embeddings)
+    context = context_tokens(model, options)
     if prompt_tokens + chat.settings.max_new_tokens > context:
         raise ApiError(400, f"the conversation is {prompt_tokens} tokens; with max_completion_tokens "
                             f"{chat.settings.max_new_tokens} it exceeds this server's limit of {context} tokens",

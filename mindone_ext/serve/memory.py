@@ -1,0 +1,44 @@
+"""The KV caches' memory: the most the server's limits let them take, checked at start.
+
+Every conversation's cache is a row of a shared pool (one per decoder), and a pool's rows all
+have the slots of its longest conversation (a power of two, see generation.decode). So the
+caches can grow to every row at the longest conversation the limits allow: that is the bound,
+and the server refuses to start when it exceeds `--cache_memory_mb`, rather than run out of
+memory when a long conversation comes.
+"""
+from ..generation.decode import cache_slots
+
+MB = 1 << 20
+
+
+def context_tokens(model, options):
+    """Tokens of the longest conversation or request the server takes."""
+    return min(options.max_context_tokens, model.config.thinker_config.text_config.max_position_embeddings)
+
+
+def cache_pools(model, options):
+    """(runner, rows, most slots) of each shared pool the server uses: the Thinker's holds a row
+    per open conversation and per answer in progress, the Talker's a row per answer, its prompt
+    being the conversation and two tokens more (the speaker's and the first answer token)."""
+    context = context_tokens(model, options)
+    pools = [(model.thinker_runner(), options.max_sessions + options.max_active, cache_slots(context))]
+    if model.has_talker:
+        pools.append((model.talker_runner(), options.max_active,
+                      cache_slots(context + 2 + options.talker_max_new_tokens)))
+    return pools
+
+
+def cache_bound(model, options):
+    """Bytes the KV caches take at most under `options` (a pool also has a spare row)."""
+    return sum((rows + 1) * runner.row_bytes(slots, model.cache_dtype) for runner, rows, slots in cache_pools(model, options))
+
+
+def check_cache_memory(model, options):
+    """ValueError naming the limits when their caches could exceed `options.cache_memory_mb`."""
+    bound = cache_bound(model, options)
+    if options.cache_memory_mb is not None and bound > options.cache_memory_mb * MB:
+        raise ValueError(
+            f"the KV caches of {options.max_sessions} conversations and {options.max_active} answers at "
+            f"{context_tokens(model, options)} tokens each can take {bound / MB:.0f} MB, more than --cache_memory_mb "
+            f"{options.cache_memory_mb:g}: lower --max_context_tokens, --max_sessions or --max_active")
+    return bound
