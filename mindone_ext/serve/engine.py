@@ -12,6 +12,11 @@ rounds: one compiled Thinker step and one compiled Talker step serve the round's
 (their caches are rows of the runners' pools), then Token2Wav makes the audio their new codec
 tokens allow, windows of several answers solved and vocoded as batches; the interleaved engine
 takes one event of each generation in turn, each running its own steps.
+
+The first audio of a new answer comes first: while an answer has not been heard yet, the audio of
+answers whose delivered speech is further ahead of their playback than two rounds waits (it
+cannot run dry before its next turn), so the round ends sooner; what waited is then made in
+larger batches.
 """
 import asyncio
 import collections
@@ -21,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ..models.qwen2_5_omni.streaming import AudioChunk
 from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
 
@@ -64,16 +70,24 @@ class Generation:
         self.answer = None  # an answer pipeline the batched engine advances (then also `iterator`)
         self.done = False
         self.position = 0  # when submitted: 0 if it could start at once, else its place in the queue (1 = next)
+        self.heard_from = None  # when its first audio was delivered (the engine's clock)
+        self.audio_seconds = 0.0  # of audio delivered
+
+    def lead(self, now):
+        """Seconds of delivered audio not yet played, if playback began with the first chunk."""
+        return self.audio_seconds - (now - self.heard_from)
 
     def deliver(self, event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
-    def __init__(self, max_active=1, max_queue=8, batched=False):
+    def __init__(self, max_active=1, max_queue=8, batched=False, clock=time.monotonic):
+        """`clock`: the playback clock that first-audio priority compares delivered audio with."""
         if max_active < 1 or max_queue < 0:
             raise ValueError(f"max_active must be >= 1 and max_queue >= 0, got {max_active} and {max_queue}")
         self.max_active, self.max_queue, self.batched = max_active, max_queue, batched
+        self.clock, self.round_seconds = clock, 0.0
         self.calls = collections.deque()
         self.waiting = collections.deque()
         self.active = []
@@ -168,14 +182,14 @@ class Engine:
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            self.busy_since = time.monotonic()
+            self.busy_since, began = time.monotonic(), self.clock()
             try:
                 self._round(running)
             except Exception as e:  # noqa: BLE001  (a bug of ours: fail this round's answers, keep the thread)
                 for generation in running:
                     if not generation.done:
                         self._fail(generation, e)
-            self.busy_since = None
+            self.busy_since, self.round_seconds = None, self.clock() - began
         for _, _, future, loop in calls:
             loop.call_soon_threadsafe(_settle, future, None, Stopped("the server is shutting down"))
         for generation in list(self.active) + list(self.waiting):
@@ -191,7 +205,16 @@ class Engine:
                 self._step(generation)
         if together:
             self._decode_together(together)
-            self._synthesise_together([g for g in together if not g.done and g.answer.wave is not None])
+            self._synthesise_together(self._first_audio_first([g for g in together
+                                                               if not g.done and g.answer.wave is not None]))
+
+    def _first_audio_first(self, speaking):
+        """The answers whose audio is made this round: all, unless one has not been heard yet;
+        then those far enough ahead of their playback wait (see the module's docstring)."""
+        if all(g.heard_from is not None for g in speaking):
+            return speaking
+        now = self.clock()
+        return [g for g in speaking if g.heard_from is None or g.lead(now) <= 2 * self.round_seconds]
 
     def _decode_together(self, generations):
         """One round: every answer's next decode steps, those of one runner in one batched call."""
@@ -239,6 +262,10 @@ class Engine:
 
     def _deliver(self, generation, events):
         for event in events:
+            if isinstance(event, AudioChunk):
+                if generation.heard_from is None:
+                    generation.heard_from = self.clock()
+                generation.audio_seconds += event.audio.shape[0] / event.sample_rate
             generation.deliver(event)
         if generation.answer.done:
             generation.answer.close()

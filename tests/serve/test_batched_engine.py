@@ -1,6 +1,7 @@
 """The batched engine: answers whose decode steps run together (rows of the runners' cache pools)
 give each conversation exactly what it gets alone, as answers join, leave, fail and are cancelled."""
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from mindone_ext import Qwen2_5OmniForConditionalGeneration
 from mindone_ext.models.qwen2_5_omni.session import ConversationSession
 from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
-from mindone_ext.serve.engine import Engine, Failed, Finished, Started
+from mindone_ext.models.qwen2_5_omni.token2wav_stream import StreamChunking
+from mindone_ext.serve.engine import Engine, Failed, Finished, Generation, Started
 
 PROMPTS = [np.array([[401, 5, 6, 7, 8, 9, 10, 402]]), np.array([[401, 20, 30, 40, 402]]),
            np.array([[401] + list(range(50, 90)) + [402]])]
@@ -105,3 +107,43 @@ async def talk_async(engine, model, processor):
         return result
     finally:
         await engine.call(session.close)
+
+
+def test_a_new_answers_first_audio_comes_before_the_audio_of_answers_ahead_of_playback(model, monkeypatch):
+    """Playback on a clock 1000x slow (an accelerator's margin): a long answer's speech is far ahead
+    of its playback, so while a new answer waits for its first audio, the long one's waits."""
+    chunking = StreamChunking(chunk_blocks=1, past_blocks=1, max_chunk_blocks=1)  # a window every 12 codes
+    asks = [dict(input_ids=PROMPTS[0], spk="Ethan", max_new_tokens=6, eos_token_id=[], talker_max_new_tokens=90,
+                 seed=3),
+            dict(input_ids=PROMPTS[1], spk="Chelsie", max_new_tokens=6, eos_token_id=[], talker_max_new_tokens=40,
+                 seed=4)]
+    alone = [outcome(model.generate_stream(chunking=chunking, **ask)) for ask in asks]
+    model.thinker_runner().use_pool(2, model.cache_dtype)
+    model.talker_runner().use_pool(2, model.cache_dtype)
+    delivered = []  # (answer, event), in the order the model thread delivered them
+    deliver = Generation.deliver
+    monkeypatch.setattr(Generation, "deliver", lambda g, event: (delivered.append((g.name, event)), deliver(g, event)))
+
+    async def scenario():
+        engine = Engine(max_active=2, max_queue=0, batched=True, clock=lambda: time.monotonic() / 1000)
+        try:
+            long = engine.submit(lambda: model.answer(chunking=chunking, **asks[0]))
+            long.name, events = "long", []
+            while not any(isinstance(e, AudioChunk) for e in events):  # the long answer is heard
+                events.append(await long.events.get())
+            new = engine.submit(lambda: model.answer(chunking=chunking, **asks[1]))
+            new.name = "new"
+            rest, new_events = await asyncio.gather(drain(long), drain(new))
+            return events + rest, new_events
+        finally:
+            engine.stop()
+
+    got = asyncio.run(scenario())
+    for events, want in zip(got, alone):
+        assert events[0] == Started() and events[-1] == Finished()
+        assert_same(outcome(events[1:-1]), want)
+    order = [(name, type(event).__name__) for name, event in delivered]
+    waited = order[order.index(("new", "Started")):order.index(("new", "AudioChunk"))]
+    assert ("long", "AudioChunk") not in waited
+    # and the long answer had audio to make in that time (codes for windows it made afterwards)
+    assert order[order.index(("new", "AudioChunk")):].count(("long", "AudioChunk")) >= 2
