@@ -22,7 +22,7 @@ from .options import ENGINES, ServeOptions  # plain Python: --help answers witho
 
 DTYPES = ("float32", "float16", "bfloat16")
 HELP = {
-    "max_active": "answers generated at once",
+    "max_active": "answers generated at once (0: as many as --cache_memory_mb holds)",
     "engine": "batched: the active answers' decode steps run as one compiled step (their caches are rows of a "
               "pool); interleaved: one answer's step at a time",
     "max_queue": "answers waiting beyond those; more are refused with a busy error",
@@ -125,7 +125,7 @@ def main(argv=None):
 
     from .. import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
     from .app import create_app
-    from .memory import MB, check_cache_memory, context_tokens
+    from .memory import MB, check_cache_memory, context_tokens, fit_to_memory
 
     if args.device_target:
         ms.set_context(device_target=args.device_target)
@@ -148,6 +148,7 @@ def main(argv=None):
         sys.exit(f"--speaker {options.speaker!r} is not in the checkpoint; "
                  f"available: {', '.join(sorted(model.speakers))}")
     try:
+        options = fit_to_memory(model, options)
         bound = check_cache_memory(model, options)
     except ValueError as e:
         sys.exit(f"error: {e}")

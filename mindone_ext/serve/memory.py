@@ -4,8 +4,11 @@ Every conversation's cache is a row of a shared pool (one per decoder), and a po
 have the slots of its longest conversation (a power of two, see generation.decode). So the
 caches can grow to every row at the longest conversation the limits allow: that is the bound,
 and the server refuses to start when it exceeds `--cache_memory_mb`, rather than run out of
-memory when a long conversation comes.
+memory when a long conversation comes. With `--max_active 0` it runs as many answers at once as
+the budget holds next to the conversations.
 """
+from dataclasses import replace
+
 from ..generation.decode import cache_slots
 
 MB = 1 << 20
@@ -42,3 +45,21 @@ def check_cache_memory(model, options):
             f"{context_tokens(model, options)} tokens each can take {bound / MB:.0f} MB, more than --cache_memory_mb "
             f"{options.cache_memory_mb:g}: lower --max_context_tokens, --max_sessions or --max_active")
     return bound
+
+
+def fit_to_memory(model, options):
+    """`options`, with max_active 0 replaced by the most answers whose caches fit in cache_memory_mb
+    next to max_sessions conversations (each answer adds a Thinker and a Talker row)."""
+    if options.max_active != 0:
+        return options
+    if options.cache_memory_mb is None:
+        raise ValueError("--max_active 0 (as many answers as the KV cache memory holds) needs --cache_memory_mb")
+    budget, without = options.cache_memory_mb * MB, cache_bound(model, options)
+    each = cache_bound(model, replace(options, max_active=1)) - without
+    answers = int((budget - without) // each)
+    if answers < 1:
+        raise ValueError(
+            f"--cache_memory_mb {options.cache_memory_mb:g} holds no answer's KV caches next to {options.max_sessions} "
+            f"conversations at {context_tokens(model, options)} tokens each ({(without + each) / MB:.0f} MB for one "
+            f"answer): lower --max_context_tokens or --max_sessions")
+    return replace(options, max_active=answers)

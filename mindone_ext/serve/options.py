@@ -11,7 +11,7 @@ ENGINES = ("batched", "interleaved")
 
 @dataclass
 class ServeOptions:
-    max_active: int = 4  # answers generated at once
+    max_active: int = 4  # answers generated at once (0: as many as cache_memory_mb holds, see memory.py)
     engine: str = "batched"  # "batched": the active answers' decode steps run together; "interleaved": one by one
     max_queue: int = 8  # answers waiting beyond those; more are refused as busy
     max_sessions: int = 16  # open WebSocket conversations

@@ -1,8 +1,10 @@
 """The KV caches' memory bound (serve/memory.py) against the buffers a conversation at the limit
-really grows, and the start-up check against --cache_memory_mb."""
+really grows, the start-up check against --cache_memory_mb, and --max_active 0 (answers by memory)."""
+from dataclasses import replace
+
 import pytest
 
-from mindone_ext.serve.memory import MB, cache_bound, cache_pools, check_cache_memory
+from mindone_ext.serve.memory import MB, cache_bound, cache_pools, check_cache_memory, fit_to_memory
 from mindone_ext.serve.options import ServeOptions
 
 OPTIONS = dict(max_sessions=2, max_active=1, max_context_tokens=600, talker_max_new_tokens=100)
@@ -50,3 +52,18 @@ def test_limits_whose_caches_exceed_the_budget_are_refused_at_start(our_model):
     # the bound grows with every limit it depends on
     for more in ({"max_sessions": 3}, {"max_active": 2}, {"max_context_tokens": 1100}, {"talker_max_new_tokens": 500}):
         assert cache_bound(our_model, ServeOptions(**{**OPTIONS, **more})) > bound, more
+
+
+def test_max_active_0_runs_as_many_answers_as_the_cache_memory_holds(our_model):
+    options = ServeOptions(**{**OPTIONS, "max_active": 0})
+    one, two = (cache_bound(our_model, ServeOptions(**{**OPTIONS, "max_active": n})) for n in (1, 2))
+    each = two - one
+    for budget, answers in ((one, 1), (one + 3 * each - 1, 3), (one + 3 * each, 4)):
+        fitted = fit_to_memory(our_model, replace(options, cache_memory_mb=budget / MB))
+        assert fitted.max_active == answers
+        assert cache_bound(our_model, fitted) <= budget < cache_bound(our_model, replace(fitted, max_active=answers + 1))
+    with pytest.raises(ValueError, match=r"holds no answer's KV caches next to 2 conversations at 600 tokens"):
+        fit_to_memory(our_model, replace(options, cache_memory_mb=(one - 1) / MB))
+    with pytest.raises(ValueError, match="--max_active 0 .* needs --cache_memory_mb"):
+        fit_to_memory(our_model, options)
+    assert fit_to_memory(our_model, ServeOptions(**OPTIONS)) == ServeOptions(**OPTIONS)  # a count stays a count
