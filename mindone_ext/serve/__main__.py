@@ -76,6 +76,10 @@ def parse_args(argv=None):
     args.api_key = args.api_key or os.environ.get("MINDONE_API_KEY") or None
     if not _loopback(args.host) and not args.api_key:
         ap.error(f"--host {args.host} exposes the service beyond this machine: set --api_key or MINDONE_API_KEY")
+    try:
+        args.options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+    except ValueError as e:
+        ap.error(str(e))
     return args
 
 
@@ -139,7 +143,7 @@ def main(argv=None):
         args.model_path, mindspore_dtype=getattr(ms, args.mindspore_dtype), attn_implementation=args.attn_implementation,
         enable_audio_output=not args.no_audio_output)
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
-    options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+    options = args.options
     if model.has_talker and not model.speakers:
         from ..models.qwen2_5_omni.speakers import no_speakers_message
 

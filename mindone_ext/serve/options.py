@@ -32,6 +32,10 @@ class ServeOptions:
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.max_active < 0 or self.max_queue < 0:
+            raise ValueError(f"max_active and max_queue must be >= 0; got {self.max_active} and {self.max_queue}")
+        if self.cache_memory_mb is not None and not self.cache_memory_mb > 0:
+            raise ValueError(f"cache_memory_mb must be > 0; got {self.cache_memory_mb}")
 
 
 class BadSetting(ValueError):

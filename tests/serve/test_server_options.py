@@ -41,3 +41,16 @@ def test_a_checkpoint_whose_voices_cannot_be_read_is_refused_with_the_command_to
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "spk_dict.pt needs torch to be read" in done.stderr and "convert_spk_dict_pt2np.py" in done.stderr
     assert "--no_audio_output" in done.stderr
+
+
+def test_limits_out_of_range_are_refused_before_the_model_loads(capsys):
+    for argv, words in ((["--max_active", "-1"], "max_active and max_queue must be >= 0"),
+                        (["--max_queue", "-2"], "max_active and max_queue must be >= 0"),
+                        (["--cache_memory_mb", "0"], "cache_memory_mb must be > 0"),
+                        (["--engine", "fast"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            parse_args(["--model_path", "m", *argv])
+        assert words in capsys.readouterr().err, argv
+    args = parse_args(["--model_path", "m", "--max_active", "0", "--cache_memory_mb", "512.5"])
+    assert (args.options.max_active, args.options.cache_memory_mb) == (0, 512.5)
+    assert args.options.talker_max_new_tokens == args.talker_max_new_tokens
