@@ -1,13 +1,19 @@
 """The audio encoder (Whisper-style): a conv front end over windows of n_window * 2 mel frames,
 transformer layers attending within each window, 2x average pooling and a projection to the
-Thinker's width. Names mirror the reference (`thinker.audio_tower.*`)."""
+Thinker's width. Names mirror the reference (`thinker.audio_tower.*`).
+
+The layers run on the windows padded to one length (each token attends to the real tokens of its
+window). For inference they run as one compiled graph shared by every layer (`audio_layer`, the
+weights its inputs), one per power of two of windows: op by op, each layer is ~25 dispatches.
+Training, and layers wrapped by LoRA adapters, run op by op through the cells."""
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, mint, nn, ops
 
 from ...nn import ops as P
-from ...nn.attention import SegmentLayout, segmented_attention, use_flash
+from ...nn.attention import attention, use_flash
 from ...nn.layers import Conv1d, Embedding, LayerNorm, Linear
+from ...utils.notice import compiling
 
 
 def sinusoid_table(length, channels, max_timescale=10000):
@@ -36,6 +42,22 @@ def output_lengths(feature_lens):
     return cnn, (cnn - 2) // 2 + 1
 
 
+def audio_layer(x, mask, weights, heads, act, flash):
+    """One encoder layer as a pure function of its weights (`AudioEncoderLayer.weights`): x
+    (windows, tokens, d), `mask` (windows, 1, tokens, tokens) the real keys of each window."""
+    ln1_w, ln1_b, q_w, q_b, k_w, v_w, v_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b = weights
+    linear = mint.nn.functional.linear
+    s, t, d = x.shape
+    h = P.layer_norm(x, ln1_w, ln1_b, 1e-5)
+    q, k, v = (linear(h, w, b).reshape(s, t, heads, d // heads).swapaxes(1, 2)
+               for w, b in ((q_w, q_b), (k_w, None), (v_w, v_b)))
+    x = x + linear(attention(q, k, v, mask, (d // heads) ** -0.5, flash), o_w, o_b)
+    x = x + linear(act(linear(P.layer_norm(x, ln2_w, ln2_b, 1e-5), fc1_w, fc1_b)), fc2_w, fc2_b)
+    if x.dtype == ms.float16:  # as the reference: keep fp16 activations finite
+        x = ops.clip(x, -64504.0, 64504.0)
+    return x
+
+
 class AudioAttention(nn.Cell):
     def __init__(self, dim, heads, dtype, flash):
         super().__init__()
@@ -45,10 +67,11 @@ class AudioAttention(nn.Cell):
         self.q_proj = Linear(dim, dim, True, dtype)
         self.out_proj = Linear(dim, dim, True, dtype)
 
-    def construct(self, x, layout):
-        n = x.shape[0]
-        q, k, v = (p(x).reshape(n, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(segmented_attention(q, k, v, layout, self.head_dim**-0.5, self.flash))
+    def construct(self, x, mask):
+        s, t, _ = x.shape
+        q, k, v = (p(x).reshape(s, t, self.heads, self.head_dim).swapaxes(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attention(q, k, v, mask, self.head_dim**-0.5, self.flash))
 
 
 class AudioEncoderLayer(nn.Cell):
@@ -62,8 +85,19 @@ class AudioEncoderLayer(nn.Cell):
         self.final_layer_norm = LayerNorm(d, 1e-5, dtype)
         self.act = P.activation(config.activation_function)
 
-    def construct(self, x, layout):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), layout)
+    def plain(self):
+        """Whether every projection is a plain Linear (no adapter wraps it): `weights` is the layer."""
+        a = self.self_attn
+        return all(type(p) is Linear for p in (a.q_proj, a.k_proj, a.v_proj, a.out_proj, self.fc1, self.fc2))
+
+    def weights(self):
+        a, n1, n2 = self.self_attn, self.self_attn_layer_norm, self.final_layer_norm
+        return (n1.weight, n1.bias, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.v_proj.weight, a.v_proj.bias,
+                a.out_proj.weight, a.out_proj.bias, n2.weight, n2.bias, self.fc1.weight, self.fc1.bias,
+                self.fc2.weight, self.fc2.bias)
+
+    def construct(self, x, mask):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
         x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
         if x.dtype == ms.float16:  # as the reference: keep fp16 activations finite
             x = ops.clip(x, -64504.0, 64504.0)
@@ -83,6 +117,39 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         self.layers = nn.CellList([AudioEncoderLayer(config, dtype, flash) for _ in range(config.encoder_layers)])
         self.ln_post = LayerNorm(d, 1e-5, dtype)
         self.proj = Linear(d, config.output_dim, True, dtype)
+        self.heads, self.flash, self.act = config.encoder_attention_heads, flash, P.activation(config.activation_function)
+        self._compiled, self._windows = None, set()  # the shared layer graph; window counts it has run
+
+    def _layers(self, x, valid):
+        """The layers on x (windows, tokens, d) whose tokens `valid` are real (see the module's docstring)."""
+        mask = np.broadcast_to(valid[:, None, None, :], (len(valid), 1) + valid.shape[1:2] * 2)
+        if self.training or not all(layer.plain() for layer in self.layers):
+            for layer in self.layers:
+                x = layer(x, Tensor(mask.copy()))
+            return x
+        windows, tokens = valid.shape
+        padded, width = 1 << (windows - 1).bit_length(), after_conv(2 * self.n_window)
+        # one graph per power of two of windows, every window padded to a whole one's tokens;
+        # padding: zeros, never a key (a window with no real key gets attention's finite floor),
+        # dropped after
+        x = ops.pad(x, (0, 0, 0, width - tokens, 0, padded - windows))
+        mask = np.zeros((padded, 1, width, width), bool)
+        mask[:windows, 0, :, :tokens] = valid[:, None, :]
+        if self._compiled is None:
+            heads, act, flash = self.heads, self.act, self.flash
+
+            @ms.jit
+            def layer(h, m, w):
+                return audio_layer(h, m, w, heads, act, flash)
+
+            self._compiled = layer
+        mask = Tensor(mask)
+        with compiling(None if padded in self._windows else f"the audio encoder for {padded} windows"):
+            self._windows.add(padded)
+            for layer in self.layers:
+                # Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
+                x = self._compiled(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))
+        return x[:windows, :tokens]
 
     def construct(self, input_features, feature_lens):
         """input_features (num_mel_bins, total frames): the clips' valid frames one after the other;
@@ -104,10 +171,8 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         x = x + self.positions[: x.shape[1]].astype(dtype)
         tokens = after_conv(np.asarray(flat))
         valid = np.arange(x.shape[1])[None, :] < tokens[:, None]
+        x = self._layers(x, valid)
         x = ops.gather(x.reshape(-1, x.shape[-1]), Tensor(np.flatnonzero(valid).astype(np.int32)), 0)
-        layout = SegmentLayout(tokens)
-        for layer in self.layers:
-            x = layer(x, layout)
         # 2x average pooling within each clip (an odd last token is dropped, as AvgPool1d does)
         clip_tokens, _ = output_lengths(feature_lens)
         clip_starts = np.concatenate([[0], np.cumsum(clip_tokens)[:-1]])

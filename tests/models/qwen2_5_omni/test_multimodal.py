@@ -30,6 +30,29 @@ def test_audio_encoder_several_windows_two_lengths(our_model, reference_model):
     assert max_abs_diff(got, want) <= 1e-4
 
 
+@pytest.mark.parametrize("lens", [[20], [21], [39, 3], [80], [41, 19, 20], [99], [100, 4], [160], [160, 5]],
+                         ids=lambda lens: "+".join(map(str, lens)))
+def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, reference_model, lens):
+    """The compiled layers (one graph per power of two of windows, windows padded to a whole one)
+    against the reference and against the layers run op by op (training mode), 1..9 windows."""
+    tower = our_model.thinker.audio_tower
+    lens = np.array(lens)
+    feats = np.random.default_rng(int(lens.sum())).standard_normal((128, lens.sum())).astype(np.float32)
+    got = tower(feats, lens).asnumpy()
+    tower.set_train(True)
+    try:
+        op_by_op = tower(feats, lens).asnumpy()
+    finally:
+        tower.set_train(False)
+    reference = reference_model.thinker.audio_tower
+    with torch.no_grad():
+        cnn, _ = reference._get_feat_extract_output_lengths(torch.tensor(lens))
+        want = reference(torch.tensor(feats), feature_lens=torch.tensor(lens), aftercnn_lens=cnn).last_hidden_state
+    assert got.shape == want.shape
+    assert max_abs_diff(got, want.numpy()) <= 1e-4 and max_abs_diff(got, op_by_op) <= 1e-5
+    assert tower._windows <= {1, 2, 4, 8, 16}
+
+
 @pytest.mark.parametrize("grid", [[[1, 6, 10]], [[4, 8, 6]], [[1, 4, 4], [2, 6, 8]]], ids=["image", "video", "both"])
 def test_vision_encoder_window_and_full_attention(our_model, reference_model, grid):
     config = reference_model.config.thinker_config.vision_config
