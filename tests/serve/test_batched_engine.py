@@ -120,29 +120,27 @@ def test_a_new_answers_first_audio_comes_before_the_audio_of_answers_ahead_of_pl
     alone = [outcome(model.generate_stream(chunking=chunking, **ask)) for ask in asks]
     model.thinker_runner().use_pool(2, model.cache_dtype)
     model.talker_runner().use_pool(2, model.cache_dtype)
-    delivered = []  # (answer, event), in the order the model thread delivered them
+    delivered = []  # (generation, event), in the order the model thread delivered them
     deliver = Generation.deliver
-    monkeypatch.setattr(Generation, "deliver", lambda g, event: (delivered.append((g.name, event)), deliver(g, event)))
+    monkeypatch.setattr(Generation, "deliver", lambda g, event: (delivered.append((g, event)), deliver(g, event)))
 
     async def scenario():
         engine = Engine(max_active=2, max_queue=0, batched=True, clock=lambda: time.monotonic() / 1000)
         try:
-            long = engine.submit(lambda: model.answer(chunking=chunking, **asks[0]))
-            long.name, events = "long", []
+            long, events = engine.submit(lambda: model.answer(chunking=chunking, **asks[0])), []
             while not any(isinstance(e, AudioChunk) for e in events):  # the long answer is heard
                 events.append(await long.events.get())
             new = engine.submit(lambda: model.answer(chunking=chunking, **asks[1]))
-            new.name = "new"
             rest, new_events = await asyncio.gather(drain(long), drain(new))
-            return events + rest, new_events
+            return {long: "long", new: "new"}, (events + rest, new_events)
         finally:
             engine.stop()
 
-    got = asyncio.run(scenario())
+    names, got = asyncio.run(scenario())
     for events, want in zip(got, alone):
         assert events[0] == Started() and events[-1] == Finished()
         assert_same(outcome(events[1:-1]), want)
-    order = [(name, type(event).__name__) for name, event in delivered]
+    order = [(names[g], type(event).__name__) for g, event in delivered]
     waited = order[order.index(("new", "Started")):order.index(("new", "AudioChunk"))]
     assert ("long", "AudioChunk") not in waited
     # and the long answer had audio to make in that time (codes for windows it made afterwards)
