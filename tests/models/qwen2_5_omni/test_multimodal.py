@@ -53,6 +53,28 @@ def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, refer
     assert tower._windows <= {1, 2, 4, 8, 16}
 
 
+@pytest.mark.parametrize("grid", [[[1, 4, 4]], [[1, 2, 10]], [[1, 4, 8]], [[1, 6, 6]], [[1, 2, 24]], [[1, 10, 10]],
+                                  [[2, 6, 10]], [[1, 4, 4], [1, 2, 2]]], ids=lambda g: "+".join("x".join(map(str, i)) for i in g))
+def test_vision_encoder_patch_counts_around_the_compiled_graphs(our_model, reference_model, grid):
+    """The compiled blocks (patches padded to one of 8 sizes per power of two) against the
+    reference and against the blocks run op by op (training mode), 16..128 patches."""
+    visual = our_model.thinker.visual
+    grid = np.asarray(grid)
+    pixels = np.random.default_rng(int(grid.prod(1).sum())).standard_normal((int(grid.prod(1).sum()), 1176))
+    pixels = pixels.astype(np.float32)
+    got = visual(pixels, grid).asnumpy()
+    visual.set_train(True)
+    try:
+        op_by_op = visual(pixels, grid).asnumpy()
+    finally:
+        visual.set_train(False)
+    with torch.no_grad():
+        want = reference_model.thinker.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).numpy()
+    assert got.shape == want.shape
+    assert max_abs_diff(got, want) <= 1e-4 and max_abs_diff(got, op_by_op) <= 1e-5
+    assert visual._widths <= {16, 32, 48, 64, 80, 96, 112, 128}
+
+
 @pytest.mark.parametrize("grid", [[[1, 6, 10]], [[4, 8, 6]], [[1, 4, 4], [2, 6, 8]]], ids=["image", "video", "both"])
 def test_vision_encoder_window_and_full_attention(our_model, reference_model, grid):
     config = reference_model.config.thinker_config.vision_config
