@@ -16,6 +16,15 @@ def to_torch(inputs):
     return {k: torch.tensor(v) for k, v in inputs.items() if k in TORCH_KEYS}
 
 
+def run_op_by_op(encoder, *inputs):
+    """The encoder's output in training mode, where its layers run op by op through the cells."""
+    encoder.set_train(True)
+    try:
+        return encoder(*inputs).asnumpy()
+    finally:
+        encoder.set_train(False)
+
+
 def test_audio_encoder_several_windows_two_lengths(our_model, reference_model):
     rng = np.random.default_rng(3)
     lens = np.array([57, 23, 40])  # windows of 20 frames: 20+20+17, 20+3, 20+20
@@ -39,11 +48,7 @@ def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, refer
     lens = np.array(lens)
     feats = np.random.default_rng(int(lens.sum())).standard_normal((128, lens.sum())).astype(np.float32)
     got = tower(feats, lens).asnumpy()
-    tower.set_train(True)
-    try:
-        op_by_op = tower(feats, lens).asnumpy()
-    finally:
-        tower.set_train(False)
+    op_by_op = run_op_by_op(tower, feats, lens)
     reference = reference_model.thinker.audio_tower
     with torch.no_grad():
         cnn, _ = reference._get_feat_extract_output_lengths(torch.tensor(lens))
@@ -63,11 +68,7 @@ def test_vision_encoder_patch_counts_around_the_compiled_graphs(our_model, refer
     pixels = np.random.default_rng(int(grid.prod(1).sum())).standard_normal((int(grid.prod(1).sum()), 1176))
     pixels = pixels.astype(np.float32)
     got = visual(pixels, grid).asnumpy()
-    visual.set_train(True)
-    try:
-        op_by_op = visual(pixels, grid).asnumpy()
-    finally:
-        visual.set_train(False)
+    op_by_op = run_op_by_op(visual, pixels, grid)
     with torch.no_grad():
         want = reference_model.thinker.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).numpy()
     assert got.shape == want.shape
