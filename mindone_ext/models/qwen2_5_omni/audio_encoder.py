@@ -122,12 +122,12 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
 
     def _layers(self, x, valid):
         """The layers on x (windows, tokens, d) whose tokens `valid` are real (see the module's docstring)."""
-        mask = np.broadcast_to(valid[:, None, None, :], (len(valid), 1) + valid.shape[1:2] * 2)
-        if self.training or not all(layer.plain() for layer in self.layers):
-            for layer in self.layers:
-                x = layer(x, Tensor(mask.copy()))
-            return x
         windows, tokens = valid.shape
+        if self.training or not all(layer.plain() for layer in self.layers):
+            mask = Tensor(np.broadcast_to(valid[:, None, None, :], (windows, 1, tokens, tokens)).copy())
+            for layer in self.layers:
+                x = layer(x, mask)
+            return x
         padded, width = 1 << (windows - 1).bit_length(), after_conv(2 * self.n_window)
         # one graph per power of two of windows, every window padded to a whole one's tokens;
         # padding: zeros, never a key (a window with no real key gets attention's finite floor),
