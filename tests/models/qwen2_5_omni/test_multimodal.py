@@ -55,7 +55,8 @@ def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, refer
         want = reference(torch.tensor(feats), feature_lens=torch.tensor(lens), aftercnn_lens=cnn).last_hidden_state
     assert got.shape == want.shape
     assert max_abs_diff(got, want.numpy()) <= 1e-4 and max_abs_diff(got, op_by_op) <= 1e-5
-    assert tower._windows <= {1, 2, 4, 8, 16}
+    windows = int(np.ceil(lens / 20).sum())  # the tiny encoder's windows are 20 frames
+    assert 1 << (windows - 1).bit_length() in tower._windows <= {1, 2, 4, 8, 16}  # its compiled graph ran
 
 
 @pytest.mark.parametrize("grid", [[[1, 4, 4]], [[1, 2, 10]], [[1, 4, 8]], [[1, 6, 6]], [[1, 2, 24]], [[1, 10, 10]],
@@ -73,7 +74,7 @@ def test_vision_encoder_patch_counts_around_the_compiled_graphs(our_model, refer
         want = reference_model.thinker.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).numpy()
     assert got.shape == want.shape
     assert max_abs_diff(got, want) <= 1e-4 and max_abs_diff(got, op_by_op) <= 1e-5
-    assert visual._widths <= {16, 32, 48, 64, 80, 96, 112, 128}
+    assert -(-int(grid.prod(1).sum()) // 16) * 16 in visual._widths <= {16, 32, 48, 64, 80, 96, 112, 128}  # it ran
 
 
 @pytest.mark.parametrize("grid", [[[1, 6, 10]], [[4, 8, 6]], [[1, 4, 4], [2, 6, 8]]], ids=["image", "video", "both"])
