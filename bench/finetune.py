@@ -72,7 +72,7 @@ def run_ours(config, data, steps, compiled=False, recompute=False):
         if not name.endswith("inv_freq"):
             param.set_data(ms.Tensor(weight(name, param.shape)))
     apply_lora(thinker, LoraConfig(r=RANK, lora_alpha=ALPHA))
-    if recompute:
+    if recompute and not compiled:  # the compiled step recomputes in its own graphs
         for layer in thinker.model.layers:
             layer.recompute()
     thinker.set_train(True)
@@ -86,7 +86,7 @@ def run_ours(config, data, steps, compiled=False, recompute=False):
 
     grad_fn = ms.value_and_grad(loss_fn, None, params)
     if compiled:
-        step = CompiledLossGrad(thinker, params)
+        step = CompiledLossGrad(thinker, params, recompute)
         grad_fn = lambda: step(data, 1.0 / tokens)  # noqa: E731
     times, losses = [], []
     for _ in range(steps):

@@ -188,7 +188,7 @@ def train(args):
     wanted = args.step == "compiled" or (args.step == "auto" and on_ascend())
     if wanted and not outside_language_model(thinker):
         if args.lora_dropout == 0:
-            compiled = CompiledLossGrad(thinker, params)
+            compiled = CompiledLossGrad(thinker, params, recompute=args.recompute)
         else:  # MindSpore 2.7.1 cannot re-seed a compiled graph's dropout per step: --resume would draw other masks
             parallel.log("--lora_dropout > 0: the training step runs op by op, not compiled")
     loss_scale = DynamicLossScale() if args.mindspore_dtype == "float16" else None

@@ -28,14 +28,16 @@ def use_flash(attn_implementation, dtype, head_dim):
 
 
 _scores = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T (swapaxes copies it)
+_transposed_times = ops.BatchMatMul(transpose_a=True)  # a^T @ b, the same way
 
 
-def exact_attention(q, k, v, mask, scale, past=None):
+def _probabilities(q, k, mask, scale, past=None):
+    """softmax(q k^T * scale) over the allowed keys, (B, KV, G*T, S) in q's dtype: the G query
+    heads that share a kv head (reference repeat_kv order: head = kv_index * G + r) stacked along
+    the query axis, so grouped-query attention needs no repeated k/v."""
     b, h, t, d = q.shape
     kv = k.shape[1]
     g = h // kv
-    # Grouped-query attention without repeating k/v: the g query heads that share a kv head
-    # (reference repeat_kv order: head = kv_index * g + r) are stacked along the query axis.
     q = q.reshape(b, kv, g * t, d)
     scores = _scores(q, k)
     if past is not None:  # keys: the cache's past slots, then the new ones
@@ -45,13 +47,42 @@ def exact_attention(q, k, v, mask, scale, past=None):
     # A finite floor, not -inf: fully masked rows (left padding) stay finite, as in the reference.
     floor = ops.full_like(scores, -3.4028234663852886e38)
     scores = ops.where(mask.expand_dims(2), scores, floor)
-    probs = ops.softmax(scores, -1).astype(q.dtype).reshape(b, kv, g * t, s)
+    return ops.softmax(scores, -1).astype(q.dtype).reshape(b, kv, g * t, s)
+
+
+def exact_attention(q, k, v, mask, scale, past=None):
+    b, h, t, d = q.shape
+    probs = _probabilities(q, k, mask, scale, past)
     if past is None:
         out = ops.matmul(probs, v)
     else:
         slots = past[1].shape[2]
         out = ops.matmul(probs[..., :slots], past[1]) + ops.matmul(probs[..., slots:], v)
     return out.reshape(b, h, t, d).swapaxes(1, 2).reshape(b, t, h * d)
+
+
+def exact_attention_backward(q, k, v, out, mask, scale, d_out):
+    """(dq, dk, dv) of exact_attention without a cache, for the gradient `d_out` of its output `out`
+    (both (B, T, H * D)). The probabilities are computed again rather than kept from the forward
+    (a tokens x tokens matrix per head and layer), and softmax's backward takes rowsum(dP * P) as
+    rowsum(d_out * out), which is equal (out = P v) and costs (T, D) instead of (T, S): flash
+    attention's backward. A fully masked query row (left padding) gets no gradient from the mask
+    in autodiff; here it gets none because nothing reads its output, so its d_out is zero."""
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    probs = _probabilities(q, k, mask, scale)
+
+    def stacked(x):
+        return x.reshape(b, t, h, d).swapaxes(1, 2).reshape(b, kv, h // kv * t, d)
+
+    d_out, out = stacked(d_out), stacked(out)
+    dv = _transposed_times(probs, d_out)
+    row = (d_out.astype(ms.float32) * out.astype(ms.float32)).sum(-1, keepdims=True)
+    d_scores = probs.astype(ms.float32) * (_scores(d_out, v).astype(ms.float32) - row) * scale
+    d_scores = d_scores.astype(q.dtype)
+    dq = ops.matmul(d_scores, k).reshape(b, h, t, d)
+    dk = _transposed_times(d_scores, q.reshape(b, kv, h // kv * t, d))
+    return dq, dk, dv
 
 
 def ascend_attention(q, k, v, mask, scale):

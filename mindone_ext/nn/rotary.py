@@ -21,6 +21,15 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def rotary_backward(grad, cos, sin):
+    """The gradient of apply_rotary's input for the gradient of its output: the rotation
+    transposed (rotate_half's transpose maps (z1, z2) to (z2, -z1))."""
+    cos, sin = cos.expand_dims(1), sin.expand_dims(1)
+    z = grad * sin
+    half = z.shape[-1] // 2
+    return grad * cos + ops.cat((z[..., half:], -z[..., :half]), -1)
+
+
 class MultimodalRotaryEmbedding(nn.Cell):
     """cos/sin for position ids of shape (3, B, T): temporal, height and width sections.
 

@@ -1,5 +1,6 @@
-"""A training step's forward, loss and backward as one compiled graph (`mindspore.jit` over
-`mindspore.value_and_grad`), for adapters on the Thinker's language model.
+"""A training step's forward, loss and backward as compiled graphs, for adapters on the Thinker's
+language model: each decoder layer's forward and backward as graphs shared by the layers
+(training/layer_grad.py), and the loss head's value and gradient as one more.
 
 What varies per batch is done on the host first: the prompt's embeddings (audio and vision
 features merged in; the encoders and the embedding table are frozen, so nothing there needs a
@@ -13,7 +14,9 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ..generation.decode import bucket
+from ..nn.kv_cache import causal_mask
 from ..nn.lora import lora_layers
+from .layer_grad import layer_graphs, layer_parts
 from .loss import labelled_positions
 
 
@@ -24,26 +27,55 @@ def outside_language_model(thinker):
 
 class CompiledLossGrad:
     """`step(batch, scale)` -> (scale x the batch's summed loss over labelled tokens, gradients of
-    that for `params`), as `value_and_grad` of `causal_lm_loss_sum(thinker, batch)[0] * scale`."""
+    that for `params`), as `value_and_grad` of `causal_lm_loss_sum(thinker, batch)[0] * scale`.
+    `recompute`: keep only each layer's input between the forward and the backward pass (the
+    layer's forward runs again in its backward graph) instead of its projections' outputs too."""
 
-    def __init__(self, thinker, params):
+    def __init__(self, thinker, params, recompute=False):
         outside = outside_language_model(thinker)
         if outside:
             raise ValueError(f"the compiled step trains adapters of the language model only; {outside[0]} is not "
                              "(train encoder adapters with the op-by-op step)")
-        self.thinker = thinker
+        self.thinker, self.recompute = thinker, recompute
+        self.act = thinker.config.text_config.hidden_act
+        adapters = [p for layer in thinker.model.layers for p in layer_parts(layer, self.act)[2]]
+        where = {id(p): i for i, p in enumerate(adapters)}
+        strangers = [p.name for p in params if id(p) not in where]
+        if strangers:
+            raise ValueError(f"the compiled step computes gradients of the decoder's adapters only, not of {strangers[0]}")
+        self.order = [where[id(p)] for p in params]
 
-        def loss(embeds, position_ids, valid, rows, targets, weights):
-            hidden = thinker.model(embeds, position_ids, valid)
+        def loss(hidden, rows, targets, weights):
+            hidden = thinker.model.norm(hidden)
             b, t, h = hidden.shape
             picked = ops.gather(hidden.reshape(b * t, h), rows, 0)
             log_probs = ops.log_softmax(thinker.lm_head(picked).astype(ms.float32), -1)
             chosen = ops.gather_elements(log_probs, 1, targets.reshape(-1, 1)).reshape(-1)
             return -(chosen * weights).sum()
 
-        self._value_and_grad = ms.jit(ms.value_and_grad(loss, None, params))
+        self._head = ms.jit(ms.value_and_grad(loss, grad_position=0))
 
     def __call__(self, batch, scale=1.0):
+        embeds, positions, valid, rows, targets, weights = self._inputs(batch, scale)
+        model = self.thinker.model
+        cos, sin = model.rotary_emb(positions, embeds.dtype)
+        mask = causal_mask(valid, embeds.shape[1])
+        layers = [layer_parts(layer, self.act) for layer in model.layers]  # weights bound afresh: never stale
+        kept, x = [], embeds
+        for kind, layer_weights, _ in layers:
+            x_in = x
+            x, saved = layer_graphs(kind)[0](x_in, cos, sin, mask, layer_weights)
+            kept.append((x_in,) if self.recompute else (x_in,) + tuple(saved))
+        loss, grad = self._head(x, rows, targets, weights)
+        grads = []
+        for (kind, layer_weights, _), inputs in zip(reversed(layers), reversed(kept)):
+            _, backward, recomputing_backward = layer_graphs(kind)
+            step = recomputing_backward if self.recompute else backward
+            grad, layer_grads = step(*inputs, grad, cos, sin, mask, layer_weights)
+            grads[:0] = layer_grads
+        return loss, tuple(grads[i] for i in self.order)
+
+    def _inputs(self, batch, scale):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         prepared = self.thinker.prepare_inputs(**inputs)
         embeds, positions, valid = prepared.inputs_embeds, prepared.position_ids, prepared.attention_mask
@@ -57,7 +89,6 @@ class CompiledLossGrad:
         count = bucket(len(rows), 16)
         weights = np.zeros(count, np.float32)
         weights[:len(rows)] = scale
-        return self._value_and_grad(
-            embeds, Tensor(positions, ms.int32), Tensor(valid, ms.int32),
-            Tensor(np.pad(rows, (0, count - len(rows))).astype(np.int32)),
-            Tensor(np.pad(targets, (0, count - len(rows))).astype(np.int32)), Tensor(weights))
+        return (embeds, Tensor(positions, ms.int32), Tensor(valid, ms.int32),
+                Tensor(np.pad(rows, (0, count - len(rows))).astype(np.int32)),
+                Tensor(np.pad(targets, (0, count - len(rows))).astype(np.int32)), Tensor(weights))

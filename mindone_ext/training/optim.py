@@ -4,12 +4,16 @@ and loss scaling for float16.
 Each follows PyTorch's definition (torch.optim.AdamW, torch.nn.utils.clip_grad_norm_,
 transformers' cosine schedule with warmup, torch.amp.GradScaler), written with
 MindSpore ops that run on the CPU as well as on Ascend (`mint.optim.AdamW` has no CPU kernel).
+AdamW updates the parameters of each shape together, stacked, in one compiled graph per shape:
+op by op, parameter by parameter, it took 4.9 s a step for the 336 adapters of a 0.5B model on
+the CPU (as long as the step's forward and backward), and one graph over all of them took 34 s to
+compile (~0.1 s per parameter).
 """
 import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Tensor, ops
 
 
 def cosine_with_warmup(step, warmup_steps, total_steps, min_ratio=0.0):
@@ -32,9 +36,21 @@ def clip_by_global_norm(grads, max_norm):
     return (tuple(g * coef for g in grads) if coef < 1.0 else tuple(grads)), norm
 
 
+@ms.jit
+def _adamw(params, grads, exp_avg, exp_avg_sq, decay, step_size, bias2_sqrt, beta1, beta2, eps):
+    """One AdamW step of stacked parameters: (new parameters, new moments)."""
+    grads = grads.astype(ms.float32)
+    exp_avg = exp_avg + (grads - exp_avg) * (1 - beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + grads * grads * (1 - beta2)
+    value = params.astype(ms.float32) * decay - step_size * exp_avg / (ops.sqrt(exp_avg_sq) / bias2_sqrt + eps)
+    return value.astype(params.dtype), exp_avg, exp_avg_sq
+
+
 class AdamW:
     """torch.optim.AdamW (bias-corrected moments, decoupled weight decay) over MindSpore parameters.
-    The moments are float32 Parameters named after their parameter, so they save and load by name."""
+    The moments are float32, saved and loaded under their parameter's name (`exp_avg.<name>`).
+    Parameters are written in place: a compiled graph that reads a parameter stays bound to its
+    memory (set_data would give it a new buffer the graph never sees)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.params = list(params)
@@ -42,36 +58,42 @@ class AdamW:
             raise ValueError("AdamW got no parameters to train")
         self.lr, (self.beta1, self.beta2), self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
-        self.exp_avg = [Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"exp_avg.{p.name}",
-                                  requires_grad=False) for p in self.params]
-        self.exp_avg_sq = [Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"exp_avg_sq.{p.name}",
-                                     requires_grad=False) for p in self.params]
+        by_shape = {}
+        for i, p in enumerate(self.params):
+            by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
+        # per shape: the parameters' indices and their stacked moments
+        self.groups = [[members, *(ops.zeros((len(members),) + shape, ms.float32) for _ in range(2))]
+                       for (shape, _), members in by_shape.items()]
 
     def step(self, grads, lr=None):
         lr = self.lr if lr is None else lr
         self.step_count += 1
-        bias1 = 1 - self.beta1 ** self.step_count
-        bias2_sqrt = math.sqrt(1 - self.beta2 ** self.step_count)
-        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
-            g = g.astype(ms.float32)
-            m.set_data(m + (g - m) * (1 - self.beta1))  # torch: exp_avg.lerp_(grad, 1 - beta1)
-            v.set_data(v * self.beta2 + g * g * (1 - self.beta2))
-            value = p.astype(ms.float32) * (1 - lr * self.weight_decay)
-            value = value - (lr / bias1) * m / (ops.sqrt(v) / bias2_sqrt + self.eps)
-            # written into the parameter's own memory: a compiled graph that reads the parameter
-            # stays bound to that memory (set_data would give it a new buffer the graph never sees)
-            ops.assign(p, value.astype(p.dtype))
+        scalars = [Tensor(np.float32(x)) for x in (1 - lr * self.weight_decay, lr / (1 - self.beta1 ** self.step_count),
+                                                   math.sqrt(1 - self.beta2 ** self.step_count))]
+        for group in self.groups:
+            members = group[0]
+            values, group[1], group[2] = _adamw(
+                ops.stack([self.params[i] for i in members]), ops.stack([grads[i] for i in members]),
+                group[1], group[2], *scalars, self.beta1, self.beta2, self.eps)
+            for i, value in zip(members, ops.unstack(values)):
+                ops.assign(self.params[i], value)
 
     def state_dict(self):
-        state = {m.name: m.asnumpy() for m in self.exp_avg + self.exp_avg_sq}
+        state = {}
+        for members, exp_avg, exp_avg_sq in self.groups:
+            for kind, stacked in (("exp_avg", exp_avg.asnumpy()), ("exp_avg_sq", exp_avg_sq.asnumpy())):
+                state.update({f"{kind}.{self.params[i].name}": stacked[j] for j, i in enumerate(members)})
         return state, {"step_count": self.step_count}
 
     def load_state_dict(self, tensors, meta):
-        missing = [m.name for m in self.exp_avg + self.exp_avg_sq if m.name not in tensors]
+        names = [f"{kind}.{p.name}" for kind in ("exp_avg", "exp_avg_sq") for p in self.params]
+        missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"optimizer state lacks {len(missing)} moment(s), e.g. {missing[0]}")
-        for m in self.exp_avg + self.exp_avg_sq:
-            m.set_data(Tensor(np.asarray(tensors[m.name], np.float32)))
+        for group in self.groups:
+            for k, kind in ((1, "exp_avg"), (2, "exp_avg_sq")):
+                group[k] = Tensor(np.stack([np.asarray(tensors[f"{kind}.{self.params[i].name}"], np.float32)
+                                            for i in group[0]]))
         self.step_count = int(meta["step_count"])
 
 

@@ -1,5 +1,6 @@
-"""The compiled training step (forward, loss and backward in one graph) against the op-by-op one:
-the same loss and gradients, and the same loss curve over optimizer steps."""
+"""The compiled training step (each decoder layer's forward and backward as graphs, the loss head
+as one more) against the op-by-op one: the same loss and gradients, with and without recompute
+and whichever projections carry adapters, and the same loss curve over optimizer steps."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -30,12 +31,18 @@ def text_batch(length, seed):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("length", [13, 64, 65])  # padded to the bucket, exactly a bucket, just past one
-def test_loss_and_gradients_equal_the_op_by_op_step(tiny_checkpoint, length):
-    thinker = adapted_thinker(tiny_checkpoint)
+# Some projections plain and one layer without any adapter: every kind of layer graph.
+SOME_PROJECTIONS = dict(target_modules=r"model\.layers\.1\.(self_attn\.(q|v)_proj|mlp\.down_proj)")
+
+
+@pytest.mark.parametrize("length,recompute,config", [
+    (13, False, {}), (64, False, {}), (65, False, {}),  # padded to the bucket, exactly a bucket, just past one
+    (13, True, {}), (65, True, SOME_PROJECTIONS), (64, False, SOME_PROJECTIONS)])
+def test_loss_and_gradients_equal_the_op_by_op_step(tiny_checkpoint, length, recompute, config):
+    thinker = adapted_thinker(tiny_checkpoint, **config)
     params = thinker.trainable_params()
     batch, scale = text_batch(length, length), 0.37
-    loss, grads = CompiledLossGrad(thinker, params)(batch, scale)
+    loss, grads = CompiledLossGrad(thinker, params, recompute)(batch, scale)
     want_loss, want_grads = ms.value_and_grad(lambda: causal_lm_loss_sum(thinker, batch)[0] * scale, None, params)()
     np.testing.assert_allclose(loss.asnumpy(), want_loss.asnumpy(), rtol=1e-5)
     assert min(np.abs(g.asnumpy()).max() for g in want_grads) > 1e-6

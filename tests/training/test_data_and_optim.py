@@ -156,14 +156,20 @@ def test_collator_pads_batches_and_masks_prompt_media_and_padding(processor, tmp
 
 
 def test_adamw_matches_torch():
+    """Parameters of one shape are updated together (stacked): several shapes, interleaved, and the
+    moments saved and loaded into a new optimizer halfway."""
     rng = np.random.default_rng(0)
-    start = [rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(4,)).astype(np.float32)]
+    start = [rng.normal(size=shape).astype(np.float32) for shape in ((3, 5), (4,), (3, 5), (3, 5), (4,), (2, 2, 2))]
     grads = [[rng.normal(size=w.shape).astype(np.float32) for w in start] for _ in range(4)]
     params = [ms.Parameter(ms.Tensor(w), name=f"w{i}") for i, w in enumerate(start)]
     ours = AdamW(params, lr=0.01, weight_decay=0.1)
     tensors = [torch.tensor(w, requires_grad=True) for w in start]
     theirs = torch.optim.AdamW(tensors, lr=0.01, weight_decay=0.1)
     for step, g in enumerate(grads):
+        if step == 2:
+            resumed = AdamW(params, lr=0.01, weight_decay=0.1)
+            resumed.load_state_dict(*ours.state_dict())
+            ours = resumed
         lr = 0.01 * cosine_with_warmup(step, 1, 4)
         ours.step(tuple(ms.Tensor(x) for x in g), lr)
         for group in theirs.param_groups:
@@ -173,6 +179,9 @@ def test_adamw_matches_torch():
         theirs.step()
     for p, t in zip(params, tensors):
         np.testing.assert_allclose(p.asnumpy(), t.detach().numpy(), atol=1e-6)
+    state, _ = ours.state_dict()
+    for i, t in enumerate(tensors):
+        np.testing.assert_allclose(state[f"exp_avg_sq.w{i}"], theirs.state[t]["exp_avg_sq"].numpy(), rtol=1e-4)
 
 
 def test_schedule_and_clipping_match_transformers_and_torch():
