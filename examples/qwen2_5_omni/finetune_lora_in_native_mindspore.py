@@ -10,11 +10,11 @@
 
 The dataset is a JSONL file, Parquet files or a `datasets.save_to_disk` folder of conversations or
 flat rows (image/audio/video + text); see mindone_ext/training/data.py. The loss counts the
-assistant's tokens only. Each optimizer step: forward and backward of every micro-batch
-(`mindspore.value_and_grad` over the adapters only: one compiled graph per bucketed batch shape when
-only the language model has adapters and --lora_dropout is 0, by default on Ascend; op by op
-otherwise, see --step), gradients summed over the accumulation window and divided by its
-labelled-token count, clipped by global norm, AdamW with warmup and cosine decay. Checkpoints
+assistant's tokens only. Each optimizer step: forward and backward of every micro-batch over the
+adapters only (each decoder layer's forward and backward as compiled graphs per bucketed batch
+shape, the encoders op by op, when --lora_dropout is 0, PEFT's default; all op by op otherwise,
+see --step), gradients summed over the accumulation window and divided by its labelled-token count,
+clipped by global norm, AdamW with warmup and cosine decay. Checkpoints
 (`output_dir/checkpoint-N`) are written atomically; `--resume` continues from the newest one with
 the same data order and dropout masks. The adapter ends up in `output_dir` in PEFT's layout (load it
 with infer_with_lora.py, or with PEFT in PyTorch).
@@ -88,12 +88,12 @@ def parser():
                     help="fetch media the dataset names by http(s) URL (off: such rows are skipped and counted)")
     add_model_flags(ap, dtype_help="the base weights' dtype; adapters and optimizer stay float32 "
                     "(float16 adds loss scaling)")
-    ap.add_argument("--recompute", action="store_true", help="recompute decoder layers in the backward pass")
+    ap.add_argument("--recompute", action="store_true",
+                    help="keep only each decoder layer's input for the backward pass and compute the rest again "
+                    "(less memory, about a third more compute)")
     ap.add_argument("--step", choices=["auto", "compiled", "eager"], default="auto",
-                    help="the training step as one compiled graph (language-model adapters, no dropout) or op by op; "
-                    "auto: compiled on Ascend, op by op on a CPU, where MindSpore's compiled graphs keep every "
-                    "intermediate (0.5B shape, 384 tokens: 3.5x faster but 11.3 GB against 5.6; 1024 tokens "
-                    "ran out of 24 GB)")
+                    help="compiled: each decoder layer's forward and backward as compiled graphs, the encoders op by "
+                    "op (needs --lora_dropout 0); eager: all op by op; auto: compiled when it can be")
     ap.add_argument("--save_steps", type=int, default=100)
     ap.add_argument("--save_total_limit", type=int, default=2)
     ap.add_argument("--eval_steps", type=int, default=100)
@@ -118,7 +118,6 @@ from mindone_ext.nn.lora import (AUDIO_ATTENTION_TARGETS, THINKER_LLM_TARGETS, V
 from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, DynamicLossScale,  # noqa: E402
                                   causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, resume_latest,
                                   save_checkpoint)
-from mindone_ext.nn.device import on_ascend  # noqa: E402
 from mindone_ext.training.compiled import CompiledLossGrad, outside_language_model  # noqa: E402
 from mindone_ext.training.distributed import DataParallel  # noqa: E402
 
@@ -185,8 +184,7 @@ def train(args):
     params = thinker.trainable_params()
     optimizer = AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     compiled = None
-    wanted = args.step == "compiled" or (args.step == "auto" and on_ascend())
-    if wanted and not outside_language_model(thinker):
+    if args.step != "eager" and not outside_language_model(thinker):
         if args.lora_dropout == 0:
             compiled = CompiledLossGrad(thinker, params, recompute=args.recompute)
         else:  # MindSpore 2.7.1 cannot re-seed a compiled graph's dropout per step: --resume would draw other masks
