@@ -106,31 +106,35 @@ def attention(q, k, v, mask, scale, flash=False, past=None):
     return exact_attention(q, k, v, mask, scale, past)
 
 
-class SegmentLayout:
-    """How a flat sequence of N tokens, cut into consecutive segments, maps to a padded
-    (segments, longest) batch: attention within segments (the reference's `cu_seqlens`) then
-    runs as ordinary batched attention with a key padding mask."""
-
-    def __init__(self, lengths):
-        lengths = np.asarray(lengths, np.int64)
-        longest = int(lengths.max())
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        offsets = np.arange(longest)
-        valid = offsets[None, :] < lengths[:, None]
-        self.shape = (len(lengths), longest)
-        self.gather = Tensor(np.where(valid, starts[:, None] + offsets[None, :], 0).reshape(-1).astype(np.int32))
-        self.scatter = Tensor(np.flatnonzero(valid).astype(np.int32))
-        self.mask = Tensor(np.broadcast_to(valid[:, None, None, :], (len(lengths), 1, longest, longest)).copy())
+def segment_layout(lengths, segments=None, longest=None, rows=None):
+    """(gather, scatter, mask): how a flat sequence of N tokens, cut into consecutive segments of
+    `lengths`, maps to a padded (segments, longest) batch, so attention within segments (the
+    reference's `cu_seqlens`) runs as ordinary batched attention with a key padding mask.
+    A compiled graph takes them padded to fixed sizes: `segments` segments (the extra ones empty),
+    `longest` slots each (those past a segment's length masked) and `rows` output rows (those past
+    N read token 0's)."""
+    lengths = np.asarray(lengths, np.int64)
+    segments, longest = segments or len(lengths), longest or int(lengths.max())
+    lengths = np.pad(lengths, (0, segments - len(lengths)))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offsets = np.arange(longest)
+    valid = offsets[None, :] < lengths[:, None]
+    scatter = np.flatnonzero(valid)
+    scatter = np.pad(scatter, (0, (rows or len(scatter)) - len(scatter)))
+    return (Tensor(np.where(valid, starts[:, None] + offsets[None, :], 0).reshape(-1).astype(np.int32)),
+            Tensor(scatter.astype(np.int32)),
+            Tensor(np.broadcast_to(valid[:, None, None, :], (segments, 1, longest, longest)).copy()))
 
 
 def segmented_attention(q, k, v, layout, scale, flash=False):
-    """q, k, v (N, H, D) for a flat sequence; each token attends only within its segment.
-    Returns (N, H * D)."""
+    """q, k, v (N, H, D) for a flat sequence; each token attends only within its segment of
+    `layout` (segment_layout). Returns (rows, H * D): N rows unless the layout was padded."""
     n, h, d = q.shape
-    s, longest = layout.shape
+    gather, scatter, mask = layout
+    s, longest = mask.shape[0], mask.shape[-1]
 
     def batch(x):
-        return ops.gather(x, layout.gather, 0).reshape(s, longest, h, d).swapaxes(1, 2)
+        return ops.gather(x, gather, 0).reshape(s, longest, h, d).swapaxes(1, 2)
 
-    out = attention(batch(q), batch(k), batch(v), layout.mask, scale, flash)
-    return ops.gather(out.reshape(s * longest, h * d), layout.scatter, 0)
+    out = attention(batch(q), batch(k), batch(v), mask, scale, flash)
+    return ops.gather(out.reshape(s * longest, h * d), scatter, 0)

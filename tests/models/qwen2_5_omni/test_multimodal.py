@@ -75,6 +75,9 @@ def test_vision_encoder_patch_counts_around_the_compiled_graphs(our_model, refer
     assert got.shape == want.shape
     assert max_abs_diff(got, want) <= 1e-4 and max_abs_diff(got, op_by_op) <= 1e-5
     assert -(-int(grid.prod(1).sum()) // 16) * 16 in visual._widths <= {16, 32, 48, 64, 80, 96, 112, 128}  # it ran
+    # the attention's segments padded too: a power of two of them, each a bucketed length
+    segments = {layout for shapes in visual._shapes for layout in shapes[1:]}
+    assert all(s & (s - 1) == 0 and longest % 16 == 0 for s, _, longest, _ in segments), segments
 
 
 @pytest.mark.parametrize("grid", [[[1, 6, 10]], [[4, 8, 6]], [[1, 4, 4], [2, 6, 8]]], ids=["image", "video", "both"])
