@@ -10,6 +10,8 @@ the CPU (as long as the step's forward and backward), and one graph over all of 
 compile (~0.1 s per parameter).
 """
 import math
+from dataclasses import dataclass
+from typing import List
 
 import numpy as np
 import mindspore as ms
@@ -46,6 +48,14 @@ def _adamw(params, grads, exp_avg, exp_avg_sq, decay, step_size, bias2_sqrt, bet
     return value.astype(params.dtype), exp_avg, exp_avg_sq
 
 
+@dataclass
+class _Moments:
+    """The stacked moments of parameters of one shape, and those parameters' indices."""
+    members: List[int]
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
+
 class AdamW:
     """torch.optim.AdamW (bias-corrected moments, decoupled weight decay) over MindSpore parameters.
     The moments are float32, saved and loaded under their parameter's name (`exp_avg.<name>`).
@@ -61,8 +71,7 @@ class AdamW:
         by_shape = {}
         for i, p in enumerate(self.params):
             by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
-        # per shape: the parameters' indices and their stacked moments
-        self.groups = [[members, *(ops.zeros((len(members),) + shape, ms.float32) for _ in range(2))]
+        self.groups = [_Moments(members, *(ops.zeros((len(members),) + shape, ms.float32) for _ in range(2)))
                        for (shape, _), members in by_shape.items()]
 
     def step(self, grads, lr=None):
@@ -71,18 +80,18 @@ class AdamW:
         scalars = [Tensor(np.float32(x)) for x in (1 - lr * self.weight_decay, lr / (1 - self.beta1 ** self.step_count),
                                                    math.sqrt(1 - self.beta2 ** self.step_count))]
         for group in self.groups:
-            members = group[0]
-            values, group[1], group[2] = _adamw(
-                ops.stack([self.params[i] for i in members]), ops.stack([grads[i] for i in members]),
-                group[1], group[2], *scalars, self.beta1, self.beta2, self.eps)
-            for i, value in zip(members, ops.unstack(values)):
+            values, group.exp_avg, group.exp_avg_sq = _adamw(
+                ops.stack([self.params[i] for i in group.members]), ops.stack([grads[i] for i in group.members]),
+                group.exp_avg, group.exp_avg_sq, *scalars, self.beta1, self.beta2, self.eps)
+            for i, value in zip(group.members, ops.unstack(values)):
                 ops.assign(self.params[i], value)
 
     def state_dict(self):
         state = {}
-        for members, exp_avg, exp_avg_sq in self.groups:
-            for kind, stacked in (("exp_avg", exp_avg.asnumpy()), ("exp_avg_sq", exp_avg_sq.asnumpy())):
-                state.update({f"{kind}.{self.params[i].name}": stacked[j] for j, i in enumerate(members)})
+        for group in self.groups:
+            for kind in ("exp_avg", "exp_avg_sq"):
+                stacked = getattr(group, kind).asnumpy()
+                state.update({f"{kind}.{self.params[i].name}": stacked[j] for j, i in enumerate(group.members)})
         return state, {"step_count": self.step_count}
 
     def load_state_dict(self, tensors, meta):
@@ -91,9 +100,9 @@ class AdamW:
         if missing:
             raise ValueError(f"optimizer state lacks {len(missing)} moment(s), e.g. {missing[0]}")
         for group in self.groups:
-            for k, kind in ((1, "exp_avg"), (2, "exp_avg_sq")):
-                group[k] = Tensor(np.stack([np.asarray(tensors[f"{kind}.{self.params[i].name}"], np.float32)
-                                            for i in group[0]]))
+            for kind in ("exp_avg", "exp_avg_sq"):
+                setattr(group, kind, Tensor(np.stack([np.asarray(tensors[f"{kind}.{self.params[i].name}"], np.float32)
+                                                      for i in group.members])))
         self.step_count = int(meta["step_count"])
 
 

@@ -173,7 +173,12 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
         self.heads, self.act = config.num_heads, P.activation(config.hidden_act)
-        self._compiled, self._widths, self._shapes = None, set(), set()  # the block graph; padded sizes run
+        self._compiled, self._shapes = None, set()  # the block graph; (width, layout shapes) it has run
+
+    @property
+    def _widths(self):
+        """The padded patch counts the block graph has run."""
+        return {shapes[0] for shapes in self._shapes}
 
     def _graph(self):
         if self._compiled is None:
@@ -203,7 +208,6 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         shapes = (width,) + tuple(sorted(tuple(layout[2].shape) for layout in layouts.values()))
         block_graph = self._graph()
         with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
-            self._widths.add(width)
             self._shapes.add(shapes)
             for block, lengths in zip(self.blocks, segments):
                 # Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
