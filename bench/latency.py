@@ -6,16 +6,15 @@
 The turn: a spoken question (espeak-ng, ~3 s), `--text_tokens` greedy text tokens, then
 `--codec_tokens` greedy codec tokens (2 s of speech at 50 tokens/s) and Token2Wav. Each
 implementation runs in its own new process (so its first call is a cold start): the first
-whole answer (`cold`: graphs compile), a second one (`warm`), then for ours two streamed answers
-(`generate_stream`: first text token, first audio chunk, all chunks; the figures are the second's,
-the first compiles the chunk windows' graphs: `first_stream_total_s`). `ours_compiled_vocoder`
-is the same with the vocoder compiled (`model.token2wav.vocoder.compiled = True`), which trades
-compile time for speed per window. `voice_chatting` is the README's first command from a new
-process to its exit.
+whole answer (`cold`: graphs compile or load), a second one (`warm`), then for ours two streamed
+answers (`generate_stream`: first text token, first audio chunk, all chunks; the figures are the
+second's, the first compiles the chunk windows' graphs: `first_stream_total_s`).
 
-MindSpore's compile cache is not used: in 2.7.1 it indexes cached graphs by the order a process
-compiled them, and a process that compiles in another order gets another graph's results
-(README: "Latency"). So every process compiles; there is no warm-cache figure.
+Ours runs three times, with graphs stored in a folder of this run (utils/graph_cache.py):
+`ours_empty_store` first (it compiles and stores), then `ours` (a new process that loads them:
+a machine's second and later runs), and `ours_store_off` (MINDONE_EXT_GRAPH_CACHE=off: every
+graph compiles in the process, the vocoder runs op by op). `voice_chatting` is the README's
+first command from a new process to its exit, with the stored graphs.
 JSON lines: one per implementation, then a summary with the ratios.
 """
 import argparse
@@ -57,12 +56,11 @@ def timed(fn):
     return out, round(time.perf_counter() - start, 3)
 
 
-def run_ours(args, compiled_vocoder):
+def run_ours(args):
     start = time.perf_counter()
     from mindone_ext import Qwen2_5OmniForConditionalGeneration
 
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model_path)
-    model.token2wav.vocoder.compiled = compiled_vocoder
     feed, question_s = inputs(args.model_path, args.wav)
     loaded = round(time.perf_counter() - start, 3)
     settings = dict(feed, spk="Ethan", max_new_tokens=args.text_tokens, eos_token_id=[], talker_do_sample=False,
@@ -72,7 +70,7 @@ def run_ours(args, compiled_vocoder):
     streamed = [stream(model, settings) for _ in range(2)]  # the first compiles the chunk windows' graphs
     return dict(import_and_load_s=loaded, whole_cold_s=cold, whole_warm_s=warm, **streamed[1],
                 first_stream_total_s=streamed[0]["stream_total_s"], speech_s=round(len(wav) / 24000, 2),
-                question_s=round(question_s, 2))
+                question_s=round(question_s, 2), vocoder_compiled=model.token2wav.vocoder.compiled)
 
 
 def stream(model, settings):
@@ -135,10 +133,10 @@ def default_model():
 
 
 def child(args):
-    run = {"ours": lambda: run_ours(args, False), "ours_compiled_vocoder": lambda: run_ours(args, True),
-           "reference": lambda: run_reference(args), "voice_chatting": lambda: run_voice_chatting(args)}[args.impl]
+    run = run_ours if args.impl.startswith("ours") else {"reference": run_reference,
+                                                             "voice_chatting": run_voice_chatting}[args.impl]
     emit(dict(bench="latency", impl=args.impl, text_tokens=args.text_tokens, codec_tokens=args.codec_tokens,
-              model=os.path.basename(os.path.normpath(args.model_path)), device="CPU", dtype="float32", **run()))
+              model=os.path.basename(os.path.normpath(args.model_path)), device="CPU", dtype="float32", **run(args)))
 
 
 def main():
@@ -146,7 +144,8 @@ def main():
     ap.add_argument("--model_path", default=None, help="a Qwen2.5-Omni folder (default: the bundled tiny checkpoint)")
     ap.add_argument("--text_tokens", type=int, default=24)
     ap.add_argument("--codec_tokens", type=int, default=100)
-    ap.add_argument("--impls", default="ours,ours_compiled_vocoder,reference,voice_chatting")
+    ap.add_argument("--impls", default="ours_empty_store,ours,ours_store_off,reference,voice_chatting",
+                    help="ours after ours_empty_store finds its graphs stored")
     ap.add_argument("--impl", help=argparse.SUPPRESS)  # one child process
     ap.add_argument("--wav", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -156,19 +155,24 @@ def main():
     records = {}
     with tempfile.TemporaryDirectory() as tmp:
         wav = question(os.path.join(tmp, "question.wav"))
+        graphs = os.path.join(tmp, "graphs")  # this run's stored graphs, empty at first
         for impl in args.impls.split(","):
+            env = dict(os.environ, MINDONE_EXT_GRAPH_CACHE="off" if impl == "ours_store_off" else graphs)
             command = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--wav", wav, "--model_path",
                        args.model_path, "--text_tokens", str(args.text_tokens), "--codec_tokens", str(args.codec_tokens)]
-            out = subprocess.run(command, capture_output=True, text=True, check=False)
+            out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if out.returncode:
                 sys.exit(f"{impl} failed ({out.returncode}):\n{out.stderr[-3000:]}")
             records[impl] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
             emit(records[impl])
     ours, reference = records.get("ours"), records.get("reference")
-    summary = dict(bench="latency", compile_cache="off (MindSpore 2.7.1's can load another graph's results)")
+    summary = dict(bench="latency")
     if ours:
         summary["ratio_stream_total_vs_whole"] = round(ours["stream_total_s"] / ours["whole_warm_s"], 3)
-        summary["ratio_cold_vs_warm"] = round(ours["whole_cold_s"] / ours["whole_warm_s"], 3)
+        summary["ratio_cold_vs_warm"] = round(ours["whole_cold_s"] / ours["whole_warm_s"], 3)  # graphs stored
+    if ours and records.get("ours_empty_store"):
+        empty = records["ours_empty_store"]["whole_cold_s"]
+        summary["ratio_cold_empty_store_vs_warm"] = round(empty / ours["whole_warm_s"], 3)
     if ours and reference:
         summary["ratio_first_audio_vs_reference_whole"] = round(ours["stream_first_audio_s"] / reference["whole_warm_s"], 3)
         summary["ratio_whole_vs_reference_whole"] = round(ours["whole_warm_s"] / reference["whole_warm_s"], 3)

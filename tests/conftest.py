@@ -1,6 +1,8 @@
 """Shared fixtures: tiny checkpoints built once per session with the PyTorch reference."""
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -9,6 +11,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `tools.` is importable from the tests
 
 SHIPPED_CHECKPOINT = os.path.join(ROOT, "examples", "qwen2_5_omni", "tiny-qwen2.5-omni")
+GRAPH_CACHE_ENV = "MINDONE_EXT_GRAPH_CACHE"  # mindone_ext.utils.graph_cache.ENV (not imported: it imports MindSpore)
+
+
+def pytest_configure(config):
+    """Compiled graphs go to a folder of this run's own (not the user's cache), shared by the
+    xdist workers and the processes tests start, which inherit the variable; removed at the end."""
+    if hasattr(config, "workerinput") or os.environ.get(GRAPH_CACHE_ENV):
+        return
+    config.graph_cache = tempfile.mkdtemp(prefix="mindone_ext-test-graphs-")
+    os.environ[GRAPH_CACHE_ENV] = config.graph_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "graph_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(GRAPH_CACHE_ENV, None)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,11 @@ class Conv1d(nn.Cell):
         self.bias = empty_parameter((out_channels,), dtype, "bias") if bias else None
 
     def construct(self, x):
-        return P.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.apply(x, self.weight, self.bias)
+
+    def apply(self, x, weight, bias):
+        """This convolution with the given weights (a graph that takes weights as inputs calls it)."""
+        return P.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class LayerNorm(nn.Cell):

@@ -7,7 +7,11 @@ Every layer also takes `valid`, the number of real samples at its rate (a tensor
 graph): the input may be longer, and the output's first `valid` samples are what the reference
 gives on the real samples alone. Zero padding is made exact by zeroing what lies past `valid`
 before each convolution, replicate padding by reading indices clipped to `valid`. One compiled
-graph of a given width then serves every shorter mel (see vocoder.py's `Vocoder`)."""
+graph of a given width then serves every shorter mel (see vocoder.py's `Vocoder`).
+
+Each layer's `apply` computes it from weights given as arguments (`weights()` lists them, flat):
+a compiled graph of the vocoder then holds no parameters, so it can be stored and reused by
+another process (utils/graph_cache.py) whatever checkpoint that process loads."""
 import math
 
 import numpy as np
@@ -58,9 +62,13 @@ class SnakeBeta(nn.Cell):
         self.beta = empty_parameter((channels,), dtype, "beta")
 
     def construct(self, x):
-        alpha = ops.exp(self.alpha).reshape(1, -1, 1)
-        beta = ops.exp(self.beta).reshape(1, -1, 1)
-        return x + (1.0 / (beta + 1e-9)) * ops.square(ops.sin(x * alpha))
+        return snake_beta(x, self.alpha, self.beta)
+
+
+def snake_beta(x, alpha, beta):
+    alpha = ops.exp(alpha).reshape(1, -1, 1)
+    beta = ops.exp(beta).reshape(1, -1, 1)
+    return x + (1.0 / (beta + 1e-9)) * ops.square(ops.sin(x * alpha))
 
 
 def polyphase_taps(taps, ratio, crop):
@@ -95,12 +103,18 @@ class AntiAliasedActivation(nn.Cell):
         self.up_filter = Tensor(np.tile(phases[None, :, None, :], (channels, 1, 1, 1)).reshape(channels * ratio, 1, -1))
         self.down_pad = kernel_size // 2 - int(kernel_size % 2 == 0), kernel_size // 2
 
+    def weights(self):
+        return self.act.alpha, self.act.beta
+
     def construct(self, x, valid=None):
+        return self.apply(x, valid, *self.weights())
+
+    def apply(self, x, valid, alpha, beta):
         b, c, n = x.shape
         up = P.conv1d(replicate_pad(x, self.up_pad[0], self.up_pad[1], valid), self.up_filter.astype(x.dtype), None,
                       1, 0, 1, self.channels)  # (B, C * ratio, >= n): phase r of channel c at row c * ratio + r
         x = up.reshape(b, c, self.ratio, -1)[..., :n].swapaxes(2, 3).reshape(b, c, n * self.ratio)
-        x = self.act(x)
+        x = snake_beta(x, alpha, beta)
         x = replicate_pad(x, self.down_pad[0], self.down_pad[1], None if valid is None else valid * self.ratio)
         return P.conv1d(x, self.filter.astype(x.dtype), None, self.ratio, 0, 1, self.channels)
 
@@ -112,11 +126,25 @@ class AMPBlock(nn.Cell):
         self.convs1 = nn.CellList([Conv1d(channels, channels, kernel_size, 1, pad(d), d, dtype=dtype) for d in dilations])
         self.convs2 = nn.CellList([Conv1d(channels, channels, kernel_size, 1, pad(1), 1, dtype=dtype) for _ in dilations])
         self.activations = nn.CellList([AntiAliasedActivation(channels, dtype) for _ in range(2 * len(dilations))])
+        self.weight_count = 8 * len(dilations)
+
+    def weights(self):
+        """Per dilation: the first activation's 2, the first conv's 2, the second's 2 and 2."""
+        out = ()
+        for i in range(len(self.convs1)):
+            first, second = self.convs1[i], self.convs2[i]
+            out += (self.activations[2 * i].weights() + (first.weight, first.bias)
+                    + self.activations[2 * i + 1].weights() + (second.weight, second.bias))
+        return out
 
     def construct(self, x, valid=None):
+        return self.apply(x, valid, self.weights())
+
+    def apply(self, x, valid, weights):
         for i in range(len(self.convs1)):
-            h = self.convs1[i](keep_valid(self.activations[2 * i](x, valid), valid))
-            x = x + self.convs2[i](keep_valid(self.activations[2 * i + 1](h, valid), valid))
+            a1, b1, w1, c1, a2, b2, w2, c2 = weights[8 * i:8 * i + 8]
+            h = self.convs1[i].apply(keep_valid(self.activations[2 * i].apply(x, valid, a1, b1), valid), w1, c1)
+            x = x + self.convs2[i].apply(keep_valid(self.activations[2 * i + 1].apply(h, valid, a2, b2), valid), w2, c2)
         return x
 
 
@@ -128,7 +156,10 @@ class TransposedConv1d(nn.Cell):
         self.bias = empty_parameter((out_channels,), dtype, "bias")
 
     def construct(self, x):
-        return P.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding)
+        return self.apply(x, self.weight, self.bias)
+
+    def apply(self, x, weight, bias):
+        return P.conv_transpose1d(x, weight, bias, self.stride, self.padding)
 
 
 class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
@@ -138,6 +169,10 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         self.num_kernels = len(config.resblock_kernel_sizes)
         self.upsample_rates = tuple(config.upsample_rates)
         self.hop = int(np.prod(self.upsample_rates))  # samples per mel frame
+        # what a compiled graph of this vocoder depends on besides its inputs' shapes
+        self.structure = (config.mel_dim, c0, tuple(config.resblock_kernel_sizes),
+                          tuple(map(tuple, config.resblock_dilation_sizes)), self.upsample_rates,
+                          tuple(config.upsample_kernel_sizes))
         self.conv_pre = Conv1d(config.mel_dim, c0, 7, 1, 3, dtype=dtype)
         self.ups = nn.CellList([
             nn.CellList([TransposedConv1d(c0 // 2**i, c0 // 2**(i + 1), k, s, (k - s) // 2, dtype)])
@@ -156,16 +191,37 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         db = 20 * ops.log10(ops.clamp(ops.exp(mel), min=floor)) - 20
         return ops.clamp(2 * ((db + 115) / 115) - 1, -1.0, 1.0)
 
-    def construct(self, mel_spectrogram, frames=None):
-        """mel (B, mel_dim, T) -> waveform (B * 240 T samples, squeezed), clamped to [-1, 1].
-        `frames`: how many of the T frames are real (default all); samples past 240 * frames are
-        then not the waveform of anything."""
-        valid = frames
-        x = self.conv_pre(keep_valid(self.normalise_mel(mel_spectrogram), valid))
+    def weights(self):
+        """Every weight `apply` takes, in its order: conv_pre's 2, then per stage the upsampling's 2
+        and its AMP blocks', then the last activation's 2 and conv_post's 1."""
+        out = (self.conv_pre.weight, self.conv_pre.bias)
         for i, up in enumerate(self.ups):
-            x = up[0](keep_valid(x, valid))
+            out += (up[0].weight, up[0].bias)
+            for j in range(self.num_kernels):
+                out += self.resblocks[i * self.num_kernels + j].weights()
+        return out + self.activation_post.weights() + (self.conv_post.weight,)
+
+    def construct(self, mel_spectrogram, frames=None):
+        return self.apply(mel_spectrogram, frames, self.weights())
+
+    def apply(self, mel_spectrogram, frames, weights):
+        """mel (B, mel_dim, T) -> waveform (B * 240 T samples, squeezed), clamped to [-1, 1].
+        `frames`: how many of the T frames are real (None: all); samples past 240 * frames are
+        then not the waveform of anything. `weights`: as `weights()` lists them."""
+        valid = frames
+        x = self.conv_pre.apply(keep_valid(self.normalise_mel(mel_spectrogram), valid), weights[0], weights[1])
+        at = 2
+        for i, up in enumerate(self.ups):
+            x = up[0].apply(keep_valid(x, valid), weights[at], weights[at + 1])
+            at += 2
             valid = None if valid is None else valid * self.upsample_rates[i]
-            x = sum(self.resblocks[i * self.num_kernels + j](x, valid)
-                    for j in range(self.num_kernels)) / self.num_kernels
-        x = self.conv_post(keep_valid(self.activation_post(x, valid), valid))
+            total = None
+            for j in range(self.num_kernels):
+                block = self.resblocks[i * self.num_kernels + j]
+                y = block.apply(x, valid, weights[at:at + block.weight_count])
+                at += block.weight_count
+                total = y if total is None else total + y
+            x = total / self.num_kernels
+        x = self.activation_post.apply(x, valid, weights[at], weights[at + 1])
+        x = self.conv_post.apply(keep_valid(x, valid), weights[at + 2], None)
         return ops.clamp(x, -1.0, 1.0).squeeze()

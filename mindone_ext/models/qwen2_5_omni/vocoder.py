@@ -1,40 +1,67 @@
-"""BigVGAN on a mel of any length, op by op or through a few compiled graphs.
+"""BigVGAN on a mel of any length, op by op or through one compiled graph.
 
-Op by op (the default), the vocoder runs once over the frames asked for. Compiled
-(`Vocoder.compiled = True`), it runs as one graph per window width: widths are bucketed
-(`bucket`: at most 12.5% padding), the real length is a graph input (BigVGAN's `frames`), and a
-mel longer than `MAX_WINDOW` frames is vocoded in windows that overlap by `CONTEXT` frames on
-each side. The vocoder is a stack of convolutions with a finite reach, so a window's middle
-equals the whole mel's output (tests/models/qwen2_5_omni/test_vocoder.py); MindSpore's CPU backend
-keeps each graph's buffers for the life of the process, and windows bound them.
+Compiled, the vocoder runs in windows of one fixed width (`Vocoder.width` frames, the last
+window zero-padded; the real length is a graph input, BigVGAN's `frames`) that overlap by
+`CONTEXT` frames on each side: the vocoder is a stack of convolutions with a finite reach, so a
+window's middle equals the whole mel's output (tests/models/qwen2_5_omni/test_vocoder.py). The
+graph is stored once per machine (utils/graph_cache.py: ~20 s to compile on this project's CPU
+machine, ~2 s to load in a later process) and runs ~5x faster than op by op on the bundled tiny
+checkpoint (200 frames: 0.6 s against 3.0 s).
 
-Why compiling is not the default: a graph of the vocoder is ~1500 kernels, which MindSpore 2.7.1
-compiles in ~35 s per width on this project's CPU machine, its compile cache can return another
-graph's results (README: "Latency"); a window then runs ~2x faster on the bundled tiny
-checkpoint, which pays in a long-lived process that vocodes many windows of few widths.
+MindSpore's CPU backend keeps what a graph allocates for the life of the process: ~46 float32
+values per sample entering each of BigVGAN's anti-aliased activations, measured (the released
+vocoder's graph kept 7.0 GB at 64 frames, the tiny one's 1.05 GB at 224). So the width is the
+widest whose graph keeps at most `GRAPH_BYTES`, one width so that the memory is bounded by
+construction, and a vocoder too large for any window of at least `2 * CONTEXT + 32` frames (the
+released one) runs op by op, as it also does with stored graphs turned off: once over the frames
+asked for, equal-length mels of several answers batched.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ...generation.decode import bucket
+from ...utils.graph_cache import StoredGraph, cache_folder
 from ...utils.notice import compiling
 
 CONTEXT = 24  # mel frames the vocoder sees on each side of the frames it keeps
 MAX_WINDOW = 256  # mel frames per compiled call at most (2.56 s of speech)
-SMALLEST_WIDTH = 32
+GRAPH_BYTES = 768 << 20  # what the compiled graph may keep (see above)
+KEPT_VALUES_PER_SAMPLE = 46  # float32 values kept per sample entering an activation (measured, see above)
+
+
+def kept_bytes_per_frame(bigvgan):
+    """Bytes a compiled graph of `bigvgan` keeps per mel frame of its width."""
+    samples, values = 1, 0
+    for i, rate in enumerate(bigvgan.upsample_rates):
+        samples *= rate
+        blocks = bigvgan.resblocks[i * bigvgan.num_kernels:(i + 1) * bigvgan.num_kernels]
+        channels = bigvgan.ups[i][0].weight.shape[1]
+        values += channels * samples * sum(len(block.activations) for block in blocks)
+    return values * KEPT_VALUES_PER_SAMPLE * 4
+
+
+def graph_width(bigvgan, budget=GRAPH_BYTES):
+    """The widest window (a multiple of 32 frames, at most MAX_WINDOW) whose graph keeps at most
+    `budget` bytes, or None when even 2 * CONTEXT + 32 frames would keep more."""
+    width = min(MAX_WINDOW, budget // kept_bytes_per_frame(bigvgan) // 32 * 32)
+    return width if width >= 2 * CONTEXT + 32 else None
 
 
 class Vocoder:
-    def __init__(self, bigvgan, compiled=False):
-        self.bigvgan, self.compiled = bigvgan, compiled
-        self.widths = set()  # window widths compiled so far
+    """`compiled`: None for compiled when graphs are stored and a window fits the budget;
+    `width`: the compiled windows' width in frames (default: `graph_width`'s)."""
 
-        @ms.jit
-        def graph(mel, frames):
-            return bigvgan(mel, frames)
+    def __init__(self, bigvgan, compiled=None, width=None):
+        self.bigvgan = bigvgan
+        fits = graph_width(bigvgan)
+        self.compiled = (cache_folder() is not None and fits is not None) if compiled is None else compiled
+        self.width = width or fits or 2 * CONTEXT + 32
+        self.compiled_once = False
 
-        self._graph = graph
+        def vocode(mel, frames, weights):
+            return bigvgan.apply(mel, frames, weights)
+
+        self._graph = StoredGraph("bigvgan", vocode, bigvgan.structure)
 
     def __call__(self, mel):
         """mel (T, mel_dim) -> waveform (T * hop,) float32, as BigVGAN on the whole mel."""
@@ -60,14 +87,16 @@ class Vocoder:
 
     def _windows(self, mel, start, end, context):
         """(first, last, lo, hi) per window: frames lo..hi kept from the vocoder on first..last."""
-        step = MAX_WINDOW - 2 * context if self.compiled else max(1, end - start)
+        if self.compiled and self.width - 2 * context < 1:
+            raise ValueError(f"a vocoder context of {context} frames leaves nothing of a {self.width}-frame window")
+        step = self.width - 2 * context if self.compiled else max(1, end - start)
         return [(max(0, lo - context), min(len(mel), min(end, lo + step) + context), lo, min(end, lo + step))
                 for lo in range(start, end, step)]
 
     def windows(self, mels):
         """BigVGAN on each of `mels` (T, mel_dim) as if it were the whole input -> waveforms.
         Op by op, mels of equal length run as one batch (rows are independent: a row's samples
-        are what it gets alone); compiled, each runs through its width's graph."""
+        are what it gets alone); compiled, each runs through the graph of `width` frames."""
         if self.compiled:
             return [self._compiled_window(mel) for mel in mels]
         waves, by_length = [None] * len(mels), {}
@@ -82,10 +111,11 @@ class Vocoder:
 
     def _compiled_window(self, mel):
         frames, mel_dim = mel.shape
-        width = bucket(frames, SMALLEST_WIDTH)
-        padded = np.zeros((1, mel_dim, width), np.float32)
+        padded = np.zeros((1, mel_dim, self.width), np.float32)
         padded[0, :, :frames] = mel.T
-        with compiling(None if width in self.widths else f"the vocoder for {width} mel frames"):
-            self.widths.add(width)
-            wav = self._graph(Tensor(padded), Tensor(frames, ms.int32))
+        with compiling(None if self.compiled_once else f"the vocoder for {self.width} mel frames"):
+            self.compiled_once = True
+            # Tensor(p): the same storage as the parameter, as a graph input
+            weights = ms.mutable(tuple(Tensor(w) for w in self.bigvgan.weights()))
+            wav = self._graph(Tensor(padded), Tensor(frames, ms.int32), weights)
             return wav.asnumpy().reshape(-1)[:frames * self.bigvgan.hop].astype(np.float32)

@@ -1,20 +1,23 @@
 """The compiled vocoder against BigVGAN op by op (itself at parity with the reference in
-test_speech.py): every length around the graph widths' boundaries, and windows of a long mel.
-A small BigVGAN with random weights keeps each graph's compilation short."""
+test_speech.py): every length around the windows' boundaries, windows of a long mel, one graph
+width for all; and the width its memory budget allows. A small BigVGAN with random weights keeps
+the graph's compilation short."""
+import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from mindspore import Tensor
 
-from mindone_ext.models.qwen2_5_omni import vocoder as vocoder_module
 from mindone_ext.models.qwen2_5_omni.bigvgan import Qwen2_5OmniToken2WavBigVGANModel
-from mindone_ext.models.qwen2_5_omni.vocoder import Vocoder
-from tests.conftest import max_abs_diff
+from mindone_ext.models.qwen2_5_omni.vocoder import CONTEXT, Vocoder, graph_width
+from tests.conftest import SHIPPED_CHECKPOINT, max_abs_diff
 
 CONFIG = SimpleNamespace(mel_dim=8, upsample_initial_channel=16, upsample_rates=[3, 2], upsample_kernel_sizes=[7, 4],
                          resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]])
 MEL = (np.random.default_rng(1).standard_normal((160, CONFIG.mel_dim)) - 4).astype(np.float32)
+WIDTH = 64
 
 
 @pytest.fixture(scope="module")
@@ -28,40 +31,63 @@ def bigvgan():
 
 @pytest.fixture(scope="module")
 def compiled(bigvgan):
-    return Vocoder(bigvgan, compiled=True)
+    vocoder = Vocoder(bigvgan, compiled=True, width=WIDTH)
+    graph, vocoder.widths = vocoder._graph, set()
+
+    def recording(mel, frames, weights):  # every window through the one graph width
+        vocoder.widths.add(mel.shape[-1])
+        return graph(mel, frames, weights)
+
+    vocoder._graph = recording
+    return vocoder
 
 
 def op_by_op(bigvgan, mel):
     return bigvgan(Tensor(mel.T[None])).asnumpy().reshape(-1)
 
 
-def test_every_length_around_the_graph_widths(bigvgan, compiled):
-    for frames in list(range(1, 4)) + list(range(29, 36)) + list(range(61, 68)):
+def test_every_length_around_the_window_boundaries(bigvgan, compiled):
+    step = WIDTH - 2 * CONTEXT  # new frames per window
+    for frames in list(range(1, 4)) + [n for k in (1, 2, 4) for n in range(k * step - 2, k * step + 3)]:
         want = op_by_op(bigvgan, MEL[:frames])
         got = compiled(MEL[:frames])
         assert got.dtype == np.float32 and got.shape == want.shape == (frames * 6,)
         assert max_abs_diff(got, want) <= 1e-4, frames
-    assert compiled.widths == {32, 64, 96}  # three graphs served 17 lengths
+    assert compiled.widths == {WIDTH}
 
 
-def test_a_long_mel_in_windows_equals_the_whole(bigvgan, compiled, monkeypatch):
-    monkeypatch.setattr(vocoder_module, "MAX_WINDOW", 64)  # windows of 32 new frames and 16 on each side
-    for frames in (95, 96, 97, 160):  # the last window full, one frame long, or several windows
+def test_a_long_mel_in_windows_equals_the_whole(bigvgan, compiled):
+    for frames in (95, 96, 97, 160):  # windows of 32 new frames: the last full, one frame long, or several
         want = op_by_op(bigvgan, MEL[:frames])
         assert max_abs_diff(compiled.span(MEL[:frames], 0, frames, context=16), want) <= 1e-4, frames
     # a span in the middle: what the streamed answer asks for
     assert max_abs_diff(compiled.span(MEL, 40, 90, context=16), op_by_op(bigvgan, MEL)[40 * 6:90 * 6]) <= 1e-4
-    assert compiled.widths == {32, 64, 96}  # the windows' graphs are the first test's
+    assert compiled.widths == {WIDTH}
+    with pytest.raises(ValueError, match="context of 32 frames leaves nothing of a 64-frame window"):
+        compiled.span(MEL, 0, 10, context=32)
+
+
+def test_the_graph_width_is_what_the_memory_budget_allows():
+    released = SimpleNamespace(mel_dim=80, upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11],
+                               resblock_dilation_sizes=[[1, 3, 5]] * 3, upsample_rates=[5, 3, 2, 2, 2, 2],
+                               upsample_kernel_sizes=[11, 7, 4, 4, 4, 4])
+    with open(os.path.join(SHIPPED_CHECKPOINT, "config.json")) as f:
+        tiny = SimpleNamespace(**json.load(f)["token2wav_config"]["bigvgan_config"])
+    # the released vocoder's graph would keep ~108 MB per frame (7.0 GB measured at 64): op by op
+    assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(released)) is None
+    assert not Vocoder(Qwen2_5OmniToken2WavBigVGANModel(released)).compiled
+    assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(tiny)) == 128  # ~6 MB per frame, 768 MB
+    assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(CONFIG)) == 256  # the widest window
 
 
 def test_op_by_op_runs_the_span_in_one_call(bigvgan):
-    plain = Vocoder(bigvgan)
+    plain = Vocoder(bigvgan, compiled=False)
     assert max_abs_diff(plain.span(MEL, 40, 90, context=40), op_by_op(bigvgan, MEL[:130])[40 * 6:90 * 6]) <= 1e-4
-    assert plain.widths == set()
+    assert not plain.compiled_once
 
 
 def test_spans_of_several_answers_equal_each_alone(bigvgan, monkeypatch):
-    plain = Vocoder(bigvgan)
+    plain = Vocoder(bigvgan, compiled=False)
     other = (np.random.default_rng(2).standard_normal((120, CONFIG.mel_dim)) - 4).astype(np.float32)
     requests = [(MEL, 40, 90, 24), (other, 30, 80, 24), (MEL, 0, 30, 24), (other, 96, 120, 24)]
     alone = [plain.span(*request) for request in requests]

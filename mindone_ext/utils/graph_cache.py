@@ -1,0 +1,112 @@
+"""Compiled graphs kept on disk: a graph compiles once per machine instead of once per process.
+
+MindSpore 2.7.1's own compile cache files graphs by the order a process compiled them, so a
+process that compiles in another order silently runs another graph (README: "Latency",
+bench/compile_cache_probe.py). Here each graph is exported to MindIR under a key of everything
+that decides it: a name and the constants the function closes over (its configuration), its
+inputs' shapes and dtypes, this package's source, MindSpore's version and the device. A later
+process loads it (`mindspore.load` + `nn.GraphCell`): ~2 s where compiling the vocoder takes ~20 s
+on this project's CPU machine.
+
+Only graphs that hold no parameters are stored (their weights are inputs), so a stored graph never
+carries one checkpoint's weights into another process; a loaded graph holding any is refused.
+
+The folder is $MINDONE_EXT_GRAPH_CACHE (default ~/.cache/mindone_ext/graphs); "off" turns storing
+off (graphs then compile in each process, as `mindspore.jit`). It is safe to delete at any time.
+A graph is written under a temporary name and renamed, so a killed or concurrent process never
+leaves half a file under a key; a file that does not load is compiled again and replaced.
+"""
+import hashlib
+import os
+import tempfile
+from functools import lru_cache
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+ENV = "MINDONE_EXT_GRAPH_CACHE"
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cache_folder():
+    """The folder graphs are stored in, or None when storing is off."""
+    setting = os.environ.get(ENV, "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    return setting or os.path.join(os.path.expanduser("~"), ".cache", "mindone_ext", "graphs")
+
+
+@lru_cache(maxsize=1)
+def source_hash():
+    """sha256 of this package's Python source: a changed line of code is a changed graph."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(PACKAGE):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, PACKAGE).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def signature(value):
+    """What a graph input contributes to its key: shape and dtype of a tensor, per element of a tuple."""
+    if isinstance(value, Tensor):
+        return (tuple(value.shape), str(value.dtype))
+    if isinstance(value, (tuple, list)):
+        return tuple(signature(v) for v in value)
+    raise TypeError(f"a stored graph takes tensors or tuples of tensors, not {type(value).__name__}: "
+                    "pass other values as the graph's constants")
+
+
+class StoredGraph:
+    """`function` (tensors, or tuples of tensors marked `mindspore.mutable`, in; tensors out;
+    no parameters inside) compiled once per input signature and machine. `constants`: a repr-able
+    value naming what the function closes over (e.g. its model's configuration)."""
+
+    def __init__(self, name, function, constants):
+        self.name, self.function, self.constants = name, function, constants
+        self._jit = ms.jit(function)
+        self._cells = {}
+
+    def __call__(self, *inputs):
+        folder = cache_folder()
+        if folder is None:
+            return self._jit(*inputs)
+        key = self.key(inputs)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = self._load(folder, key, inputs)
+        return cell(*inputs)
+
+    def key(self, inputs):
+        parts = (self.name, repr(self.constants), repr(signature(inputs)), source_hash(), ms.__version__,
+                 ms.get_context("device_target"))
+        return f"{self.name}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def _load(self, folder, key, inputs):
+        path = os.path.join(folder, key + ".mindir")
+        if os.path.exists(path):
+            try:
+                return self._graph_cell(path)
+            except (RuntimeError, ValueError, OSError):
+                pass  # unreadable (e.g. a disk filled up while it was written): compiled again below
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=key + ".", suffix=".partial.mindir", dir=folder)
+        os.close(handle)
+        try:
+            ms.export(self.function, *inputs, file_name=temporary, file_format="MINDIR")
+            cell = self._graph_cell(temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return cell
+
+    def _graph_cell(self, path):
+        cell = nn.GraphCell(ms.load(path))
+        if len(cell.parameters_dict()):
+            raise ValueError(f"the graph {self.name} holds parameters ({', '.join(cell.parameters_dict())}): "
+                             "a stored graph must take its weights as inputs")
+        return cell

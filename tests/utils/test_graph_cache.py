@@ -1,0 +1,121 @@
+"""Graphs stored on disk (utils/graph_cache.py): a new process loads what another compiled, in any
+order (where MindSpore 2.7.1's own cache returns another graph's results), keys that tell graphs
+apart, and the ways a stored graph can be wrong refused or repaired."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Parameter, Tensor
+
+from mindone_ext.utils import graph_cache
+from mindone_ext.utils.graph_cache import ENV, StoredGraph
+
+CHILD = """
+import json, sys
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+from mindone_ext.utils.graph_cache import StoredGraph
+
+def scale_add(x, w):
+    return x * w[0] + w[1]
+
+def minus(x, w):
+    return x - w[0]
+
+graphs = {"f": StoredGraph("f", scale_add, ()), "g": StoredGraph("g", minus, ())}
+x = Tensor(np.arange(3, dtype=np.float32))
+w = ms.mutable((Tensor(np.float32(2)), Tensor(np.float32(5))))
+print(json.dumps({name: graphs[name](x, w).asnumpy().tolist() for name in sys.argv[1]}))
+"""
+EXPECTED = {"f": [5.0, 7.0, 9.0], "g": [-2.0, -1.0, 0.0]}
+
+
+def stored(folder):
+    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
+
+
+def test_a_new_process_loads_the_stored_graphs_in_any_order(tmp_path):
+    child, folder = tmp_path / "child.py", tmp_path / "graphs"
+    child.write_text(CHILD)  # a file: MindSpore reads a compiled function's source back
+    env = dict(os.environ, **{ENV: str(folder)})
+    runs = []
+    for order in ("fg", "gf"):
+        out = subprocess.run([sys.executable, str(child), order], env=env, capture_output=True, text=True, check=True)
+        runs.append((json.loads(out.stdout.strip().splitlines()[-1]), stored(folder)))
+    for got, _ in runs:
+        assert got == EXPECTED
+    first_files, second_files = runs[0][1], runs[1][1]
+    assert len(first_files) == 2 and all(name.endswith(".mindir") for name in first_files)
+    assert second_files == first_files  # the second process loaded both, wrote nothing
+
+
+def test_keys_tell_apart_what_decides_a_graph(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, str(tmp_path))
+    graph = StoredGraph("f", lambda x: x, (1, 2))
+    x = Tensor(np.zeros((2, 3), np.float32))
+    key = graph.key((x,))
+    assert key == graph.key((Tensor(np.ones((2, 3), np.float32)),))  # values do not matter
+    assert key != graph.key((Tensor(np.zeros((3, 2), np.float32)),))
+    assert key != graph.key((Tensor(np.zeros((2, 3), np.float16)),))
+    assert key != graph.key(((x,),))
+    assert key != StoredGraph("f", lambda x: x, (1, 3)).key((x,))
+    assert key != StoredGraph("g", lambda x: x, (1, 2)).key((x,))
+    with pytest.raises(TypeError, match="constants"):
+        graph.key((x, 3))
+
+
+def test_a_graph_holding_parameters_is_refused_and_nothing_is_left(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, str(tmp_path))
+    weight = Parameter(Tensor(np.ones(3, np.float32)), name="weight")
+
+    def holds_a_parameter(x):
+        return x * weight
+
+    with pytest.raises(ValueError, match="holds parameters .*weight.*inputs"):
+        StoredGraph("held", holds_a_parameter, ())(Tensor(np.ones(3, np.float32)))
+    assert os.listdir(tmp_path) == []
+
+
+def add_one(x):
+    return x + 1
+
+
+def test_an_unreadable_stored_graph_is_compiled_again(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, str(tmp_path))
+    x = Tensor(np.arange(4, dtype=np.float32))
+    graph = StoredGraph("plus", add_one, ())
+    path = tmp_path / (graph.key((x,)) + ".mindir")
+    path.write_bytes(b"half a graph")
+    assert StoredGraph("plus", add_one, ())(x).asnumpy().tolist() == [1, 2, 3, 4]
+    assert path.stat().st_size > len(b"half a graph")
+    assert StoredGraph("plus", add_one, ())(x).asnumpy().tolist() == [1, 2, 3, 4]  # loads now
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_off_compiles_in_the_process_and_writes_nothing(monkeypatch, tmp_path):
+    folder = tmp_path / "graphs"
+    monkeypatch.setenv(ENV, "off")
+    assert graph_cache.cache_folder() is None
+    assert StoredGraph("plus", add_one, ())(Tensor(np.zeros(2, np.float32))).asnumpy().tolist() == [1, 1]
+    assert not folder.exists()
+
+
+def test_the_vocoder_compiles_when_graphs_are_stored(monkeypatch):
+    from types import SimpleNamespace
+
+    from mindone_ext.models.qwen2_5_omni.bigvgan import Qwen2_5OmniToken2WavBigVGANModel
+    from mindone_ext.models.qwen2_5_omni.vocoder import Vocoder
+
+    bigvgan = Qwen2_5OmniToken2WavBigVGANModel(SimpleNamespace(
+        mel_dim=8, upsample_initial_channel=8, upsample_rates=[2], upsample_kernel_sizes=[4],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]]), ms.float32)
+    monkeypatch.setenv(ENV, "off")
+    assert Vocoder(bigvgan).compiled is False
+    monkeypatch.delenv(ENV)
+    assert Vocoder(bigvgan).compiled is True
+    assert Vocoder(bigvgan, compiled=False).compiled is False
