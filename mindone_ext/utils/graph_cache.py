@@ -14,11 +14,13 @@ carries one checkpoint's weights into another process; a loaded graph holding an
 The folder is $MINDONE_EXT_GRAPH_CACHE (default ~/.cache/mindone_ext/graphs); "off" turns storing
 off (graphs then compile in each process, as `mindspore.jit`). It is safe to delete at any time.
 A graph is written under a temporary name and renamed, so a killed or concurrent process never
-leaves half a file under a key; a file that does not load is compiled again and replaced.
+leaves half a file under a key; a file that does not load is compiled again and replaced; a folder
+that cannot be written (a read-only home) leaves graphs compiling in each process, with a warning.
 """
 import hashlib
 import os
 import tempfile
+import warnings
 from functools import lru_cache
 
 import mindspore as ms
@@ -75,26 +77,31 @@ class StoredGraph:
         if folder is None:
             return self._jit(*inputs)
         key = self.key(inputs)
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._cells[key] = self._load(folder, key, inputs)
-        return cell(*inputs)
-
+        if key not in self._cells:
+            self._cells[key] = self._load(folder, key, inputs)
+        cell = self._cells[key]
+        return self._jit(*inputs) if cell is None else cell(*inputs)
     def key(self, inputs):
         parts = (self.name, repr(self.constants), repr(signature(inputs)), source_hash(), ms.__version__,
                  ms.get_context("device_target"))
         return f"{self.name}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def _load(self, folder, key, inputs):
+        """The stored graph of `key`, stored first if need be; None (compile in this process) when
+        the folder cannot be written."""
         path = os.path.join(folder, key + ".mindir")
         if os.path.exists(path):
             try:
                 return self._graph_cell(path)
             except (RuntimeError, ValueError, OSError):
                 pass  # unreadable (e.g. a disk filled up while it was written): compiled again below
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=key + ".", suffix=".partial.mindir", dir=folder)
-        os.close(handle)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=key + ".", suffix=".partial.mindir", dir=folder)
+            os.close(handle)
+        except OSError as error:
+            warnings.warn(f"graphs are not stored ({error}); set {ENV} to a writable folder, or to off")
+            return None
         try:
             ms.export(self.function, *inputs, file_name=temporary, file_format="MINDIR")
             cell = self._graph_cell(temporary)

@@ -105,6 +105,17 @@ def test_off_compiles_in_the_process_and_writes_nothing(monkeypatch, tmp_path):
     assert not folder.exists()
 
 
+def test_a_folder_that_cannot_be_written_compiles_in_the_process(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(ENV, str(blocker / "graphs"))  # under a file: the folder cannot be made
+    graph = StoredGraph("plus", add_one, ())
+    with pytest.warns(UserWarning, match="graphs are not stored"):
+        assert graph(Tensor(np.zeros(2, np.float32))).asnumpy().tolist() == [1, 1]
+    assert graph(Tensor(np.ones(2, np.float32))).asnumpy().tolist() == [2, 2]  # warned once per graph and shape
+    assert os.listdir(tmp_path) == ["a-file"]
+
+
 def test_the_vocoder_compiles_when_graphs_are_stored(monkeypatch):
     from types import SimpleNamespace
 

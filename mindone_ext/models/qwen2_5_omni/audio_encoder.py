@@ -13,6 +13,7 @@ from mindspore import Tensor, mint, nn, ops
 from ...nn import ops as P
 from ...nn.attention import attention, use_flash
 from ...nn.layers import Conv1d, Embedding, LayerNorm, Linear
+from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
 
 
@@ -118,7 +119,14 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         self.ln_post = LayerNorm(d, 1e-5, dtype)
         self.proj = Linear(d, config.output_dim, True, dtype)
         self.heads, self.flash, self.act = config.encoder_attention_heads, flash, P.activation(config.activation_function)
-        self._compiled, self._windows = None, set()  # the shared layer graph; window counts it has run
+        heads, act = self.heads, self.act
+
+        def layer(h, m, w):
+            return audio_layer(h, m, w, heads, act, flash)
+
+        # the layer graph shared by all layers, stored once per machine
+        self._compiled = StoredGraph("audio_layer", layer, (heads, config.activation_function, flash))
+        self._windows = set()  # window counts it has run
 
     def _layers(self, x, valid):
         """The layers on x (windows, tokens, d) whose tokens `valid` are real (see the module's docstring)."""
@@ -135,14 +143,6 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         x = ops.pad(x, (0, 0, 0, width - tokens, 0, padded - windows))
         mask = np.zeros((padded, 1, width, width), bool)
         mask[:windows, 0, :, :tokens] = valid[:, None, :]
-        if self._compiled is None:
-            heads, act, flash = self.heads, self.act, self.flash
-
-            @ms.jit
-            def layer(h, m, w):
-                return audio_layer(h, m, w, heads, act, flash)
-
-            self._compiled = layer
         mask = Tensor(mask)
         with compiling(None if padded in self._windows else f"the audio encoder for {padded} windows"):
             self._windows.add(padded)

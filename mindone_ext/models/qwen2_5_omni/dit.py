@@ -91,8 +91,17 @@ class DiTTimestepEmbedding(nn.Cell):
         self.freq_dim = freq_dim
         self.time_mlp = nn.SequentialCell([Linear(freq_dim, dim, True, dtype), SiLU(), Linear(dim, dim, True, dtype)])
 
+    def weights(self):
+        return self.time_mlp[0].weight, self.time_mlp[0].bias, self.time_mlp[2].weight, self.time_mlp[2].bias
+
     def construct(self, t):
-        return self.time_mlp(timestep_features(t, self.freq_dim).astype(t.dtype))
+        return timestep_embedding(t, self.weights(), self.freq_dim)
+
+
+def timestep_embedding(t, weights, freq_dim=256):
+    w1, b1, w2, b2 = weights
+    linear = mint.nn.functional.linear
+    return linear(P.silu(linear(timestep_features(t, freq_dim).astype(t.dtype), w1, b1)), w2, b2)
 
 
 class DiTCodecEmbedding(nn.Cell):
@@ -102,11 +111,15 @@ class DiTCodecEmbedding(nn.Cell):
         self.codec_embed = Embedding(num_embeds + 1, dim, dtype)
 
     def construct(self, code, drop_code=False):
-        if drop_code:
-            code = ops.zeros_like(code)
-        e = self.codec_embed(code)  # (B, N, D) -> each code covers `repeats` mel frames
-        b, n, d = e.shape
-        return ops.tile(e.expand_dims(2), (1, 1, self.repeats, 1)).reshape(b, n * self.repeats, d)
+        return codec_embedding(code, self.codec_embed.weight, self.repeats, drop_code)
+
+
+def codec_embedding(code, table, repeats, drop_code=False):
+    if drop_code:
+        code = ops.zeros_like(code)
+    e = P.embedding(code, table)  # (B, N, D) -> each code covers `repeats` mel frames
+    b, n, d = e.shape
+    return ops.tile(e.expand_dims(2), (1, 1, repeats, 1)).reshape(b, n * repeats, d)
 
 
 class DiTInputEmbedding(nn.Cell):
@@ -129,14 +142,20 @@ class DiTInputEmbedding(nn.Cell):
                   code_embed_uncond=None, apply_cfg=True, voice=None):
         if voice is None:
             voice = self.reference_voice(condition_vector, drop_audio_cond, apply_cfg)
-        if apply_cfg:  # conditioned and unconditioned halves in one batch
-            x = ops.cat((x, x), 0)
-            speaker_embedding = ops.cat((speaker_embedding, ops.zeros_like(speaker_embedding)), 0)
-            code_embed = ops.cat((code_embed, code_embed_uncond), 0)
-        elif drop_audio_cond:
-            speaker_embedding = ops.zeros_like(speaker_embedding)
-        speaker = ops.tile(voice.expand_dims(1), (1, x.shape[1], 1))
-        return self.proj(ops.cat((x, speaker, code_embed, speaker_embedding), -1))
+        return input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, self.proj.weight,
+                               self.proj.bias, drop_audio_cond, apply_cfg)
+
+
+def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, weight, bias, drop_audio_cond,
+                    apply_cfg):
+    if apply_cfg:  # conditioned and unconditioned halves in one batch
+        x = ops.cat((x, x), 0)
+        speaker_embedding = ops.cat((speaker_embedding, ops.zeros_like(speaker_embedding)), 0)
+        code_embed = ops.cat((code_embed, code_embed_uncond), 0)
+    elif drop_audio_cond:
+        speaker_embedding = ops.zeros_like(speaker_embedding)
+    speaker = ops.tile(voice.expand_dims(1), (1, x.shape[1], 1))
+    return mint.nn.functional.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
 def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
@@ -158,6 +177,18 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
     x = x + gate_msa.expand_dims(1) * linear(window_attention(q, k, v, window, head_dim**-0.5), o_w, o_b)
     h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
     return x + gate_mlp.expand_dims(1) * linear(P.gelu_tanh(linear(h, up_w, up_b)), down_w, down_b)
+
+
+EMBED_WEIGHTS, BLOCK_WEIGHTS, OUTPUT_WEIGHTS = 7, 14, 4  # their counts in the DiT's `weights()`
+
+
+def split_weights(weights, blocks):
+    """`Qwen2_5OmniToken2WavDiTModel.weights()` -> (the input side's, each block's, the output's)."""
+    per_block = ()
+    for i in range(blocks):
+        first = EMBED_WEIGHTS + BLOCK_WEIGHTS * i
+        per_block += (weights[first:first + BLOCK_WEIGHTS],)
+    return weights[:EMBED_WEIGHTS], per_block, weights[-OUTPUT_WEIGHTS:]
 
 
 class AdaLayerNormZero(nn.Cell):
@@ -240,37 +271,59 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         layer_masks = tuple(masks[(b.look_backward, b.look_ahead)] for b in self.transformer_blocks)
         return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
 
+    def weights(self):
+        """Every weight of a forward given the speaker's `voice` (`run`'s `weights`), flat: the
+        input side's (time MLP, codec table, input projection), each block's, the output's
+        (see `split_weights`)."""
+        embed = self.time_embed.weights() + (self.text_embed.codec_embed.weight, self.input_embed.proj.weight,
+                                             self.input_embed.proj.bias)
+        blocks = ()
+        for block in self.transformer_blocks:
+            blocks += block.weights()
+        return embed + blocks + (self.norm_out.linear.weight, self.norm_out.linear.bias, self.proj_out.weight,
+                                 self.proj_out.bias)
+
     def embed(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
-              drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None):
+              drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None):
         """The blocks' input (B, T, hidden), or (2B, ...) with the unconditioned half, and the
-        time embedding. `voice`, the input embedding's `reference_voice`, saves computing it again."""
+        time embedding. `voice`, the input embedding's `reference_voice`, saves computing it again.
+        `weights`: the input side's of `weights()` (default this model's own)."""
+        if voice is None:
+            voice = self.input_embed.reference_voice(condition_vector, drop_audio_conditioning, apply_cfg)
+        weights = self.weights()[:EMBED_WEIGHTS] if weights is None else weights
+        time_w1, time_b1, time_w2, time_b2, table, proj_w, proj_b = weights
         b = hidden_states.shape[0]
         if time_step.ndim == 0:
             time_step = ops.tile(time_step.reshape(1), (b,))
-        t_emb = self.time_embed(time_step)
-        code = self.text_embed(quantized_code, False if apply_cfg else drop_code)
-        code_uncond = self.text_embed(quantized_code, True) if apply_cfg else None
-        x = self.input_embed(hidden_states, speaker_embedding, condition_vector, code, drop_audio_conditioning,
-                             code_uncond, apply_cfg, voice)
+        t_emb = timestep_embedding(time_step, (time_w1, time_b1, time_w2, time_b2), self.time_embed.freq_dim)
+        code = codec_embedding(quantized_code, table, self.repeats, False if apply_cfg else drop_code)
+        code_uncond = codec_embedding(quantized_code, table, self.repeats, True) if apply_cfg else None
+        x = input_embedding(hidden_states, speaker_embedding, code, code_uncond, voice, proj_w, proj_b,
+                            drop_audio_conditioning, apply_cfg)
         if apply_cfg and b > 1:  # one row of t_emb broadcasts over both halves; B rows must be repeated
             t_emb = ops.cat((t_emb, t_emb), 0)
         return x, t_emb
 
-    def output(self, x, t_emb):
-        """The last blocks' output -> the velocity (B, T, mel_dim)."""
-        scale, shift = ops.chunk(self.norm_out.linear(P.silu(t_emb)), 2, 1)
+    def output(self, x, t_emb, weights=None):
+        """The last blocks' output -> the velocity (B, T, mel_dim). `weights`: the output's of `weights()`."""
+        norm_w, norm_b, proj_w, proj_b = self.weights()[-OUTPUT_WEIGHTS:] if weights is None else weights
+        linear = mint.nn.functional.linear
+        scale, shift = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 2, 1)
         x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
-        return self.proj_out(x)
+        return linear(x, proj_w, proj_b)
 
     def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None):
-        """The forward on prepared frame inputs (see `frame_inputs`); Token2Wav compiles it whole, or
-        its `embed`, `dit_layer` per block and `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None):
+        """The forward on prepared frame inputs (see `frame_inputs`) and `weights` (default this
+        model's own, see `weights()`); Token2Wav compiles it whole, or its `embed`, `dit_layer` per
+        block and `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
+        embed, blocks, output = split_weights(self.weights() if weights is None else weights,
+                                              len(self.transformer_blocks))
         x, t_emb = self.embed(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
-                              drop_audio_conditioning, drop_code, apply_cfg, voice)
+                              drop_audio_conditioning, drop_code, apply_cfg, voice, embed)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, t_emb, cos, sin, masks[i])
-        return self.output(x, t_emb)
+            x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim)
+        return self.output(x, t_emb, output)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
                   drop_audio_conditioning=False, drop_code=False, apply_cfg=True):

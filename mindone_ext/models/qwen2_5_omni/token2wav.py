@@ -9,9 +9,10 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ...generation.decode import bucket
+from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
-from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer
+from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer, split_weights
 from .vocoder import Vocoder
 
 ONE_GRAPH_BYTES = 256 << 20  # see Qwen2_5OmniToken2WavModel.one_graph
@@ -60,7 +61,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         # float32 throughout, as the reference keeps token2wav in float32 whatever the model dtype
         self.code2wav_dit_model = Qwen2_5OmniToken2WavDiTModel(config.dit_config, ms.float32)
         self.code2wav_bigvgan_model = Qwen2_5OmniToken2WavBigVGANModel(config.bigvgan_config, ms.float32)
-        self._compiled, self._shapes = None, set()
+        self._compiled, self._shapes = {}, set()  # (graphs) per guidance on/off; x shapes run
         self._voices = []  # (reference mel, with guidance, its speaker_voice), newest first
         self.vocoder = Vocoder(self.code2wav_bigvgan_model)
 
@@ -72,59 +73,60 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         hidden, layers = dit.proj_out.in_features, len(dit.transformer_blocks)
         return 2 * frames * hidden * layers * ACTIVATIONS_PER_LAYER * 4 <= ONE_GRAPH_BYTES
 
-    def _graphs(self):
-        """The compiled pieces of one velocity evaluation: the whole DiT as one graph, or its input
-        embedding, one DiT block shared by all blocks (weights are inputs, see `dit_layer`) and
-        its output, each with the guidance. Each compiles once per frame count."""
-        if self._compiled is None:
+    def _graphs(self, apply_cfg):
+        """The compiled pieces of one velocity evaluation, with or without guidance: the whole DiT
+        as one graph, or its input embedding, one DiT block shared by all blocks and its output,
+        each with the guidance. All take the weights as inputs, so each is stored once per machine
+        (utils/graph_cache.py) and compiles once per frame count."""
+        if apply_cfg not in self._compiled:
             dit = self.code2wav_dit_model
             heads, head_dim = dit.transformer_blocks[0].heads, dit.head_dim
+            constants = (heads, head_dim, dit.repeats, dit.time_embed.freq_dim, apply_cfg)
 
-            def guide(out, guidance_scale, apply_cfg):
+            def guide(out, guidance_scale):
                 if not apply_cfg:
                     return out
                 guided, null = ops.chunk(out, 2, 0)
                 return guided + (guided - null) * guidance_scale
 
-            @ms.jit
-            def whole(x, cond, code, t, voice, cos, sin, masks, guidance_scale, apply_cfg):
-                return guide(dit.run(x, None, cond, code, t, cos, sin, masks, apply_cfg=apply_cfg, voice=voice),
-                             guidance_scale, apply_cfg)
+            def whole(x, cond, code, t, voice, cos, sin, masks, guidance_scale, weights):
+                return guide(dit.run(x, None, cond, code, t, cos, sin, masks, apply_cfg=apply_cfg, voice=voice,
+                                     weights=weights), guidance_scale)
 
-            @ms.jit
-            def embed(x, cond, code, t, voice, apply_cfg):
-                return dit.embed(x, None, cond, code, t, apply_cfg=apply_cfg, voice=voice)
+            def embed(x, cond, code, t, voice, weights):
+                return dit.embed(x, None, cond, code, t, apply_cfg=apply_cfg, voice=voice, weights=weights)
 
-            @ms.jit
-            def layer(x, t_emb, cos, sin, window, weights):
+            def block(x, t_emb, cos, sin, window, weights):
                 return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim)
 
-            @ms.jit
-            def output(x, t_emb, guidance_scale, apply_cfg):
-                return guide(dit.output(x, t_emb), guidance_scale, apply_cfg)
+            def output(x, t_emb, guidance_scale, weights):
+                return guide(dit.output(x, t_emb, weights), guidance_scale)
 
-            self._compiled = whole, embed, layer, output
-        return self._compiled
+            self._compiled[apply_cfg] = tuple(StoredGraph(f"dit_{name}", function, constants) for name, function in
+                                              (("whole", whole), ("embed", embed), ("block", block),
+                                               ("output", output)))
+        return self._compiled[apply_cfg]
 
     def velocity(self, x, cond, code, t, cos, sin, masks, guidance_scale, voice):
         """The ODE's right-hand side: the DiT, with classifier-free guidance when the scale is
         non-zero (guided + (guided - unconditioned) * scale). `voice`: the speaker's embedding
         for that scale (`speaker_voice`; rows of several speakers stacked as solve_rows does)."""
         dit = self.code2wav_dit_model
-        apply_cfg = guidance_scale >= 1e-5
-        whole, embed, layer, output = self._graphs()
+        whole, embed, layer, output = self._graphs(guidance_scale >= 1e-5)
         scale = Tensor(np.float32(guidance_scale))
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
+        # mutable: the tensors are graph inputs, not constants baked into a new graph per call;
+        # Tensor(p): a graph input cannot be a Parameter (same storage, no copy)
+        weights = tuple(Tensor(w) for w in dit.weights())
         with compiling(new):
             if self.one_graph(x.shape[0] * x.shape[1]):
-                return whole(x, cond, code, t, voice, cos, sin, ms.mutable(masks), scale, apply_cfg)
-            h, t_emb = embed(x, cond, code, t, voice, apply_cfg)
-            # mutable: the tensors are graph inputs, not constants baked into a new graph per
-            # layer; Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
-            for i, block in enumerate(dit.transformer_blocks):
-                h = layer(h, t_emb, cos, sin, ms.mutable(masks[i]), ms.mutable(tuple(Tensor(w) for w in block.weights())))
-            return output(h, t_emb, scale, apply_cfg)
+                return whole(x, cond, code, t, voice, cos, sin, ms.mutable(masks), scale, ms.mutable(weights))
+            first, blocks, last = split_weights(weights, len(dit.transformer_blocks))
+            h, t_emb = embed(x, cond, code, t, voice, ms.mutable(first))
+            for window, block_weights in zip(masks, blocks):
+                h = layer(h, t_emb, cos, sin, ms.mutable(window), ms.mutable(block_weights))
+            return output(h, t_emb, scale, ms.mutable(last))
 
     def clip_codes(self, code):
         """The Talker's vocabulary is larger than the DiT's codec table: a code past the table

@@ -24,6 +24,7 @@ from ...nn.attention import segment_layout, segmented_attention, use_flash
 from ...nn.layers import GELU, Linear, RMSNorm, empty_parameter
 from ...nn.mlp import GatedMLP
 from ...nn.rotary import rope_inv_freq, rotate_half
+from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
 
 
@@ -173,23 +174,19 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
         self.heads, self.act = config.num_heads, P.activation(config.hidden_act)
-        self._compiled, self._shapes = None, set()  # the block graph; (width, layout shapes) it has run
+        heads, act = self.heads, self.act
+
+        def block(x, cos, sin, layout, weights):
+            return vision_block(x, cos, sin, layout, weights, heads, act, flash)
+
+        # the block graph shared by all blocks, stored once per machine
+        self._compiled = StoredGraph("vision_block", block, (heads, config.hidden_act, flash))
+        self._shapes = set()  # (width, layout shapes) it has run
 
     @property
     def _widths(self):
         """The padded patch counts the block graph has run."""
         return {shapes[0] for shapes in self._shapes}
-
-    def _graph(self):
-        if self._compiled is None:
-            heads, act, flash = self.heads, self.act, self.blocks[0].attn.flash
-
-            @ms.jit
-            def block(x, cos, sin, layout, weights):
-                return vision_block(x, cos, sin, layout, weights, heads, act, flash)
-
-            self._compiled = block
-        return self._compiled
 
     def _blocks(self, x, cos, sin, segments):
         """The blocks on x (N, hidden), block i attending within segments of lengths segments[i]
@@ -206,7 +203,7 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
                                                           bucket(max(lengths), 16), width))
                    for lengths in segments}  # mutable: graph inputs, not constants compiled in
         shapes = (width,) + tuple(sorted(tuple(layout[2].shape) for layout in layouts.values()))
-        block_graph = self._graph()
+        block_graph = self._compiled
         with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
             self._shapes.add(shapes)
             for block, lengths in zip(self.blocks, segments):
