@@ -118,14 +118,13 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         self.layers = nn.CellList([AudioEncoderLayer(config, dtype, flash) for _ in range(config.encoder_layers)])
         self.ln_post = LayerNorm(d, 1e-5, dtype)
         self.proj = Linear(d, config.output_dim, True, dtype)
-        self.heads, self.flash, self.act = config.encoder_attention_heads, flash, P.activation(config.activation_function)
-        heads, act = self.heads, self.act
+        heads, act = config.encoder_attention_heads, P.activation(config.activation_function)
 
         def layer(h, m, w):
             return audio_layer(h, m, w, heads, act, flash)
 
         # the layer graph shared by all layers, stored once per machine
-        self._compiled = StoredGraph("audio_layer", layer, (heads, config.activation_function, flash))
+        self._layer_graph = StoredGraph("audio_layer", layer, (heads, config.activation_function, flash))
         self._windows = set()  # window counts it has run
 
     def _layers(self, x, valid):
@@ -148,7 +147,7 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
             self._windows.add(padded)
             for layer in self.layers:
                 # Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
-                x = self._compiled(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))
+                x = self._layer_graph(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))
         return x[:windows, :tokens]
 
     def construct(self, input_features, feature_lens):

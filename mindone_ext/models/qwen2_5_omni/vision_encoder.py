@@ -173,14 +173,13 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         flash = use_flash(attn_implementation, dtype, config.hidden_size // config.num_heads)
         self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
-        self.heads, self.act = config.num_heads, P.activation(config.hidden_act)
-        heads, act = self.heads, self.act
+        heads, act = config.num_heads, P.activation(config.hidden_act)
 
         def block(x, cos, sin, layout, weights):
             return vision_block(x, cos, sin, layout, weights, heads, act, flash)
 
         # the block graph shared by all blocks, stored once per machine
-        self._compiled = StoredGraph("vision_block", block, (heads, config.hidden_act, flash))
+        self._block_graph = StoredGraph("vision_block", block, (heads, config.hidden_act, flash))
         self._shapes = set()  # (width, layout shapes) it has run
 
     @property
@@ -203,13 +202,12 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
                                                           bucket(max(lengths), 16), width))
                    for lengths in segments}  # mutable: graph inputs, not constants compiled in
         shapes = (width,) + tuple(sorted(tuple(layout[2].shape) for layout in layouts.values()))
-        block_graph = self._compiled
         with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
             self._shapes.add(shapes)
             for block, lengths in zip(self.blocks, segments):
                 # Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
                 weights = ms.mutable(tuple(Tensor(w) for part in block.weights() for w in part))
-                x = block_graph(x, cos, sin, layouts[id(lengths)], weights)
+                x = self._block_graph(x, cos, sin, layouts[id(lengths)], weights)
         return x[:n]
 
     def construct(self, pixel_values, grid_thw):
