@@ -76,11 +76,13 @@ class StoredGraph:
         folder = cache_folder()
         if folder is None:
             return self._jit(*inputs)
-        key = self.key(inputs)
-        if key not in self._cells:
-            self._cells[key] = self._load(folder, key, inputs)
-        cell = self._cells[key]
+        # found by folder and signature: the key's sha256 is computed once per graph, not per call
+        found = (folder, signature(inputs))
+        if found not in self._cells:
+            self._cells[found] = self._load(folder, self.key(inputs), inputs)
+        cell = self._cells[found]
         return self._jit(*inputs) if cell is None else cell(*inputs)
+
     def key(self, inputs):
         parts = (self.name, repr(self.constants), repr(signature(inputs)), source_hash(), ms.__version__,
                  ms.get_context("device_target"))
