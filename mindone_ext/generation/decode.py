@@ -1,5 +1,6 @@
 """Cached decoding for a Qwen2Decoder + head: prefill in fixed-size chunks and a
-fixed-shape decode step, each compiled once per shape with `mindspore.jit` and reused.
+fixed-shape decode step, each compiled once per shape and machine (utils/graph_cache.py: the
+weights and the cache buffers are the graphs' inputs) and reused.
 
 MindSpore's CPU backend keeps every compiled graph (and its activations) allocated for the life of
 the process, so the set of shapes is kept small by construction: prompts of any length run as
@@ -9,7 +10,7 @@ a power of two. A pool (a cache shape) then compiles at most 2 piece graphs per 
 to its size and one decode step, whatever prompts it is given, and a prefill's activations are
 bounded by one chunk.
 
-Every cache is rows of a CachePool, whose buffers the compiled steps write in place (see
+Every cache is rows of a CachePool, whose buffers (Parameters) the compiled steps write in place (see
 nn.kv_cache): the rows of one batch (or one conversation) in a pool of their own, or, in the voice
 server, one row per conversation of a pool shared by all (`use_pool`), decoded together.
 """
@@ -17,10 +18,13 @@ import weakref
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, Tensor, ops
 
+from ..nn import ops as P
 from ..nn.decoder import head_dim_of
+from ..nn.decoder_weights import decoder_layer, layer_parts, layer_width, project, projection_parts, projection_width
 from ..nn.kv_cache import step_mask
+from ..utils.graph_cache import StoredGraph
 from ..utils.notice import compiling
 from ..utils.quiet import quiet_expected_recompiles
 
@@ -50,29 +54,50 @@ def cache_slots(n):
 
 class CompiledDecoder:
     """Owns the compiled graphs for one decoder: `input_proj` (optional) -> decoder -> `head`.
-    A step is a pure function of (input embeddings, positions, mask, cache Parameters and slots) ->
-    (float32 logits of the last position, hidden states) that writes the new keys in place."""
+    A step is a pure function of (input embeddings, positions, mask, cache buffers and slots,
+    weights) -> (float32 logits of the last position, hidden states) that writes the new keys into
+    the buffers in place; it holds no parameter, so it is stored once per machine."""
 
     def __init__(self, decoder, head, config, input_proj=None, name="decoder"):
-        self.decoder, self.head, self.name = decoder, head, name
+        self.decoder, self.head, self.input_proj, self.name = decoder, head, input_proj, name
+        self.act = config.hidden_act
         self.num_layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self._caches = []  # weak references to the caches handed out
         self.shapes = set()  # (rows, tokens, attended slots) of every step run: one compiled graph each
-
-        def step(embeds, position_ids, mask, last_index, cache):
-            if input_proj is not None:
-                embeds = input_proj(embeds)
-            hidden = decoder(embeds, position_ids, mask, cache)
-            last = ops.gather(hidden, last_index, 1)
-            return head(last)[:, 0].astype(ms.float32), hidden
-
-        self.step_function = step  # what each pool compiles over its own buffers
+        self._rotary_spec = (self.head_dim, config.rope_theta, tuple(config.rope_scaling["mrope_section"]))
+        self._graphs = {}  # (make-up, whole pool, buffer view) -> its StoredGraph
         self.pool = None  # the shared pool: single-row caches are its rows (use_pool)
         # pools of caches taken whole (a batch; one conversation without a shared pool), kept for
-        # the next cache of the same shape: their compiled steps are bound to their buffers
+        # the next cache of the same shape
         self.pools = []
+        self._rotary = decoder.rotary_emb  # no parameters: its table is a constant of the graph
+
+    def _step_function(self, make_up, whole, view):
+        """The step graph's function for one make-up (`parts`), pool kind and buffer view."""
+        rotary = self._rotary
+        proj_kind, layer_kinds, eps, head_kind = make_up
+        # where each part's weights start in the flat tuple (computed here: the graph slices by constants)
+        bounds = np.cumsum([0 if proj_kind is None else projection_width(proj_kind)]
+                           + [layer_width(kind) for kind in layer_kinds]).tolist()
+
+        def step(embeds, position_ids, mask, last_index, rows, pick, slots, buffers, weights):
+            if proj_kind is not None:
+                embeds = project(embeds, weights[:bounds[0]], proj_kind)
+            cos, sin = rotary(position_ids, embeds.dtype)
+            span = view[2] if embeds.shape[1] == 1 else mask.shape[-1]
+            where = (None if whole else rows, view, span, pick, slots)
+            hidden, layers = embeds, len(layer_kinds)
+            for n in range(layers):
+                past = (buffers[n], buffers[layers + n])
+                hidden = decoder_layer(hidden, cos, sin, mask, weights[bounds[n]:bounds[n + 1]], layer_kinds[n], past,
+                                       where)
+            hidden = P.rms_norm(hidden, weights[bounds[-1]], eps)
+            last = ops.gather(hidden, last_index, 1)
+            return project(last, weights[bounds[-1] + 1:], head_kind)[:, 0].astype(ms.float32), hidden
+
+        return step
 
     def use_pool(self, rows, dtype):
         """From now on, single-row caches are rows of one pool of `rows` rows, whose decode steps
@@ -105,6 +130,36 @@ class CompiledDecoder:
     def caches_in_use(self):
         """Caches allocated here and not yet released (a closed stream must leave none)."""
         return sum(1 for ref in self._caches if ref() is not None and not ref().released)
+
+    def parts(self):
+        """(make-up, weights): what the step graph is compiled for besides shapes (the input
+        projection's, each layer's, the final norm's and the head's kinds, LoRA adapters
+        included), and the weights it takes, in order."""
+        proj_kind, weights = None, []
+        if self.input_proj is not None:
+            proj_kind, weights = projection_parts(self.input_proj, training=False)
+        layer_kinds = []
+        for layer in self.decoder.layers:
+            kind, layer_weights, _ = layer_parts(layer, self.act, training=False)
+            layer_kinds.append(kind)
+            weights += layer_weights
+        head_kind, head_weights = projection_parts(self.head, training=False)
+        norm = self.decoder.norm
+        return (proj_kind, tuple(layer_kinds), float(norm.eps), head_kind), weights + [norm.weight] + head_weights
+
+    def run_step(self, buffers, whole, inputs):
+        """The compiled step over `buffers` (PoolBuffers): `inputs` (embeds, position_ids, mask,
+        last_index, rows, pick, slots) -> (logits, hidden). Weights and buffers are graph inputs
+        (the buffers written in place), so the graph holds no parameter and is stored once per
+        machine (utils/graph_cache.py)."""
+        make_up, weights = self.parts()
+        key = (make_up, whole, buffers.view)
+        if key not in self._graphs:
+            self._graphs[key] = StoredGraph(f"{self.name.lower()}_step", self._step_function(*key),
+                                            key + self._rotary_spec)
+        # the Parameters themselves: the buffers are written in place without a copy (measured; a
+        # Tensor over the same storage is copied whole), the weights read where they lie
+        return self._graphs[key](*inputs, buffers.keys + buffers.values, tuple(weights))
 
     def reserve(self, cache, slots):
         """Make room for `slots` tokens in all, growing the cache (to the next size) if needed."""
@@ -185,8 +240,8 @@ class CachePool:
     length. A step over every row in order reads the buffers as they are; a step over some rows
     (a shared pool: conversations come and go) gathers them, padded with a last, spare row to a
     power of two. Either way only the new slots are written, in place: the buffers are
-    Parameters of a Cell (PoolBuffers), the one kind of tensor MindSpore's compiled graphs update
-    in place, which also binds each compiled graph to them (growing a pool compiles anew)."""
+    Parameters (PoolBuffers), given to the compiled steps as inputs, so pools of one shape share
+    their graphs (a grown pool runs the graphs of its new shape)."""
 
     def __init__(self, runner, rows, dtype, slots=MIN_CACHE_SLOTS, spare=False):
         self.runner, self.rows, self.dtype = runner, rows, dtype
@@ -253,16 +308,15 @@ class CachePool:
         # size: a long prompt's early pieces do not attend to the whole cache); a decode step to all
         span = self.slots if t == 1 else min(self.slots, cache_slots(int(starts[:n].max()) + t))
         shape = (width, t, span)
-        compiled = self.buffers.shapes  # graphs are bound to the buffers: grown buffers compile anew
+        compiled = self.buffers.shapes
         rows_note = f" for {width} rows" if width > 1 else ""
         new = None if shape in compiled else f"the {self.runner.name} for {t} token(s) x {span} cache slots{rows_note}"
         compiled.add(shape)
         self.runner.shapes.add(shape)
         with compiling(new):
-            logits, hidden = self.buffers.step(
+            logits, hidden = self.runner.run_step(self.buffers, whole, (
                 embeds, Tensor(position_ids, ms.int32), Tensor(step_mask(self.valid[rows, :span], starts, t)),
-                Tensor([last], ms.int32), None if whole else Tensor(rows.astype(np.int32)), span, Tensor(pick),
-                Tensor(slots))
+                Tensor([last], ms.int32), Tensor(rows.astype(np.int32)), Tensor(pick), Tensor(slots)))
         return logits.asnumpy()[:n], hidden[:n] if width > n else hidden
 
     def _write_plan(self, rows, starts, t):
@@ -279,35 +333,29 @@ class CachePool:
         return pick.reshape(-1).astype(np.int32), slots.reshape(-1).astype(np.int32)
 
 
-class PoolBuffers(nn.Cell):
+class PoolBuffers:
     """A pool's key and value buffers per layer, each (rows x KV heads x slots, head size) (flat:
-    see nn.kv_cache), and the compiled step over them (see CachePool)."""
+    see nn.kv_cache), Parameters: the one kind of graph input MindSpore's compiled graphs (loaded
+    ones too) write in place without copying the whole buffer (measured: a Tensor over the same
+    storage is copied, ~50 ms for 512 MB on this CPU)."""
 
     def __init__(self, runner, rows, slots, dtype):
-        super().__init__()
         self.view = (rows, runner.kv_heads, slots, runner.head_dim)
 
         def buffer(name, i):
             return Parameter(ops.zeros((rows * runner.kv_heads * slots, runner.head_dim), dtype),
                              name=f"{runner.name}_pool{id(self)}_{name}{i}", requires_grad=False)
 
-        self.keys = ParameterTuple([buffer("keys", i) for i in range(runner.num_layers)])
-        self.values = ParameterTuple([buffer("values", i) for i in range(runner.num_layers)])
-        self.function = runner.step_function
-        self.step = ms.jit(self.run)
-        self.shapes = set()  # (rows, tokens, attended slots) compiled over these buffers
+        self.keys = tuple(buffer("keys", i) for i in range(runner.num_layers))
+        self.values = tuple(buffer("values", i) for i in range(runner.num_layers))
+        self.shapes = set()  # (rows, tokens, attended slots) run over these buffers
 
     def load(self, old):
-        """Copy what `old` (as many rows, fewer slots) holds into the first slots, in place (graphs
-        compiled over these buffers keep reading them)."""
-        for mine, theirs in zip(tuple(self.keys) + tuple(self.values), tuple(old.keys) + tuple(old.values)):
+        """Copy what `old` (as many rows, fewer slots) holds into the first slots, in place."""
+        for mine, theirs in zip(self.keys + self.values, old.keys + old.values):
             before = theirs.reshape(old.view)
             after = ops.zeros(self.view[:2] + (self.view[2] - old.view[2], self.view[3]), before.dtype)
             ops.assign(mine, ops.cat((before, after), 2).reshape(mine.shape))
-
-    def run(self, embeds, position_ids, mask, last_index, rows, span, pick, slots):
-        layers = tuple(zip(self.keys, self.values))
-        return self.function(embeds, position_ids, mask, last_index, (layers, (rows, self.view, span, pick, slots)))
 
 
 class CacheFull(RuntimeError):

@@ -19,13 +19,35 @@ def head_dim_of(config):
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def attend(q, k, v, cos, sin, mask, heads, past=None, step=None):
+    """Attention of the projected q (B, T, H * D), k and v (B, T, KV * D), rotated by cos/sin;
+    `heads` = (H, KV, D, flash). Without a cache the keys are k themselves; with one (`past`: a
+    layer's (keys, values) buffers, `step`: see kv_cache) the new keys are written in place.
+    Returns (B, T, H * D), before the output projection."""
+    num_heads, num_kv_heads, head_dim, flash = heads
+    b, t, _ = q.shape
+    scale = head_dim**-0.5
+    q = apply_rotary(q.reshape(b, t, num_heads, head_dim).swapaxes(1, 2), cos, sin)
+    k = apply_rotary(k.reshape(b, t, num_kv_heads, head_dim).swapaxes(1, 2), cos, sin)
+    v = v.reshape(b, t, num_kv_heads, head_dim).swapaxes(1, 2)
+    if past is None:
+        return attention(q, k, v, mask, scale, flash)
+    if t == 1:  # a decode step: the past where it lies and the new key apart, then the write
+        out = attention(q, k, v, mask, scale, flash, (read_past(past[0], step), read_past(past[1], step)))
+        out = ops.depend(out, write_new(past[0], k, step))
+        return ops.depend(out, write_new(past[1], v, step))
+    # a piece of a prompt: written first, then attended with the rest of the cache
+    keys = ops.depend(past[0], write_new(past[0], k, step))
+    values = ops.depend(past[1], write_new(past[1], v, step))
+    return attention(q, read_past(keys, step), read_past(values, step), mask, scale, flash)
+
+
 class Qwen2Attention(nn.Cell):
     def __init__(self, config, dtype, attn_implementation):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
-        self.scale = self.head_dim**-0.5
         self.flash = use_flash(attn_implementation, dtype, self.head_dim)
         hidden = config.hidden_size
         self.q_proj = Linear(hidden, self.num_heads * self.head_dim, True, dtype)
@@ -34,22 +56,8 @@ class Qwen2Attention(nn.Cell):
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, False, dtype)
 
     def construct(self, x, cos, sin, mask, past=None, step=None):
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim).swapaxes(1, 2)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).swapaxes(1, 2)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).swapaxes(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past is None:
-            out = attention(q, k, v, mask, self.scale, self.flash)
-        elif t == 1:  # a decode step: the past where it lies and the new key apart, then the write
-            out = attention(q, k, v, mask, self.scale, self.flash, (read_past(past[0], step), read_past(past[1], step)))
-            out = ops.depend(out, write_new(past[0], k, step))
-            out = ops.depend(out, write_new(past[1], v, step))
-        else:  # a piece of a prompt: written first, then attended with the rest of the cache
-            keys = ops.depend(past[0], write_new(past[0], k, step))
-            values = ops.depend(past[1], write_new(past[1], v, step))
-            out = attention(q, read_past(keys, step), read_past(values, step), mask, self.scale, self.flash)
-        return self.o_proj(out)
+        return self.o_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask,
+                                  (self.num_heads, self.num_kv_heads, self.head_dim, self.flash), past, step))
 
 
 class Qwen2DecoderLayer(nn.Cell):

@@ -1,8 +1,9 @@
 """Key/value caches written in place: each layer's keys (and values) are one flat Parameter of
 (rows x KV heads x slots, head size), the rows being conversations (or a batch's sequences).
 
-Why this shape: MindSpore's compiled graphs update in place only Parameters held by a Cell, and
-on the CPU backend only `scatter_update` (whole rows of the first axis) does so without copying
+Why this shape: MindSpore's compiled graphs update in place only Parameters (held by a Cell, or
+given as inputs: a plain Tensor input, even over a Parameter's storage, is copied whole first),
+and on the CPU backend only `scatter_update` (whole rows of the first axis) does so without copying
 the buffer; ScatterNdUpdate and a functional `where` rewrite all of it (~5 GB/s: 45 ms per token
 at 8192 slots on the 0.5B shape). Reads go through a reshape (no copy). Two kinds of step:
 

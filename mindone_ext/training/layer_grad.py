@@ -14,88 +14,25 @@ probabilities instead of keeping them (nn.attention.exact_attention_backward), w
 takes half the time of autodiff's. The norms and the gated activation go through `mindspore.grad`.
 """
 import functools
-from typing import NamedTuple, Optional, Tuple
 
 import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..nn import ops as P
 from ..nn.attention import ascend_attention, attention, exact_attention_backward
-from ..nn.decoder import Qwen2DecoderLayer
-from ..nn.layers import Linear
-from ..nn.lora import LoraLinear
+from ..nn.decoder_weights import layer_parts as weights_of_layer
+from ..nn.decoder_weights import project, split_layer
 from ..nn.ops import activation
 from ..nn.rotary import apply_rotary, rotary_backward
 
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _linear = mint.nn.functional.linear
 _transposed_times = ops.MatMul(transpose_a=True)
 
 
-class Projection(NamedTuple):
-    bias: bool
-    scaling: Optional[float]  # the LoRA adapter's, None for a plain Linear
-
-
-class LayerKind(NamedTuple):
-    """What a layer's graphs are compiled for besides the tensors' shapes."""
-    heads: int
-    kv_heads: int
-    head_dim: int
-    eps: float
-    act: str
-    flash: bool
-    projections: Tuple[Projection, ...]  # in PROJECTIONS order
-
-
-def _cell(layer, name):
-    first, second = name.split(".")
-    return getattr(getattr(layer, first), second)
-
-
 def layer_parts(layer, act):
-    """(LayerKind, the layer's weights as the graphs take them, its adapter Parameters in the order
-    of the graphs' gradients: A then B of each adapted projection, in PROJECTIONS order)."""
-    if not isinstance(layer, Qwen2DecoderLayer):
-        raise TypeError(f"expected a Qwen2DecoderLayer, got {type(layer).__name__}")
-    attn = layer.self_attn
-    weights, adapters, kinds = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight], [], []
-    for name in PROJECTIONS:
-        cell = _cell(layer, name)
-        base = cell.base_layer if isinstance(cell, LoraLinear) else cell
-        if type(base) is not Linear:
-            raise TypeError(f"{name} is a {type(base).__name__}, not a Linear (or a LoRA-wrapped one)")
-        weights += [base.weight] + ([base.bias] if base.bias is not None else [])
-        scaling = None
-        if isinstance(cell, LoraLinear):
-            if cell.lora_dropout > 0:
-                raise ValueError("the compiled step draws no dropout: use lora_dropout=0 or the op-by-op step")
-            scaling = float(cell.scaling)
-            weights += [cell.lora_A.weight, cell.lora_B.weight]
-            adapters += [cell.lora_A.weight, cell.lora_B.weight]
-        kinds.append(Projection(base.bias is not None, scaling))
-    kind = LayerKind(attn.num_heads, attn.num_kv_heads, attn.head_dim, float(layer.input_layernorm.eps), act,
-                     bool(attn.flash), tuple(kinds))
+    """nn.decoder_weights.layer_parts, the weights as graph inputs (no copies: the Parameters' storage)."""
+    kind, weights, adapters = weights_of_layer(layer, act)
     return kind, ms.mutable(tuple(Tensor(w) for w in weights)), adapters
-
-
-def _split(weights, kind):
-    """The graphs' flat weight tuple -> (norm1, norm2, per projection (W, [bias], [A, B]))."""
-    out, i = [], 2
-    for p in kind.projections:
-        n = 1 + p.bias + 2 * (p.scaling is not None)
-        out.append(weights[i:i + n])
-        i += n
-    return weights[0], weights[1], out
-
-
-def project(x, w, p):
-    """A Linear, or a LoraLinear without dropout, as a function of its weights (same arithmetic)."""
-    out = _linear(x, w[0], w[1] if p.bias else None)
-    if p.scaling is None:
-        return out
-    return out + (_linear(_linear(x.astype(ms.float32), w[-2]), w[-1]) * p.scaling).astype(out.dtype)
 
 
 def project_backward(x, grad, w, p):
@@ -140,7 +77,7 @@ def layer_graphs(kind):
         return q, k, v.reshape(b, t, kv, d).swapaxes(1, 2)
 
     def forward(x, cos, sin, mask, weights):  # Qwen2DecoderLayer.construct without a cache
-        norm1, norm2, w = _split(weights, kind)
+        norm1, norm2, w = split_layer(weights, kind)
         a = P.rms_norm(x, norm1, eps)
         q, k, v = project(a, w[0], proj[0]), project(a, w[1], proj[1]), project(a, w[2], proj[2])
         q_, k_, v_ = heads_of(q, k, v, cos, sin)
@@ -151,7 +88,7 @@ def layer_graphs(kind):
         return h + project(act(gate) * up, w[6], proj[6]), (q, k, v, o, h, gate, up)
 
     def backward(x, q, k, v, o, h, gate, up, grad, cos, sin, mask, weights):
-        norm1, norm2, w = _split(weights, kind)
+        norm1, norm2, w = split_layer(weights, kind)
         d_act, g_down = project_backward(act(gate) * up, grad, w[6], proj[6])
         d_gate, d_up = gate_grad(gate, up, d_act)
         m = P.rms_norm(h, norm2, eps)

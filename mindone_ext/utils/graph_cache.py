@@ -62,33 +62,71 @@ def signature(value):
                     "pass other values as the graph's constants")
 
 
+def flat_function(function, counts):
+    """`function` taking its tuples of tensors one tensor at a time: `counts` says, per input of
+    `function`, n for a tuple of n tensors (rebuilt inside the graph) or None for an input passed
+    as it is (a tensor; a tuple of tuples). A loaded graph's call costs ~45 us per tensor inside a
+    tuple against ~8 us per positional one (measured with 300 weights: 14 ms against 2.4 ms)."""
+
+    def flat(*inputs):
+        grouped, i = (), 0
+        for count in counts:
+            if count is None:
+                grouped, i = grouped + (inputs[i],), i + 1
+            else:
+                grouped, i = grouped + (inputs[i:i + count],), i + count
+        return function(*grouped)
+
+    return flat
+
+
+def flatten(inputs):
+    """(`inputs` with their tuples of tensors spread out, counts for flat_function)."""
+    spread, counts = [], []
+    for value in inputs:
+        if isinstance(value, (tuple, list)) and all(isinstance(v, Tensor) for v in value):
+            spread += value
+            counts.append(len(value))
+        else:
+            spread.append(value)
+            counts.append(None)
+    return spread, tuple(counts)
+
+
 class StoredGraph:
-    """`function` (tensors, or tuples of tensors marked `mindspore.mutable`, in; tensors out;
-    no parameters inside) compiled once per input signature and machine. `constants`: a repr-able
-    value naming what the function closes over (e.g. its model's configuration)."""
+    """`function` (tensors, or tuples of tensors, in; tensors out; no parameters inside) compiled
+    once per input signature and machine. `constants`: a repr-able value naming what the function
+    closes over (e.g. its model's configuration). Parameters may be given as inputs (a KV cache
+    the graph writes in place: Parameters are written without a copy)."""
 
     def __init__(self, name, function, constants):
         self.name, self.function, self.constants = name, function, constants
-        self._jit = ms.jit(function)
+        self._jits = {}  # counts -> the function compiled in this process (storing off)
         self._cells = {}
 
     def __call__(self, *inputs):
         folder = cache_folder()
+        spread, counts = flatten(inputs)
         if folder is None:
-            return self._jit(*inputs)
+            return self._jit(counts)(*spread)
         # found by folder and signature: the key's sha256 is computed once per graph, not per call
         found = (folder, signature(inputs))
         if found not in self._cells:
-            self._cells[found] = self._load(folder, self.key(inputs), inputs)
+            self._cells[found] = self._load(folder, self.key(inputs), spread, counts)
         cell = self._cells[found]
-        return self._jit(*inputs) if cell is None else cell(*inputs)
+        return self._jit(counts)(*spread) if cell is None else cell(*spread)
+
+    def _jit(self, counts):
+        if counts not in self._jits:
+            self._jits[counts] = ms.jit(flat_function(self.function, counts))
+        return self._jits[counts]
 
     def key(self, inputs):
         parts = (self.name, repr(self.constants), repr(signature(inputs)), source_hash(), ms.__version__,
                  ms.get_context("device_target"))
         return f"{self.name}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
-    def _load(self, folder, key, inputs):
+    def _load(self, folder, key, spread, counts):
         """The stored graph of `key`, stored first if need be; None (compile in this process) when
         the folder cannot be written."""
         path = os.path.join(folder, key + ".mindir")
@@ -105,7 +143,7 @@ class StoredGraph:
             warnings.warn(f"graphs are not stored ({error}); set {ENV} to a writable folder, or to off")
             return None
         try:
-            ms.export(self.function, *inputs, file_name=temporary, file_format="MINDIR")
+            ms.export(flat_function(self.function, counts), *spread, file_name=temporary, file_format="MINDIR")
             cell = self._graph_cell(temporary)
             os.replace(temporary, path)
         finally:

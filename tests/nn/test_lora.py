@@ -18,6 +18,10 @@ RANK, ALPHA = 4, 24  # alpha / rank = 6: a rank-as-alpha bug would scale by 1
 
 def thinker_with_adapter(checkpoint, seed=0, **config):
     thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(checkpoint, enable_audio_output=False).thinker
+    return add_adapter(thinker, seed, **config)
+
+
+def add_adapter(thinker, seed=0, **config):
     apply_lora(thinker, LoraConfig(**{"r": RANK, "lora_alpha": ALPHA, **config}), seed=seed)
     rng = np.random.default_rng(seed + 1)
     for _, layer in lora_layers(thinker):  # B starts at zero; a non-zero B makes every gradient non-zero
@@ -247,3 +251,31 @@ def test_a_whole_model_adapter_with_talker_layers_says_to_load_the_talker(tiny_c
         text_only.load_adapter(str(tmp_path))
     assert not lora_layers(text_only)
     Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint).load_adapter(str(tmp_path))  # loads whole
+
+
+def runner_logits(model, ids, mask):
+    """The compiled decoder's logits for the prompt's last two positions: all but the last token
+    prefilled, then one decode step."""
+    runner, thinker = model.thinker_runner(), model.thinker
+    prepared = thinker.prepare_inputs(ids, mask)
+    cache = runner.allocate(ids.shape[0], ids.shape[1], ms.float32)
+    embeds, positions = prepared.inputs_embeds, prepared.position_ids
+    prefilled, _ = runner.extend(cache, embeds[:, :-1], positions[..., :-1], mask[:, :-1])
+    decoded, _ = runner.decode(cache, embeds[:, -1:], positions[..., -1:])
+    cache.release()
+    return np.stack([prefilled, decoded], 1)
+
+
+def test_the_compiled_decoder_runs_unmerged_adapters(tiny_checkpoint, batch):
+    """Generation with an adapter loaded and not merged: the compiled prefill and decode steps
+    (weights and adapters as graph inputs) give the cells' logits (which equal PEFT's, above)."""
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, enable_audio_output=False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    without = runner_logits(model, ids, mask)
+    add_adapter(model.thinker)  # after the runner compiled: it must see the adapters
+    want = model.thinker(input_ids=ids, attention_mask=mask).logits.asnumpy()[:, -2:]
+    got = runner_logits(model, ids, mask)
+    assert max_abs_diff(got, want) <= 1e-5
+    assert max_abs_diff(got, without) > 1e-2  # the adapters did act
+    merge_lora(model.thinker)  # and back to plain projections
+    assert max_abs_diff(runner_logits(model, ids, mask), want) <= 1e-4

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Parameter, Tensor
+from mindspore import Parameter, Tensor, ops
 
 from mindone_ext.utils import graph_cache
 from mindone_ext.utils.graph_cache import ENV, StoredGraph
@@ -114,6 +114,43 @@ def test_a_folder_that_cannot_be_written_compiles_in_the_process(monkeypatch, tm
         assert graph(Tensor(np.zeros(2, np.float32))).asnumpy().tolist() == [1, 1]
     assert graph(Tensor(np.ones(2, np.float32))).asnumpy().tolist() == [2, 2]  # warned once per graph and shape
     assert os.listdir(tmp_path) == ["a-file"]
+
+
+def write_rows(index, rows, buffers):
+    done = index
+    for buffer in buffers:
+        done = ops.depend(done, ops.scatter_update(buffer, index, rows))
+    return done
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_parameters_given_as_inputs_are_written_in_place(monkeypatch, tmp_path, stored):
+    """A KV cache's buffers are Parameters a step graph writes: written by the graph that
+    compiled (and stored) and by the graph a later StoredGraph loads, as by one compiled in the
+    process with storing off."""
+    monkeypatch.setenv(ENV, str(tmp_path) if stored else "off")
+    for row in (1, 2):  # the second: a new StoredGraph, which loads the stored file
+        buffers = tuple(Parameter(Tensor(np.zeros((4, 3), np.float32)), name=f"b{i}") for i in range(2))
+        StoredGraph("write", write_rows, ())(Tensor([row], ms.int32), Tensor(np.full((1, 3), row, np.float32)),
+                                             buffers)
+        want = np.zeros((4, 3), np.float32)
+        want[row] = row
+        for buffer in buffers:
+            np.testing.assert_array_equal(buffer.asnumpy(), want)
+    assert len(os.listdir(tmp_path)) == (1 if stored else 0)
+
+
+def first_of_each(pairs, x):
+    return pairs[0][0] + pairs[1][1] + x
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_a_tuple_of_tuples_is_an_input_too(monkeypatch, tmp_path, stored):
+    monkeypatch.setenv(ENV, str(tmp_path) if stored else "off")
+    x, y = Tensor(np.ones(2, np.float32)), Tensor(np.full(2, 2, np.float32))
+    pairs = ms.mutable(((x, y), (y, x)))
+    assert StoredGraph("pairs", first_of_each, ())(pairs, y).asnumpy().tolist() == [4, 4]
+    assert StoredGraph("pairs", first_of_each, ())(ms.mutable(((y, x), (y, y))), x).asnumpy().tolist() == [5, 5]
 
 
 def test_the_vocoder_compiles_when_graphs_are_stored(monkeypatch):
