@@ -65,7 +65,8 @@ class CompiledDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self._caches = []  # weak references to the caches handed out
-        self.shapes = set()  # (rows, tokens, attended slots) of every step run: one compiled graph each
+        self.shapes = set()  # (rows, tokens, attended slots) of every step run
+        self.graphs_run = set()  # (whole pool, buffer view, shape): one compiled graph each
         self._rotary_spec = (self.head_dim, config.rope_theta, tuple(config.rope_scaling["mrope_section"]))
         self._graphs = {}  # (make-up, whole pool, buffer view) -> its StoredGraph
         self.pool = None  # the shared pool: single-row caches are its rows (use_pool)
@@ -308,10 +309,11 @@ class CachePool:
         # size: a long prompt's early pieces do not attend to the whole cache); a decode step to all
         span = self.slots if t == 1 else min(self.slots, cache_slots(int(starts[:n].max()) + t))
         shape = (width, t, span)
-        compiled = self.buffers.shapes
+        graph = (whole, self.buffers.view, shape)  # pools of one shape share their graphs
         rows_note = f" for {width} rows" if width > 1 else ""
-        new = None if shape in compiled else f"the {self.runner.name} for {t} token(s) x {span} cache slots{rows_note}"
-        compiled.add(shape)
+        new = None if graph in self.runner.graphs_run else \
+            f"the {self.runner.name} for {t} token(s) x {span} cache slots{rows_note}"
+        self.runner.graphs_run.add(graph)
         self.runner.shapes.add(shape)
         with compiling(new):
             logits, hidden = self.runner.run_step(self.buffers, whole, (
@@ -348,7 +350,6 @@ class PoolBuffers:
 
         self.keys = tuple(buffer("keys", i) for i in range(runner.num_layers))
         self.values = tuple(buffer("values", i) for i in range(runner.num_layers))
-        self.shapes = set()  # (rows, tokens, attended slots) run over these buffers
 
     def load(self, old):
         """Copy what `old` (as many rows, fewer slots) holds into the first slots, in place."""
