@@ -146,7 +146,7 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         with compiling(None if padded in self._windows else f"the audio encoder for {padded} windows"):
             self._windows.add(padded)
             for layer in self.layers:
-                # Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
+                # Tensor(p): the Parameter's storage, read by the graph (no copy)
                 x = self._layer_graph(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))
         return x[:windows, :tokens]
 

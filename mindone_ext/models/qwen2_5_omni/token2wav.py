@@ -117,7 +117,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
         # mutable: the tensors are graph inputs, not constants baked into a new graph per call;
-        # Tensor(p): a graph input cannot be a Parameter (same storage, no copy)
+        # Tensor(p): the Parameter's storage, read by the graph (no copy)
         weights = tuple(Tensor(w) for w in dit.weights())
         with compiling(new):
             if self.one_graph(x.shape[0] * x.shape[1]):

@@ -205,7 +205,7 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
             self._shapes.add(shapes)
             for block, lengths in zip(self.blocks, segments):
-                # Tensor(p): a jit input cannot be a Parameter (same storage, no copy)
+                # Tensor(p): the Parameter's storage, read by the graph (no copy)
                 weights = ms.mutable(tuple(Tensor(w) for part in block.weights() for w in part))
                 x = self._block_graph(x, cos, sin, layouts[id(lengths)], weights)
         return x[:n]
