@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...generation.decode import bucket
 from .token2wav import OdeRow
 from .vocoder import CONTEXT, MAX_WINDOW
 
@@ -33,7 +34,7 @@ class StreamChunking:
     past_blocks: int = 2  # already-emitted context the window repeats before the chunk
     future_blocks: int = 1  # context after the chunk: the codes a chunk waits for
     vocoder_context: int = CONTEXT  # mel frames the vocoder sees on each side of its new frames
-    max_chunk_blocks: int = 8  # the size later chunks grow to (<= chunk_blocks: no growth)
+    max_chunk_blocks: int = 16  # the size later chunks grow to (<= chunk_blocks: no growth)
 
     def blocks(self, n):
         """The length of chunk n (0: the first), in DiT blocks."""
@@ -153,13 +154,23 @@ class Token2WavStream:
             end = min(start + chunk, total)
             if not self.finished and total < end + self.future:
                 break
+            final = self.finished and total - start <= chunk + self.future
+            end = total if final else end  # a short rest joins this window: no window of its own
             first, last = max(0, start - self.past), min(end + self.future, total)
             row = OdeRow(self.codes[first // self.repeats:last // self.repeats], self.noise[first:last][0],
                          self.conditioning, self.token2wav.speaker_voice(self.reference_mel, self.ode["guidance_scale"]))
-            length = next(size for size in self.lengths if size >= last - first)
+            length = self.window_length(last - first, final)
             windows.append(OdeWindow(start, end, first, row, length))
             start, n = end, n + 1
         return windows
+
+    def window_length(self, frames, final):
+        """The frames a window of `frames` is padded to: the smallest of `lengths` that holds it;
+        the answer's final window (its size is whatever is left) may instead take the whole
+        answer's size for it (`bucket`, as Token2Wav.sample_mel pads) when that is smaller, so the
+        tail does not solve up to a long chunk's window of padding."""
+        length = next(size for size in self.lengths if size >= frames)
+        return min(length, bucket(frames, 2 * self.block)) if final else length
 
     def take_mel(self, mels):
         """The frames of `windows()`'s windows, in order."""

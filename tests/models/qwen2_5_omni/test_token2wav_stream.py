@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from mindone_ext.generation.decode import bucket
 from mindone_ext.models.qwen2_5_omni.dit import block_window, window_attention
 from mindone_ext.models.qwen2_5_omni.token2wav_stream import NoiseFrames, StreamChunking, Token2WavStream, synthesise
 from tests.conftest import max_abs_diff, snr_db
@@ -46,7 +47,7 @@ def test_streamed_audio_matches_the_whole_answer(our_model, whole, chunking, pie
 
 
 def test_chunks_grow_after_the_first(our_model):
-    assert [StreamChunking().blocks(n) for n in range(5)] == [2, 4, 8, 8, 8]
+    assert [StreamChunking().blocks(n) for n in range(6)] == [2, 4, 8, 16, 16, 16]
     assert [StreamChunking(chunk_blocks=3, max_chunk_blocks=3).blocks(n) for n in range(3)] == [3, 3, 3]
     assert StreamChunking(chunk_blocks=4, max_chunk_blocks=2).blocks(3) == 4  # never below the first
     speaker = our_model.speakers["Ethan"]
@@ -56,6 +57,50 @@ def test_chunks_grow_after_the_first(our_model):
     # all), then plays but for the vocoder's context; the next chunk (up to 4 blocks) is the rest
     assert s.chunks == 1 and ready == [35] and len(s.mel) == 48
     assert s.finish() and s.chunks == 2 and len(s.mel) == 120
+
+
+def scheduled_windows(model, codes, chunking):
+    """The ODE windows a stream makes for `codes` codec tokens arriving one by one (nothing solved:
+    each window's frames are taken as zeros)."""
+    speaker = model.speakers["Ethan"]
+    s = Token2WavStream(model.token2wav, speaker.cond, speaker.ref_mel, chunking, seed=0)
+    made = []
+    for i in range(codes):
+        s.add(np.zeros((1, 1), np.int64))
+        if i == codes - 1:
+            s.end()
+        for w in s.windows():
+            made.append(w)
+            s.take_mel([np.zeros((w.end - w.start, s.mel.shape[1]), np.float32)])
+    return s, made
+
+
+def test_windows_tile_the_answer_and_a_finished_rest_joins_the_last(our_model):
+    block, past, future = 24, 48, 24
+    chunking = StreamChunking()
+    sizes = [chunking.blocks(n) * block for n in range(8)]  # 48, 96, 192, 384, 384, ...
+    # every answer length from one code to past the fourth chunk's window, by single codes
+    for codes in range(1, (sum(sizes[:4]) + past + future) // 2 + 14):
+        s, windows = scheduled_windows(our_model, codes, chunking)
+        total = 2 * codes
+        assert [w.start for w in windows] == [0] + [w.end for w in windows[:-1]] and windows[-1].end == total
+        for n, w in enumerate(windows):
+            last = min(w.end + future, total)
+            assert w.first == max(0, w.start - past) and len(w.row.noise) == last - w.first <= w.length
+            final = n == len(windows) - 1
+            # only the last window is longer than its chunk, by at most the future context it needs no more
+            assert w.end - w.start <= sizes[n] + (future if final else 0)
+            stream_length = next(size for size in s.lengths if size >= last - w.first)
+            assert w.length == (min(stream_length, bucket(last - w.first, 2 * block)) if final else stream_length)
+        # the rest after the last but one window did not fit that window's chunk and its future
+        if len(windows) > 1:
+            assert total - windows[-2].start > sizes[len(windows) - 2] + future
+    # the bench's 10 s answer (497 codes): 1344 frames solved, was 1464 with chunks of at most
+    # 8 blocks and the tail padded to a chunk's window; the whole answer solves 1024 (bucket)
+    _, windows = scheduled_windows(our_model, 497, chunking)
+    assert [w.length for w in windows] == [72, 168, 264, 456, 384]
+    _, windows = scheduled_windows(our_model, 497, StreamChunking(max_chunk_blocks=8))
+    assert sum(w.length for w in windows) == 1440  # the tail's padding alone: its 130 frames in 144, not 168
 
 
 def test_a_chunk_longer_than_the_answer_is_the_whole_answer(our_model, whole):
