@@ -16,7 +16,9 @@ Prints a JSON line per engine: answered / busy refusals / hung / mismatched turn
 (answers per minute and codec tokens per second under load: audio seconds x 50 / wall time), p50
 and p95 of the time from "end" to the first audio chunk under load and alone, and the server's
 memory before and after; then a summary line with the batched engine's ratios (first audio under
-load vs alone, throughput vs the interleaved engine). Exits 1 when a turn hung or mismatched, or a
+load vs alone, throughput vs the interleaved engine). The compiled graphs the server holds are
+reported with the memory (a round that met a new shape compiled a graph, which stays allocated:
+memory that grows in a round that compiled nothing is a leak). Exits 1 when a turn hung or mismatched, or a
 server kept state.
 """
 import argparse
@@ -116,20 +118,22 @@ def percentile(values, q):
 async def run(server, args, engine):
     settings = {"seed": 0, "max_new_tokens": args.max_new_tokens, "talker_max_new_tokens": args.talker_max_new_tokens}
     stats = {"busy_refusals": 0, "refused": 0, "hung": 0, "mismatched": 0}
-    # warm-up: graphs compiled before timing, those of batched steps too (as many at once as may run)
-    await asyncio.gather(*(client(server.ws_url, i, 1, settings, args, stats)
+    # warm-up: graphs compiled before timing, those of batched steps too (as many at once as may
+    # run, every turn of the scripts: later turns meet longer caches)
+    await asyncio.gather(*(client(server.ws_url, i % args.scripts, args.turns, settings, args, stats)
                            for i in range(min(args.max_active, args.clients))))
     references = [await client(server.ws_url, s, args.turns, settings, args, stats) for s in range(args.scripts)]
     alone = [first for answers in references for _, _, first in answers if first is not None]
-    await settle(server.url)
+    graphs_before = (await settle(server.url))["graphs"]
     rss_before = server.rss_mb()
     start = time.perf_counter()
-    results, rss_after = [], []
+    results, rss_after, graphs_after = [], [], []
     for _ in range(args.rounds):
         results += await asyncio.gather(*(client(server.ws_url, i % args.scripts, args.turns, settings, args, stats,
                                                  references[i % args.scripts]) for i in range(args.clients)))
         after = await settle(server.url)
         rss_after.append(round(server.rss_mb(), 1))
+        graphs_after.append(after["graphs"])
     wall = time.perf_counter() - start
     under_load = [first for answers in results for _, _, first in answers if first is not None]
     answered = sum(len(a) for a in results)
@@ -142,7 +146,7 @@ async def run(server, args, engine):
             "first_audio_p50_s": percentile(under_load, 50), "first_audio_p95_s": percentile(under_load, 95),
             "alone_first_audio_p50_s": percentile(alone, 50), "alone_first_audio_p95_s": percentile(alone, 95),
             "rounds": args.rounds, "wall_s": round(wall, 1), "rss_before_mb": round(rss_before, 1),
-            "rss_after_mb": rss_after,
+            "rss_after_mb": rss_after, "graphs_before": graphs_before, "graphs_after": graphs_after,
             "sessions_after": after["sessions"], "caches_after": after["caches"]}
 
 

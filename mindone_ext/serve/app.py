@@ -1,7 +1,7 @@
 """The aiohttp application: the browser page, the voice WebSocket, OpenAI-style chat completions.
 
     GET  /                     the voice-chat page (static/)
-    GET  /health               {"status", "sessions", "active", "queued", "caches", "cache_mb"}
+    GET  /health               {"status", "sessions", "active", "queued", "caches", "cache_mb", "graphs"}
     GET  /health/live          200, or 503 when the model's thread is gone or stuck (for a load balancer)
     GET  /v1/models            the one model, OpenAI-style (and /v1/models/{id})
     GET  /v1/voice             WebSocket: the voice conversation (docs/voice_service.md)
@@ -28,6 +28,7 @@ import numpy as np
 from aiohttp import web
 
 from ..models.qwen2_5_omni.streaming import AudioChunk, TextDelta
+from ..utils.graph_cache import StoredGraph
 from .engine import Busy, Engine, Failed, Finished, Stopped, error_id
 from .memory import MB, cache_pools, context_tokens
 from .openai_api import ApiError, AudioTranscripts, ChatRequest, prepare_inputs
@@ -161,7 +162,7 @@ async def _health(request):
     state, engine = request.app[STATE], request.app[ENGINE]
     caches, cache_mb = await engine.call(_caches_in_use, state["model"])
     return web.json_response({"status": "ok", "sessions": state["sessions"], **engine.load(), "caches": caches,
-                              "cache_mb": cache_mb})
+                              "cache_mb": cache_mb, "graphs": StoredGraph.held})
 
 
 async def _live(request):

@@ -99,20 +99,21 @@ class StoredGraph:
     closes over (e.g. its model's configuration). Parameters may be given as inputs (a KV cache
     the graph writes in place: Parameters are written without a copy)."""
 
+    held = 0  # graphs compiled or loaded in this process, by every StoredGraph (the server's /health)
+
     def __init__(self, name, function, constants):
         self.name, self.function, self.constants = name, function, constants
         self._jits = {}  # counts -> the function compiled in this process (storing off)
-        self._cells = {}
+        self._cells = {}  # (folder, signature) -> the loaded graph, or None: compiled in this process
 
     def __call__(self, *inputs):
         folder = cache_folder()
         spread, counts = flatten(inputs)
-        if folder is None:
-            return self._jit(counts)(*spread)
         # found by folder and signature: the key's sha256 is computed once per graph, not per call
         found = (folder, signature(inputs))
         if found not in self._cells:
-            self._cells[found] = self._load(folder, self.key(inputs), spread, counts)
+            self._cells[found] = None if folder is None else self._load(folder, self.key(inputs), spread, counts)
+            StoredGraph.held += 1
         cell = self._cells[found]
         return self._jit(counts)(*spread) if cell is None else cell(*spread)
 

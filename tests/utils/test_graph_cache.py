@@ -116,6 +116,19 @@ def test_a_folder_that_cannot_be_written_compiles_in_the_process(monkeypatch, tm
     assert os.listdir(tmp_path) == ["a-file"]
 
 
+@pytest.mark.parametrize("stored", [True, False])
+def test_held_counts_each_graph_and_shape_once(monkeypatch, tmp_path, stored):
+    """StoredGraph.held is what the voice server's /health reports as graphs: a shape met again,
+    by the same StoredGraph, is no new graph; another shape or another StoredGraph is."""
+    monkeypatch.setenv(ENV, str(tmp_path) if stored else "off")
+    graph, before = StoredGraph("plus", add_one, ()), StoredGraph.held
+    for shape in ((2,), (2,), (3,), (2,), (3,)):
+        graph(Tensor(np.zeros(shape, np.float32)))
+    assert StoredGraph.held - before == 2
+    StoredGraph("plus", add_one, ())(Tensor(np.zeros(2, np.float32)))
+    assert StoredGraph.held - before == 3
+
+
 def write_rows(index, rows, buffers):
     done = index
     for buffer in buffers:
