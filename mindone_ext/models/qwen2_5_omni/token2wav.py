@@ -204,13 +204,15 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
                    noise=None, seed=None):
         """codes (1, N) -> mel (1, mel_dim, N * repeats). `noise` (1, >= N * repeats, mel_dim) is the
         ODE's start; without it, standard normal noise from `seed`."""
-        dit = self.code2wav_dit_model
-        frames = code.shape[1] * dit.repeats
-        # frame counts rounded up to a few sizes per power of two: a handful of compiled graphs
-        length = bucket(frames, 2 * dit.block_size)
+        frames = code.shape[1] * self.code2wav_dit_model.repeats
         mel = self.solve(code, conditioning, reference_mel, self.noise(frames, noise, seed), num_steps, guidance_scale,
-                         sway_coefficient, length)
+                         sway_coefficient, self.solved_length(frames))
         return mel.swapaxes(1, 2)
+
+    def solved_length(self, frames):
+        """The frames a whole answer of `frames` is solved in: rounded up to a few sizes per power
+        of two, so a handful of compiled graphs serve every answer."""
+        return bucket(frames, 2 * self.code2wav_dit_model.block_size)
 
     def construct(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
                   noise=None, seed=None):

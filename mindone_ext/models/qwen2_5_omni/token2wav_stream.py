@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...generation.decode import bucket
 from .token2wav import OdeRow
 from .vocoder import CONTEXT, MAX_WINDOW
 
@@ -167,10 +166,10 @@ class Token2WavStream:
     def window_length(self, frames, final):
         """The frames a window of `frames` is padded to: the smallest of `lengths` that holds it;
         the answer's final window (its size is whatever is left) may instead take the whole
-        answer's size for it (`bucket`, as Token2Wav.sample_mel pads) when that is smaller, so the
-        tail does not solve up to a long chunk's window of padding."""
+        answer's size for it (Token2Wav.solved_length) when that is smaller, so the tail does not
+        solve up to a long chunk's window of padding."""
         length = next(size for size in self.lengths if size >= frames)
-        return min(length, bucket(frames, 2 * self.block)) if final else length
+        return min(length, self.token2wav.solved_length(frames)) if final else length
 
     def take_mel(self, mels):
         """The frames of `windows()`'s windows, in order."""
