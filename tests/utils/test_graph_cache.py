@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from mindone_ext.utils import graph_cache
 from mindone_ext.utils.graph_cache import ENV, StoredGraph
@@ -151,6 +151,31 @@ def test_parameters_given_as_inputs_are_written_in_place(monkeypatch, tmp_path, 
         for buffer in buffers:
             np.testing.assert_array_equal(buffer.asnumpy(), want)
     assert len(os.listdir(tmp_path)) == (1 if stored else 0)
+
+
+def test_a_loaded_graph_checks_its_arguments_once_per_set_of_parameters(monkeypatch, tmp_path):
+    """After the first call with a set of Parameter inputs, a loaded graph runs without GraphCell's
+    per-call compile check (LoadedGraph); its outputs and in-place writes are the same, and other
+    Parameters (another pool's buffers) go through the check again."""
+    monkeypatch.setenv(ENV, str(tmp_path))
+    checked = []
+    graph_cell_call = nn.GraphCell.__call__
+    monkeypatch.setattr(nn.GraphCell, "__call__", lambda cell, *a: checked.append(1) or graph_cell_call(cell, *a))
+
+    def pool():
+        return tuple(Parameter(Tensor(np.zeros((4, 3), np.float32)), name=f"b{i}") for i in range(2))
+
+    graph, pools = StoredGraph("write", write_rows, ()), [pool(), pool()]
+    want = [np.zeros((4, 3), np.float32) for _ in pools]
+    for call, (p, row) in enumerate([(0, 1), (0, 2), (1, 3), (0, 0), (1, 2), (0, 3)]):
+        value = 10 * call + 1
+        out = graph(Tensor([row], ms.int32), Tensor(np.full((1, 3), value, np.float32)), pools[p])
+        assert out.asnumpy().tolist() == [row]
+        want[p][row] = value
+        for buffers, expected in zip(pools, want):
+            for buffer in buffers:
+                np.testing.assert_array_equal(buffer.asnumpy(), expected)
+    assert len(checked) == 2  # the first call with each pool
 
 
 def first_of_each(pairs, x):
