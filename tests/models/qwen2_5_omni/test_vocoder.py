@@ -47,12 +47,18 @@ def op_by_op(bigvgan, mel):
 
 
 def test_every_length_around_the_window_boundaries(bigvgan, compiled):
-    step = WIDTH - 2 * CONTEXT  # new frames per window
-    for frames in list(range(1, 4)) + [n for k in (1, 2, 4) for n in range(k * step - 2, k * step + 3)]:
+    step = WIDTH - 2 * CONTEXT  # new frames per window between the first and the last
+    # one window holds the mel up to WIDTH frames; each further one adds `step` (the first and the
+    # last keep frames up to the mel's edges)
+    boundaries = [WIDTH + k * step for k in range(3)]
+    for frames in list(range(1, 4)) + [n for b in boundaries for n in range(b - 2, b + 3)]:
         want = op_by_op(bigvgan, MEL[:frames])
         got = compiled(MEL[:frames])
         assert got.dtype == np.float32 and got.shape == want.shape == (frames * 6,)
         assert max_abs_diff(got, want) <= 1e-4, frames
+        windows = compiled._windows(MEL[:frames], 0, frames, CONTEXT)
+        assert len(windows) == 1 + max(0, -(-(frames - WIDTH) // step)), frames
+        assert all(last - first <= WIDTH for first, last, _, _ in windows)
     assert compiled.widths == {WIDTH}
 
 
