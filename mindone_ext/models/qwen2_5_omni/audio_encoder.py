@@ -3,9 +3,11 @@ transformer layers attending within each window, 2x average pooling and a projec
 Thinker's width. Names mirror the reference (`thinker.audio_tower.*`).
 
 The layers run on the windows padded to one length (each token attends to the real tokens of its
-window). For inference they run as one compiled graph shared by every layer (`audio_layer`, the
-weights its inputs), one per power of two of windows: op by op, each layer is ~25 dispatches.
-Training, and layers wrapped by LoRA adapters, run op by op through the cells."""
+window). For inference the encoder is three compiled graphs per power of two of windows, each
+taking its weights as inputs: the convolutions (`stem`), one layer shared by every layer
+(`audio_layer`: op by op, each layer is ~25 dispatches) and the pooling with the projection
+(`head`); op by op, the convolutions were a fifth of a loaded voice server's model thread (new
+shapes each turn). Training, and layers wrapped by LoRA adapters, run op by op through the cells."""
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
@@ -120,46 +122,48 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         self.proj = Linear(d, config.output_dim, True, dtype)
         heads, act = config.encoder_attention_heads, P.activation(config.activation_function)
 
+        conv1, conv2 = self.conv1, self.conv2  # (the graph closes over these cells, not the encoder)
+
+        def stem(x, valid, conv1_w, conv1_b, conv2_w, conv2_b, positions):
+            x = P.gelu(conv1.apply(x, conv1_w, conv1_b)) * valid
+            return P.gelu(conv2.apply(x, conv2_w, conv2_b)).swapaxes(1, 2) + positions
+
         def layer(h, m, w):
             return audio_layer(h, m, w, heads, act, flash)
 
-        # the layer graph shared by all layers, stored once per machine
+        def head(x, first, second, ln_w, ln_b, proj_w, proj_b):
+            x = x.reshape(-1, x.shape[-1])
+            pooled = (ops.gather(x, first, 0) + ops.gather(x, second, 0)) / 2
+            return mint.nn.functional.linear(P.layer_norm(pooled, ln_w, ln_b, 1e-5), proj_w, proj_b)
+
+        # graphs per power of two of windows, the layer's shared by all layers; stored once per machine
+        self._stem_graph = StoredGraph("audio_stem", stem, ())
         self._layer_graph = StoredGraph("audio_layer", layer, (heads, config.activation_function, flash))
+        self._head_graph = StoredGraph("audio_head", head, ())
         self._windows = set()  # window counts it has run
 
-    def _layers(self, x, valid):
-        """The layers on x (windows, tokens, d) whose tokens `valid` are real (see the module's docstring)."""
-        windows, tokens = valid.shape
-        if self.training or not all(layer.plain() for layer in self.layers):
-            mask = Tensor(np.broadcast_to(valid[:, None, None, :], (windows, 1, tokens, tokens)).copy())
-            for layer in self.layers:
-                x = layer(x, mask)
-            return x
-        padded, width = 1 << (windows - 1).bit_length(), after_conv(2 * self.n_window)
-        # one graph per power of two of windows, every window padded to a whole one's tokens;
-        # padding: zeros, never a key (a window with no real key gets attention's finite floor),
-        # dropped after
-        x = ops.pad(x, (0, 0, 0, width - tokens, 0, padded - windows))
-        mask = np.zeros((padded, 1, width, width), bool)
-        mask[:windows, 0, :, :tokens] = valid[:, None, :]
-        mask = Tensor(mask)
-        with compiling(None if padded in self._windows else f"the audio encoder for {padded} windows"):
-            self._windows.add(padded)
-            for layer in self.layers:
-                # Tensor(p): the Parameter's storage, read by the graph (no copy)
-                x = self._layer_graph(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))
-        return x[:windows, :tokens]
+    def compiled(self):
+        """Whether inference runs through the graphs: not training, and no adapter wraps a layer
+        (the graphs take the plain layers' weights)."""
+        return not self.training and type(self.proj) is Linear and all(layer.plain() for layer in self.layers)
 
     def construct(self, input_features, feature_lens):
         """input_features (num_mel_bins, total frames): the clips' valid frames one after the other;
         feature_lens (num_clips,). Returns (total audio tokens, output_dim), clip after clip."""
         feature_lens = np.asarray(feature_lens, np.int64)
-        windows = window_lengths(feature_lens, self.n_window * 2)
-        flat = [n for clip in windows for n in clip]
-        longest = max(flat)
+        flat = np.asarray([n for clip in window_lengths(feature_lens, self.n_window * 2) for n in clip])
         starts = np.concatenate([[0], np.cumsum(flat)[:-1]])
-        frame_index = np.minimum(starts[:, None] + np.arange(longest)[None, :], sum(flat) - 1)
-        frame_valid = np.arange(longest)[None, :] < np.asarray(flat)[:, None]
+        tokens = after_conv(flat)
+        # 2x average pooling within each clip (an odd last token is dropped, as AvgPool1d does):
+        # the first token of each pair, counted over the clips' tokens one after the other
+        clip_tokens, _ = output_lengths(feature_lens)
+        clip_starts = np.concatenate([[0], np.cumsum(clip_tokens)[:-1]])
+        first = np.concatenate([s + 2 * np.arange(n // 2) for s, n in zip(clip_starts, clip_tokens)]).astype(np.int32)
+        if self.compiled():
+            return self._run_graphs(input_features, flat, starts, tokens, first)
+        longest = int(flat.max())
+        frame_index = np.minimum(starts[:, None] + np.arange(longest)[None, :], int(flat.sum()) - 1)
+        frame_valid = np.arange(longest)[None, :] < flat[:, None]
         dtype = self.conv1.weight.dtype
         x = ops.gather(Tensor(input_features, dtype) if not isinstance(input_features, Tensor) else
                        input_features.astype(dtype), Tensor(frame_index.reshape(-1), ms.int32), 1)
@@ -168,13 +172,45 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         x = P.gelu(self.conv1(x)) * Tensor(frame_valid[:, None, :], dtype)
         x = P.gelu(self.conv2(x)).swapaxes(1, 2)  # (windows, tokens, d)
         x = x + self.positions[: x.shape[1]].astype(dtype)
-        tokens = after_conv(np.asarray(flat))
         valid = np.arange(x.shape[1])[None, :] < tokens[:, None]
-        x = self._layers(x, valid)
+        mask = Tensor(np.broadcast_to(valid[:, None, None, :], (*valid.shape[:1], 1, valid.shape[1],
+                                                                 valid.shape[1])).copy())
+        for layer in self.layers:
+            x = layer(x, mask)
         x = ops.gather(x.reshape(-1, x.shape[-1]), Tensor(np.flatnonzero(valid).astype(np.int32)), 0)
-        # 2x average pooling within each clip (an odd last token is dropped, as AvgPool1d does)
-        clip_tokens, _ = output_lengths(feature_lens)
-        clip_starts = np.concatenate([[0], np.cumsum(clip_tokens)[:-1]])
-        first = np.concatenate([s + 2 * np.arange(n // 2) for s, n in zip(clip_starts, clip_tokens)]).astype(np.int32)
         pooled = (ops.gather(x, Tensor(first), 0) + ops.gather(x, Tensor(first + 1), 0)) / 2
         return self.proj(self.ln_post(pooled))
+
+    def _run_graphs(self, input_features, flat, starts, tokens, first):
+        """construct() through the graphs: every window padded to a whole one's frames and the
+        windows to a power of two; padding is zeros before the convolutions, never a key in the
+        layers (a window with no real key gets attention's finite floor), and never pooled."""
+        windows, frames = len(flat), 2 * self.n_window
+        padded, width = 1 << (windows - 1).bit_length(), after_conv(frames)
+        features = input_features.asnumpy() if isinstance(input_features, Tensor) else np.asarray(input_features)
+        frame_valid = np.zeros((padded, frames), bool)
+        frame_valid[:windows] = np.arange(frames)[None, :] < flat[:, None]
+        index = np.minimum(starts[:, None] + np.arange(frames)[None, :], len(features[0]) - 1)
+        x = np.zeros((padded, features.shape[0], frames), np.float32)
+        x[:windows] = np.where(frame_valid[:windows, None, :], features[:, index].swapaxes(0, 1), 0)
+        token_valid = np.zeros((padded, width), bool)
+        token_valid[:windows] = np.arange(width)[None, :] < tokens[:, None]
+        mask = np.zeros((padded, 1, width, width), bool)
+        mask[:, 0] = token_valid[:, None, :]
+        # the pooled pairs as positions among the padded windows' tokens, padded to a fixed count
+        at = np.flatnonzero(token_valid).astype(np.int32)
+        pairs = np.zeros((2, padded * width // 2), np.int32)
+        pairs[:, :len(first)] = at[first], at[first + 1]
+        dtype = self.conv1.weight.dtype
+        with compiling(None if padded in self._windows else f"the audio encoder for {padded} windows"):
+            self._windows.add(padded)
+            # Tensor(p): the Parameter's storage, read by the graph (no copy)
+            x = self._stem_graph(Tensor(x, dtype), Tensor(frame_valid[:, None, :], dtype), Tensor(self.conv1.weight),
+                                 Tensor(self.conv1.bias), Tensor(self.conv2.weight), Tensor(self.conv2.bias),
+                                 self.positions[:width].astype(dtype))
+            mask = Tensor(mask)
+            for layer in self.layers:
+                x = self._layer_graph(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))
+            out = self._head_graph(x, Tensor(pairs[0]), Tensor(pairs[1]), Tensor(self.ln_post.weight),
+                                   Tensor(self.ln_post.bias), Tensor(self.proj.weight), Tensor(self.proj.bias))
+        return out[:len(first)]
