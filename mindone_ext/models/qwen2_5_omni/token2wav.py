@@ -107,18 +107,18 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
                                                ("output", output)))
         return self._compiled[apply_cfg]
 
-    def velocity(self, x, cond, code, t, cos, sin, masks, guidance_scale, voice):
+    def velocity(self, x, cond, code, t, cos, sin, masks, guidance_scale, voice, weights=None):
         """The ODE's right-hand side: the DiT, with classifier-free guidance when the scale is
         non-zero (guided + (guided - unconditioned) * scale). `voice`: the speaker's embedding
-        for that scale (`speaker_voice`; rows of several speakers stacked as solve_rows does)."""
+        for that scale (`speaker_voice`; rows of several speakers stacked as solve_rows does).
+        `weights`: `graph_weights()`, made once for the many evaluations of one solve."""
         dit = self.code2wav_dit_model
         whole, embed, layer, output = self._graphs(guidance_scale >= 1e-5)
         scale = Tensor(np.float32(guidance_scale))
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
-        # mutable: the tensors are graph inputs, not constants baked into a new graph per call;
-        # Tensor(p): the Parameter's storage, read by the graph (no copy)
-        weights = tuple(Tensor(w) for w in dit.weights())
+        weights = weights or self.graph_weights()
+        # mutable: the tensors are graph inputs, not constants baked into a new graph per call
         with compiling(new):
             if self.one_graph(x.shape[0] * x.shape[1]):
                 return whole(x, cond, code, t, voice, cos, sin, ms.mutable(masks), scale, ms.mutable(weights))
@@ -193,12 +193,18 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         # one row keeps the unbatched mask (and its graphs); several have a mask per row (x2 with guidance)
         cos, sin, masks = dit.frame_inputs(frames[0] if len(rows) == 1 else frames * (1 + apply_cfg), ms.float32,
                                            length)
-        code_t = Tensor(code, ms.int32)
+        code_t, weights = Tensor(code, ms.int32), self.graph_weights()
 
         def velocity(t, x):
-            return self.velocity(x, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice)
+            return self.velocity(x, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice,
+                                 weights)
 
         return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))[:count]
+
+    def graph_weights(self):
+        """The DiT's weights as its graphs take them. Tensor(p): the Parameter's storage, read by
+        the graph (no copy); made per solve, not per evaluation (~70 tensors: ~2 ms a call)."""
+        return tuple(Tensor(w) for w in self.code2wav_dit_model.weights())
 
     def sample_mel(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
                    noise=None, seed=None):
