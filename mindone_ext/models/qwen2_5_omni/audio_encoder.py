@@ -6,8 +6,8 @@ The layers run on the windows padded to one length (each token attends to the re
 window). For inference the encoder is three compiled graphs per power of two of windows, each
 taking its weights as inputs: the convolutions (`stem`), one layer shared by every layer
 (`audio_layer`: op by op, each layer is ~25 dispatches) and the pooling with the projection
-(`head`); op by op, the convolutions were a fifth of a loaded voice server's model thread (new
-shapes each turn). Training, and layers wrapped by LoRA adapters, run op by op through the cells."""
+(`head`); op by op, these two were ~17% of a loaded voice server's model thread (new shapes each
+turn). Training, and layers wrapped by LoRA adapters, run op by op through the cells."""
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
