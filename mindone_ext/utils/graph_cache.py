@@ -114,8 +114,7 @@ class StoredGraph:
         # found by folder and signature: the key's sha256 is computed once per graph, not per call
         found = (folder, signature(inputs))
         if found not in self._cells:
-            with without_full_collections():
-                self._cells[found] = None if folder is None else self._load(folder, self.key(inputs), spread, counts)
+            self._cells[found] = None if folder is None else self._load(folder, self.key(inputs), spread, counts)
             StoredGraph.held += 1
         cell = self._cells[found]
         return self._jit(counts)(*spread) if cell is None else cell(*spread)
@@ -147,7 +146,8 @@ class StoredGraph:
             warnings.warn(f"graphs are not stored ({error}); set {ENV} to a writable folder, or to off")
             return None
         try:
-            ms.export(flat_function(self.function, counts), *spread, file_name=temporary, file_format="MINDIR")
+            with without_full_collections():
+                ms.export(flat_function(self.function, counts), *spread, file_name=temporary, file_format="MINDIR")
             cell = self._graph_cell(temporary)
             os.replace(temporary, path)
         finally:
