@@ -1,20 +1,23 @@
-"""BigVGAN on a mel of any length, op by op or through one compiled graph.
+"""BigVGAN on a mel of any length, op by op or through compiled graphs.
 
-Compiled, the vocoder runs in windows of one fixed width (`Vocoder.width` frames, the last
-window zero-padded; the real length is a graph input, BigVGAN's `frames`) that overlap by
-`CONTEXT` frames on each side: the vocoder is a stack of convolutions with a finite reach, so a
-window's middle equals the whole mel's output (tests/models/qwen2_5_omni/test_vocoder.py). The
-graph is stored once per machine (utils/graph_cache.py: ~20 s to compile on this project's CPU
-machine, ~2 s to load in a later process) and runs ~5x faster than op by op on the bundled tiny
-checkpoint (200 frames: 0.6 s against 3.0 s).
+Compiled, the vocoder runs in windows planned at one width (`Vocoder.width` frames) that overlap
+by `CONTEXT` frames on each side: the vocoder is a stack of convolutions with a finite reach, so a
+window's middle equals the whole mel's output (tests/models/qwen2_5_omni/test_vocoder.py). Each
+window runs through the narrowest of two graphs that holds it (zero-padded; the real length is a
+graph input, BigVGAN's `frames`): `SHORT_WIDTH` frames, or `width`. A graph's time grows with its
+width, not with the frames it holds (the tiny checkpoint: 0.13 s at 48 frames, 0.24-0.34 s at
+128, measured), and the windows of a short answer, of a stream's first chunk and of a chunk's
+tail are short. Each graph is stored once per machine (utils/graph_cache.py: ~20 s to compile on
+this project's CPU machine, ~2 s to load in a later process) and runs ~5x faster than op by op
+on the bundled tiny checkpoint (200 frames: 0.6 s against 3.0 s).
 
 MindSpore's CPU backend keeps what a graph allocates for the life of the process: ~46 float32
 values per sample entering each of BigVGAN's anti-aliased activations, measured (the released
-vocoder's graph kept 7.0 GB at 64 frames, the tiny one's 1.05 GB at 224). So the width is the
-widest whose graph keeps at most `GRAPH_BYTES`, one width so that the memory is bounded by
-construction, and a vocoder too large for any window of at least `2 * CONTEXT + 32` frames (the
-released one) runs op by op, as it also does with stored graphs turned off: once over the frames
-asked for, equal-length mels of several answers batched.
+vocoder's graph kept 7.0 GB at 64 frames, the tiny one's 1.05 GB at 224). So `width` is the
+widest whose graph and the short one's keep at most `GRAPH_BYTES` together, two widths so that
+the memory is bounded by construction, and a vocoder too large for any window of at least
+`2 * CONTEXT + 32` frames (the released one) runs op by op, as it also does with stored graphs
+turned off: once over the frames asked for, equal-length mels of several answers batched.
 """
 import numpy as np
 import mindspore as ms
@@ -25,7 +28,8 @@ from ...utils.notice import compiling
 
 CONTEXT = 24  # mel frames the vocoder sees on each side of the frames it keeps
 MAX_WINDOW = 256  # mel frames per compiled call at most (2.56 s of speech)
-GRAPH_BYTES = 768 << 20  # what the compiled graph may keep (see above)
+SHORT_WIDTH = 2 * CONTEXT  # the short graph: a stream's first chunk with its context, an answer up to ~1 s
+GRAPH_BYTES = 1 << 30  # what the two compiled graphs may keep together (see above)
 KEPT_VALUES_PER_SAMPLE = 46  # float32 values kept per sample entering an activation (measured, see above)
 
 
@@ -42,21 +46,23 @@ def kept_bytes_per_frame(bigvgan):
 
 def graph_width(bigvgan, budget=GRAPH_BYTES):
     """The widest window (a multiple of 32 frames, at most MAX_WINDOW) whose graph keeps at most
-    `budget` bytes, or None when even 2 * CONTEXT + 32 frames would keep more."""
-    width = min(MAX_WINDOW, budget // kept_bytes_per_frame(bigvgan) // 32 * 32)
+    `budget` bytes beside the short graph's, or None when even 2 * CONTEXT + 32 frames would keep more."""
+    width = min(MAX_WINDOW, (budget // kept_bytes_per_frame(bigvgan) - SHORT_WIDTH) // 32 * 32)
     return width if width >= 2 * CONTEXT + 32 else None
 
 
 class Vocoder:
     """`compiled`: None for compiled when graphs are stored and a window fits the budget;
-    `width`: the compiled windows' width in frames (default: `graph_width`'s)."""
+    `width`: the width compiled windows are planned at, in frames (default: `graph_width`'s);
+    `widths`: the graphs' widths (the short one and `width`)."""
 
     def __init__(self, bigvgan, compiled=None, width=None):
         self.bigvgan = bigvgan
         fits = graph_width(bigvgan)
         self.compiled = (cache_folder() is not None and fits is not None) if compiled is None else compiled
         self.width = width or fits or 2 * CONTEXT + 32
-        self.compiled_once = False
+        self.widths = tuple(sorted({min(SHORT_WIDTH, self.width), self.width}))
+        self.compiled_widths = set()
 
         def vocode(mel, frames, weights):
             return bigvgan.apply(mel, frames, weights)
@@ -121,10 +127,11 @@ class Vocoder:
 
     def _compiled_window(self, mel):
         frames, mel_dim = mel.shape
-        padded = np.zeros((1, mel_dim, self.width), np.float32)
+        width = next(w for w in self.widths if w >= frames)
+        padded = np.zeros((1, mel_dim, width), np.float32)
         padded[0, :, :frames] = mel.T
-        with compiling(None if self.compiled_once else f"the vocoder for {self.width} mel frames"):
-            self.compiled_once = True
+        with compiling(None if width in self.compiled_widths else f"the vocoder for {width} mel frames"):
+            self.compiled_widths.add(width)
             # Tensor(p): the same storage as the parameter, as a graph input
             weights = ms.mutable(tuple(Tensor(w) for w in self.bigvgan.weights()))
             wav = self._graph(Tensor(padded), Tensor(frames, ms.int32), weights)

@@ -1,6 +1,7 @@
 """The compiled vocoder against BigVGAN op by op (itself at parity with the reference in
-test_speech.py): every length around the windows' boundaries, windows of a long mel, one graph
-width for all; and the width its memory budget allows. A small BigVGAN with random weights keeps
+test_speech.py): every length around the windows' boundaries and the short graph's width, windows
+of a long mel, each through the narrowest graph that holds it; and the widths its memory budget
+allows. A small BigVGAN with random weights keeps
 the graph's compilation short."""
 import json
 import os
@@ -11,7 +12,8 @@ import pytest
 from mindspore import Tensor
 
 from mindone_ext.models.qwen2_5_omni.bigvgan import Qwen2_5OmniToken2WavBigVGANModel
-from mindone_ext.models.qwen2_5_omni.vocoder import CONTEXT, Vocoder, graph_width
+from mindone_ext.models.qwen2_5_omni.vocoder import (CONTEXT, GRAPH_BYTES, SHORT_WIDTH, Vocoder, graph_width,
+                                                    kept_bytes_per_frame)
 from tests.conftest import SHIPPED_CHECKPOINT, max_abs_diff
 
 CONFIG = SimpleNamespace(mel_dim=8, upsample_initial_channel=16, upsample_rates=[3, 2], upsample_kernel_sizes=[7, 4],
@@ -32,14 +34,20 @@ def bigvgan():
 @pytest.fixture(scope="module")
 def compiled(bigvgan):
     vocoder = Vocoder(bigvgan, compiled=True, width=WIDTH)
-    graph, vocoder.widths = vocoder._graph, set()
+    graph, vocoder.ran = vocoder._graph, []
 
-    def recording(mel, frames, weights):  # every window through the one graph width
-        vocoder.widths.add(mel.shape[-1])
+    def recording(mel, frames, weights):  # (window frames, graph width) of every call
+        vocoder.ran.append((int(frames), mel.shape[-1]))
         return graph(mel, frames, weights)
 
     vocoder._graph = recording
     return vocoder
+
+
+def narrowest_graphs(vocoder):
+    """Whether every window so far ran through the narrowest graph holding it; then forget them."""
+    ran, vocoder.ran = vocoder.ran, []
+    return bool(ran) and all(width == (SHORT_WIDTH if frames <= SHORT_WIDTH else WIDTH) for frames, width in ran)
 
 
 def op_by_op(bigvgan, mel):
@@ -50,7 +58,7 @@ def test_every_length_around_the_window_boundaries(bigvgan, compiled):
     step = WIDTH - 2 * CONTEXT  # new frames per window between the first and the last
     # one window holds the mel up to WIDTH frames; each further one adds `step` (the first and the
     # last keep frames up to the mel's edges)
-    boundaries = [WIDTH + k * step for k in range(3)]
+    boundaries = [SHORT_WIDTH] + [WIDTH + k * step for k in range(3)]
     for frames in list(range(1, 4)) + [n for b in boundaries for n in range(b - 2, b + 3)]:
         want = op_by_op(bigvgan, MEL[:frames])
         got = compiled(MEL[:frames])
@@ -59,7 +67,8 @@ def test_every_length_around_the_window_boundaries(bigvgan, compiled):
         windows = compiled._windows(MEL[:frames], 0, frames, CONTEXT)
         assert len(windows) == 1 + max(0, -(-(frames - WIDTH) // step)), frames
         assert all(last - first <= WIDTH for first, last, _, _ in windows)
-    assert compiled.widths == {WIDTH}
+        assert narrowest_graphs(compiled), frames
+    assert compiled.widths == (SHORT_WIDTH, WIDTH)
 
 
 def test_a_long_mel_in_windows_equals_the_whole(bigvgan, compiled):
@@ -68,7 +77,7 @@ def test_a_long_mel_in_windows_equals_the_whole(bigvgan, compiled):
         assert max_abs_diff(compiled.span(MEL[:frames], 0, frames, context=16), want) <= 1e-4, frames
     # a span in the middle: what the streamed answer asks for
     assert max_abs_diff(compiled.span(MEL, 40, 90, context=16), op_by_op(bigvgan, MEL)[40 * 6:90 * 6]) <= 1e-4
-    assert compiled.widths == {WIDTH}
+    assert narrowest_graphs(compiled)
     with pytest.raises(ValueError, match="context of 32 frames leaves nothing of a 64-frame window"):
         compiled.span(MEL, 0, 10, context=32)
 
@@ -82,14 +91,17 @@ def test_the_graph_width_is_what_the_memory_budget_allows():
     # the released vocoder's graph would keep ~108 MB per frame (7.0 GB measured at 64): op by op
     assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(released)) is None
     assert not Vocoder(Qwen2_5OmniToken2WavBigVGANModel(released)).compiled
-    assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(tiny)) == 128  # ~6 MB per frame, 768 MB
+    tiny = Qwen2_5OmniToken2WavBigVGANModel(tiny)
+    assert graph_width(tiny) == 128  # ~6 MB per frame: 128 + 48 frames in 1 GB
+    assert Vocoder(tiny, compiled=True).widths == (SHORT_WIDTH, 128)
+    assert (SHORT_WIDTH + 128) * kept_bytes_per_frame(tiny) <= GRAPH_BYTES
     assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(CONFIG)) == 256  # the widest window
 
 
 def test_op_by_op_runs_the_span_in_one_call(bigvgan):
     plain = Vocoder(bigvgan, compiled=False)
     assert max_abs_diff(plain.span(MEL, 40, 90, context=40), op_by_op(bigvgan, MEL[:130])[40 * 6:90 * 6]) <= 1e-4
-    assert not plain.compiled_once
+    assert not plain.compiled_widths
 
 
 def test_spans_of_several_answers_equal_each_alone(bigvgan, monkeypatch):
