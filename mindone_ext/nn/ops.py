@@ -35,11 +35,10 @@ def ascend_layer_norm(x, weight, bias, eps):
 
 
 def exact_layer_norm(x, weight, bias, eps):
-    dtype = x.dtype
-    h = x.astype(ms.float32)
-    mean = h.mean(-1, keep_dims=True)
-    centred = h - mean
-    h = centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)
+    # statistics in float32, affine in the input dtype; ops.LayerNorm is one CPU kernel, ~3x
+    # faster than the mean/variance/rsqrt it replaces (7 kernels), and as close to the reference
+    dtype, n = x.dtype, x.shape[-1]
+    h = ops.LayerNorm(-1, -1, eps)(x.astype(ms.float32), ops.ones((n,), ms.float32), ops.zeros((n,), ms.float32))[0]
     h = h.astype(dtype)
     if weight is not None:
         h = h * weight

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from ...nn import ops as P
 from ...nn.layers import Embedding, Linear
@@ -40,10 +40,28 @@ def timestep_features(t, dim=256, scale=1000.0):
     return ops.cat((ops.sin(angles), ops.cos(angles)), -1)
 
 
-def rotate_pairs(x):
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the DiT's interleaved rotary layout."""
-    pairs = x.reshape(x.shape[:-1] + (-1, 2))
-    return ops.stack((-pairs[..., 1], pairs[..., 0]), -1).reshape(x.shape)
+def rotation_tables(cos, sin, heads):
+    """Rotary tables (T, head_dim) -> (heads, T, head_dim) that rotate only the first head, as the
+    reference does (query[:, :1]): the other heads get cos 1 and sin 0, which leave them exactly
+    as they are, so a layer rotates all heads at once instead of slicing one out and back in."""
+    rest = heads - 1
+    return (np.concatenate([cos[None], np.ones((rest,) + cos.shape, cos.dtype)]),
+            np.concatenate([sin[None], np.zeros((rest,) + sin.shape, sin.dtype)]))
+
+
+def pair_rotation(head_dim):
+    """(head_dim, head_dim) matrix R with x @ R = (-x1, x0, -x3, x2, ...): the DiT's interleaved
+    rotary layout as one matmul (each output is one input, exactly, or its negation)."""
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[1::2, 0::2] = -np.eye(head_dim // 2, dtype=np.float32)
+    r[0::2, 1::2] = np.eye(head_dim // 2, dtype=np.float32)
+    return r
+
+
+def rotate(x, cos, sin):
+    """x (B, heads, T, head_dim) rotated by `rotation_tables`' cos and sin: 4 kernels, where
+    slicing the first head out, rotating its pairs and joining it back took 14."""
+    return x * cos + ops.matmul(x, Tensor(pair_rotation(x.shape[-1]), x.dtype)) * sin
 
 
 def block_window(frames, block_size, back, ahead, length=None):
@@ -100,7 +118,7 @@ class DiTTimestepEmbedding(nn.Cell):
 
 def timestep_embedding(t, weights, freq_dim=256):
     w1, b1, w2, b2 = weights
-    linear = mint.nn.functional.linear
+    linear = ops.dense
     return linear(P.silu(linear(timestep_features(t, freq_dim).astype(t.dtype), w1, b1)), w2, b2)
 
 
@@ -155,7 +173,7 @@ def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, 
     elif drop_audio_cond:
         speaker_embedding = ops.zeros_like(speaker_embedding)
     speaker = ops.tile(voice.expand_dims(1), (1, x.shape[1], 1))
-    return mint.nn.functional.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
+    return ops.dense(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
 def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
@@ -165,15 +183,13 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
     MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
     (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared."""
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
-    linear = mint.nn.functional.linear
+    linear = ops.dense  # one kernel with its bias on CPU (mint's linear: a matmul and an add)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
     b, t, _ = x.shape
     h = layer_norm_no_affine(x) * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1)
     q, k, v = (linear(h, w, bias).reshape(b, t, heads, head_dim).swapaxes(1, 2)
                for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
-    # The reference rotates only the first head (query[:, :1]); mirrored exactly.
-    q = ops.cat((q[:, :1] * cos + rotate_pairs(q[:, :1]) * sin, q[:, 1:]), 1)
-    k = ops.cat((k[:, :1] * cos + rotate_pairs(k[:, :1]) * sin, k[:, 1:]), 1)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # the first head only (see rotation_tables)
     x = x + gate_msa.expand_dims(1) * linear(window_attention(q, k, v, window, head_dim**-0.5), o_w, o_b)
     h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
     return x + gate_mlp.expand_dims(1) * linear(P.gelu_tanh(linear(h, up_w, up_b)), down_w, down_b)
@@ -256,7 +272,8 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
                                                requires_grad=False)
 
     def frame_inputs(self, frames, dtype, length=None):
-        """Host-side tensors that depend only on the frame count: rotary cos/sin (T, head_dim) and
+        """Host-side tensors that depend only on the frame count: rotary cos/sin (heads, T, head_dim,
+        see `rotation_tables`) and
         each layer's block mask, so the forward itself is pure tensor code (compilable). With
         `length` the inputs are padded to that many frames (see `block_window`; `frames` may be
         one count per row)."""
@@ -269,7 +286,8 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
             key = (block.look_backward, block.look_ahead)
             masks.setdefault(key, block_window(frames, self.block_size, *key, length))
         layer_masks = tuple(masks[(b.look_backward, b.look_ahead)] for b in self.transformer_blocks)
-        return Tensor(np.cos(freqs), dtype), Tensor(np.sin(freqs), dtype), layer_masks
+        cos, sin = rotation_tables(np.cos(freqs), np.sin(freqs), self.transformer_blocks[0].heads)
+        return Tensor(cos, dtype), Tensor(sin, dtype), layer_masks
 
     def weights(self):
         """Every weight of a forward given the speaker's `voice` (`run`'s `weights`), flat: the
@@ -307,7 +325,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
     def output(self, x, t_emb, weights=None):
         """The last blocks' output -> the velocity (B, T, mel_dim). `weights`: the output's of `weights()`."""
         norm_w, norm_b, proj_w, proj_b = self.weights()[-OUTPUT_WEIGHTS:] if weights is None else weights
-        linear = mint.nn.functional.linear
+        linear = ops.dense
         scale, shift = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 2, 1)
         x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
         return linear(x, proj_w, proj_b)

@@ -54,6 +54,25 @@ def test_ecapa_speaker_embedding(parts):
     assert_close(ours.input_embed.spk_encoder(Tensor(mel)).asnumpy(), want)
 
 
+def test_dit_rotary_turns_the_first_head_as_the_reference_and_leaves_the_others_bit_for_bit(parts):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb
+
+    from mindone_ext.models.qwen2_5_omni.dit import rotate
+
+    ours, ref = parts
+    heads, frames = ours.transformer_blocks[0].heads, 50
+    q, k = (rng.standard_normal((2, heads, frames, ours.head_dim)).astype(np.float32) * 3 for _ in range(2))
+    cos, sin, _ = ours.frame_inputs(frames, ms.float32)
+    assert cos.shape == sin.shape == (heads, frames, ours.head_dim)
+    with torch.no_grad():
+        ref_cos, ref_sin = ref.rotary_embed(torch.zeros(2, frames, 1))
+        want_q, want_k = apply_rotary_pos_emb(torch.tensor(q[:, :1]), torch.tensor(k[:, :1]), ref_cos, ref_sin)
+    for x, want in ((q, want_q), (k, want_k)):
+        got = rotate(Tensor(x), cos, sin).asnumpy()
+        assert max_abs_diff(got[:, :1], want.numpy()) <= 1e-5
+        assert np.array_equal(got[:, 1:], x[:, 1:])
+
+
 @pytest.mark.parametrize("apply_cfg, drop", [(True, False), (False, False), (False, True)])
 def test_dit_forward_at_a_fixed_time_step(parts, apply_cfg, drop):
     ours, ref = parts
