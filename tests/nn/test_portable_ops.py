@@ -68,6 +68,15 @@ def test_ascend_path_matches_the_exact_path(name, dtype, ascend_kernels):
                                err_msg=f"{name} on {ascend_kernels}")
 
 
+def test_gelu_tanh_matches_torch_over_a_wide_range():
+    """The CPU path computes it as x * sigmoid(2u) (see exact_gelu): from deep negatives, where it
+    underflows to -0, through 0 to large positives, where x**3 overflows and it must return x."""
+    x = np.concatenate([np.linspace(-12, 12, 4801), [-1e13, -1e4, -50, 50, 1e4, 1e13]]).astype(np.float32)
+    want = torch.nn.functional.gelu(torch.tensor(x), approximate="tanh").numpy()
+    for got in (P.exact_gelu(Tensor(x), "tanh"), P.gelu_tanh(Tensor(x))):
+        np.testing.assert_allclose(got.asnumpy(), want, atol=1e-6, rtol=1e-6)
+
+
 def test_silu_matches_torch():
     np.testing.assert_allclose(P.silu(Tensor(X)).asnumpy(), torch.nn.functional.silu(torch.tensor(X)).numpy(), atol=1e-6)
 
