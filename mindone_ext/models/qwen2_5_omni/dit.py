@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, mint, nn, ops
 
 from ...nn import ops as P
 from ...nn.layers import Embedding, Linear
@@ -118,7 +118,7 @@ class DiTTimestepEmbedding(nn.Cell):
 
 def timestep_embedding(t, weights, freq_dim=256):
     w1, b1, w2, b2 = weights
-    linear = ops.dense
+    linear = mint.nn.functional.linear
     return linear(P.silu(linear(timestep_features(t, freq_dim).astype(t.dtype), w1, b1)), w2, b2)
 
 
@@ -173,7 +173,7 @@ def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, 
     elif drop_audio_cond:
         speaker_embedding = ops.zeros_like(speaker_embedding)
     speaker = ops.tile(voice.expand_dims(1), (1, x.shape[1], 1))
-    return ops.dense(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
+    return mint.nn.functional.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
 def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
@@ -183,7 +183,7 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
     MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
     (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared."""
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
-    linear = ops.dense  # one kernel with its bias on CPU (mint's linear: a matmul and an add)
+    linear = mint.nn.functional.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
     b, t, _ = x.shape
     h = layer_norm_no_affine(x) * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1)
@@ -325,7 +325,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
     def output(self, x, t_emb, weights=None):
         """The last blocks' output -> the velocity (B, T, mel_dim). `weights`: the output's of `weights()`."""
         norm_w, norm_b, proj_w, proj_b = self.weights()[-OUTPUT_WEIGHTS:] if weights is None else weights
-        linear = ops.dense
+        linear = mint.nn.functional.linear
         scale, shift = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 2, 1)
         x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
         return linear(x, proj_w, proj_b)
