@@ -272,11 +272,10 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
                                                requires_grad=False)
 
     def frame_inputs(self, frames, dtype, length=None):
-        """Host-side tensors that depend only on the frame count: rotary cos/sin (heads, T, head_dim,
-        see `rotation_tables`) and
-        each layer's block mask, so the forward itself is pure tensor code (compilable). With
-        `length` the inputs are padded to that many frames (see `block_window`; `frames` may be
-        one count per row)."""
+        """Host-side tensors that depend only on the frame count: rotary cos/sin (heads, T,
+        head_dim; see `rotation_tables`) and each layer's block mask, so the forward itself is
+        pure tensor code (compilable). With `length` the inputs are padded to that many frames
+        (see `block_window`; `frames` may be one count per row)."""
         length = length or max(np.atleast_1d(frames))
         inv_freq = self.rotary_embed.inv_freq.asnumpy().astype(np.float32)
         freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
