@@ -7,8 +7,9 @@ Same model, same random weights, same greedy settings: `generate(return_audio=Tr
 answer: text, then codec tokens, then Token2Wav) against `generate_stream` (Thinker and Talker in
 lockstep, Token2Wav chunk by chunk). "First audio" is when the first waveform samples are in hand:
 the end of `generate` for the whole answer, the first AudioChunk when streaming. One timed run of
-each after a short warm-up that compiles the decoders (Token2Wav's graphs compile inside the timed
-runs, a few seconds each). The talker and thinker never stop early (no stop tokens), so the answer
+each after a warm-up that compiles the decoders at the timed answer's cache sizes (`warm_up`;
+Token2Wav's graphs compile inside the timed runs, a few seconds each, unless an earlier run
+stored them). The talker and thinker never stop early (no stop tokens), so the answer
 is exactly `--seconds` long. Each mode runs in its own process (same seeded weights): the compiled
 graphs of both at the 7B's size do not fit in 24 GB together.
 """
@@ -64,6 +65,18 @@ def build_model(tiny):
     return model
 
 
+def warm_up(model, settings, text_tokens=4):
+    """Compile the Thinker's and Talker's steps for the answer `settings` ask for: the Talker's
+    cache is sized by its max_new_tokens (a warm-up answer of a few codes compiled a 256-slot step,
+    and the timed 10 s answer then compiled its 1024-slot one, ~30 s at the 7B's shape, measured).
+    A streamed answer with the same settings, closed after its first text tokens: by then the
+    Talker has prefilled and taken its first steps, and Token2Wav has run nothing."""
+    events = model.generate_stream(**settings)
+    for _ in zip(range(text_tokens), events):
+        pass
+    events.close()
+
+
 def run_mode(args):
     """One timed answer in this process; prints a JSON line and saves the waveform for comparison."""
     from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk
@@ -77,7 +90,7 @@ def run_mode(args):
         return dict(input_ids=ids, spk="Bench", max_new_tokens=args.text_tokens, eos_token_id=[], seed=0,
                     talker_do_sample=False, talker_eos_token_id=[], talker_max_new_tokens=n_codes + 1)
 
-    model.generate(**settings(8))  # warm-up: compiles the thinker and talker decoders
+    warm_up(model, settings(codes))
     start, first, chunks = time.perf_counter(), None, []
     if args.mode == "whole":
         _, wav = model.generate(**settings(codes))
