@@ -143,6 +143,27 @@ def test_bundled_checkpoint_matches_reference():
     assert np.abs(got.asnumpy() - want).max() <= 1e-4
 
 
+TORCH_AFTER_RUN = """
+import os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], "examples", "qwen2_5_omni"))
+import common
+common.run(lambda: __import__("mindone_ext.models.qwen2_5_omni.processing"))
+print("torch" in sys.modules, os.environ.get("USE_TORCH"))
+"""
+
+
+@pytest.mark.parametrize("use_torch, imported", [(None, "False 0"), ("1", "True 1")])
+def test_examples_import_no_torch_through_transformers_unless_asked(use_torch, imported):
+    """torch is installed here: the examples' runner keeps transformers from importing it (~2.7 s
+    of each start), and a USE_TORCH the user set wins."""
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    env.update({"USE_TORCH": use_torch} if use_torch else {})
+    done = subprocess.run([sys.executable, "-c", TORCH_AFTER_RUN, ROOT], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == imported.split()
+
+
 def test_lora_inference_without_an_adapter_says_what_to_run_first(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "qwen2_5_omni", "infer_with_lora.py")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
