@@ -1,5 +1,6 @@
 """`Qwen2_5OmniProcessor` without torch: chat template and tokenizer, Whisper log-mel features
-from transformers (numpy), and our own numpy image and video patching, computed as the
+from transformers (its numpy code; its torch code when it sees torch installed, as the reference's
+processor then does), and our own numpy image and video patching, computed as the
 reference's processors compute them (transformers' torchvision-based Qwen2VLImageProcessorFast
 and Qwen2VLVideoProcessor, which Qwen2.5-Omni's processor loads by default). Returns numpy
 arrays that feed `model.generate` directly, with the placeholder tokens expanded exactly as the
