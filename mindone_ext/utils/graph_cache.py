@@ -28,6 +28,8 @@ from types import SimpleNamespace
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ..nn.device import pin_runtime_threads
+
 ENV = "MINDONE_EXT_GRAPH_CACHE"
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,6 +116,7 @@ class StoredGraph:
         # found by folder and signature: the key's sha256 is computed once per graph, not per call
         found = (folder, signature(inputs))
         if found not in self._cells:
+            pin_runtime_threads()
             self._cells[found] = None if folder is None else self._load(folder, self.key(inputs), spread, counts)
             StoredGraph.held += 1
         cell = self._cells[found]
