@@ -41,11 +41,11 @@ def pin_runtime_threads():
     thread, not on the pool's actor thread, when the pool has a single actor thread (MindSpore
     2.7.1's graph scheduler); the caller then spins (sched_yield) while the pool's threads run a
     parallel kernel's parts. With as many pool threads as cores, that spinning took the cores from
-    the threads doing the work: a 7B-shaped DiT block's matmuls ran 1.5x slower than in a graph of
-    the whole DiT (measured with the profiler; 65% of the process's time in the kernel's
-    scheduler). Pinned, the caller can take time only from the one pool thread sharing its core.
-    Measured on the 2-core machine: a DiT evaluation of 72 frames 0.96 -> 0.75 s, 1024 frames
-    6.5 -> 5.3 s; BigVGAN op by op 12.8 -> 10.4 s (README: "Latency").
+    the threads doing the work: a 7B-shaped DiT block's matmuls ran 1.6x slower than inside a graph
+    of the whole DiT (profiler), and 0.7 s of each 1.1 s evaluation went to the OS kernel. Pinned,
+    the caller can take time only from the one pool thread sharing its core. Measured on the
+    2-core machine: a DiT evaluation of 72 frames 0.96 -> 0.75 s, 1024 frames 6.5 -> 5.3 s;
+    BigVGAN op by op 12.8 -> 10.4 s (README: "Latency").
 
     Only MindSpore's own pool threads are pinned: the caller and any thread it starts keep their
     affinity. Off with MINDONE_EXT_PIN_THREADS=off, and when the user set MindSpore's own core
