@@ -29,7 +29,6 @@ def storage_dtype(requested):
     return requested
 
 
-
 _pinned = None  # not decided yet; then whether the pool's threads were pinned
 
 

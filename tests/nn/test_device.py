@@ -1,6 +1,6 @@
 """MindSpore's kernel-pool threads pinned one to a core on the CPU target (nn/device.py), seen from
-a new process: pinning is once per process, and the process runs on two of this machine's cores
-so that its pool has no core to spare for the caller whatever the machine's size."""
+a new process: pinning is once per process, and the process runs on two of this machine's cores,
+so that its pool (at least two threads) has no core to spare for the caller."""
 import json
 import os
 import subprocess
@@ -54,8 +54,10 @@ def test_each_pool_thread_gets_its_own_core_and_the_caller_keeps_its_own(tmp_pat
         assert all(cpus == two_cpus for cpus in seen["pool"].values()), seen
         return
     assert all(len(cpus) == 1 for cpus in seen["pool"].values()), seen
-    assert seen["pool"]["Actor0"] != seen["pool"]["Kernel0"], seen  # the two that split a kernel's parts
-    assert {cpus[0] for cpus in seen["pool"].values()} == set(two_cpus), seen
+    per_core = [sum(cpus == [cpu] for cpus in seen["pool"].values()) for cpu in two_cpus]
+    assert max(per_core) - min(per_core) <= 1, seen  # the cores taken in turn
+    if "Actor1" not in seen["pool"]:  # one actor thread (a 2-core machine): it and the kernel thread
+        assert seen["pool"]["Actor0"] != seen["pool"]["Kernel0"], seen  # that splits kernels with it
 
 
 def test_off_leaves_the_pool_threads_on_every_core(tmp_path, two_cpus):
