@@ -128,7 +128,9 @@ def main():
             save = os.path.join(tmp, f"{mode}.npy")
             child = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--save", save,
                      "--seconds", str(args.seconds), "--text_tokens", str(args.text_tokens)] + ["--tiny"] * args.tiny
-            out = subprocess.run(child, capture_output=True, text=True, check=False)
+            # each mode has the machine to itself: MindSpore's pool threads pinned (nn/device.py)
+            env = dict(os.environ, MINDONE_EXT_PIN_THREADS=os.environ.get("MINDONE_EXT_PIN_THREADS", "on"))
+            out = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
             if out.returncode:
                 sys.exit(f"{mode} run failed ({out.returncode}):\n{out.stderr[-3000:]}")
             records[mode] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])

@@ -47,13 +47,16 @@ def pin_runtime_threads():
     BigVGAN op by op 12.8 -> 10.4 s (README: "Latency").
 
     Only MindSpore's own pool threads are pinned: the caller and any thread it starts keep their
-    affinity. Off with MINDONE_EXT_PIN_THREADS=off, and when the user set MindSpore's own core
-    binding (mindspore.runtime.set_cpu_affinity). Returns whether the threads are pinned."""
+    affinity. On only with MINDONE_EXT_PIN_THREADS=on, for a process that has the machine to
+    itself: several processes that each pin their pools to the same cores cannot spread over the
+    idle ones (the test suite's two workers and the voice servers they start ran ~1.5x longer).
+    Never when the user set MindSpore's own core binding (mindspore.runtime.set_cpu_affinity).
+    Returns whether the threads are pinned."""
     global _pinned
     if _pinned is not None:
         return _pinned
     if on_ascend() or not hasattr(os, "sched_setaffinity") or _user_binds_cores() or \
-            os.environ.get(PIN_ENV, "").lower() in ("off", "0", "false", "no"):
+            os.environ.get(PIN_ENV, "").lower() not in ("on", "1", "true", "yes"):
         _pinned = False
         return False
     cpus = sorted(os.sched_getaffinity(0))

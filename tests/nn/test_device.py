@@ -47,7 +47,7 @@ def two_cpus():
 
 
 def test_each_pool_thread_gets_its_own_core_and_the_caller_keeps_its_own(tmp_path, two_cpus):
-    seen = run_child(tmp_path, two_cpus)
+    seen = run_child(tmp_path, two_cpus, MINDONE_EXT_PIN_THREADS="on")
     assert seen["caller"] == two_cpus  # the caller, and threads it starts, are left alone
     assert len(seen["pool"]) >= 2, seen
     if seen["ascend"]:  # kernels run on the card: nothing to untangle
@@ -60,6 +60,6 @@ def test_each_pool_thread_gets_its_own_core_and_the_caller_keeps_its_own(tmp_pat
         assert seen["pool"]["Actor0"] != seen["pool"]["Kernel0"], seen  # that splits kernels with it
 
 
-def test_off_leaves_the_pool_threads_on_every_core(tmp_path, two_cpus):
-    seen = run_child(tmp_path, two_cpus, MINDONE_EXT_PIN_THREADS="off")
+def test_by_default_the_pool_threads_stay_on_every_core(tmp_path, two_cpus):
+    seen = run_child(tmp_path, two_cpus, MINDONE_EXT_PIN_THREADS="")  # as if unset
     assert seen["pool"] and all(cpus == two_cpus for cpus in seen["pool"].values()), seen
