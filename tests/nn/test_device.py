@@ -49,10 +49,10 @@ def two_cpus():
 def test_each_pool_thread_gets_its_own_core_and_the_caller_keeps_its_own(tmp_path, two_cpus):
     seen = run_child(tmp_path, two_cpus, MINDONE_EXT_PIN_THREADS="on")
     assert seen["caller"] == two_cpus  # the caller, and threads it starts, are left alone
-    assert len(seen["pool"]) >= 2, seen
-    if seen["ascend"]:  # kernels run on the card: nothing to untangle
+    if seen["ascend"]:  # kernels run on the card: nothing to untangle (the CPU pool may not even start)
         assert all(cpus == two_cpus for cpus in seen["pool"].values()), seen
         return
+    assert len(seen["pool"]) >= 2, seen
     assert all(len(cpus) == 1 for cpus in seen["pool"].values()), seen
     per_core = [sum(cpus == [cpu] for cpus in seen["pool"].values()) for cpu in two_cpus]
     assert max(per_core) - min(per_core) <= 1, seen  # the cores taken in turn
@@ -62,4 +62,5 @@ def test_each_pool_thread_gets_its_own_core_and_the_caller_keeps_its_own(tmp_pat
 
 def test_by_default_the_pool_threads_stay_on_every_core(tmp_path, two_cpus):
     seen = run_child(tmp_path, two_cpus, MINDONE_EXT_PIN_THREADS="")  # as if unset
-    assert seen["pool"] and all(cpus == two_cpus for cpus in seen["pool"].values()), seen
+    assert seen["pool"] or seen["ascend"], seen  # on the CPU the pool must be there to be looked at
+    assert all(cpus == two_cpus for cpus in seen["pool"].values()), seen
