@@ -257,7 +257,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         """The Thinker's token loop (generation.TokenLoop) for `request` over `cache`."""
         return TokenLoop(self.thinker_runner(), cache, request.ids, request.prompt.rope_deltas, request.max_new,
                          request.sampling, request.eos, request.pad,
-                         lambda step, tokens: self.thinker.embed(tokens[:, None]))
+                         lambda step, tokens: self.thinker.model.embed_tokens.lookup(tokens[:, None]))
 
     def talker_prompt(self, request, first_step, second_step):
         """The Talker's prompt (speech.TalkerPrompt) from the Thinker's first two steps: the

@@ -88,7 +88,7 @@ class CodecLoop:
                               talker.codec_pad_token, self._embed_next, suppress_ids=[talker.codec_bos_token])
 
     def _embed_next(self, step, tokens):
-        return self.talker.codec_embedding(tokens[:, None]) + self.prompt.reply_at(step)
+        return self.talker.model.embed_tokens.lookup(tokens[:, None], self.prompt.reply_at(step))
 
     @property
     def done(self):
