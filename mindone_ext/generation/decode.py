@@ -96,7 +96,9 @@ class CompiledDecoder:
                                        where)
             hidden = P.rms_norm(hidden, weights[bounds[-1]], eps)
             last = ops.gather(hidden, last_index, 1)
-            return project(last, weights[bounds[-1] + 1:], head_kind)[:, 0].astype(ms.float32), hidden
+            logits = project(last, weights[bounds[-1] + 1:], head_kind)
+            # (B, 1, V) -> (B, V) by reshape: CPU's StridedSlice copied the Talker's 8448 logits in 0.3 ms a step
+            return logits.reshape(logits.shape[0], -1).astype(ms.float32), hidden
 
         return step
 
