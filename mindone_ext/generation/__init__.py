@@ -1,5 +1,5 @@
-from .decode import CompiledDecoder
+from .decode import CompiledDecoder, token_embeddings
 from .loop import DecodeRequest, Step, TokenLoop
 from .sampling import Sampler, SamplingConfig
 
-__all__ = ["CompiledDecoder", "DecodeRequest", "Step", "TokenLoop", "Sampler", "SamplingConfig"]
+__all__ = ["CompiledDecoder", "token_embeddings", "DecodeRequest", "Step", "TokenLoop", "Sampler", "SamplingConfig"]

@@ -1,11 +1,9 @@
 """Parameter-holding layers whose attribute names match the Hugging Face checkpoints
 (`weight`, `bias`), so weights load by name."""
-import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import Zero
 
-from ..utils.graph_cache import StoredGraph
 from . import ops as P
 from .device import storage_dtype
 
@@ -77,22 +75,4 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         return P.embedding(ids, self.weight)
-
-    def lookup(self, ids, plus=None):
-        """The rows of `ids` (numpy ints), `plus` added, for callers outside a graph (a decode
-        loop's next input): one stored graph call, where op by op each of these ops took 1.5-4 ms
-        after a graph call on the 2-core CPU (MindSpore's dispatch queue threads spin beside the caller)."""
-        table, ids = Tensor(self.weight), Tensor(np.asarray(ids, np.int32))  # Tensor(p): the parameter's storage
-        return LOOKUP(table, ids) if plus is None else LOOKUP_PLUS(table, ids, plus)
-
-
-def _lookup(table, ids):
-    return P.embedding(ids, table)
-
-
-def _lookup_plus(table, ids, plus):
-    return P.embedding(ids, table) + plus
-
-
-LOOKUP, LOOKUP_PLUS = StoredGraph("embedding", _lookup, ()), StoredGraph("embedding_plus", _lookup_plus, ())
 
