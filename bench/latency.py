@@ -6,9 +6,10 @@
 The turn: a spoken question (espeak-ng, ~3 s), `--text_tokens` greedy text tokens, then
 `--codec_tokens` greedy codec tokens (2 s of speech at 50 tokens/s) and Token2Wav. Each
 implementation runs in its own new process (so its first call is a cold start): the first
-whole answer (`cold`: graphs compile or load), a second one (`warm`), then for ours two streamed
-answers (`generate_stream`: first text token, first audio chunk, all chunks; the figures are the
-second's, the first compiles the chunk windows' graphs: `first_stream_total_s`).
+whole answer (`cold`: graphs compile or load), then `--warm_runs` more (`warm`: their median, each
+in `whole_warm_runs_s`; this machine's load moves a single answer by up to ~30%), then for ours
+streamed answers (`generate_stream`: first text token, first audio chunk, all chunks; the medians of
+`--warm_runs` answers after a first one, which compiles the chunk windows' graphs: `first_stream_total_s`).
 
 Ours runs three times, with graphs stored in a folder of this run (utils/graph_cache.py):
 `ours_empty_store` first (it compiles and stores), then `ours` (a new process that loads them:
@@ -20,6 +21,7 @@ JSON lines: one per implementation, then a summary with the ratios.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,12 @@ def timed(fn):
     return out, round(time.perf_counter() - start, 3)
 
 
+def warm_answers(answer, runs):
+    """Seconds of `runs` more answers and their median."""
+    times = [timed(answer)[1] for _ in range(runs)]
+    return dict(whole_warm_s=round(statistics.median(times), 3), whole_warm_runs_s=times)
+
+
 def run_ours(args):
     start = time.perf_counter()
     from mindone_ext import Qwen2_5OmniForConditionalGeneration
@@ -66,10 +74,12 @@ def run_ours(args):
     settings = dict(feed, spk="Ethan", max_new_tokens=args.text_tokens, eos_token_id=[], talker_do_sample=False,
                     talker_max_new_tokens=args.codec_tokens, seed=0)
     (_, wav), cold = timed(lambda: model.generate(**settings))
-    _, warm = timed(lambda: model.generate(**settings))
-    streamed = [stream(model, settings) for _ in range(2)]  # the first compiles the chunk windows' graphs
-    return dict(import_and_load_s=loaded, whole_cold_s=cold, whole_warm_s=warm, **streamed[1],
-                first_stream_total_s=streamed[0]["stream_total_s"], speech_s=round(len(wav) / 24000, 2),
+    warm = warm_answers(lambda: model.generate(**settings), args.warm_runs)
+    first_stream = stream(model, settings)  # compiles the chunk windows' graphs
+    streams = [stream(model, settings) for _ in range(args.warm_runs)]
+    return dict(import_and_load_s=loaded, whole_cold_s=cold, **warm,
+                **{key: statistics.median(s[key] for s in streams) for key in streams[0]},
+                first_stream_total_s=first_stream["stream_total_s"], speech_s=round(len(wav) / 24000, 2),
                 question_s=round(question_s, 2), vocoder_compiled=model.token2wav.vocoder.compiled)
 
 
@@ -110,8 +120,8 @@ def run_reference(args):
                                   talker_max_new_tokens=args.codec_tokens)
 
     (_, wav), cold = timed(answer)
-    _, warm = timed(answer)
-    return dict(import_and_load_s=loaded, whole_cold_s=cold, whole_warm_s=warm, speech_s=round(wav.numel() / 24000, 2),
+    return dict(import_and_load_s=loaded, whole_cold_s=cold, **warm_answers(answer, args.warm_runs),
+                speech_s=round(wav.numel() / 24000, 2),
                 question_s=round(question_s, 2))
 
 
@@ -144,6 +154,7 @@ def main():
     ap.add_argument("--model_path", default=None, help="a Qwen2.5-Omni folder (default: the bundled tiny checkpoint)")
     ap.add_argument("--text_tokens", type=int, default=24)
     ap.add_argument("--codec_tokens", type=int, default=100)
+    ap.add_argument("--warm_runs", type=int, default=3, help="warm answers (whole and streamed) per implementation")
     ap.add_argument("--impls", default="ours_empty_store,ours,ours_store_off,reference,voice_chatting",
                     help="ours after ours_empty_store finds its graphs stored")
     ap.add_argument("--impl", help=argparse.SUPPRESS)  # one child process
@@ -159,7 +170,8 @@ def main():
         for impl in args.impls.split(","):
             env = dict(os.environ, MINDONE_EXT_GRAPH_CACHE="off" if impl == "ours_store_off" else graphs)
             command = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--wav", wav, "--model_path",
-                       args.model_path, "--text_tokens", str(args.text_tokens), "--codec_tokens", str(args.codec_tokens)]
+                       args.model_path, "--text_tokens", str(args.text_tokens), "--codec_tokens", str(args.codec_tokens),
+                       "--warm_runs", str(args.warm_runs)]
             out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if out.returncode:
                 sys.exit(f"{impl} failed ({out.returncode}):\n{out.stderr[-3000:]}")
