@@ -192,6 +192,22 @@ def test_multimodal_rope_matches_reference(section):
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rotation_is_the_references_rotate_half_to_the_last_bit(head_dim):
+    """apply_rotary does rotate_half as a matmul by a signed permutation: each output is one input
+    or its negation, so the result is the reference's, op by op and compiled alike."""
+    x = rng.standard_normal((2, 3, 5, head_dim)).astype(np.float32)
+    cos, sin = (rng.standard_normal((2, 5, head_dim)).astype(np.float32) for _ in range(2))
+    tx, tcos, tsin = map(torch.tensor, (x, cos, sin))
+    want = (tx * tcos.unsqueeze(1) + ref.rotate_half(tx) * tsin.unsqueeze(1)).numpy()
+    for run in (apply_rotary, ms.jit(apply_rotary)):
+        got = run(Tensor(x), Tensor(cos), Tensor(sin)).asnumpy()
+        if on_ascend():  # float32 element-wise and matmul kernels of another device: one rounding at most
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
 def test_a_decoder_on_flash_attention_matches_the_exact_path(ascend_kernels):
     """Two layers in float16 over a left-padded batch: the padding rows' outputs feed the next
     layer's keys, so an undefined padding row would reach the real ones."""

@@ -98,6 +98,25 @@ def test_bigvgan_waveform_from_a_fixed_mel(our_model, reference_model):
     assert_close(got, want)
 
 
+def test_rk4_steps_round_as_the_reference_solver():
+    """Our RK4 (its stage combinations compiled) against the reference's RungeKutta4ODESolver on a
+    field made of the same float32 operations in both, over the sway-sampled grid."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
+
+    from mindone_ext.models.qwen2_5_omni.token2wav import rk4_integrate, sway_timesteps
+    from mindone_ext.nn.device import on_ascend
+
+    y0, a = rng.standard_normal((2, 48, 80)).astype(np.float32), rng.standard_normal((48, 80)).astype(np.float32)
+    times = sway_timesteps(10, -1.0)
+    want = RungeKutta4ODESolver(lambda t, y: y * torch.tensor(a) + t, torch.tensor(y0)).integrate(
+        torch.tensor(times))[-1].numpy()
+    got = rk4_integrate(lambda t, y: y * Tensor(a) + Tensor(t), Tensor(y0), times).asnumpy()
+    if on_ascend():  # another device's float32 kernels: a rounding at most per operation
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
 def test_ode_mel_with_the_same_noise(our_model, reference_model):
     speaker = our_model.speakers["Chelsie"]
     code = rng.integers(0, 8193, size=(1, 20))
