@@ -67,7 +67,8 @@ def token_embeddings(embedding, ids, plus=None):
     """The rows of `ids` (numpy ints) in `embedding` (an nn.Embedding), `plus` added: a decode
     loop's next input. One stored graph call, where op by op each of these ops could take 1.5-4 ms
     after a graph call on the 2-core CPU."""
-    table, ids = Tensor(embedding.weight), Tensor(np.asarray(ids, np.int32))  # Tensor(p): the parameter's storage
+    # the Parameter itself, as the decode step takes its weights: read where it lies, no wrapper per token
+    table, ids = embedding.weight, Tensor(np.asarray(ids, np.int32))
     return _LOOKUP(table, ids) if plus is None else _LOOKUP_PLUS(table, ids, plus)
 
 
