@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from ...utils.batch_feature import BatchFeature, check_tensor_type
 from ...utils.resize import resize
+from .audio_features import window_features
 from .rope_index import chunk_bounds
 from .sizing import smart_resize
 
@@ -158,10 +159,7 @@ class Qwen2_5OmniProcessor:
         audio_lengths = []
         if audio is not None:
             audio = [audio] if isinstance(audio, np.ndarray) else list(audio)
-            features = self.feature_extractor(audio, sampling_rate=self.feature_extractor.sampling_rate,
-                                              padding="max_length", return_attention_mask=True, return_tensors="np")
-            out["input_features"] = features["input_features"].astype(np.float32)
-            out["feature_attention_mask"] = features["attention_mask"].astype(np.int64)
+            out["input_features"], out["feature_attention_mask"] = window_features(self.feature_extractor, audio)
             frames = out["feature_attention_mask"].sum(-1)
             audio_lengths = ((frames - 1) // 2 + 1 - 2) // 2 + 1
         image_grids = []
