@@ -3,6 +3,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from .device import on_ascend
+
 
 def rope_inv_freq(dim, theta):
     # Same float32 arithmetic as the reference's default rope init.
@@ -26,10 +28,13 @@ def half_rotation(head_dim):
 
 
 def apply_rotary(x, cos, sin):
-    """x (B, heads, T, D); cos/sin (B, T, D). rotate_half as one matmul: 1 kernel where slicing,
-    negating and joining took 4 (a decode step's cost on the CPU is mostly per kernel)."""
+    """x (B, heads, T, D); cos/sin (B, T, D). On the CPU rotate_half is one matmul: 1 kernel where
+    slicing, negating and joining took 4 (a decode step's cost there is mostly per kernel). On
+    Ascend it stays element-wise: a float32 matmul there may round its inputs (fp16 or HF32
+    precision modes), and the rotation must stay exact."""
     cos, sin = cos.expand_dims(1), sin.expand_dims(1)
-    return x * cos + ops.matmul(x, Tensor(half_rotation(x.shape[-1]), x.dtype)) * sin
+    turned = rotate_half(x) if on_ascend() else ops.matmul(x, Tensor(half_rotation(x.shape[-1]), x.dtype))
+    return x * cos + turned * sin
 
 
 def rotary_backward(grad, cos, sin):

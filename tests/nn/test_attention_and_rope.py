@@ -8,7 +8,7 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
 from mindone_ext.nn.attention import ascend_attention, attention, check_attn_implementation, exact_attention, use_flash
 from mindone_ext.nn.device import on_ascend
 from mindone_ext.nn.kv_cache import causal_mask, step_mask
-from mindone_ext.nn.rotary import MultimodalRotaryEmbedding, apply_rotary, rope_inv_freq
+from mindone_ext.nn.rotary import MultimodalRotaryEmbedding, apply_rotary, rope_inv_freq, rotate_half
 
 from tests.conftest import KERNEL_TOLERANCE
 
@@ -194,13 +194,18 @@ def test_multimodal_rope_matches_reference(section):
 
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_rotation_is_the_references_rotate_half_to_the_last_bit(head_dim):
-    """apply_rotary does rotate_half as a matmul by a signed permutation: each output is one input
-    or its negation, so the result is the reference's, op by op and compiled alike."""
+    """apply_rotary does rotate_half as a matmul by a signed permutation on the CPU (each output is
+    one input or its negation) and element-wise on Ascend: both forms give the reference's
+    result, op by op and compiled alike."""
     x = rng.standard_normal((2, 3, 5, head_dim)).astype(np.float32)
     cos, sin = (rng.standard_normal((2, 5, head_dim)).astype(np.float32) for _ in range(2))
     tx, tcos, tsin = map(torch.tensor, (x, cos, sin))
     want = (tx * tcos.unsqueeze(1) + ref.rotate_half(tx) * tsin.unsqueeze(1)).numpy()
-    for run in (apply_rotary, ms.jit(apply_rotary)):
+
+    def element_wise(x, cos, sin):  # the form apply_rotary takes on Ascend
+        return x * cos.expand_dims(1) + rotate_half(x) * sin.expand_dims(1)
+
+    for run in (apply_rotary, ms.jit(apply_rotary), element_wise, ms.jit(element_wise)):
         got = run(Tensor(x), Tensor(cos), Tensor(sin)).asnumpy()
         if on_ascend():  # float32 element-wise and matmul kernels of another device: one rounding at most
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
