@@ -15,6 +15,7 @@ nn.kv_cache): the rows of one batch (or one conversation) in a pool of their own
 server, one row per conversation of a pool shared by all (`use_pool`), decoded together.
 """
 import weakref
+from typing import NamedTuple
 
 import mindspore as ms
 import numpy as np
@@ -30,6 +31,7 @@ from ..utils.quiet import quiet_expected_recompiles
 
 PREFILL_CHUNK = 128  # tokens per prefill step
 SMALL_PIECE = 32  # a piece this short (a text turn, an audio window) runs in a graph of this width
+ROWS_TOGETHER = 4  # pieces of several caches prefilled as one step, in groups of this many rows
 MIN_CACHE_SLOTS = 256
 
 
@@ -70,6 +72,21 @@ def token_embeddings(embedding, ids, plus=None):
     # the Parameter itself, as the decode step takes its weights: read where it lies, no wrapper per token
     table, ids = embedding.weight, Tensor(np.asarray(ids, np.int32))
     return _LOOKUP(table, ids) if plus is None else _LOOKUP_PLUS(table, ids, plus)
+
+
+def check_room(cache, t):
+    """ValueError unless `cache` can take a piece of `t` (> 0) more tokens."""
+    if t == 0:
+        raise ValueError("nothing to prefill: the piece is empty")
+    if cache.length + t > cache.slots:
+        raise ValueError(f"the KV cache is full ({cache.slots} slots, {cache.length} used, {t} more asked)")
+
+
+class ExtendRequest(NamedTuple):
+    """A piece to write after what `cache` (one row) holds: `embeds` (1, T, E) at `positions` (3, 1, T)."""
+    cache: object
+    embeds: object
+    positions: np.ndarray
 
 
 class CompiledDecoder:
@@ -115,7 +132,8 @@ class CompiledDecoder:
                 hidden = decoder_layer(hidden, cos, sin, mask, weights[bounds[n]:bounds[n + 1]], layer_kinds[n], past,
                                        where)
             hidden = P.rms_norm(hidden, weights[bounds[-1]], eps)
-            last = ops.gather(hidden, last_index, 1)
+            # each row's last token (flat indices: rows of a batch end at different tokens)
+            last = ops.gather(hidden.reshape(-1, hidden.shape[-1]), last_index, 0).reshape(hidden.shape[0], 1, -1)
             logits = project(last, weights[bounds[-1] + 1:], head_kind)
             # (B, 1, V) -> (B, V) by reshape: CPU's StridedSlice copied the Talker's 8448 logits in 0.3 ms a step
             return logits.reshape(logits.shape[0], -1).astype(ms.float32), hidden
@@ -199,10 +217,7 @@ class CompiledDecoder:
         conversation prefilled as it arrives), in chunks of PREFILL_CHUNK tokens. Returns the last
         token's logits (B, V) as numpy and the piece's hidden states (B, T, H)."""
         b, t, _ = embeds.shape
-        if t == 0:
-            raise ValueError("nothing to prefill: the piece is empty")
-        if cache.length + t > cache.slots:
-            raise ValueError(f"the KV cache is full ({cache.slots} slots, {cache.length} used, {t} more asked)")
+        check_room(cache, t)
         mask = np.ones((b, t), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
         hidden = []
         for lo in range(0, t, PREFILL_CHUNK):
@@ -224,6 +239,50 @@ class CompiledDecoder:
         logits, hidden = cache.pool.run(cache.rows, embeds, position_ids, [start] * b, t - 1)
         cache.length = start + t
         return logits, hidden[:, :t]
+
+    def extend_requests(self, requests):
+        """`extend` of each of `requests` (ExtendRequests, at most one per cache) -> [(logits (1, V),
+        hidden (1, T, H))]: pieces of at most PREFILL_CHUNK tokens into rows of this runner's shared
+        pool run in batched steps of ROWS_TOGETHER rows (several conversations' turns at once), the
+        others one by one. A batched step always has that many rows and attends to every slot of
+        the pool: one graph per piece width and pool size (each new shape compiles a graph, which
+        stays in memory; pieces of 2 to 16 rows and 3 attention spans made 16 new graphs in a
+        server's load, measured)."""
+        if len({id(r.cache) for r in requests}) < len(requests):
+            raise ValueError("two pieces for one cache in one batch: the second must wait for the first")
+        together = [r for r in requests if self.pool is not None and r.cache.pool is self.pool
+                    and len(r.cache.rows) == 1 and 0 < r.embeds.shape[1] <= PREFILL_CHUNK]
+        groups = [together[i:i + ROWS_TOGETHER] for i in range(0, len(together), ROWS_TOGETHER)]
+        done = {id(r): out for group in groups if len(group) > 1 for r, out in zip(group, self._extend_rows(group))}
+        return [done[id(r)] if id(r) in done else self.extend(r.cache, r.embeds, r.positions) for r in requests]
+
+    def _extend_rows(self, requests):
+        """`extend_requests`' batch: each piece right-padded to one width (SMALL_PIECE or
+        PREFILL_CHUNK), each row's logits those of its own last token."""
+        lengths = [r.embeds.shape[1] for r in requests]
+        for r, t in zip(requests, lengths):
+            check_room(r.cache, t)
+        total = sum(lengths)
+        width = SMALL_PIECE if max(lengths) <= SMALL_PIECE else PREFILL_CHUNK
+        firsts = np.cumsum([0] + lengths[:-1])
+        # the pieces side by side and a zero vector after them, read into ROWS_TOGETHER rows by one
+        # gather (a handful of ops whatever the count: each op outside a graph can cost milliseconds here)
+        index = np.full((ROWS_TOGETHER, width), total, np.int32)
+        positions = np.zeros((3, ROWS_TOGETHER, width), np.int64)
+        for i, (r, t) in enumerate(zip(requests, lengths)):
+            index[i, :t] = firsts[i] + np.arange(t)
+            positions[:, i, :t] = r.positions[:, 0]
+            r.cache.valid[:, r.cache.length:r.cache.length + t] = 1
+        side_by_side = ops.cat([r.embeds for r in requests] + [ops.zeros_like(requests[0].embeds[:, :1])], 1)
+        embeds = ops.gather(side_by_side[0], Tensor(index.reshape(-1)), 0).reshape(ROWS_TOGETHER, width, -1)
+        logits, hidden = self.pool.run([r.cache.rows[0] for r in requests], embeds, positions,
+                                       [r.cache.length for r in requests], [t - 1 for t in lengths],
+                                       padded_rows=ROWS_TOGETHER, span=self.pool.slots)
+        for r, t in zip(requests, lengths):
+            r.cache.length += t
+        real = np.concatenate([i * width + np.arange(t) for i, t in enumerate(lengths)]).astype(np.int32)
+        states = ops.gather(hidden.reshape(-1, hidden.shape[-1]), Tensor(real), 0).reshape(1, total, -1)
+        return [(logits[i:i + 1], piece) for i, piece in enumerate(ops.split(states, lengths, 1))]
 
     def decode(self, cache, embeds, position_ids):
         """One token per row (embeds (B, 1, E)) at slot `cache.length`."""
@@ -315,21 +374,25 @@ class CachePool:
             self.buffers.load(old)
         self.valid = np.concatenate([self.valid, np.zeros((total, slots - self.slots), np.int32)], 1)
 
-    def run(self, rows, embeds, position_ids, starts, last):
+    def run(self, rows, embeds, position_ids, starts, last, padded_rows=1, span=None):
         """One compiled step over `rows`: embeds (n, T, E) written at slots starts[i].. of row
-        rows[i] (T > 1: the rows of one cache)."""
-        n, t = embeds.shape[0], embeds.shape[1]
+        rows[i]; the logits are those of token last[i] of row i (`last` a list, or one index for all).
+        A shared pool's step runs at least `padded_rows` rows (padding rows may already be in
+        `embeds`); `span`: the slots attended (default: see below)."""
+        n, t = len(rows), embeds.shape[1]
+        last = [last] * n if np.ndim(last) == 0 else list(last)
         whole = self.spare is None  # such a pool's caches are all its rows, stepped together
-        width = n if whole else 1 << (n - 1).bit_length()
-        if width > n:
-            embeds = ops.cat((embeds, ops.zeros((width - n,) + tuple(embeds.shape[1:]), embeds.dtype)))
-            position_ids = np.concatenate([position_ids, np.zeros((3, width - n, t), position_ids.dtype)], 1)
+        width = n if whole else max(1 << (n - 1).bit_length(), padded_rows)
+        missing = width - embeds.shape[0]
+        if missing > 0:
+            embeds = ops.cat((embeds, ops.zeros((missing,) + tuple(embeds.shape[1:]), embeds.dtype)))
+            position_ids = np.concatenate([position_ids, np.zeros((3, missing, t), position_ids.dtype)], 1)
         rows = np.asarray(list(rows) + [self.spare] * (width - n))
         starts = np.asarray(list(starts) + [self.slots] * (width - n))
         pick, slots = self._write_plan(rows, starts, t)
         # a piece attends to the slots up to its end, rounded up to a power of two (one graph per
         # size: a long prompt's early pieces do not attend to the whole cache); a decode step to all
-        span = self.slots if t == 1 else min(self.slots, cache_slots(int(starts[:n].max()) + t))
+        span = span or (self.slots if t == 1 else min(self.slots, cache_slots(int(starts[:n].max()) + t)))
         shape = (width, t, span)
         graph = (whole, self.buffers.view, shape)  # pools of one shape share their graphs
         rows_note = f" for {width} rows" if width > 1 else ""
@@ -340,7 +403,8 @@ class CachePool:
         with compiling(new):
             logits, hidden = self.runner.run_step(self.buffers, whole, (
                 embeds, Tensor(position_ids, ms.int32), Tensor(step_mask(self.valid[rows, :span], starts, t)),
-                Tensor([last], ms.int32), Tensor(rows.astype(np.int32)), Tensor(pick), Tensor(slots)))
+                Tensor(np.arange(width, dtype=np.int32) * t + np.asarray(last + [0] * (width - n), np.int32)),
+                Tensor(rows.astype(np.int32)), Tensor(pick), Tensor(slots)))
         return logits.asnumpy()[:n], hidden[:n] if width > n else hidden
 
     def _write_plan(self, rows, starts, t):

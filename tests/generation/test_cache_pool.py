@@ -112,3 +112,36 @@ def test_a_cache_of_its_own_grows_into_a_kept_pool_and_pools_are_reused(our_mode
         pooled.cache.release(), want.cache.release()
     assert sorted(p.slots for p in own.pools) == [MIN_CACHE_SLOTS, 2 * MIN_CACHE_SLOTS]
     assert own.caches_in_use() == 0
+
+
+def test_pieces_of_several_rows_prefilled_together_equal_each_alone(our_model):
+    """Conversations at different lengths each take a piece of their own length in a batched
+    step (pieces of 1 to 32 tokens, then one over 32: the wider graph), as a voice server's turns
+    arrive together; the next decode steps then read the same caches as after pieces alone.
+    Five pieces make a step of four rows and one alone, three a step padded to four rows; a piece
+    too long to batch runs alone beside the batch."""
+    from mindone_ext.generation.decode import PREFILL_CHUNK, ROWS_TOGETHER, ExtendRequest
+
+    pooled, alone = runner_of(our_model, rows=5), runner_of(our_model)
+    pairs = [pair(our_model, pooled, alone, n, seed, slots=512) for seed, n in enumerate((3, 31, 32, 33, 140))]
+    rng = np.random.default_rng(9)
+
+    def pieces(lengths):
+        out = []
+        for (p, _), t in zip(pairs, lengths):
+            embeds = our_model.thinker.embed(rng.integers(0, 400, size=(1, t)))
+            out.append((embeds, np.broadcast_to(np.arange(p.cache.length, p.cache.length + t), (3, 1, t)).copy()))
+        return out
+
+    for lengths in ((1, 32, 7, 2, 5), (33, 1, 20, PREFILL_CHUNK, 3), (2, 17, 5), (4, PREFILL_CHUNK + 5, 1, 9, 2)):
+        inputs = pieces(lengths)
+        shapes = set(pooled.shapes)
+        got = pooled.extend_requests([ExtendRequest(p.cache, e, q) for (p, _), (e, q) in zip(pairs, inputs)])
+        assert {rows for rows, tokens, _ in pooled.shapes - shapes if tokens > 1} <= {1, ROWS_TOGETHER}
+        for (p, a), (embeds, positions), (logits, hidden), t in zip(pairs, inputs, got, lengths):
+            want = alone.extend(a.cache, embeds, positions)
+            assert hidden.shape == (1, t, want[1].shape[-1]) and p.cache.length == a.cache.length
+            assert_same((logits, hidden.asnumpy()), (want[0], want[1].asnumpy()))
+        step_all(pooled, pairs)
+    with pytest.raises(ValueError, match="one cache"):
+        pooled.extend_requests([ExtendRequest(pairs[0][0].cache, *pieces((1,))[0])] * 2)
