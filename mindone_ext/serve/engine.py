@@ -13,6 +13,9 @@ rounds: one compiled Thinker step and one compiled Talker step serve the round's
 tokens allow, windows of several answers solved and vocoded as batches; the interleaved engine
 takes one event of each generation in turn, each running its own steps.
 
+A conversation's turn (its text or audio prefilled into its cache) is a call too: those that
+arrive together are advanced together, their pieces prefilled as one batched step (`call_steps`).
+
 The first audio of a new answer comes first: while an answer has not been heard yet, the audio of
 answers whose delivered speech is further ahead of their playback than two rounds waits (it
 cannot run dry before its next turn), so the round ends sooner; what waited is then made in
@@ -101,12 +104,21 @@ class Engine:
 
     async def call(self, fn, *args):
         """Run fn(*args) on the model thread; its result (or exception) comes back here."""
+        return await self._queue(fn, args, False)
+
+    async def call_steps(self, fn, *args):
+        """`call` for a function that returns a generator of prefills (decode.ExtendRequest, e.g.
+        ConversationSession.feed_audio_steps) and is sent back each one's result: the calls
+        waiting together run their prefills as one batched step per decoder."""
+        return await self._queue(fn, args, True)
+
+    async def _queue(self, fn, args, steps):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self.wake:
             if self.stopping:
                 raise Stopped("the server is shutting down")
-            self.calls.append((fn, args, future, loop))
+            self.calls.append((fn, args, future, loop, steps))
             self.wake.notify()
         return await future
 
@@ -175,13 +187,19 @@ class Engine:
                 while self.waiting and len(self.active) < self.max_active:
                     self.active.append(self.waiting.popleft())
                 running = list(self.active)
-            for fn, args, future, loop in calls:
+            together = [call[:4] for call in calls if call[4]]
+            for fn, args, future, loop, steps in calls:
+                if steps:
+                    continue
                 self.busy_since = time.monotonic()
                 try:
                     result, error = fn(*args), None
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
+            if together:
+                self.busy_since = time.monotonic()
+                self._prefill_together(together)
             self.busy_since, began = time.monotonic(), self.clock()
             try:
                 self._round(running)
@@ -190,7 +208,7 @@ class Engine:
                     if not generation.done:
                         self._fail(generation, e)
             self.busy_since, self.round_seconds = None, self.clock() - began
-        for _, _, future, loop in calls:
+        for _, _, future, loop, _ in calls:
             loop.call_soon_threadsafe(_settle, future, None, Stopped("the server is shutting down"))
         for generation in list(self.active) + list(self.waiting):
             self._close(generation)
@@ -207,6 +225,49 @@ class Engine:
             self._decode_together(together)
             self._synthesise_together(self._first_audio_first([g for g in together
                                                                if not g.done and g.answer.wave is not None]))
+
+    def _prefill_together(self, calls):
+        """`call_steps` calls, advanced together: each generator runs to its next prefill, the
+        prefills of one decoder run as one batch (`extend_requests`; a failed batch is thrown into
+        each of its generators, whose turns rewind), the results go back, until every generator has
+        returned or raised. A cache takes at most one prefill per batch: another waits for the next
+        (a conversation's calls come one at a time, so this only guards)."""
+        waiting = []  # (generator, its prefill not yet run, future, loop)
+
+        def advance(steps, value, future, loop):
+            try:
+                request = steps.throw(value) if isinstance(value, Exception) else steps.send(value)
+            except StopIteration as end:
+                loop.call_soon_threadsafe(_settle, future, end.value, None)
+            except Exception as e:  # noqa: BLE001  (handed to the caller)
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                waiting.append((steps, request, future, loop))
+
+        for fn, args, future, loop in calls:
+            try:
+                steps = fn(*args)
+            except Exception as e:  # noqa: BLE001
+                loop.call_soon_threadsafe(_settle, future, None, e)
+                continue
+            advance(steps, None, future, loop)
+        while waiting:
+            batch, held, caches = {}, [], set()
+            for item in waiting:
+                cache = item[1].cache
+                if id(cache) in caches:
+                    held.append(item)
+                else:
+                    caches.add(id(cache))
+                    batch.setdefault(cache.pool.runner, []).append(item)
+            waiting[:] = held
+            for runner, items in batch.items():
+                try:
+                    results = runner.extend_requests([request for _, request, _, _ in items])
+                except Exception as e:  # noqa: BLE001  (a failed batch fails the turns in it, not the server)
+                    results = [e] * len(items)
+                for (steps, _, future, loop), result in zip(items, results):
+                    advance(steps, result, future, loop)
 
     def _first_audio_first(self, speaking):
         """The answers whose audio is made this round: all, unless one has not been heard yet;

@@ -141,7 +141,7 @@ class VoiceConversation:
             await self.stop_answer("barge_in")
             session = await self.conversation()
             mark = session.cache.length
-            await self.engine.call(session.ask, text)
+            await self.engine.call_steps(session.ask_steps, text)
             await self.answer_turn(mark)
         elif kind == "end":
             await self.end_turn()
@@ -201,7 +201,7 @@ class VoiceConversation:
         await self.stop_answer("barge_in")
         session = await self.conversation()
         self.turn_mark = session.cache.length
-        await self.engine.call(session.begin_audio)
+        await self.engine.call_steps(session.begin_audio_steps)
         self.turn_open, self.discarding, self.turn_samples = True, False, 0
 
     async def feed(self, samples):
@@ -213,7 +213,7 @@ class VoiceConversation:
             await self.engine.call(self.session.rewind, self.turn_mark)
             raise ClientError("audio_too_long", f"a turn holds at most {self.options.max_audio_seconds:g} s of audio: "
                                                 "this one was dropped (its audio is ignored until it ends)")
-        await self.engine.call(self.session.feed_audio, samples)
+        await self.engine.call_steps(self.session.feed_audio_steps, samples)
 
     async def end_turn(self):
         if not self.turn_open:
@@ -223,7 +223,7 @@ class VoiceConversation:
         if self.discarding:
             self.discarding = False
             return
-        await self.engine.call(self.session.end_audio)
+        await self.engine.call_steps(self.session.end_audio_steps)
         await self.answer_turn(self.turn_mark)
 
     # ------------------------------------------------------------------ answers

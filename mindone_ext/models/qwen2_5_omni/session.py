@@ -15,13 +15,20 @@ only (their positions are the cache slots).
 A turn can fail; the conversation cannot: whatever goes wrong inside a turn (its audio, its
 answer) rewinds the conversation to before the turn, and the next turn starts from there. Every
 turn is checked against the conversation's token limit before any of it is encoded.
+
+What a turn prefills is written as generators of ExtendRequests (`ask_steps`, `begin_audio_steps`,
+`feed_audio_steps`, `end_audio_steps`): `ask`, `begin_audio`, ... run each request as it comes
+(`prefill_now`); the voice server runs the requests of several conversations' turns as one
+batched step (serve/engine.py).
 """
 import contextlib
 
 import numpy as np
 from mindspore import ops
 
+from ...generation.decode import ExtendRequest
 from .audio_encoder import output_lengths
+from .audio_features import clip_features
 from .prompts import SYSTEM_PROMPT  # noqa: F401  (where callers have imported it from)
 from .answer import stream
 
@@ -33,6 +40,22 @@ ANSWER_CLOSING = 2  # tokens after an answer's last one: "<|im_end|>\n"
 
 class ConversationFull(ValueError):
     """The conversation has no room left (its token limit) for a turn and its answer."""
+
+
+def prefill_now(steps):
+    """Run a generator of ExtendRequests, each request as it comes (an error is thrown back into
+    the generator, so its turn rewinds) -> the generator's return value."""
+    try:
+        request = next(steps)
+        while True:
+            try:
+                done = request.cache.pool.runner.extend(request.cache, request.embeds, request.positions)
+            except Exception as error:  # noqa: BLE001  (raised again by the generator, after its turn rewinds)
+                request = steps.throw(error)
+            else:
+                request = steps.send(done)
+    except StopIteration as end:
+        return end.value
 
 
 class _AudioTurn:
@@ -84,11 +107,12 @@ class ConversationSession:
                 "tokens: start a new conversation")
 
     def _append(self, ids, embeds):
+        """Prefill a piece: yields its ExtendRequest, is sent back (logits, hidden)."""
         n = len(ids)
         start = self.cache.length
         self.runner.reserve(self.cache, start + n)
         positions = np.broadcast_to(np.arange(start, start + n), (3, 1, n)).copy()
-        self.logits, hidden = self.runner.extend(self.cache, embeds, positions)
+        self.logits, hidden = yield ExtendRequest(self.cache, embeds, positions)
         self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)[None]], 1)
         self.embeds.append(embeds)
         self.hidden.append(hidden)
@@ -104,10 +128,13 @@ class ConversationSession:
         self.cache.truncate(length)
 
     def add_text(self, text, what="this turn", answer=True):
+        prefill_now(self._add_text(text, what, answer))
+
+    def _add_text(self, text, what="this turn", answer=True):
         ids = self.processor.tokenizer(text)["input_ids"]
         if ids:
             self._check_room(len(ids), what, answer)
-            self._append(ids, self.model.thinker.embed(np.asarray(ids)[None]))
+            yield from self._append(ids, self.model.thinker.embed(np.asarray(ids)[None]))
 
     @contextlib.contextmanager
     def _turn(self, begins=False):
@@ -124,15 +151,21 @@ class ConversationSession:
 
     def ask(self, text):
         """A text question as the user's turn."""
+        prefill_now(self.ask_steps(text))
+
+    def ask_steps(self, text):
         with self._turn(begins=True):
-            self.add_text(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+            yield from self._add_text(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
 
     # ------------------------------------------------------------------ audio
 
     def begin_audio(self):
         """The user starts speaking: their turn opens and audio pieces may follow."""
+        prefill_now(self.begin_audio_steps())
+
+    def begin_audio_steps(self):
         with self._turn(begins=True):
-            self.add_text("<|im_start|>user\n<|audio_bos|>")
+            yield from self._add_text("<|im_start|>user\n<|audio_bos|>")
             self.audio = _AudioTurn(self.cache.length)
 
     def rewind(self, length):
@@ -145,6 +178,9 @@ class ConversationSession:
     def feed_audio(self, samples):
         """A piece of the user's speech (mono float32, 16 kHz): every encoder window whose frames
         are final is prefilled now."""
+        prefill_now(self.feed_audio_steps(samples))
+
+    def feed_audio_steps(self, samples):
         if self.audio is None:
             raise ValueError("begin_audio() first: no audio turn is open")
         with self._turn():
@@ -159,21 +195,24 @@ class ConversationSession:
             audio_tokens = int(output_lengths([total // self.extractor.hop_length])[1][0])
             self._check_room(max(0, self.audio.start + audio_tokens - self.cache.length), "the audio so far")
             self.audio.samples = np.concatenate([self.audio.samples, samples])
-            features, _ = self._features()
+            features, _ = clip_features(self.extractor, self.audio.samples)
             half = self.extractor.n_fft // 2
             final_frames = max(0, (len(self.audio.samples) - half) // self.extractor.hop_length + 1)
-            self._prefill_windows(features, final_frames // self.window * self.window)
+            yield from self._prefill_windows(features, final_frames // self.window * self.window)
 
     def end_audio(self, text=""):
         """The user stopped speaking: the rest of the audio, then `text` (if any), close the turn
         and the assistant's turn opens."""
+        prefill_now(self.end_audio_steps(text))
+
+    def end_audio_steps(self, text=""):
         if self.audio is None:
             raise ValueError("begin_audio() first: no audio turn is open")
         with self._turn():
             if not len(self.audio.samples):
                 raise ValueError("the audio turn is empty")
-            features, frames = self._features()
-            self._prefill_windows(features, frames)
+            features, frames = clip_features(self.extractor, self.audio.samples)
+            yield from self._prefill_windows(features, frames)
             tokens = self.ids.shape[1] - self.audio.start
             expected = int(output_lengths([frames])[1][0])
             if tokens != expected:
@@ -182,20 +221,7 @@ class ConversationSession:
                 raise ValueError(f"the audio turn is too short ({frames} feature frames) to give an audio token")
             self.clips.append((self.audio.start, frames))
             self.audio = None
-            self.add_text(f"<|audio_eos|>{text}<|im_end|>\n<|im_start|>assistant\n")
-
-    def _features(self):
-        """Log-mel features and valid frames of the turn's audio, as the processor gives them. The
-        processor pads a clip to the extractor's whole window (300 s of zeros for Qwen2.5-Omni:
-        0.37 s a turn on this project's CPU machine, a fifth of a voice server's model thread under
-        load, measured); a clip with n_fft and at least one second of zeros after it gives the
-        same valid frames bit for bit (tests/models/qwen2_5_omni/test_session.py sweeps lengths)
-        in ~2 ms, and the prefilled pieces are compared with the final features all the same."""
-        samples = self.audio.samples
-        length = max(len(samples) + self.extractor.n_fft, self.extractor.sampling_rate)
-        out = self.extractor(samples, sampling_rate=self.extractor.sampling_rate, padding="max_length",
-                             max_length=length, return_attention_mask=True, return_tensors="np")
-        return out["input_features"][0].astype(np.float32), int(out["attention_mask"][0].sum())
+            yield from self._add_text(f"<|audio_eos|>{text}<|im_end|>\n<|im_start|>assistant\n")
 
     def _prefill_windows(self, features, upto):
         """Prefill frames up to `upto` (whole windows, or the clip's end), first re-doing any
@@ -215,7 +241,7 @@ class ConversationSession:
         piece = features[:, done:upto]
         audio = self.model.thinker.audio_tower(piece, [upto - done])
         start = self.cache.length
-        self._append([self.audio_token] * audio.shape[0], audio[None].astype(self.embeds[0].dtype))
+        yield from self._append([self.audio_token] * audio.shape[0], audio[None].astype(self.embeds[0].dtype))
         pieces.append((done // self.window, -(-upto // self.window), start, piece))
 
     def _no_audio_turn(self):
@@ -256,7 +282,7 @@ class ConversationSession:
 
     def _keep_answer(self, steps):
         """The answer's tokens but the last are in the cache (step i + 1 holds token i's states);
-        the last token and the turn's end follow."""
+        the last token and the turn's end follow, in one prefill."""
         if not steps:
             return
         fed = [int(tokens[0]) for tokens, _, _ in steps[:-1]]
@@ -265,9 +291,10 @@ class ConversationSession:
             self.embeds.append(embeds)
             self.hidden.append(hidden)
         last = int(steps[-1][0][0])
-        self._append([last], self.model.thinker.embed(np.array([[last]])))
         im_end = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.add_text("\n" if last == im_end else "<|im_end|>\n", "the end of the answer", answer=False)
+        ids = [last] + self.processor.tokenizer("\n" if last == im_end else "<|im_end|>\n")["input_ids"]
+        self._check_room(len(ids), "the end of the answer", answer=False)
+        prefill_now(self._append(ids, self.model.thinker.embed(np.asarray([ids]))))
 
     def close(self):
         """Free the cache (the session is over)."""

@@ -1,0 +1,125 @@
+"""Conversations' turns that reach the engine together are prefilled as one batched step
+(Engine.call_steps): each conversation ends with what its turns give alone, a turn that fails
+fails alone, and a failed batch rewinds every turn in it and leaves the conversations usable."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from mindone_ext import Qwen2_5OmniForConditionalGeneration
+from mindone_ext.generation.decode import ROWS_TOGETHER, CompiledDecoder
+from mindone_ext.models.qwen2_5_omni.session import ConversationSession
+from mindone_ext.serve.engine import Engine
+
+QUESTIONS = ["hi", "what is the weather like in Paris tomorrow morning, and should I take an umbrella or a coat "
+             "when I go out to buy bread and a newspaper before work?", "and then?"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    """A model of this module's own: its Thinker gets a shared pool, as in the server."""
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model.thinker_runner().use_pool(8, model.cache_dtype)
+    return model
+
+
+def speech(seconds, seed):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.2 * np.sin(2 * np.pi * (180 + 40 * seed) * t) + 1e-3 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def turns_alone(model, processor, i):
+    session = ConversationSession(model, processor)
+    session.ask(QUESTIONS[i])
+    session.begin_audio()
+    session.feed_audio(speech(1.1 + 0.3 * i, i)[:16000])
+    session.feed_audio(speech(1.1 + 0.3 * i, i)[16000:])
+    session.end_audio()
+    return session
+
+
+async def turns_together(engine, sessions):
+    async def each(call, arguments):
+        return await asyncio.gather(*(engine.call_steps(getattr(s, call), *a) for s, a in zip(sessions, arguments)),
+                                    return_exceptions=True)
+
+    asked = await each("ask_steps", [(q,) for q in QUESTIONS])
+    begun = await each("begin_audio_steps", [()] * 3)
+    fed = await each("feed_audio_steps", [(speech(1.1 + 0.3 * i, i)[:16000],) for i in range(3)])
+    fed += await each("feed_audio_steps", [(speech(1.1 + 0.3 * i, i)[16000:],) for i in range(3)])
+    ended = await each("end_audio_steps", [()] * 3)
+    return asked + begun + fed + ended
+
+
+def assert_same_conversation(got, want):
+    np.testing.assert_array_equal(got.ids, want.ids)
+    assert got.cache.length == want.cache.length
+    assert float(np.abs(got.logits - want.logits).max()) <= 1e-5
+
+
+def test_turns_arriving_together_prefill_together_and_equal_each_alone(model, processor, monkeypatch):
+    alone = [turns_alone(model, processor, i) for i in range(3)]
+    batches = []
+    extend_requests = CompiledDecoder.extend_requests
+    monkeypatch.setattr(CompiledDecoder, "extend_requests",
+                        lambda runner, requests: batches.append(len(requests)) or extend_requests(runner, requests))
+
+    async def scenario():
+        engine = Engine(max_active=2, max_queue=2, batched=True)
+        try:
+            sessions = [await engine.call(ConversationSession, model, processor) for _ in range(3)]
+            return sessions, await turns_together(engine, sessions)
+        finally:
+            engine.stop()
+
+    sessions, results = asyncio.run(scenario())
+    assert not [r for r in results if isinstance(r, Exception)]
+    for got, want in zip(sessions, alone):
+        assert_same_conversation(got, want)
+    assert max(batches) == 3  # the three turns' pieces reached the decoder together
+    assert any(rows == ROWS_TOGETHER and tokens > 1 for rows, tokens, _ in model.thinker_runner().shapes)  # one step
+    for session in sessions + alone:
+        session.close()
+
+
+def test_a_failed_turn_fails_alone_and_a_failed_batch_rewinds_every_turn_in_it(model, processor, monkeypatch):
+    async def scenario():
+        engine = Engine(max_active=2, max_queue=2, batched=True)
+        try:
+            sessions = [await engine.call(ConversationSession, model, processor) for _ in range(3)]
+            for s in sessions:
+                await engine.call_steps(s.begin_audio_steps)
+            bad = speech(0.5, 0)
+            bad[100] = np.nan
+            pieces = [speech(1.0, 1), bad, speech(1.0, 2)]
+            one_failed = await asyncio.gather(*(engine.call_steps(s.feed_audio_steps, p)
+                                                for s, p in zip(sessions, pieces)), return_exceptions=True)
+            lengths = [s.cache.length for s in sessions]
+            for s in sessions[1:2]:  # the failed turn was rewound: it opens again
+                await engine.call_steps(s.begin_audio_steps)
+            starts = [s.turn_start for s in sessions]
+
+            def broken(runner, requests):
+                raise RuntimeError("a batch that fails")
+
+            monkeypatch.setattr(CompiledDecoder, "extend_requests", broken)
+            all_failed = await asyncio.gather(*(engine.call_steps(s.feed_audio_steps, speech(1.0, 3 + i))
+                                                for i, s in enumerate(sessions)), return_exceptions=True)
+            rewound = [(s.cache.length, s.audio) for s in sessions]
+            monkeypatch.undo()
+            after = await asyncio.gather(*(engine.call_steps(s.ask_steps, "and now?") for s in sessions),
+                                         return_exceptions=True)
+            return sessions, one_failed, lengths, starts, all_failed, rewound, after
+        finally:
+            engine.stop()
+
+    sessions, one_failed, lengths, starts, all_failed, rewound, after = asyncio.run(scenario())
+    assert one_failed[0] is None and one_failed[2] is None
+    assert isinstance(one_failed[1], ValueError) and "NaN" in str(one_failed[1])
+    assert lengths[0] > starts[0] and lengths[2] > starts[2]  # their audio went in
+    assert all(isinstance(r, RuntimeError) and "a batch that fails" in str(r) for r in all_failed)
+    assert rewound == [(start, None) for start in starts]  # each conversation back to before its turn
+    assert after == [None] * 3 and all(s.logits is not None for s in sessions)
+    for session in sessions:
+        session.close()
