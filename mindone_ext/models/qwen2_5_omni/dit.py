@@ -176,26 +176,45 @@ def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, 
     return mint.nn.functional.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
-def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim):
+def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=False):
     """One DiT block as a pure function of its weights (see `DiTDecoderLayer.weights`): AdaLN-zero
     modulation by the time embedding, windowed attention with rotary on the first head, GELU-tanh
     MLP. Written over weights rather than a cell so that one compiled graph serves every layer:
     MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
-    (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared."""
+    (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared.
+    `transposed`: the projections' matrices (BLOCK_MATRICES) come as (in, out), see `dense`."""
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
     linear = mint.nn.functional.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
     b, t, _ = x.shape
     h = layer_norm_no_affine(x) * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1)
-    q, k, v = (linear(h, w, bias).reshape(b, t, heads, head_dim).swapaxes(1, 2)
+    q, k, v = (dense(h, w, bias, transposed).reshape(b, t, heads, head_dim).swapaxes(1, 2)
                for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # the first head only (see rotation_tables)
-    x = x + gate_msa.expand_dims(1) * linear(window_attention(q, k, v, window, head_dim**-0.5), o_w, o_b)
+    x = x + gate_msa.expand_dims(1) * dense(window_attention(q, k, v, window, head_dim**-0.5), o_w, o_b, transposed)
     h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
-    return x + gate_mlp.expand_dims(1) * linear(P.gelu_tanh(linear(h, up_w, up_b)), down_w, down_b)
+    return x + gate_mlp.expand_dims(1) * dense(P.gelu_tanh(dense(h, up_w, up_b, transposed)), down_w, down_b,
+                                               transposed)
+
+
+def dense(x, weight, bias, transposed):
+    """x (B, T, in) @ weight.T + bias, `weight` (out, in) as the checkpoint stores it; with
+    `transposed`, `weight` is given as (in, out). The CPU's MatMul with a transposed right operand
+    took 1.5-2x as long at the few hundred rows of a streaming window (7B DiT, 144 rows x 1024 x
+    1024: ~3.5 ms against ~2 ms; equal at 2064 rows; measured), so on the CPU the graphs take
+    copies laid out (in, out) (Qwen2_5OmniToken2WavModel.graph_weights)."""
+    if not transposed:
+        return mint.nn.functional.linear(x, weight, bias)
+    return (ops.matmul(x.reshape(-1, x.shape[-1]), weight) + bias).reshape(x.shape[0], x.shape[1], -1)
 
 
 EMBED_WEIGHTS, BLOCK_WEIGHTS, OUTPUT_WEIGHTS = 7, 14, 4  # their counts in the DiT's `weights()`
+BLOCK_MATRICES = (2, 4, 6, 8, 10, 12)  # the projections' matrices among a block's weights (q, k, v, out, up, down)
+
+
+def block_matrices(blocks):
+    """Where the projection matrices of `blocks` blocks sit in the DiT's `weights()`."""
+    return [EMBED_WEIGHTS + BLOCK_WEIGHTS * i + j for i in range(blocks) for j in BLOCK_MATRICES]
 
 
 def split_weights(weights, blocks):
@@ -330,16 +349,18 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         return linear(x, proj_w, proj_b)
 
     def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None):
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None,
+            transposed=False):
         """The forward on prepared frame inputs (see `frame_inputs`) and `weights` (default this
-        model's own, see `weights()`); Token2Wav compiles it whole, or its `embed`, `dit_layer` per
-        block and `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
+        model's own, see `weights()`; with `transposed`, the blocks' projection matrices (in, out),
+        see `dense`); Token2Wav compiles it whole, or its `embed`, `dit_layer` per block and
+        `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
         embed, blocks, output = split_weights(self.weights() if weights is None else weights,
                                               len(self.transformer_blocks))
         x, t_emb = self.embed(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
                               drop_audio_conditioning, drop_code, apply_cfg, voice, embed)
         for i, block in enumerate(self.transformer_blocks):
-            x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim)
+            x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim, transposed)
         return self.output(x, t_emb, output)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,

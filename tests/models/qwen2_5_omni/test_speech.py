@@ -206,3 +206,44 @@ def test_the_dit_as_one_graph_or_block_by_block_gives_the_same_velocity(our_mode
     released = SimpleNamespace(code2wav_dit_model=SimpleNamespace(proj_out=SimpleNamespace(in_features=1024),
                                                                   transformer_blocks=[None] * 22))
     assert not type(t2w).one_graph(released, 264)
+
+
+def test_the_graphs_use_weights_loaded_after_a_solve(our_model):
+    """On the CPU the DiT's graphs take (in, out) copies of the blocks' projection matrices
+    (dit.dense), kept between solves: weights set afterwards (as a checkpoint is loaded) must reach
+    the next evaluation. The graphs' guided velocity against the op-by-op DiT (the checkpoint's
+    layout) before and after the blocks' matrices change, twice (a freed buffer's address comes
+    back on the second change)."""
+    from mindone_ext.models.qwen2_5_omni.dit import block_matrices
+
+    t2w = our_model.token2wav
+    dit = t2w.code2wav_dit_model
+    speaker = our_model.speakers["Chelsie"]
+    frames, scale = 48, 0.5
+    x = Tensor(rng.standard_normal((1, frames, 80)).astype(np.float32))
+    cond = Tensor(np.tile(np.asarray(speaker.cond, np.float32).reshape(1, 1, -1), (1, frames, 1)))
+    code = Tensor(rng.integers(0, 8193, size=(1, frames // 2)), ms.int32)
+    t = Tensor(np.float32(0.3))
+    cos, sin, masks = dit.frame_inputs(frames, ms.float32)
+    voice = t2w.speaker_voice(speaker.ref_mel, scale)
+
+    def graph_and_eager():
+        graph = t2w.velocity(x, cond, code, t, cos, sin, masks, scale, voice).asnumpy()
+        guided, null = np.split(dit(x, Tensor(speaker.ref_mel), cond, code, t, apply_cfg=True).asnumpy(), 2)
+        return graph, guided + (guided - null) * scale
+
+    weights = dit.weights()
+    matrices = [weights[i] for i in block_matrices(len(dit.transformer_blocks))]
+    saved = [m.asnumpy() for m in matrices]
+    outputs = []
+    try:
+        for factor in (1.0, 1.5, 0.5):
+            for m, value in zip(matrices, saved):
+                m.set_data(Tensor(value * np.float32(factor)))
+            graph, eager = graph_and_eager()
+            assert max_abs_diff(graph, eager) <= 1e-5, factor
+            outputs.append(graph)
+    finally:
+        for m, value in zip(matrices, saved):
+            m.set_data(Tensor(value))
+    assert max_abs_diff(outputs[0], outputs[1]) > 1e-3 and max_abs_diff(outputs[1], outputs[2]) > 1e-3
