@@ -89,6 +89,28 @@ def test_dit_forward_at_a_fixed_time_step(parts, apply_cfg, drop):
     assert_close(got.asnumpy(), want)
 
 
+@pytest.mark.parametrize("apply_cfg", [True, False])
+def test_dit_forward_of_two_rows_at_their_own_time_steps(parts, apply_cfg):
+    """Each row its own time step. With guidance the reference fails on this (its time embedding
+    has B rows for 2B); its conditioned and unconditioned forwards, each without guidance, are
+    the two halves ours must give."""
+    ours, ref = parts
+    frames = 48
+    x = rng.standard_normal((2, frames, 80)).astype(np.float32)
+    mel = rng.standard_normal((2, 40, 80)).astype(np.float32)
+    spk = rng.standard_normal((2, frames, 16)).astype(np.float32)
+    code = rng.integers(0, 8193, size=(2, frames // 2))
+    t = np.array([0.2, 0.7], np.float32)
+    with torch.no_grad():
+        inputs = (torch.tensor(x), torch.tensor(mel), torch.tensor(spk), torch.tensor(code), torch.tensor(t))
+        want = ref(*inputs, apply_cfg=False).numpy()
+        if apply_cfg:
+            null = ref(*inputs, drop_audio_conditioning=True, drop_code=True, apply_cfg=False).numpy()
+            want = np.concatenate([want, null])
+    got = ours(Tensor(x), Tensor(mel), Tensor(spk), Tensor(code, ms.int32), Tensor(t), apply_cfg=apply_cfg)
+    assert_close(got.asnumpy(), want)
+
+
 def test_bigvgan_waveform_from_a_fixed_mel(our_model, reference_model):
     mel = rng.standard_normal((1, 80, 23)).astype(np.float32) - 2
     with torch.no_grad():
