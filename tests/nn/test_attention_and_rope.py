@@ -8,6 +8,7 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
 from mindone_ext.nn.attention import ascend_attention, attention, check_attn_implementation, exact_attention, use_flash
 from mindone_ext.nn.device import on_ascend
 from mindone_ext.nn.kv_cache import causal_mask, step_mask
+from mindone_ext.nn import rotary
 from mindone_ext.nn.rotary import MultimodalRotaryEmbedding, apply_rotary, rope_inv_freq, rotate_half
 
 from tests.conftest import KERNEL_TOLERANCE
@@ -193,24 +194,38 @@ def test_multimodal_rope_matches_reference(section):
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
-def test_rotation_is_the_references_rotate_half_to_the_last_bit(head_dim):
+def test_rotation_is_the_references_rotate_half_to_the_last_bit(head_dim, monkeypatch):
     """apply_rotary does rotate_half as a matmul by a signed permutation on the CPU (each output is
     one input or its negation) and element-wise on Ascend: both forms give the reference's
-    result, op by op and compiled alike."""
+    result, op by op and compiled alike. The form this device takes, then the element-wise one
+    forced (apply_rotary's own Ascend branch, which must have run)."""
     x = rng.standard_normal((2, 3, 5, head_dim)).astype(np.float32)
     cos, sin = (rng.standard_normal((2, 5, head_dim)).astype(np.float32) for _ in range(2))
     tx, tcos, tsin = map(torch.tensor, (x, cos, sin))
     want = (tx * tcos.unsqueeze(1) + ref.rotate_half(tx) * tsin.unsqueeze(1)).numpy()
+    halves = []
 
-    def element_wise(x, cos, sin):  # the form apply_rotary takes on Ascend
-        return x * cos.expand_dims(1) + rotate_half(x) * sin.expand_dims(1)
+    def ascend():
+        return True
 
-    for run in (apply_rotary, ms.jit(apply_rotary), element_wise, ms.jit(element_wise)):
+    def counted(x):  # op by op only: a compiled graph does not run Python
+        halves.append(x.shape)
+        return rotate_half(x)
+
+    def check(run):
         got = run(Tensor(x), Tensor(cos), Tensor(sin)).asnumpy()
         if on_ascend():  # float32 element-wise and matmul kernels of another device: one rounding at most
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
         else:
             np.testing.assert_array_equal(got, want)
+
+    check(apply_rotary)
+    check(ms.jit(apply_rotary))
+    monkeypatch.setattr(rotary, "on_ascend", ascend)
+    check(ms.jit(apply_rotary))
+    monkeypatch.setattr(rotary, "rotate_half", counted)
+    check(apply_rotary)
+    assert halves, "the element-wise form did not run"
 
 
 def test_a_decoder_on_flash_attention_matches_the_exact_path(ascend_kernels):
