@@ -74,6 +74,11 @@ def token_embeddings(embedding, ids, plus=None):
     return _LOOKUP(table, ids) if plus is None else _LOOKUP_PLUS(table, ids, plus)
 
 
+def piece_width(t):
+    """The graph width a piece of `t` (<= PREFILL_CHUNK) tokens is right-padded to."""
+    return SMALL_PIECE if t <= SMALL_PIECE else PREFILL_CHUNK
+
+
 def check_room(cache, t):
     """ValueError unless `cache` can take a piece of `t` (> 0) more tokens."""
     if t == 0:
@@ -231,7 +236,7 @@ class CompiledDecoder:
         PREFILL_CHUNK (padded tokens past the cache's end are not written)."""
         b, t, e = embeds.shape
         start = cache.length
-        width = SMALL_PIECE if t <= SMALL_PIECE else PREFILL_CHUNK
+        width = piece_width(t)
         if width > t:
             embeds = ops.cat((embeds, ops.zeros((b, width - t, e), embeds.dtype)), 1)
             position_ids = np.concatenate([position_ids, np.zeros((3, b, width - t), position_ids.dtype)], -1)
@@ -263,7 +268,7 @@ class CompiledDecoder:
         for r, t in zip(requests, lengths):
             check_room(r.cache, t)
         total = sum(lengths)
-        width = SMALL_PIECE if max(lengths) <= SMALL_PIECE else PREFILL_CHUNK
+        width = piece_width(max(lengths))
         firsts = np.cumsum([0] + lengths[:-1])
         # the pieces side by side and a zero vector after them, read into ROWS_TOGETHER rows by one
         # gather (a handful of ops whatever the count: each op outside a graph can cost milliseconds here)

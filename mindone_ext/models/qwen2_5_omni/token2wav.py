@@ -9,10 +9,10 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ...generation.decode import bucket
+from ...nn.device import on_ascend
 from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
-from ...nn.device import on_ascend
 from .dit import Qwen2_5OmniToken2WavDiTModel, block_matrices, dit_layer, split_weights
 from .vocoder import Vocoder
 
