@@ -44,11 +44,12 @@ def cache_folder():
 
 @lru_cache(maxsize=1)
 def source_hash():
-    """sha256 of this package's Python source: a changed line of code is a changed graph."""
+    """sha256 of this package's source (Python, and the C++ of its native kernels): a changed line
+    of code is a changed graph."""
     digest = hashlib.sha256()
     for folder, dirs, files in os.walk(PACKAGE):
         dirs.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
+        for name in sorted(f for f in files if f.endswith((".py", ".cc"))):
             path = os.path.join(folder, name)
             digest.update(os.path.relpath(path, PACKAGE).encode())
             with open(path, "rb") as f:

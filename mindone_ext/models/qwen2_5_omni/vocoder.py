@@ -5,15 +5,18 @@ by `CONTEXT` frames on each side: the vocoder is a stack of convolutions with a 
 window's middle equals the whole mel's output (tests/models/qwen2_5_omni/test_vocoder.py). Each
 window runs through the narrowest of two graphs that holds it (zero-padded; the real length is a
 graph input, BigVGAN's `frames`): `SHORT_WIDTH` frames, or `width`. A graph's time grows with its
-width, not with the frames it holds (the tiny checkpoint: 0.13 s at 48 frames, 0.24-0.34 s at
-128, measured), and the windows of a short answer, of a stream's first chunk and of a chunk's
-tail are short. Each graph is stored once per machine (utils/graph_cache.py: ~20 s to compile on
-this project's CPU machine, ~2 s to load in a later process) and runs ~5x faster than op by op
-on the bundled tiny checkpoint (200 frames: 0.6 s against 3.0 s).
+width more than with the frames it holds (the tiny checkpoint with native activations: 0.05 s at
+48 frames, 0.09 s at 128, 0.14 s at 224, measured), and the windows of a short answer, of a
+stream's first chunk and of a chunk's tail are short. Each graph is stored once per machine
+(utils/graph_cache.py: 6-16 s to compile on this project's CPU machine, ~2 s to load in a later
+process) and runs ~5x faster than op by op on the bundled tiny checkpoint (measured with the
+activations as ops, 200 frames: 0.6 s against 3.0 s).
 
 MindSpore's CPU backend keeps what a graph allocates for the life of the process: ~46 float32
-values per sample entering each of BigVGAN's anti-aliased activations, measured (the released
-vocoder's graph kept 7.0 GB at 64 frames, the tiny one's 1.05 GB at 224). So `width` is the
+values per sample entering each of BigVGAN's anti-aliased activations when they run as MindSpore
+ops (the released vocoder's graph kept 7.0 GB at 64 frames, the tiny one's 1.05 GB at 224), ~10
+when each is one native kernel (bigvgan.py; measured per added frame: 1.26 MB for the tiny one,
+19.4 MB for the released one, against 4.0 MB and ~108 MB as ops). So `width` is the
 widest whose graph and the short one's keep at most `GRAPH_BYTES` together, two widths so that
 the memory is bounded by construction, and a vocoder too large for any window of at least
 `2 * CONTEXT + 32` frames (the released one) runs op by op, as it also does with stored graphs
@@ -30,7 +33,9 @@ CONTEXT = 24  # mel frames the vocoder sees on each side of the frames it keeps
 MAX_WINDOW = 256  # mel frames per compiled call at most (2.56 s of speech)
 SHORT_WIDTH = 2 * CONTEXT  # the short graph: a stream's first chunk with its context, an answer up to ~1 s
 GRAPH_BYTES = 1 << 30  # what the two compiled graphs may keep together (see above)
-KEPT_VALUES_PER_SAMPLE = 46  # float32 values kept per sample entering an activation (measured, see above)
+# float32 values kept per sample entering an activation (measured, see above): as ops, as native kernels
+KEPT_VALUES_PER_SAMPLE = 46
+KEPT_VALUES_PER_SAMPLE_NATIVE = 11
 
 
 def kept_bytes_per_frame(bigvgan):
@@ -41,7 +46,7 @@ def kept_bytes_per_frame(bigvgan):
         blocks = bigvgan.resblocks[i * bigvgan.num_kernels:(i + 1) * bigvgan.num_kernels]
         channels = bigvgan.ups[i][0].weight.shape[1]
         values += channels * samples * sum(len(block.activations) for block in blocks)
-    return values * KEPT_VALUES_PER_SAMPLE * 4
+    return values * (KEPT_VALUES_PER_SAMPLE if bigvgan.native is None else KEPT_VALUES_PER_SAMPLE_NATIVE) * 4
 
 
 def graph_width(bigvgan, budget=GRAPH_BYTES):

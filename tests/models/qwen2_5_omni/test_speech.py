@@ -111,11 +111,23 @@ def test_dit_forward_of_two_rows_at_their_own_time_steps(parts, apply_cfg):
     assert_close(got.asnumpy(), want)
 
 
-def test_bigvgan_waveform_from_a_fixed_mel(our_model, reference_model):
+@pytest.mark.parametrize("native", [True, False])
+def test_bigvgan_waveform_from_a_fixed_mel(our_model, reference_model, monkeypatch, native):
+    """Its activations as native kernels (the CPU's default) and as MindSpore ops (Ascend's path)."""
+    from mindone_ext.models.qwen2_5_omni.bigvgan import AntiAliasedActivation
+    from mindone_ext.nn.device import on_ascend
+
+    bigvgan = our_model.token2wav.code2wav_bigvgan_model
+    activations = [cell for _, cell in bigvgan.cells_and_names() if isinstance(cell, AntiAliasedActivation)]
+    if native and on_ascend():
+        pytest.skip("the native kernels are the CPU target's")
+    assert all((a.fused is None) == on_ascend() for a in activations)  # native on the CPU by default
+    for activation in activations if not native else ():
+        monkeypatch.setattr(activation, "fused", None)
     mel = rng.standard_normal((1, 80, 23)).astype(np.float32) - 2
     with torch.no_grad():
         want = reference_model.token2wav.code2wav_bigvgan_model(torch.tensor(mel)).numpy()
-    got = our_model.token2wav.code2wav_bigvgan_model(Tensor(mel)).asnumpy()
+    got = bigvgan(Tensor(mel)).asnumpy()
     assert (np.abs(want) < 1).mean() > 0.9  # mostly inside the final clamp, so differences show
     assert_close(got, want)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from mindone_ext.models.qwen2_5_omni.bigvgan import Qwen2_5OmniToken2WavBigVGANModel
+from mindone_ext.models.qwen2_5_omni.bigvgan import KERNEL_SOURCE, Qwen2_5OmniToken2WavBigVGANModel
 from mindone_ext.models.qwen2_5_omni.vocoder import (CONTEXT, GRAPH_BYTES, SHORT_WIDTH, Vocoder, graph_width,
                                                     kept_bytes_per_frame)
 from tests.conftest import SHIPPED_CHECKPOINT, max_abs_diff
@@ -82,19 +82,30 @@ def test_a_long_mel_in_windows_equals_the_whole(bigvgan, compiled):
         compiled.span(MEL, 0, 10, context=32)
 
 
-def test_the_graph_width_is_what_the_memory_budget_allows():
+@pytest.mark.parametrize("native", [True, False])
+def test_the_graph_width_is_what_the_memory_budget_allows(monkeypatch, native):
+    from mindone_ext.utils import native_kernels
+
+    if native and native_kernels.library(KERNEL_SOURCE) is None:
+        pytest.skip("native kernels are not used here (the Ascend target)")
+    if not native:
+        monkeypatch.setenv(native_kernels.ENV, "off")
     released = SimpleNamespace(mel_dim=80, upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11],
                                resblock_dilation_sizes=[[1, 3, 5]] * 3, upsample_rates=[5, 3, 2, 2, 2, 2],
                                upsample_kernel_sizes=[11, 7, 4, 4, 4, 4])
     with open(os.path.join(SHIPPED_CHECKPOINT, "config.json")) as f:
         tiny = SimpleNamespace(**json.load(f)["token2wav_config"]["bigvgan_config"])
-    # the released vocoder's graph would keep ~108 MB per frame (7.0 GB measured at 64): op by op
+    # the released vocoder's graph would keep ~108 MB per frame as ops (7.0 GB measured at 64), ~25 MB
+    # with native activations: op by op either way
     assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(released)) is None
     assert not Vocoder(Qwen2_5OmniToken2WavBigVGANModel(released)).compiled
     tiny = Qwen2_5OmniToken2WavBigVGANModel(tiny)
-    assert graph_width(tiny) == 128  # ~6 MB per frame: 128 + 48 frames in 1 GB
-    assert Vocoder(tiny, compiled=True).widths == (SHORT_WIDTH, 128)
-    assert (SHORT_WIDTH + 128) * kept_bytes_per_frame(tiny) <= GRAPH_BYTES
+    assert (tiny.native is not None) == native
+    # ~6 MB per frame as ops: 128 + 48 frames in 1 GB; ~1.4 MB native: the widest window
+    width = 256 if native else 128
+    assert graph_width(tiny) == width
+    assert Vocoder(tiny, compiled=True).widths == (SHORT_WIDTH, width)
+    assert (SHORT_WIDTH + width) * kept_bytes_per_frame(tiny) <= GRAPH_BYTES
     assert graph_width(Qwen2_5OmniToken2WavBigVGANModel(CONFIG)) == 256  # the widest window
 
 

@@ -1,0 +1,106 @@
+// BigVGAN's anti-aliased snake-beta activation (bigvgan.py's AntiAliasedActivation) as one CPU
+// kernel: per row, upsample x2 (replicate padding, the 12-tap low-pass filter as a transposed
+// convolution), snake-beta, downsample x2 (replicate padding, the same filter, stride 2). MindSpore
+// runs the same as ~20 kernels, each reading and writing the row at twice its rate; here a row stays
+// in the cache. Only the first `valid` samples of a row are real (the rest is a graph's padding):
+// they are computed as if the row ended there, and the samples past them are written as zeros.
+#include <algorithm>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+namespace {
+
+const int HALF = 6;  // taps per phase: the filter has 12
+
+// sin(y)^2, y reduced modulo pi (the period of sin^2) into [-pi/2, pi/2] in double, then an odd
+// Taylor polynomial of sin to r^13 (error < 1e-7 there); written so that the compiler vectorizes it
+inline float sin_squared(float y) {
+  double k = static_cast<double>(y) * 0.31830988618379067 + 6755399441055744.0;  // round to nearest
+  k -= 6755399441055744.0;
+  float r = static_cast<float>(static_cast<double>(y) - k * 3.141592653589793);
+  float u = r * r;
+  float s = r * (1.f + u * (-1.6666667e-1f + u * (8.3333333e-3f + u * (-1.9841270e-4f + u * (2.7557319e-6f
+              + u * (-2.5052108e-8f + u * 1.6059044e-10f))))));
+  return s * s;
+}
+
+struct Buffers {
+  std::vector<float> padded, even, odd;
+};
+
+// One row of n samples, the first v real. taps: the 12-tap filter.
+void activate_row(const float *x, int64_t n, int64_t v, float alpha, float inv_beta, const float *taps, float *out,
+                  Buffers &b) {
+  // padded[i + 3] = x[clip(i, 0, v - 1)] for i = -3 .. v + 2: what the upsampling reads
+  b.padded.resize(v + 6);
+  for (int64_t i = 0; i < v + 6; ++i) b.padded[i] = x[std::min(std::max<int64_t>(i - 3, 0), v - 1)];
+  // The upsampled row s (2v samples) through its replicate padding (5 before, 6 after), split by
+  // parity for the stride-2 filter: even[i] = s[clip(2i - 5)], odd[i] = s[clip(2i - 4)].
+  // So s[2q] lands in odd[q + 2] and s[2q + 1] in even[q + 3].
+  b.even.assign(v + 6, 0.f);
+  b.odd.assign(v + 6, 0.f);
+  float *s_even = b.odd.data() + 2, *s_odd = b.even.data() + 3;
+  for (int j = 0; j < HALF; ++j) {
+    const float to_even = 2.f * taps[2 * j + 1], to_odd = 2.f * taps[2 * j];
+    const float *from_even = b.padded.data() + 5 - j, *from_odd = b.padded.data() + 6 - j;
+    for (int64_t q = 0; q < v; ++q) {
+      s_even[q] += to_even * from_even[q];
+      s_odd[q] += to_odd * from_odd[q];
+    }
+  }
+  for (int64_t q = 0; q < v; ++q) {
+    s_even[q] += inv_beta * sin_squared(s_even[q] * alpha);
+    s_odd[q] += inv_beta * sin_squared(s_odd[q] * alpha);
+  }
+  for (int i = 0; i < 3; ++i) b.even[i] = s_even[0];
+  for (int i = 0; i < 2; ++i) b.odd[i] = s_even[0];
+  for (int64_t i = v + 3; i < v + 6; ++i) b.even[i] = s_odd[v - 1];
+  for (int64_t i = v + 2; i < v + 6; ++i) b.odd[i] = s_odd[v - 1];
+  std::fill(out, out + n, 0.f);
+  for (int j = 0; j < HALF; ++j) {
+    const float from_even = taps[2 * j], from_odd = taps[2 * j + 1];
+    const float *e = b.even.data() + j, *o = b.odd.data() + j;
+    for (int64_t t = 0; t < v; ++t) out[t] += from_even * e[t] + from_odd * o[t];
+  }
+}
+
+int usable_cores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+const int64_t SAMPLES_PER_THREAD = 1 << 15;  // below this a thread costs more than it saves
+
+}  // namespace
+
+// MindSpore's AOT custom-op entry. Inputs: x (B, C, n) float32, valid (int32, one value), alpha (C,)
+// (already exponentiated), inv_beta (C,) (1 / (e^beta + 1e-9)), taps (12,); output (B, C, n).
+extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != 6 || ndims[0] != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *alpha = static_cast<const float *>(params[2]);
+  const float *inv_beta = static_cast<const float *>(params[3]);
+  const float *taps = static_cast<const float *>(params[4]);
+  float *out = static_cast<float *>(params[5]);
+  const int64_t channels = shapes[0][1], n = shapes[0][2], rows = shapes[0][0] * channels;
+  const int64_t v = std::min(std::max<int64_t>(*static_cast<const int32_t *>(params[1]), 1), n);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({usable_cores(), rows, rows * v / SAMPLES_PER_THREAD}));
+  auto run = [&](int64_t first, int64_t last) {
+    Buffers buffers;
+    for (int64_t r = first; r < last; ++r)
+      activate_row(x + r * n, n, v, alpha[r % channels], inv_beta[r % channels], taps, out + r * n, buffers);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, rows * t / threads, rows * (t + 1) / threads);
+  run(0, rows / threads);
+  for (auto &thread : pool) thread.join();
+  return 0;
+}
