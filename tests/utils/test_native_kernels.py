@@ -1,7 +1,7 @@
 """Building the native CPU kernels (utils/native_kernels.py): where the library goes, that it is
 built once and rebuilt when missing, and that every way it cannot be built leaves the model on
 MindSpore's ops with one warning, never a half-written file. (That a built kernel runs, in graphs
-and op by op: tests/models/qwen2_5_omni/test_native_activation.py.)"""
+and op by op: tests/models/qwen2_5_omni/test_native_model_kernels.py.)"""
 import os
 import warnings
 

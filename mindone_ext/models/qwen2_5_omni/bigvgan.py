@@ -97,13 +97,14 @@ def polyphase_taps(taps, ratio, crop):
 
 class AntiAliasedActivation(nn.Cell):
     """Upsample x2, activate, downsample x2 (the reference's TorchActivation1d, kernels of 12).
-    `native`: the path of the built anti_aliased_snake library, or None for MindSpore ops."""
+    `native`: the path of the built anti_aliased_snake library (float32 only), or None for MindSpore ops."""
 
     def __init__(self, channels, dtype, native=None, ratio=2, kernel_size=12):
         super().__init__()
         self.act = SnakeBeta(channels, dtype)
         self.channels, self.ratio, self.kernel_size = channels, ratio, kernel_size
         taps = kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
+        native = native if dtype == ms.float32 else None
         self.fused = None if native is None else native_kernels.custom_op(native, "AntiAliasedSnake")
         self.taps = Tensor(taps)
         self.filter = Tensor(np.tile(taps[None, None, :], (channels, 1, 1)))
@@ -121,7 +122,7 @@ class AntiAliasedActivation(nn.Cell):
         return self.apply(x, valid, *self.weights())
 
     def apply(self, x, valid, alpha, beta):
-        if self.fused is not None and x.dtype == ms.float32 and alpha.dtype == ms.float32:
+        if self.fused is not None:
             valid = ops.scalar_to_tensor(x.shape[-1], ms.int32) if valid is None else valid
             return self.fused(x, valid, ops.exp(alpha), 1.0 / (ops.exp(beta) + 1e-9), self.taps)
         b, c, n = x.shape
@@ -184,8 +185,8 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         self.num_kernels = len(config.resblock_kernel_sizes)
         self.upsample_rates = tuple(config.upsample_rates)
         self.hop = int(np.prod(self.upsample_rates))  # samples per mel frame
-        # the activations' C++ kernel on the CPU (None: MindSpore ops)
-        self.native = native_kernels.library(KERNEL_SOURCE)
+        # the activations' C++ kernel on the CPU, for float32 (None: MindSpore ops)
+        self.native = native_kernels.library(KERNEL_SOURCE) if dtype == ms.float32 else None
         # what a compiled graph of this vocoder depends on besides its inputs' shapes
         self.structure = (config.mel_dim, c0, tuple(config.resblock_kernel_sizes),
                           tuple(map(tuple, config.resblock_dilation_sizes)), self.upsample_rates,

@@ -1,8 +1,9 @@
-"""BigVGAN's anti-aliased activation as one native CPU kernel (kernels/anti_aliased_snake.cc)
-against the same activation as MindSpore ops (itself at parity with the reference through
-test_speech.py's BigVGAN test, which runs both): every row length and real length near the edges
-of the filters' padding, rows of a padded window, inputs large enough to need the sine's range
-reduction, op by op and inside a compiled graph."""
+"""The model's native CPU kernels (kernels/*.cc) against the same functions as MindSpore ops.
+BigVGAN's anti-aliased activation (kernels/anti_aliased_snake.cc) against the activation as ops
+(itself at parity with the reference through test_speech.py's BigVGAN test, which runs both):
+every row length and real length near the edges of the filters' padding, rows of a padded
+window, inputs large enough to need the sine's range reduction, op by op and inside a compiled
+graph."""
 import numpy as np
 import pytest
 import mindspore as ms
