@@ -30,7 +30,7 @@ from ..nn.device import on_ascend
 from .graph_cache import cache_folder
 
 ENV = "MINDONE_EXT_NATIVE_KERNELS"
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthread")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthread", "-fopenmp-simd")  # simd: the marked reductions
 
 
 def enabled():
@@ -108,12 +108,13 @@ def _warn_once(message):
 
 
 @lru_cache(maxsize=None)
-def custom_op(path, function):
-    """The AOT custom op of `function` in the library at `path`; its output has its first input's
-    shape and dtype."""
+def custom_op(path, function, out_shape=None):
+    """The AOT custom op of `function` in the library at `path`. Its output has its first input's
+    dtype, and its shape (default) or the shape `out_shape` gives for the inputs' shapes."""
     from mindspore import ops
 
-    return ops.Custom(f"{path}:{function}", out_shape=_first_shape, out_dtype=_first_dtype, func_type="aot")
+    return ops.Custom(f"{path}:{function}", out_shape=out_shape or _first_shape, out_dtype=_first_dtype,
+                      func_type="aot")
 
 
 def _first_shape(first, *_):

@@ -7,6 +7,7 @@ future context a chunk needs when streaming. Names mirror the reference
 (`token2wav.code2wav_dit_model.*`); forward arguments too.
 """
 import math
+import os
 
 import numpy as np
 import mindspore as ms
@@ -15,7 +16,10 @@ from mindspore import Parameter, Tensor, mint, nn, ops
 from ...nn import ops as P
 from ...nn.layers import Embedding, Linear
 from ...nn.rotary import rope_inv_freq
+from ...utils import native_kernels
 from .ecapa import ECAPA_TimeDelayNet
+
+ATTENTION_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "window_attention.cc")
 
 
 class SiLU(nn.Cell):
@@ -82,9 +86,12 @@ def block_window(frames, block_size, back, ahead, length=None):
             Tensor(np.broadcast_to(valid[..., None, :], valid.shape[:-1] + (block_size, width)).copy()))
 
 
-def window_attention(q, k, v, window, scale):
-    """q, k, v (B, H, T, D) -> (B, T, H * D), each query block over its key window."""
+def window_attention(q, k, v, window, scale, native=None):
+    """q, k, v (B, H, T, D) -> (B, T, H * D), each query block over its key window. `native`: the
+    same as one CPU kernel (`attention_kernel`), or None for MindSpore ops."""
     keys, valid = window
+    if native is not None:
+        return native(q, k, v, keys, valid, Tensor(np.array([scale], np.float32)))
     b, h, t, d = q.shape
     n, size, width = valid.shape[-3:]
     if valid.ndim == 4:  # a mask per row: the heads share it
@@ -101,6 +108,17 @@ def window_attention(q, k, v, window, scale):
     scores = ops.where(valid, scores.astype(ms.float32), floor)
     out = ops.matmul(ops.softmax(scores, -1).astype(q.dtype), v).reshape(b, h, n * size, d)[:, :, :t]
     return out.swapaxes(1, 2).reshape(b, t, h * d)
+
+
+def attention_kernel(library):
+    """`window_attention` as one native CPU kernel (kernels/window_attention.cc, built as `library`;
+    ~16 MindSpore kernels a block otherwise), or None when `library` is None."""
+    return None if library is None else native_kernels.custom_op(library, "WindowAttention", attention_shape)
+
+
+def attention_shape(q, *_):
+    b, h, t, d = q
+    return [b, t, h * d]
 
 
 class DiTTimestepEmbedding(nn.Cell):
@@ -176,13 +194,14 @@ def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, 
     return mint.nn.functional.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
-def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=False):
+def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=False, attention=None):
     """One DiT block as a pure function of its weights (see `DiTDecoderLayer.weights`): AdaLN-zero
     modulation by the time embedding, windowed attention with rotary on the first head, GELU-tanh
     MLP. Written over weights rather than a cell so that one compiled graph serves every layer:
     MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
     (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared.
-    `transposed`: the projections' matrices (BLOCK_MATRICES) come as (in, out), see `dense`."""
+    `transposed`: the projections' matrices (BLOCK_MATRICES) come as (in, out), see `dense`;
+    `attention`: `window_attention`'s native kernel or None (`attention_kernel`)."""
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
     linear = mint.nn.functional.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
@@ -191,7 +210,8 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=F
     q, k, v = (dense(h, w, bias, transposed).reshape(b, t, heads, head_dim).swapaxes(1, 2)
                for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # the first head only (see rotation_tables)
-    x = x + gate_msa.expand_dims(1) * dense(window_attention(q, k, v, window, head_dim**-0.5), o_w, o_b, transposed)
+    x = x + gate_msa.expand_dims(1) * dense(window_attention(q, k, v, window, head_dim**-0.5, attention), o_w, o_b,
+                                              transposed)
     h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
     return x + gate_mlp.expand_dims(1) * dense(P.gelu_tanh(dense(h, up_w, up_b, transposed)), down_w, down_b,
                                                transposed)
@@ -266,8 +286,9 @@ class DiTDecoderLayer(nn.Cell):
         return (norm.weight, norm.bias, a.to_q.weight, a.to_q.bias, a.to_k.weight, a.to_k.bias, a.to_v.weight,
                 a.to_v.bias, out.weight, out.bias, up.weight, up.bias, down.weight, down.bias)
 
-    def construct(self, x, t_emb, cos, sin, window):
-        return dit_layer(x, t_emb, cos, sin, window, self.weights(), self.heads, self.head_dim)
+    def construct(self, x, t_emb, cos, sin, window, attention=None):
+        return dit_layer(x, t_emb, cos, sin, window, self.weights(), self.heads, self.head_dim,
+                         attention=attention)
 
 
 class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
@@ -282,6 +303,9 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         self.transformer_blocks = nn.CellList([
             DiTDecoderLayer(config, int(i in config.look_ahead_layers), int(i in config.look_backward_layers), dtype)
             for i in range(config.num_hidden_layers)])
+        # the window attention as one native CPU kernel, for float32 (None: MindSpore ops)
+        self.attention_library = native_kernels.library(ATTENTION_SOURCE) if dtype == ms.float32 else None
+        self.attention = attention_kernel(self.attention_library)
         self.norm_out = nn.Cell()
         self.norm_out.linear = Linear(config.hidden_size, config.hidden_size * 2, True, dtype)
         self.proj_out = Linear(config.hidden_size, config.mel_dim, True, dtype)
@@ -360,7 +384,8 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         x, t_emb = self.embed(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
                               drop_audio_conditioning, drop_code, apply_cfg, voice, embed)
         for i, block in enumerate(self.transformer_blocks):
-            x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim, transposed)
+            x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim, transposed,
+                          self.attention)
         return self.output(x, t_emb, output)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,

@@ -1,15 +1,16 @@
-"""The model's native CPU kernels (kernels/*.cc) against the same functions as MindSpore ops.
-BigVGAN's anti-aliased activation (kernels/anti_aliased_snake.cc) against the activation as ops
-(itself at parity with the reference through test_speech.py's BigVGAN test, which runs both):
-every row length and real length near the edges of the filters' padding, rows of a padded
-window, inputs large enough to need the sine's range reduction, op by op and inside a compiled
-graph."""
+"""The model's native CPU kernels (kernels/*.cc) against the same functions as MindSpore ops
+(themselves at parity with the reference through test_speech.py's BigVGAN and DiT tests, which run
+both ways). BigVGAN's anti-aliased activation: every row length and real length near the edges of
+the filters' padding, rows of a padded window, inputs large enough to need the sine's range
+reduction. The DiT's window attention: every frame count near the block boundaries, padded
+lengths, a frame count per row, each layer's window shape. Op by op and inside a compiled graph."""
 import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Tensor
 
 from mindone_ext.models.qwen2_5_omni.bigvgan import KERNEL_SOURCE, AntiAliasedActivation
+from mindone_ext.models.qwen2_5_omni.dit import ATTENTION_SOURCE, attention_kernel, block_window, window_attention
 from mindone_ext.nn.device import on_ascend
 from mindone_ext.utils import native_kernels
 from tests.conftest import max_abs_diff
@@ -72,3 +73,39 @@ def test_inside_a_compiled_graph(activations):
     got = compiled(Tensor(x), valid).asnumpy()
     want = plain.apply(Tensor(x), valid, alpha, beta).asnumpy()
     assert max_abs_diff(got[..., :250], want[..., :250]) <= 1e-5 and not got[..., 250:].any()
+
+
+@pytest.fixture(scope="module")
+def attention():
+    library = native_kernels.library(ATTENTION_SOURCE)
+    assert library is not None, "this machine builds the native kernel (CI installs g++)"
+    return attention_kernel(library)
+
+
+@pytest.mark.parametrize("back, ahead", [(0, 0), (1, 0), (0, 1), (2, 1)])
+def test_window_attention_at_every_frame_count_near_the_block_boundaries(attention, back, ahead):
+    heads, dim, block = 2, 8, 24
+    for frames in list(range(1, 4)) + [n for edge in (24, 48, 72) for n in range(edge - 2, edge + 3)]:
+        for length in sorted({frames, -(-frames // block) * block + block}):  # as solved, and padded
+            # one count for all rows, and one per row (windows of several answers solved together)
+            for counts in (frames, [frames, max(1, frames - 5), frames]):
+                rows = 1 if isinstance(counts, int) else len(counts)
+                q, k, v = (Tensor(rng.standard_normal((rows, heads, length, dim)).astype(np.float32))
+                           for _ in range(3))
+                window = block_window(counts, block, back, ahead, length)
+                want = window_attention(q, k, v, window, dim**-0.5).asnumpy()
+                got = window_attention(q, k, v, window, dim**-0.5, attention).asnumpy()
+                assert got.shape == want.shape == (rows, length, heads * dim)
+                assert max_abs_diff(got, want) <= 1e-5, (frames, length, counts)
+
+
+def test_window_attention_inside_a_compiled_graph(attention):
+    q, k, v = (Tensor(rng.standard_normal((2, 16, 100, 64)).astype(np.float32)) for _ in range(3))
+    window = block_window([100, 61], 24, 2, 1, 100)
+
+    @ms.jit
+    def compiled(q, k, v, keys, valid):
+        return window_attention(q, k, v, (keys, valid), 0.125, attention)
+
+    got = compiled(q, k, v, *window).asnumpy()
+    assert max_abs_diff(got, window_attention(q, k, v, window, 0.125).asnumpy()) <= 1e-5

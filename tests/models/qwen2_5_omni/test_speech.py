@@ -73,9 +73,18 @@ def test_dit_rotary_turns_the_first_head_as_the_reference_and_leaves_the_others_
         assert np.array_equal(got[:, 1:], x[:, 1:])
 
 
-@pytest.mark.parametrize("apply_cfg, drop", [(True, False), (False, False), (False, True)])
-def test_dit_forward_at_a_fixed_time_step(parts, apply_cfg, drop):
+@pytest.mark.parametrize("apply_cfg, drop, native", [(True, False, True), (False, False, True), (False, True, True),
+                                                     (True, False, False)])
+def test_dit_forward_at_a_fixed_time_step(parts, monkeypatch, apply_cfg, drop, native):
+    """`native`: the window attention as the CPU's native kernel (the default there), or as ops."""
+    from mindone_ext.nn.device import on_ascend
+
     ours, ref = parts
+    assert (ours.attention is None) == on_ascend()
+    if native and on_ascend():
+        pytest.skip("the native kernels are the CPU target's")
+    if not native:
+        monkeypatch.setattr(ours, "attention", None)
     frames = 62  # not a multiple of the block size: a partial last block
     x = rng.standard_normal((1, frames, 80)).astype(np.float32)
     mel = rng.standard_normal((1, 40, 80)).astype(np.float32)

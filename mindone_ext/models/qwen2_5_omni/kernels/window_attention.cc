@@ -1,0 +1,89 @@
+// The DiT's block-window attention (dit.py's window_attention) as one CPU kernel: per query frame,
+// the scores over its window's key slots (masked slots at float32's lowest value, as the ops do),
+// their softmax and the weighted values, without the ops' gathered copies of the keys and values,
+// their padding of the queries to whole blocks, or the ~16 kernels the chain takes.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+namespace {
+
+int usable_cores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+const int64_t WORK_PER_THREAD = 1 << 16;  // query-key products below which a thread costs more than it saves
+
+}  // namespace
+
+// MindSpore's AOT custom-op entry. Inputs: q, k, v (B, H, T, D) float32; keys (blocks * width,)
+// int32, the key frame of each window slot; valid ([B,] blocks, size, width) bool, which slots a
+// query frame sees (per batch row when 4-dimensional); scale (1,) float32. Output (B, T, H * D).
+extern "C" int WindowAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 7 || ndims[0] != 4 || (ndims[4] != 3 && ndims[4] != 4)) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const int32_t *keys = static_cast<const int32_t *>(params[3]);
+  const bool *valid = static_cast<const bool *>(params[4]);
+  const float scale = *static_cast<const float *>(params[5]);
+  float *out = static_cast<float *>(params[6]);
+  const int64_t batch = shapes[0][0], heads = shapes[0][1], frames = shapes[0][2], dim = shapes[0][3];
+  const int rank = ndims[4];
+  const int64_t size = shapes[4][rank - 2], width = shapes[4][rank - 1];
+  const int64_t row_mask = rank == 4 ? shapes[4][1] * size * width : 0;  // mask values per batch row
+  auto run = [&](int64_t first, int64_t last) {  // (batch row, head) pairs first..last
+    std::vector<float> p(width);
+    for (int64_t pair = first; pair < last; ++pair) {
+      const int64_t b = pair / heads, h = pair % heads;
+      const float *qs = q + pair * frames * dim, *ks = k + pair * frames * dim, *vs = v + pair * frames * dim;
+      for (int64_t t = 0; t < frames; ++t) {
+        const int64_t block = t / size;
+        const bool *seen = valid + b * row_mask + t * width;  // (block, t % size) of the mask
+        const int32_t *slots = keys + block * width;
+        const float *qt = qs + t * dim;
+        float top = -FLT_MAX;
+        for (int64_t j = 0; j < width; ++j) {
+          float score = -FLT_MAX;
+          if (seen[j]) {
+            const float *kt = ks + static_cast<int64_t>(slots[j]) * dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; ++d) dot += qt[d] * kt[d];
+            score = dot * scale;
+          }
+          p[j] = score;
+          top = std::max(top, score);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < width; ++j) sum += (p[j] = std::exp(p[j] - top));
+        float *o = out + (b * frames + t) * heads * dim + h * dim;
+        std::fill(o, o + dim, 0.f);
+        for (int64_t j = 0; j < width; ++j) {
+          const float w = p[j] / sum;
+          const float *vt = vs + static_cast<int64_t>(slots[j]) * dim;
+          for (int64_t d = 0; d < dim; ++d) o[d] += w * vt[d];
+        }
+      }
+    }
+  };
+  const int64_t pairs = batch * heads;
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>({usable_cores(), pairs, pairs * frames * width * dim / WORK_PER_THREAD}));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, pairs * t / threads, pairs * (t + 1) / threads);
+  run(0, pairs / threads);
+  for (auto &thread : pool) thread.join();
+  return 0;
+}
