@@ -49,7 +49,7 @@ def source_hash():
     digest = hashlib.sha256()
     for folder, dirs, files in os.walk(PACKAGE):
         dirs.sort()
-        for name in sorted(f for f in files if f.endswith((".py", ".cc"))):
+        for name in sorted(f for f in files if f.endswith((".py", ".cc", ".h"))):
             path = os.path.join(folder, name)
             digest.update(os.path.relpath(path, PACKAGE).encode())
             with open(path, "rb") as f:

@@ -10,7 +10,7 @@ A kernel's library is built with the C++ compiler found ($CXX, else `c++` or `g+
 with portable flags (no -march=native: a home folder may be shared by hosts of different CPUs),
 into the stored graphs' folder (utils/graph_cache.py), so that a stored graph, which names the
 library by its path, finds it in a later process. The file name holds a hash of the source, the
-compiler and its flags: a changed kernel is a new file, never a stale one. Written under a
+compiler and its flags: a changed kernel (or header beside it) is a new file, never a stale one. Written under a
 temporary name and renamed, as the graphs are. With storing off, or a folder that cannot be
 written, the library goes to a temporary folder of this process.
 
@@ -53,8 +53,18 @@ def library(source):
         _warn_once(f"no C++ compiler found (set CXX or install g++): {os.path.basename(source)} runs as "
                    f"MindSpore ops, which is slower; {ENV}=off silences this")
         return None
-    with open(source, "rb") as f:
-        return _build(source, f.read(), cxx, cache_folder())
+    return _build(source, _code(source), cxx, cache_folder())
+
+
+def _code(source):
+    """What the library is built from: `source` and the headers beside it (kernels share them)."""
+    folder = os.path.dirname(source)
+    parts = [source] + sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".h"))
+    code = b""
+    for path in parts:
+        with open(path, "rb") as f:
+            code += os.path.basename(path).encode() + b"\0" + f.read() + b"\0"
+    return code
 
 
 @lru_cache(maxsize=None)

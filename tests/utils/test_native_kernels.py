@@ -53,10 +53,14 @@ def test_built_once_into_the_graph_folder(fresh):
     assert native_kernels.library(source(fresh)) == path and os.stat(path).st_mtime_ns == built
 
 
-def test_a_changed_source_is_a_new_library_and_a_missing_one_is_built_again(fresh):
+def test_a_changed_source_or_header_is_a_new_library_and_a_missing_one_is_built_again(fresh):
     first = native_kernels.library(source(fresh))
     changed = native_kernels.library(source(fresh, ADD_ONE.replace("1.f", "2.f")))
     assert changed != first and os.path.exists(first) and os.path.exists(changed)
+    (fresh / "shared.h").write_text("// a header beside the kernels, which they may include\n")
+    with_header = native_kernels.library(source(fresh))
+    assert with_header not in (first, changed) and os.path.exists(with_header)
+    os.remove(fresh / "shared.h")
     os.remove(first)  # the cache folder half cleaned: a stored graph names this path
     native_kernels._build.cache_clear()
     assert native_kernels.library(source(fresh)) == first and os.path.exists(first)

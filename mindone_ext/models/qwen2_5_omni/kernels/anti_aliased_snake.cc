@@ -6,11 +6,9 @@
 // they are computed as if the row ended there, and the samples past them are written as zeros.
 #include <algorithm>
 #include <cstdint>
-#include <thread>
 #include <vector>
-#ifdef __linux__
-#include <sched.h>
-#endif
+
+#include "parallel.h"
 
 namespace {
 
@@ -68,14 +66,6 @@ void activate_row(const float *x, int64_t n, int64_t v, float alpha, float inv_b
   }
 }
 
-int usable_cores() {
-#ifdef __linux__
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
 const int64_t SAMPLES_PER_THREAD = 1 << 15;  // below this a thread costs more than it saves
 
 }  // namespace
@@ -92,15 +82,11 @@ extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t *
   float *out = static_cast<float *>(params[5]);
   const int64_t channels = shapes[0][1], n = shapes[0][2], rows = shapes[0][0] * channels;
   const int64_t v = std::min(std::max<int64_t>(*static_cast<const int32_t *>(params[1]), 1), n);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({usable_cores(), rows, rows * v / SAMPLES_PER_THREAD}));
   auto run = [&](int64_t first, int64_t last) {
     Buffers buffers;
     for (int64_t r = first; r < last; ++r)
       activate_row(x + r * n, n, v, alpha[r % channels], inv_beta[r % channels], taps, out + r * n, buffers);
   };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, rows * t / threads, rows * (t + 1) / threads);
-  run(0, rows / threads);
-  for (auto &thread : pool) thread.join();
+  native::parallel_ranges(rows, rows * v, SAMPLES_PER_THREAD, run);
   return 0;
 }

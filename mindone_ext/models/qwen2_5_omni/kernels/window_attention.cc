@@ -6,21 +6,11 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
-#ifdef __linux__
-#include <sched.h>
-#endif
+
+#include "parallel.h"
 
 namespace {
-
-int usable_cores() {
-#ifdef __linux__
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return std::max(1u, std::thread::hardware_concurrency());
-}
 
 const int64_t WORK_PER_THREAD = 1 << 16;  // query-key products below which a thread costs more than it saves
 
@@ -79,11 +69,6 @@ extern "C" int WindowAttention(int nparam, void **params, int *ndims, int64_t **
     }
   };
   const int64_t pairs = batch * heads;
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>({usable_cores(), pairs, pairs * frames * width * dim / WORK_PER_THREAD}));
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, pairs * t / threads, pairs * (t + 1) / threads);
-  run(0, pairs / threads);
-  for (auto &thread : pool) thread.join();
+  native::parallel_ranges(pairs, pairs * frames * width * dim, WORK_PER_THREAD, run);
   return 0;
 }
