@@ -9,8 +9,12 @@ context sizes trade that difference against latency (README: figures measured).
 
 The vocoder is a stack of convolutions with a finite reach: given `vocoder_context` mel frames on
 each side of the new frames, its output equals what it gives on the whole mel, so chunk joins
-need no cross-fade (see vocoder.py). It therefore holds back the last `vocoder_context` frames
-until the next chunk (or the end) arrives.
+need no cross-fade (see vocoder.py). The frames after a chunk are not final yet; by default
+(`vocoder_lookahead`) the vocoder takes them from the chunk's own window, which solved them as
+its future context, so a chunk plays all its frames as soon as it is solved, and its last
+samples differ slightly from what the final frames give (the waveform's join, not the mel).
+Without look-ahead it holds back the last `vocoder_context` frames until the next chunk (or the
+end) arrives: exact joins, and the first audio waits for a chunk more.
 """
 from dataclasses import dataclass
 
@@ -28,12 +32,15 @@ class StreamChunking:
     The first chunk is `chunk_blocks` long, for a short wait; each later one doubles, up to
     `max_chunk_blocks`, for throughput: a chunk repeats `past_blocks + future_blocks` of context,
     so longer chunks solve fewer frames twice. A chunk is ready before the previous one has
-    played as long as the Talker outpaces speech (README: "Streaming", figures)."""
-    chunk_blocks: int = 2  # mel frames emitted in the first chunk
+    played as long as the Talker outpaces speech (README: "Streaming", figures). The first audio
+    waits for `chunk_blocks + future_blocks` blocks of codes; with `vocoder_lookahead` off, for
+    a chunk more (the vocoder holds back its context: use chunk_blocks >= 2 then)."""
+    chunk_blocks: int = 1  # mel frames emitted in the first chunk
     past_blocks: int = 2  # already-emitted context the window repeats before the chunk
     future_blocks: int = 1  # context after the chunk: the codes a chunk waits for
     vocoder_context: int = CONTEXT  # mel frames the vocoder sees on each side of its new frames
     max_chunk_blocks: int = 16  # the size later chunks grow to (<= chunk_blocks: no growth)
+    vocoder_lookahead: bool = True  # the vocoder's right context from the window's future frames (see above)
 
     def blocks(self, n):
         """The length of chunk n (0: the first), in DiT blocks."""
@@ -111,6 +118,7 @@ class Token2WavStream:
         self.codes = np.zeros(0, np.int64)
         self.mel = np.zeros((0, dit.mel_dim), np.float32)  # final mel frames so far
         self.vocoded = 0  # mel frames already turned into samples
+        self.new_chunks = []  # (end, frames after it) per chunk solved since the vocoder last ran
         self.finished = False
 
     def push(self, codes):
@@ -171,21 +179,33 @@ class Token2WavStream:
         length = next(size for size in self.lengths if size >= frames)
         return min(length, self.token2wav.solved_length(frames)) if final else length
 
-    def take_mel(self, mels):
-        """The frames of `windows()`'s windows, in order."""
-        self.mel = np.concatenate([self.mel, *mels])
-        self.chunks += len(mels)
+    def take_mel(self, solved):
+        """`windows()`'s windows solved, in order: per window its chunk's frames and the frames
+        after them (its future context: solved, not final)."""
+        for kept, ahead in solved:
+            self.mel = np.concatenate([self.mel, kept])
+            self.chunks += 1
+            self.new_chunks.append((len(self.mel), ahead))
 
-    def vocoder_span(self):
-        """(mel, start, end, context) for the vocoder's next samples, or None. It holds back the
-        last `vocoder_context` frames until the frames after them (or the end) are known."""
-        context = self.chunking.vocoder_context
-        upto = len(self.mel) if self.finished else len(self.mel) - context
-        return (self.mel, self.vocoded, upto, context) if upto > self.vocoded else None
-
-    def take_samples(self, span, samples):
-        self.vocoded = span[2]
-        return samples
+    def vocoder_spans(self):
+        """(mel, start, end, context) per vocoder span ready, one per chunk solved since the last
+        call. A chunk's frames see `vocoder_context` frames after them: with look-ahead its own
+        window's (so a span never depends on whether later chunks were solved in the same call:
+        an answer sounds the same alone as among others), else the final ones, the frames still
+        lacking them held back until they (or the end) are known."""
+        context, spans, start = self.chunking.vocoder_context, [], self.vocoded
+        chunks = self.new_chunks + ([(len(self.mel), self.mel[:0])] if self.finished else [])
+        self.new_chunks = []
+        for end, ahead in chunks:
+            if self.finished and end == len(self.mel):  # the answer's end: nothing comes after it
+                ahead, upto = ahead[:0], end
+            else:
+                ahead = ahead[:context] if self.chunking.vocoder_lookahead else ahead[:0]
+                upto = end - (context - len(ahead))
+            if upto > start:
+                spans.append((np.concatenate([self.mel[:end], ahead]), start, upto, context))
+                start = upto
+        return spans
 
 
 def synthesise(streams):
@@ -207,16 +227,18 @@ def synthesise(streams):
     for stream, own in windows.items():
         for window in own:
             groups.setdefault((window.length, *stream.ode.items()), []).append(window)
-    solved = {}
+    solved = {}  # window -> (its chunk's frames, its frames after the chunk)
     for (length, *ode), group in groups.items():
         mels = token2wav.solve_rows([w.row for w in group], length, **dict(ode)).asnumpy()
-        solved.update((id(w), mel[w.start - w.first:w.end - w.first]) for w, mel in zip(group, mels))
-    spans = {}
+        solved.update((id(w), (mel[w.start - w.first:w.end - w.first], mel[w.end - w.first:len(w.row.noise)]))
+                      for w, mel in zip(group, mels))
+    spans = []  # (stream, span) in each stream's order
     for stream, own in windows.items():
         stream.take_mel([solved[id(w)] for w in own])
-        spans[stream] = stream.vocoder_span()
-    live = [stream for stream, span in spans.items() if span is not None]
-    for stream, samples in zip(live, token2wav.vocoder.spans([spans[stream] for stream in live])):
-        results[stream] = [stream.take_samples(spans[stream], samples)]
+        spans += [(stream, span) for span in stream.vocoder_spans()]
+    pieces = {}
+    for (stream, span), samples in zip(spans, token2wav.vocoder.spans([span for _, span in spans])):
+        stream.vocoded = span[2]
+        pieces.setdefault(stream, []).append(samples)
+    results.update((stream, [np.concatenate(own)]) for stream, own in pieces.items())
     return [results.get(stream, []) for stream in streams]
-
