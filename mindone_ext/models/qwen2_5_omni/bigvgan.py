@@ -122,16 +122,18 @@ class AntiAliasedActivation(nn.Cell):
         return self.apply(x, valid, *self.weights())
 
     def apply(self, x, valid, alpha, beta):
+        """The activation of x's first `valid` samples (None: all), zeros after them (what the
+        zero-padded convolution after it expects)."""
         if self.fused is not None:
             valid = ops.scalar_to_tensor(x.shape[-1], ms.int32) if valid is None else valid
-            return self.fused(x, valid, ops.exp(alpha), 1.0 / (ops.exp(beta) + 1e-9), self.taps)
+            return self.fused(x, valid, alpha, beta, self.taps)
         b, c, n = x.shape
         up = P.conv1d(replicate_pad(x, self.up_pad[0], self.up_pad[1], valid), self.up_filter.astype(x.dtype), None,
                       1, 0, 1, self.channels)  # (B, C * ratio, >= n): phase r of channel c at row c * ratio + r
         x = up.reshape(b, c, self.ratio, -1)[..., :n].swapaxes(2, 3).reshape(b, c, n * self.ratio)
         x = snake_beta(x, alpha, beta)
         x = replicate_pad(x, self.down_pad[0], self.down_pad[1], None if valid is None else valid * self.ratio)
-        return P.conv1d(x, self.filter.astype(x.dtype), None, self.ratio, 0, 1, self.channels)
+        return keep_valid(P.conv1d(x, self.filter.astype(x.dtype), None, self.ratio, 0, 1, self.channels), valid)
 
 
 class AMPBlock(nn.Cell):
@@ -159,8 +161,8 @@ class AMPBlock(nn.Cell):
     def apply(self, x, valid, weights):
         for i in range(len(self.convs1)):
             a1, b1, w1, c1, a2, b2, w2, c2 = weights[8 * i:8 * i + 8]
-            h = self.convs1[i].apply(keep_valid(self.activations[2 * i].apply(x, valid, a1, b1), valid), w1, c1)
-            x = x + self.convs2[i].apply(keep_valid(self.activations[2 * i + 1].apply(h, valid, a2, b2), valid), w2, c2)
+            h = self.convs1[i].apply(self.activations[2 * i].apply(x, valid, a1, b1), w1, c1)
+            x = x + self.convs2[i].apply(self.activations[2 * i + 1].apply(h, valid, a2, b2), w2, c2)
         return x
 
 
@@ -241,5 +243,5 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
                 total = y if total is None else total + y
             x = total / self.num_kernels
         x = self.activation_post.apply(x, valid, weights[at], weights[at + 1])
-        x = self.conv_post.apply(keep_valid(x, valid), weights[at + 2], None)
+        x = self.conv_post.apply(x, weights[at + 2], None)
         return ops.clamp(x, -1.0, 1.0).squeeze()

@@ -8,6 +8,7 @@ future context a chunk needs when streaming. Names mirror the reference
 """
 import math
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 import mindspore as ms
@@ -20,6 +21,7 @@ from ...utils import native_kernels
 from .ecapa import ECAPA_TimeDelayNet
 
 ATTENTION_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "window_attention.cc")
+MODULATION_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "dit_modulation.cc")
 
 
 class SiLU(nn.Cell):
@@ -34,6 +36,21 @@ class GELUTanh(nn.Cell):
 
 def layer_norm_no_affine(x, eps=1e-6):
     return P.layer_norm(x, None, None, eps)
+
+
+def modulated_norm(x, scale, shift, native=None):
+    """AdaLN: LayerNorm(x) (no affine) * (1 + scale) + shift; x (B, T, D), scale and shift (B or 1, D).
+    `native`: the same as one CPU kernel (`DiTKernels.modulated_norm`), or None for MindSpore ops."""
+    if native is not None:
+        return native(x, scale, shift)
+    return layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
+
+
+def gated_residual(x, gate, y, native=None):
+    """x + gate * y; x and y (B, T, D), gate (B or 1, D). `native`: as for `modulated_norm`."""
+    if native is not None:
+        return native(x, gate, y)
+    return x + gate.expand_dims(1) * y
 
 
 def timestep_features(t, dim=256, scale=1000.0):
@@ -116,6 +133,27 @@ def attention_kernel(library):
     return None if library is None else native_kernels.custom_op(library, "WindowAttention", attention_shape)
 
 
+class DiTKernels(NamedTuple):
+    """The DiT's native CPU kernels (MindSpore custom ops), each None for MindSpore ops: the window
+    attention (kernels/window_attention.cc) and the element-wise steps around it
+    (kernels/dit_modulation.cc). `libraries`: the built files' paths, part of a graph's key."""
+    attention: Any = None
+    modulated_norm: Any = None
+    gated_residual: Any = None
+    libraries: tuple = ()
+
+    @classmethod
+    def build(cls, dtype):
+        """Built for float32 on the CPU when a compiler is there (native_kernels.library), else ops."""
+        if dtype != ms.float32:
+            return cls()
+        attention, modulation = native_kernels.library(ATTENTION_SOURCE), native_kernels.library(MODULATION_SOURCE)
+        return cls(attention_kernel(attention),
+                   None if modulation is None else native_kernels.custom_op(modulation, "ModulatedNorm"),
+                   None if modulation is None else native_kernels.custom_op(modulation, "GatedResidual"),
+                   (attention, modulation))
+
+
 def attention_shape(q, *_):
     b, h, t, d = q
     return [b, t, h * d]
@@ -194,27 +232,27 @@ def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, 
     return mint.nn.functional.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
-def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=False, attention=None):
+def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=False, kernels=DiTKernels()):
     """One DiT block as a pure function of its weights (see `DiTDecoderLayer.weights`): AdaLN-zero
     modulation by the time embedding, windowed attention with rotary on the first head, GELU-tanh
     MLP. Written over weights rather than a cell so that one compiled graph serves every layer:
     MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
     (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared.
     `transposed`: the projections' matrices (BLOCK_MATRICES) come as (in, out), see `dense`;
-    `attention`: `window_attention`'s native kernel or None (`attention_kernel`)."""
+    `kernels`: the native CPU kernels to use (`DiTKernels`; default none: MindSpore ops)."""
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
     linear = mint.nn.functional.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
     b, t, _ = x.shape
-    h = layer_norm_no_affine(x) * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1)
+    h = modulated_norm(x, scale_msa, shift_msa, kernels.modulated_norm)
     q, k, v = (dense(h, w, bias, transposed).reshape(b, t, heads, head_dim).swapaxes(1, 2)
                for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # the first head only (see rotation_tables)
-    x = x + gate_msa.expand_dims(1) * dense(window_attention(q, k, v, window, head_dim**-0.5, attention), o_w, o_b,
-                                              transposed)
-    h = layer_norm_no_affine(x) * (1 + scale_mlp.expand_dims(1)) + shift_mlp.expand_dims(1)
-    return x + gate_mlp.expand_dims(1) * dense(P.gelu_tanh(dense(h, up_w, up_b, transposed)), down_w, down_b,
-                                               transposed)
+    attended = window_attention(q, k, v, window, head_dim**-0.5, kernels.attention)
+    x = gated_residual(x, gate_msa, dense(attended, o_w, o_b, transposed), kernels.gated_residual)
+    h = modulated_norm(x, scale_mlp, shift_mlp, kernels.modulated_norm)
+    return gated_residual(x, gate_mlp, dense(P.gelu_tanh(dense(h, up_w, up_b, transposed)), down_w, down_b,
+                                             transposed), kernels.gated_residual)
 
 
 def dense(x, weight, bias, transposed):
@@ -286,9 +324,8 @@ class DiTDecoderLayer(nn.Cell):
         return (norm.weight, norm.bias, a.to_q.weight, a.to_q.bias, a.to_k.weight, a.to_k.bias, a.to_v.weight,
                 a.to_v.bias, out.weight, out.bias, up.weight, up.bias, down.weight, down.bias)
 
-    def construct(self, x, t_emb, cos, sin, window, attention=None):
-        return dit_layer(x, t_emb, cos, sin, window, self.weights(), self.heads, self.head_dim,
-                         attention=attention)
+    def construct(self, x, t_emb, cos, sin, window, kernels=DiTKernels()):
+        return dit_layer(x, t_emb, cos, sin, window, self.weights(), self.heads, self.head_dim, kernels=kernels)
 
 
 class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
@@ -303,9 +340,8 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         self.transformer_blocks = nn.CellList([
             DiTDecoderLayer(config, int(i in config.look_ahead_layers), int(i in config.look_backward_layers), dtype)
             for i in range(config.num_hidden_layers)])
-        # the window attention as one native CPU kernel, for float32 (None: MindSpore ops)
-        self.attention_library = native_kernels.library(ATTENTION_SOURCE) if dtype == ms.float32 else None
-        self.attention = attention_kernel(self.attention_library)
+        # the window attention and the blocks' element-wise steps as native CPU kernels, for float32
+        self.kernels = DiTKernels.build(dtype)
         self.norm_out = nn.Cell()
         self.norm_out.linear = Linear(config.hidden_size, config.hidden_size * 2, True, dtype)
         self.proj_out = Linear(config.hidden_size, config.mel_dim, True, dtype)
@@ -369,8 +405,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         norm_w, norm_b, proj_w, proj_b = self.weights()[-OUTPUT_WEIGHTS:] if weights is None else weights
         linear = mint.nn.functional.linear
         scale, shift = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 2, 1)
-        x = layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
-        return linear(x, proj_w, proj_b)
+        return linear(modulated_norm(x, scale, shift, self.kernels.modulated_norm), proj_w, proj_b)
 
     def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
             drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None,
@@ -385,7 +420,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
                               drop_audio_conditioning, drop_code, apply_cfg, voice, embed)
         for i, block in enumerate(self.transformer_blocks):
             x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim, transposed,
-                          self.attention)
+                          self.kernels)
         return self.output(x, t_emb, output)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,

@@ -112,7 +112,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             heads, head_dim = dit.transformer_blocks[0].heads, dit.head_dim
             transposed = self.transposed
             constants = (heads, head_dim, dit.repeats, dit.time_embed.freq_dim, apply_cfg, transposed,
-                         dit.attention_library)
+                         dit.kernels.libraries)
 
             def guide(out, guidance_scale):
                 if not apply_cfg:
@@ -128,7 +128,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
                 return dit.embed(x, None, cond, code, t, apply_cfg=apply_cfg, voice=voice, weights=weights)
 
             def block(x, t_emb, cos, sin, window, weights):
-                return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed, dit.attention)
+                return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed, dit.kernels)
 
             def output(x, t_emb, guidance_scale, weights):
                 return guide(dit.output(x, t_emb, weights), guidance_scale)

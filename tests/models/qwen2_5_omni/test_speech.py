@@ -76,15 +76,17 @@ def test_dit_rotary_turns_the_first_head_as_the_reference_and_leaves_the_others_
 @pytest.mark.parametrize("apply_cfg, drop, native", [(True, False, True), (False, False, True), (False, True, True),
                                                      (True, False, False)])
 def test_dit_forward_at_a_fixed_time_step(parts, monkeypatch, apply_cfg, drop, native):
-    """`native`: the window attention as the CPU's native kernel (the default there), or as ops."""
+    """`native`: the window attention, modulated norms and gated residuals as the CPU's native
+    kernels (the default there), or as ops."""
+    from mindone_ext.models.qwen2_5_omni.dit import DiTKernels
     from mindone_ext.nn.device import on_ascend
 
     ours, ref = parts
-    assert (ours.attention is None) == on_ascend()
+    assert (ours.kernels.attention is None) == (ours.kernels.modulated_norm is None) == on_ascend()
     if native and on_ascend():
         pytest.skip("the native kernels are the CPU target's")
     if not native:
-        monkeypatch.setattr(ours, "attention", None)
+        monkeypatch.setattr(ours, "kernels", DiTKernels())
     frames = 62  # not a multiple of the block size: a partial last block
     x = rng.standard_normal((1, frames, 80)).astype(np.float32)
     mel = rng.standard_normal((1, 40, 80)).astype(np.float32)

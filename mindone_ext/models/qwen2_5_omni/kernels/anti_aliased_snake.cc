@@ -5,6 +5,7 @@
 // in the cache. Only the first `valid` samples of a row are real (the rest is a graph's padding):
 // they are computed as if the row ended there, and the samples past them are written as zeros.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -71,17 +72,23 @@ const int64_t SAMPLES_PER_THREAD = 1 << 15;  // below this a thread costs more t
 }  // namespace
 
 // MindSpore's AOT custom-op entry. Inputs: x (B, C, n) float32, valid (int32, one value), alpha (C,)
-// (already exponentiated), inv_beta (C,) (1 / (e^beta + 1e-9)), taps (12,); output (B, C, n).
+// and beta (C,) as the checkpoint holds them (logs: the kernel takes e^alpha and 1 / (e^beta + 1e-9)
+// per channel, which as graph ops were 4 kernels per activation), taps (12,); output (B, C, n).
 extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   if (nparam != 6 || ndims[0] != 3) return 1;
   const float *x = static_cast<const float *>(params[0]);
-  const float *alpha = static_cast<const float *>(params[2]);
-  const float *inv_beta = static_cast<const float *>(params[3]);
+  const float *log_alpha = static_cast<const float *>(params[2]);
+  const float *log_beta = static_cast<const float *>(params[3]);
   const float *taps = static_cast<const float *>(params[4]);
   float *out = static_cast<float *>(params[5]);
   const int64_t channels = shapes[0][1], n = shapes[0][2], rows = shapes[0][0] * channels;
   const int64_t v = std::min(std::max<int64_t>(*static_cast<const int32_t *>(params[1]), 1), n);
+  std::vector<float> alpha(channels), inv_beta(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    alpha[c] = std::exp(log_alpha[c]);
+    inv_beta[c] = 1.f / (std::exp(log_beta[c]) + 1e-9f);
+  }
   auto run = [&](int64_t first, int64_t last) {
     Buffers buffers;
     for (int64_t r = first; r < last; ++r)
