@@ -119,8 +119,11 @@ def _warn_once(message):
 
 @lru_cache(maxsize=None)
 def custom_op(path, function, out_shape=None):
-    """The AOT custom op of `function` in the library at `path`. Its output has its first input's
-    dtype, and its shape (default) or the shape `out_shape` gives for the inputs' shapes."""
+    """The AOT custom op of `function` in the library at `path`, or None when there is no library
+    (`library` gave None: the caller runs MindSpore ops). Its output has its first input's dtype,
+    and its shape (default) or the shape `out_shape` gives for the inputs' shapes."""
+    if path is None:
+        return None
     from mindspore import ops
 
     return ops.Custom(f"{path}:{function}", out_shape=out_shape or _first_shape, out_dtype=_first_dtype,

@@ -73,6 +73,7 @@ def test_off_and_on_ascend_use_no_library(fresh, monkeypatch):
     monkeypatch.setattr(native_kernels, "on_ascend", lambda: True)
     assert native_kernels.library(KERNEL_SOURCE) is None
     assert not (fresh / "graphs").exists()
+    assert native_kernels.custom_op(None, "AntiAliasedSnake") is None  # no library: the caller's ops
 
 
 def test_without_a_compiler_one_warning_and_no_library(fresh, monkeypatch):

@@ -105,7 +105,7 @@ class AntiAliasedActivation(nn.Cell):
         self.channels, self.ratio, self.kernel_size = channels, ratio, kernel_size
         taps = kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
         native = native if dtype == ms.float32 else None
-        self.fused = None if native is None else native_kernels.custom_op(native, "AntiAliasedSnake")
+        self.fused = native_kernels.custom_op(native, "AntiAliasedSnake")
         self.taps = Tensor(taps)
         self.filter = Tensor(np.tile(taps[None, None, :], (channels, 1, 1)))
         up_pad = kernel_size // ratio - 1

@@ -130,7 +130,7 @@ def window_attention(q, k, v, window, scale, native=None):
 def attention_kernel(library):
     """`window_attention` as one native CPU kernel (kernels/window_attention.cc, built as `library`;
     ~16 MindSpore kernels a block otherwise), or None when `library` is None."""
-    return None if library is None else native_kernels.custom_op(library, "WindowAttention", attention_shape)
+    return native_kernels.custom_op(library, "WindowAttention", attention_shape)
 
 
 class DiTKernels(NamedTuple):
@@ -148,10 +148,8 @@ class DiTKernels(NamedTuple):
         if dtype != ms.float32:
             return cls()
         attention, modulation = native_kernels.library(ATTENTION_SOURCE), native_kernels.library(MODULATION_SOURCE)
-        return cls(attention_kernel(attention),
-                   None if modulation is None else native_kernels.custom_op(modulation, "ModulatedNorm"),
-                   None if modulation is None else native_kernels.custom_op(modulation, "GatedResidual"),
-                   (attention, modulation))
+        return cls(attention_kernel(attention), native_kernels.custom_op(modulation, "ModulatedNorm"),
+                   native_kernels.custom_op(modulation, "GatedResidual"), (attention, modulation))
 
 
 def attention_shape(q, *_):

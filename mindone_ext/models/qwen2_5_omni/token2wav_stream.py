@@ -35,7 +35,7 @@ class StreamChunking:
     played as long as the Talker outpaces speech (README: "Streaming", figures). The first audio
     waits for `chunk_blocks + future_blocks` blocks of codes; with `vocoder_lookahead` off, for
     a chunk more (the vocoder holds back its context: use chunk_blocks >= 2 then)."""
-    chunk_blocks: int = 1  # mel frames emitted in the first chunk
+    chunk_blocks: int = 1  # DiT blocks emitted in the first chunk
     past_blocks: int = 2  # already-emitted context the window repeats before the chunk
     future_blocks: int = 1  # context after the chunk: the codes a chunk waits for
     vocoder_context: int = CONTEXT  # mel frames the vocoder sees on each side of its new frames
