@@ -23,6 +23,7 @@ from mindspore import Parameter, Tensor, ops
 
 from ..nn import ops as P
 from ..nn.decoder import head_dim_of
+from ..nn.decoder_kernels import DecoderKernels, rms_norm
 from ..nn.decoder_weights import decoder_layer, layer_parts, layer_width, project, projection_parts, projection_width
 from ..nn.kv_cache import step_mask
 from ..utils.graph_cache import StoredGraph
@@ -110,15 +111,18 @@ class CompiledDecoder:
         self.shapes = set()  # (rows, tokens, attended slots) of every step run
         self.graphs_run = set()  # (whole pool, buffer view, shape): one compiled graph each
         self._rotary_spec = (self.head_dim, config.rope_theta, tuple(config.rope_scaling["mrope_section"]))
-        self._graphs = {}  # (make-up, whole pool, buffer view) -> its StoredGraph
+        self._graphs = {}  # (make-up, whole pool, buffer view, kernels) -> its StoredGraph
         self.pool = None  # the shared pool: single-row caches are its rows (use_pool)
         # pools of caches taken whole (a batch; one conversation without a shared pool), kept for
         # the next cache of the same shape
         self.pools = []
         self._rotary = decoder.rotary_emb  # no parameters: its table is a constant of the graph
+        # the norms, gated units and decode steps' attention as native CPU kernels, for float32
+        self.kernels = DecoderKernels.build(decoder.norm.weight.dtype)
 
-    def _step_function(self, make_up, whole, view):
-        """The step graph's function for one make-up (`parts`), pool kind and buffer view."""
+    def _step_function(self, make_up, whole, view, kernels):
+        """The step graph's function for one make-up (`parts`), pool kind, buffer view and set of
+        native kernels."""
         rotary = self._rotary
         proj_kind, layer_kinds, eps, head_kind = make_up
         # where each part's weights start in the flat tuple (computed here: the graph slices by constants)
@@ -129,14 +133,18 @@ class CompiledDecoder:
             if proj_kind is not None:
                 embeds = project(embeds, weights[:bounds[0]], proj_kind)
             cos, sin = rotary(position_ids, embeds.dtype)
-            span = view[2] if embeds.shape[1] == 1 else mask.shape[-1]
-            where = (None if whole else rows, view, span, pick, slots)
+            decoding = embeds.shape[1] == 1
+            span = view[2] if decoding else mask.shape[-1]
+            # ops read a whole pool's rows in order without a gather; the native decode attention
+            # reads every row where it lies, so it is given the rows either way
+            native_rows = decoding and kernels.decode_attention is not None
+            where = (None if whole and not native_rows else rows, view, span, pick, slots)
             hidden, layers = embeds, len(layer_kinds)
             for n in range(layers):
                 past = (buffers[n], buffers[layers + n])
                 hidden = decoder_layer(hidden, cos, sin, mask, weights[bounds[n]:bounds[n + 1]], layer_kinds[n], past,
-                                       where)
-            hidden = P.rms_norm(hidden, weights[bounds[-1]], eps)
+                                       where, kernels)
+            hidden = rms_norm(hidden, weights[bounds[-1]], eps, kernels.rms_norm)
             # each row's last token (flat indices: rows of a batch end at different tokens)
             last = ops.gather(hidden.reshape(-1, hidden.shape[-1]), last_index, 0).reshape(hidden.shape[0], 1, -1)
             logits = project(last, weights[bounds[-1] + 1:], head_kind)
@@ -199,10 +207,10 @@ class CompiledDecoder:
         (the buffers written in place), so the graph holds no parameter and is stored once per
         machine (utils/graph_cache.py)."""
         make_up, weights = self.parts()
-        key = (make_up, whole, buffers.view)
+        key = (make_up, whole, buffers.view, self.kernels)
         if key not in self._graphs:
             self._graphs[key] = StoredGraph(f"{self.name.lower()}_step", self._step_function(*key),
-                                            key + self._rotary_spec)
+                                            key[:3] + self._rotary_spec + self.kernels.libraries)
         # the Parameters themselves: the buffers are written in place without a copy (measured; a
         # Tensor over the same storage is copied whole), the weights read where they lie
         return self._graphs[key](*inputs, buffers.keys + buffers.values, tuple(weights))

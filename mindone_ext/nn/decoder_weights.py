@@ -8,8 +8,8 @@ from typing import NamedTuple, Optional, Tuple
 import mindspore as ms
 from mindspore import mint
 
-from . import ops as P
 from .decoder import Qwen2DecoderLayer, attend
+from .decoder_kernels import DecoderKernels, decode_attention, gated_unit, rms_norm
 from .layers import Linear
 from .lora import LoraLinear
 
@@ -98,13 +98,19 @@ def project(x, w, p):
     return out + (_linear(_linear(x.astype(ms.float32), w[-2]), w[-1]) * p.scaling).astype(out.dtype)
 
 
-def decoder_layer(x, cos, sin, mask, weights, kind, past=None, step=None):
-    """Qwen2DecoderLayer.construct as a function of its weights (`layer_parts`)."""
+def decoder_layer(x, cos, sin, mask, weights, kind, past=None, step=None, kernels=DecoderKernels()):
+    """Qwen2DecoderLayer.construct as a function of its weights (`layer_parts`). `kernels`: the
+    native CPU kernels to use (DecoderKernels; default none: MindSpore ops, as training needs)."""
     norm1, norm2, w = split_layer(weights, kind)
-    proj, act = kind.projections, P.activation(kind.act)
-    a = P.rms_norm(x, norm1, kind.eps)
-    o = attend(project(a, w[0], proj[0]), project(a, w[1], proj[1]), project(a, w[2], proj[2]), cos, sin, mask,
-               (kind.heads, kind.kv_heads, kind.head_dim, kind.flash), past, step)
+    proj = kind.projections
+    heads = (kind.heads, kind.kv_heads, kind.head_dim, kind.flash)
+    a = rms_norm(x, norm1, kind.eps, kernels.rms_norm)
+    q, k, v = project(a, w[0], proj[0]), project(a, w[1], proj[1]), project(a, w[2], proj[2])
+    if kernels.decode_attention is not None and past is not None and x.shape[1] == 1:
+        o = decode_attention(q, k, v, cos, sin, mask, heads, past, step, kernels.decode_attention)
+    else:
+        o = attend(q, k, v, cos, sin, mask, heads, past, step)
     x = x + project(o, w[3], proj[3])
-    m = P.rms_norm(x, norm2, kind.eps)
-    return x + project(act(project(m, w[4], proj[4])) * project(m, w[5], proj[5]), w[6], proj[6])
+    m = rms_norm(x, norm2, kind.eps, kernels.rms_norm)
+    return x + project(gated_unit(project(m, w[4], proj[4]), project(m, w[5], proj[5]), kind.act, kernels.silu_gate),
+                       w[6], proj[6])

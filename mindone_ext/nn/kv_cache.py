@@ -62,3 +62,9 @@ def write_new(buffer, new, step):
     is harmless)."""
     _, _, _, pick, slots = step
     return ops.scatter_update(buffer, slots, ops.gather(new.reshape(-1, new.shape[-1]), pick, 0))
+
+
+def write_step(buffer, new, step):
+    """`write_new` for a decode step whose new vectors come flat, (rows x KV heads, D) in the
+    step's order: one token per row, so `pick` is the identity and no gather is needed."""
+    return ops.scatter_update(buffer, step[4], new)

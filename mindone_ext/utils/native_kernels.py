@@ -33,6 +33,11 @@ ENV = "MINDONE_EXT_NATIVE_KERNELS"
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthread", "-fopenmp-simd")  # simd: the marked reductions
 
 
+def source(name):
+    """The path of the kernel source `name` (mindone_ext/kernels/, shipped with the package)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", name)
+
+
 def enabled():
     """Whether native kernels may be used: the CPU target, not turned off."""
     return not on_ascend() and os.environ.get(ENV, "").lower() not in ("off", "0", "false", "no")
@@ -118,15 +123,16 @@ def _warn_once(message):
 
 
 @lru_cache(maxsize=None)
-def custom_op(path, function, out_shape=None):
+def custom_op(path, function, out_shape=None, out_dtype=None):
     """The AOT custom op of `function` in the library at `path`, or None when there is no library
-    (`library` gave None: the caller runs MindSpore ops). Its output has its first input's dtype,
-    and its shape (default) or the shape `out_shape` gives for the inputs' shapes."""
+    (`library` gave None: the caller runs MindSpore ops). Its output has its first input's shape
+    and dtype, or those `out_shape` and `out_dtype` give for the inputs' (lists of them for
+    several outputs)."""
     if path is None:
         return None
     from mindspore import ops
 
-    return ops.Custom(f"{path}:{function}", out_shape=out_shape or _first_shape, out_dtype=_first_dtype,
+    return ops.Custom(f"{path}:{function}", out_shape=out_shape or _first_shape, out_dtype=out_dtype or _first_dtype,
                       func_type="aot")
 
 

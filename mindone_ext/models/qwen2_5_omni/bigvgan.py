@@ -17,7 +17,6 @@ On the CPU, each anti-aliased activation runs as one C++ kernel (kernels/anti_al
 utils/native_kernels.py) instead of ~20 MindSpore kernels: the same function (within 1e-5), the
 vocoder 2-4x faster, and its compiled graph keeps far less memory."""
 import math
-import os
 
 import numpy as np
 import mindspore as ms
@@ -27,7 +26,7 @@ from ...nn import ops as P
 from ...nn.layers import Conv1d, empty_parameter
 from ...utils import native_kernels
 
-KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "anti_aliased_snake.cc")
+KERNEL_SOURCE = native_kernels.source("anti_aliased_snake.cc")
 
 
 def kaiser_sinc_filter(cutoff, half_width, kernel_size):

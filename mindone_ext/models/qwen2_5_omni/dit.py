@@ -7,7 +7,6 @@ future context a chunk needs when streaming. Names mirror the reference
 (`token2wav.code2wav_dit_model.*`); forward arguments too.
 """
 import math
-import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,8 +19,8 @@ from ...nn.rotary import rope_inv_freq
 from ...utils import native_kernels
 from .ecapa import ECAPA_TimeDelayNet
 
-ATTENTION_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "window_attention.cc")
-MODULATION_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "dit_modulation.cc")
+ATTENTION_SOURCE = native_kernels.source("window_attention.cc")
+MODULATION_SOURCE = native_kernels.source("dit_modulation.cc")
 
 
 class SiLU(nn.Cell):

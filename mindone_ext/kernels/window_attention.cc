@@ -2,12 +2,10 @@
 // the scores over its window's key slots (masked slots at float32's lowest value, as the ops do),
 // their softmax and the weighted values, without the ops' gathered copies of the keys and values,
 // their padding of the queries to whole blocks, or the ~16 kernels the chain takes.
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "attention.h"
 #include "parallel.h"
 
 namespace {
@@ -42,29 +40,10 @@ extern "C" int WindowAttention(int nparam, void **params, int *ndims, int64_t **
         const int64_t block = t / size;
         const bool *seen = valid + b * row_mask + t * width;  // (block, t % size) of the mask
         const int32_t *slots = keys + block * width;
-        const float *qt = qs + t * dim;
-        float top = -FLT_MAX;
-        for (int64_t j = 0; j < width; ++j) {
-          float score = -FLT_MAX;
-          if (seen[j]) {
-            const float *kt = ks + static_cast<int64_t>(slots[j]) * dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qt[d] * kt[d];
-            score = dot * scale;
-          }
-          p[j] = score;
-          top = std::max(top, score);
-        }
-        float sum = 0.f;
-        for (int64_t j = 0; j < width; ++j) sum += (p[j] = std::exp(p[j] - top));
         float *o = out + (b * frames + t) * heads * dim + h * dim;
-        std::fill(o, o + dim, 0.f);
-        for (int64_t j = 0; j < width; ++j) {
-          const float w = p[j] / sum;
-          const float *vt = vs + static_cast<int64_t>(slots[j]) * dim;
-          for (int64_t d = 0; d < dim; ++d) o[d] += w * vt[d];
-        }
+        native::attend_query(
+            qs + t * dim, dim, width, seen, scale, [&](int64_t j) { return ks + static_cast<int64_t>(slots[j]) * dim; },
+            [&](int64_t j) { return vs + static_cast<int64_t>(slots[j]) * dim; }, p.data(), o);
       }
     }
   };

@@ -1,0 +1,119 @@
+// A Qwen2 decoder step's chains of small ops as CPU kernels (nn/decoder_kernels.py): the RMS norm,
+// the SiLU-gated unit, and a decode step's attention with its rotary embedding. On the tiny
+// checkpoint a decode step's graph is bound by its kernel count (~15 us each to launch, ~2 us to
+// compute): these take 6, 3 and ~30 MindSpore kernels to 1 each.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "attention.h"
+#include "parallel.h"
+
+namespace {
+
+const int64_t VALUES_PER_THREAD = 1 << 16;  // below this a thread costs more than it saves
+
+int64_t count(int ndims, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndims; ++i) n *= shape[i];
+  return n;
+}
+
+}  // namespace
+
+// Qwen2RMSNorm in float32: weight * (x / sqrt(mean(x^2) + eps)). Inputs: x (..., E), weight (E,),
+// eps (1,); output like x.
+extern "C" int RMSNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                       void *extra) {
+  if (nparam != 4 || ndims[1] != 1) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *weight = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  const int64_t dim = shapes[1][0], rows = count(ndims[0], shapes[0]) / dim;
+  auto run = [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float *xr = x + r * dim;
+      double squares = 0.0;
+      for (int64_t d = 0; d < dim; ++d) squares += static_cast<double>(xr[d]) * xr[d];
+      const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(static_cast<float>(squares / dim) + eps)));
+      float *o = out + r * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = weight[d] * (xr[d] * inv);
+    }
+  };
+  native::parallel_ranges(rows, rows * dim, VALUES_PER_THREAD, run);
+  return 0;
+}
+
+// The gated MLP's middle, silu(gate) * up = gate * sigmoid(gate) * up. Inputs: gate, up (same
+// shape); output like them.
+extern "C" int SiluGate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  if (nparam != 3) return 1;
+  const float *gate = static_cast<const float *>(params[0]);
+  const float *up = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const int64_t n = count(ndims[0], shapes[0]);
+  auto run = [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) out[i] = gate[i] * (1.f / (1.f + std::exp(-gate[i]))) * up[i];
+  };
+  native::parallel_ranges(n, n, VALUES_PER_THREAD, run);
+  return 0;
+}
+
+// One decode step's attention (nn/decoder.py's attend with a cache, one token per row): the new
+// query and key rotated (x cos + rotate_half(x) sin), each query head's scores over its row's past
+// slots in the cache (read where they lie) and over the new key, masked slots at float32's lowest
+// value, the softmax and the weighted values. Grouped-query: head h reads KV head h / (H / KV).
+// Inputs: q (B, 1, H * D), k and v (B, 1, KV * D) as projected; cos, sin (B, 1, D); the layer's
+// key and value buffers (rows x KV x slots, D); rows (B,) int32, the buffer row of each batch row;
+// mask (B, 1, 1, span + 1) bool, the past slots 0..span-1 a query sees, then the new key; scale
+// (1,) float32; slots (1,) int32, the buffer's slots per row. Outputs: (B, 1, H * D), and the
+// rotated new keys (B * KV, D), which the step writes into the buffer after this reads it.
+extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 13 || ndims[0] != 3 || ndims[3] != 3 || ndims[5] != 2 || ndims[8] != 4) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *cos = static_cast<const float *>(params[3]);
+  const float *sin = static_cast<const float *>(params[4]);
+  const float *keys = static_cast<const float *>(params[5]);
+  const float *values = static_cast<const float *>(params[6]);
+  const int32_t *rows = static_cast<const int32_t *>(params[7]);
+  const bool *mask = static_cast<const bool *>(params[8]);
+  const float scale = *static_cast<const float *>(params[9]);
+  const int64_t slots = *static_cast<const int32_t *>(params[10]);
+  float *out = static_cast<float *>(params[11]);
+  float *k_rotated = static_cast<float *>(params[12]);
+  const int64_t batch = shapes[0][0], dim = shapes[3][2];
+  const int64_t heads = shapes[0][2] / dim, kv_heads = shapes[1][2] / dim, group = heads / kv_heads;
+  const int64_t span = shapes[8][3] - 1, half = dim / 2;
+  auto rotate = [&](const float *x, const float *c, const float *s, float *to) {
+    for (int64_t d = 0; d < dim; ++d) to[d] = x[d] * c[d] + (d < half ? -x[d + half] : x[d - half]) * s[d];
+  };
+  // the new keys rotated first: each pair below reads its own as the last key
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t g = 0; g < kv_heads; ++g)
+      rotate(k + (b * kv_heads + g) * dim, cos + b * dim, sin + b * dim, k_rotated + (b * kv_heads + g) * dim);
+  auto run = [&](int64_t first, int64_t last) {  // (batch row, KV head) pairs first..last
+    std::vector<float> p(span + 1), qr(dim);
+    for (int64_t pair = first; pair < last; ++pair) {
+      const int64_t b = pair / kv_heads, g = pair % kv_heads;
+      const bool *seen = mask + b * (span + 1);
+      const int64_t base = (static_cast<int64_t>(rows[b]) * kv_heads + g) * slots * dim;
+      const float *kp = keys + base, *vp = values + base;
+      const float *kn = k_rotated + pair * dim, *vn = v + pair * dim;
+      for (int64_t r = 0; r < group; ++r) {
+        const int64_t h = g * group + r;
+        rotate(q + (b * heads + h) * dim, cos + b * dim, sin + b * dim, qr.data());
+        native::attend_query(
+            qr.data(), dim, span + 1, seen, scale, [&](int64_t j) { return j < span ? kp + j * dim : kn; },
+            [&](int64_t j) { return j < span ? vp + j * dim : vn; }, p.data(), out + (b * heads + h) * dim);
+      }
+    }
+  };
+  const int64_t pairs = batch * kv_heads;
+  native::parallel_ranges(pairs, pairs * group * (span + 1) * dim, VALUES_PER_THREAD, run);
+  return 0;
+}

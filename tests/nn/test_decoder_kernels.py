@@ -1,0 +1,159 @@
+"""The decoder step's native CPU kernels (kernels/decoder_step.cc) against the same functions as
+MindSpore ops, which are Ascend's path and were held to the reference before the kernels came (the
+decoders' reference tests, e.g. tests/generation, now run the kernels on the CPU). The RMS norm and
+the SiLU-gated unit over widths and magnitudes; a decode step's attention over grouped-query
+shapes, rows read out of order, a padding row, every start near a row's first and last slot, and
+the keys and values it writes; op by op and inside a compiled graph; then a compiled decoder's
+prefills and decode steps with the kernels and with ops, in a shared pool and a whole one."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Parameter, Tensor
+
+from mindone_ext.generation.decode import CompiledDecoder
+from mindone_ext.nn import ops as P
+from mindone_ext.nn.decoder import attend
+from mindone_ext.nn.decoder_kernels import DecoderKernels, decode_attention, gated_unit, rms_norm
+from mindone_ext.nn.device import on_ascend
+from mindone_ext.nn.kv_cache import step_mask
+from tests.conftest import max_abs_diff
+
+pytestmark = pytest.mark.skipif(on_ascend(), reason="the native kernels are the CPU target's; Ascend runs the ops")
+rng = np.random.default_rng(11)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built = DecoderKernels.build(ms.float32)
+    assert built.libraries, "this machine builds the native kernels (CI installs g++)"
+    assert DecoderKernels.build(ms.float16) == DecoderKernels(), "float32 only: other dtypes run the ops"
+    return built
+
+
+def relative(got, want):
+    return max_abs_diff(got, want) / max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32), (4, 1, 64), (2, 7, 896), (1, 3, 3584)])
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 300.0])
+def test_rms_norm(kernels, shape, magnitude):
+    x = (rng.standard_normal(shape) * magnitude).astype(np.float32)
+    weight = Tensor(rng.uniform(-2, 2, shape[-1]).astype(np.float32))
+    got = rms_norm(Tensor(x), weight, 1e-6, kernels.rms_norm).asnumpy()
+    want = P.rms_norm(Tensor(x), weight, 1e-6).asnumpy()
+    assert got.shape == want.shape and relative(got, want) <= 2e-6
+
+
+def test_silu_gate(kernels):
+    gate = np.concatenate([rng.uniform(-100, 100, 500), rng.standard_normal(500), [0.0, -0.0, 88.8, -88.8]])
+    gate = gate.astype(np.float32).reshape(2, 1, -1)
+    up = rng.standard_normal(gate.shape).astype(np.float32)
+    got = gated_unit(Tensor(gate), Tensor(up), "silu", kernels.silu_gate).asnumpy()
+    want = gated_unit(Tensor(gate), Tensor(up), "silu").asnumpy()
+    assert np.isfinite(got).all() and relative(got, want) <= 1e-6
+    # another activation runs the ops whatever the kernels
+    assert max_abs_diff(gated_unit(Tensor(gate), Tensor(up), "gelu", kernels.silu_gate).asnumpy(),
+                        gated_unit(Tensor(gate), Tensor(up), "gelu").asnumpy()) == 0
+
+
+SLOTS = 8
+# (row of the buffer, start): out of order, the first and last slots and those beside them, a
+# padding row (its start past the last slot, nothing valid: attends uniformly, writes slot 0 of
+# the spare row, which nothing reads)
+ROWS = [(3, 0), (0, 1), (5, SLOTS - 2), (1, SLOTS - 1), (2, 4), (6, SLOTS)]
+
+
+def decode_case(heads, kv_heads, dim):
+    """Inputs of one decode step over a pool of 7 rows (the last the spare one) and the step's plan,
+    as CachePool.run makes them."""
+    b, total = len(ROWS), 7
+    rows = np.array([r for r, _ in ROWS], np.int32)
+    starts = np.array([s for _, s in ROWS])
+    valid = (rng.random((total, SLOTS)) < 0.6).astype(np.int32)
+    valid[0, 0] = 0  # a row whose only seen key is the new one (its start is 0 anyway)
+    valid[6] = 0
+    for r, s in ROWS:
+        if s < SLOTS:
+            valid[r, s] = 1
+    angles = rng.uniform(-50, 50, (b, 1, dim)).astype(np.float32)
+    inputs = [Tensor(rng.standard_normal((b, 1, n * dim)).astype(np.float32)) for n in (heads, kv_heads, kv_heads)]
+    inputs += [Tensor(np.cos(angles)), Tensor(np.sin(angles)), Tensor(step_mask(valid[rows], starts, 1))]
+    buffers = [rng.standard_normal((total * kv_heads * SLOTS, dim)).astype(np.float32) for _ in range(2)]
+    head = np.arange(kv_heads)[None, :]
+    slot = np.where(starts < SLOTS, starts, 0)[:, None]
+    slots = ((rows[:, None] * kv_heads + head) * SLOTS + slot).reshape(-1).astype(np.int32)
+    step = (Tensor(rows), (total, kv_heads, SLOTS, dim), SLOTS, Tensor(np.arange(b * kv_heads, dtype=np.int32)),
+            Tensor(slots))
+    return inputs, buffers, step, slots
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(2, 1, 16), (4, 2, 16), (3, 3, 64), (7, 1, 128)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decode_attention(kernels, heads, kv_heads, dim, compiled):
+    inputs, buffers, step, written = decode_case(heads, kv_heads, dim)
+    shape = (heads, kv_heads, dim, False)
+    results = []
+    for native in (kernels.decode_attention, None):
+        past = tuple(Parameter(Tensor(b.copy()), name=f"p{i}", requires_grad=False) for i, b in enumerate(buffers))
+
+        def run(q, k, v, cos, sin, mask, keys, values):
+            if native is None:
+                return attend(q, k, v, cos, sin, mask, shape, (keys, values), step)
+            return decode_attention(q, k, v, cos, sin, mask, shape, (keys, values), step, native)
+
+        out = (ms.jit(run) if compiled else run)(*inputs, *past)
+        results.append((out.asnumpy(), past[0].asnumpy(), past[1].asnumpy()))
+    (got, got_keys, got_values), (want, want_keys, want_values) = results
+    assert got.shape == want.shape == (len(ROWS), 1, heads * dim)
+    assert max_abs_diff(got, want) <= 1e-5
+    # the rotated new keys and the values land in the same slots; no other slot moves
+    assert max_abs_diff(got_keys, want_keys) <= 1e-6 and max_abs_diff(got_values, want_values) == 0
+    for after, before in ((want_keys, buffers[0]), (want_values, buffers[1])):
+        assert set(np.flatnonzero(np.abs(after - before).max(-1) > 0)) == set(written)
+
+
+def conversations(model, runner, lengths, seed):
+    """A cache per prompt length on `runner` (rows of its shared pool), prefilled; then the same
+    random next tokens each step: [(cache, prefill, rng)]."""
+    made = []
+    for i, n in enumerate(lengths):
+        ids = np.random.default_rng(seed + i).integers(0, 400, size=(1, n))
+        cache = runner.allocate(1, n + 8, model.cache_dtype)
+        prepared = model.thinker.prepare_inputs(ids, np.ones_like(ids))
+        made.append((cache, runner.prefill(cache, prepared.inputs_embeds, prepared.position_ids, np.ones_like(ids))))
+    return made
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_decoder_with_the_kernels_equals_it_with_ops(our_model, kernels, pooled):
+    thinker = our_model.thinker
+    config = our_model.config.thinker_config.text_config
+    runners = [CompiledDecoder(thinker.model, thinker.lm_head, config, name="Thinker") for _ in range(2)]
+    assert runners[0].kernels == kernels
+    runners[1].kernels = DecoderKernels()
+    lengths = (5, 31, 33, 130)  # one piece, both piece widths, two chunks
+    outputs = []
+    for runner in runners:
+        if pooled:
+            runner.use_pool(3, our_model.cache_dtype)  # 3 rows a step: padded with the spare one
+            made = conversations(our_model, runner, lengths[:3], seed=0)
+        else:  # a batch of 2 in a pool of its own, stepped whole
+            ids = np.random.default_rng(0).integers(0, 400, size=(2, 40))
+            mask = np.ones_like(ids)
+            mask[1, :9] = 0
+            cache = runner.allocate(2, 48, our_model.cache_dtype)
+            prepared = thinker.prepare_inputs(ids, mask)
+            made = [(cache, runner.prefill(cache, prepared.inputs_embeds, prepared.position_ids, mask))]
+        got = [(logits, hidden.asnumpy()) for _, (logits, hidden) in made]
+        tokens = np.random.default_rng(1)
+        for _ in range(3):
+            caches = [cache for cache, _ in made]
+            embeds = [thinker.embed(tokens.integers(0, 400, size=(len(c.rows), 1))) for c in caches]
+            positions = [np.full((3, len(c.rows), 1), c.length, np.int64) for c in caches]
+            got += [(logits, hidden.asnumpy()) for logits, hidden in runner.decode_many(caches, embeds, positions)]
+        outputs.append(got)
+        for cache, _ in made:
+            cache.release()
+    for (logits, hidden), (want_logits, want_hidden) in zip(*outputs):
+        assert max_abs_diff(logits, want_logits) <= 1e-5 and max_abs_diff(hidden, want_hidden) <= 1e-5
+    assert np.abs(outputs[1][-1][0]).mean() > 0.1
