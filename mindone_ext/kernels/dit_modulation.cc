@@ -1,7 +1,8 @@
-// The DiT block's element-wise steps around its attention and MLP (dit.py's modulated_norm and
-// gated_residual) as CPU kernels: the AdaLN-zero modulated layer norm, LayerNorm(x) * (1 + scale)
-// + shift, and the gated residual, x + gate * y, each one pass over the frames where MindSpore ran
-// 6 and 3 kernels (its LayerNorm alone took ~70 us over the tiny checkpoint's 400 x 32 values).
+// The DiT block's element-wise steps around its attention and MLP (dit.py's modulated_norm,
+// gated_residual and the MLP's GELU) as CPU kernels: the AdaLN-zero modulated layer norm,
+// LayerNorm(x) * (1 + scale) + shift, the gated residual, x + gate * y, and GELU's tanh form, each
+// one pass over the frames where MindSpore ran 6, 3 and 6 kernels (its LayerNorm alone took ~70 us
+// over the tiny checkpoint's 400 x 32 values).
 // scale, shift and gate hold one row per batch row, or one row for every batch row.
 #include <cmath>
 #include <cstdint>
@@ -62,5 +63,26 @@ extern "C" int GatedResidual(int nparam, void **params, int *ndims, int64_t **sh
     }
   };
   native::parallel_ranges(rows, rows * dim, VALUES_PER_THREAD, run);
+  return 0;
+}
+
+// GELU's tanh form as nn/ops.py's exact_gelu computes it: x sigmoid(x (c + c 0.044715 x x)), c =
+// 2 sqrt(2 / pi). Input x (any shape); output like it.
+extern "C" int GeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  if (nparam != 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[1]);
+  int64_t n = 1;
+  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const double c = 2.0 * std::sqrt(2.0 / M_PI);
+  const float scale = static_cast<float>(c), cubic = static_cast<float>(c * 0.044715);
+  auto run = [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const float u = x[i] * (scale + cubic * x[i] * x[i]);
+      out[i] = x[i] * (1.f / (1.f + std::exp(-u)));
+    }
+  };
+  native::parallel_ranges(n, n, VALUES_PER_THREAD, run);
   return 0;
 }

@@ -1,7 +1,8 @@
-// The DiT's block-window attention (dit.py's window_attention) as one CPU kernel: per query frame,
-// the scores over its window's key slots (masked slots at float32's lowest value, as the ops do),
-// their softmax and the weighted values, without the ops' gathered copies of the keys and values,
-// their padding of the queries to whole blocks, or the ~16 kernels the chain takes.
+// The DiT's block-window attention with its rotary embedding (dit.py's rotate and window_attention)
+// as one CPU kernel: the queries and keys rotated as projected, then per query frame the scores over
+// its window's key slots (masked slots at float32's lowest value, as the ops do), their softmax and
+// the weighted values; without the ops' head transposes, gathered copies of the keys and values,
+// padding of the queries to whole blocks, or the ~30 kernels the chain takes.
 #include <cstdint>
 #include <vector>
 
@@ -12,42 +13,62 @@ namespace {
 
 const int64_t WORK_PER_THREAD = 1 << 16;  // query-key products below which a thread costs more than it saves
 
+// x rotated by the interleaved pairs' cos and sin: x cos + (-x1, x0, -x3, x2, ...) sin, as the
+// ops compute it (their pair rotation is a matmul whose outputs are each one input, exactly)
+void rotate(const float *x, const float *cos, const float *sin, int64_t dim, float *to) {
+  for (int64_t d = 0; d < dim; ++d) to[d] = x[d] * cos[d] + (d % 2 == 0 ? -x[d + 1] : x[d - 1]) * sin[d];
+}
+
 }  // namespace
 
-// MindSpore's AOT custom-op entry. Inputs: q, k, v (B, H, T, D) float32; keys (blocks * width,)
-// int32, the key frame of each window slot; valid ([B,] blocks, size, width) bool, which slots a
-// query frame sees (per batch row when 4-dimensional); scale (1,) float32. Output (B, T, H * D).
+// MindSpore's AOT custom-op entry. Inputs: q, k, v (B, T, H * D) float32 as projected; cos, sin
+// (H, T, D) float32, each head's rotary table (dit.py's rotation_tables: the heads after the first
+// get cos 1, sin 0, which leave them as they are); keys (blocks * width,) int32, the key frame of
+// each window slot; valid ([B,] blocks, size, width) bool, which slots a query frame sees (per batch
+// row when 4-dimensional); scale (1,) float32. Output (B, T, H * D).
 extern "C" int WindowAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 7 || ndims[0] != 4 || (ndims[4] != 3 && ndims[4] != 4)) return 1;
+  if (nparam != 9 || ndims[0] != 3 || ndims[3] != 3 || (ndims[6] != 3 && ndims[6] != 4)) return 1;
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
-  const int32_t *keys = static_cast<const int32_t *>(params[3]);
-  const bool *valid = static_cast<const bool *>(params[4]);
-  const float scale = *static_cast<const float *>(params[5]);
-  float *out = static_cast<float *>(params[6]);
-  const int64_t batch = shapes[0][0], heads = shapes[0][1], frames = shapes[0][2], dim = shapes[0][3];
-  const int rank = ndims[4];
-  const int64_t size = shapes[4][rank - 2], width = shapes[4][rank - 1];
-  const int64_t row_mask = rank == 4 ? shapes[4][1] * size * width : 0;  // mask values per batch row
-  auto run = [&](int64_t first, int64_t last) {  // (batch row, head) pairs first..last
-    std::vector<float> p(width);
+  const float *cos = static_cast<const float *>(params[3]);
+  const float *sin = static_cast<const float *>(params[4]);
+  const int32_t *keys = static_cast<const int32_t *>(params[5]);
+  const bool *valid = static_cast<const bool *>(params[6]);
+  const float scale = *static_cast<const float *>(params[7]);
+  float *out = static_cast<float *>(params[8]);
+  const int64_t batch = shapes[0][0], frames = shapes[0][1], heads = shapes[3][0], dim = shapes[3][2];
+  const int rank = ndims[6];
+  const int64_t size = shapes[6][rank - 2], width = shapes[6][rank - 1];
+  const int64_t row_mask = rank == 4 ? shapes[6][1] * size * width : 0;  // mask values per batch row
+  const int64_t pairs = batch * heads, stride = heads * dim;  // a frame's values in q, k, v
+  std::vector<float> rotated_keys(pairs * frames * dim);  // (B, H, T, D): every query reads them
+  native::parallel_ranges(pairs, pairs * frames * dim, WORK_PER_THREAD, [&](int64_t first, int64_t last) {
     for (int64_t pair = first; pair < last; ++pair) {
       const int64_t b = pair / heads, h = pair % heads;
-      const float *qs = q + pair * frames * dim, *ks = k + pair * frames * dim, *vs = v + pair * frames * dim;
+      for (int64_t t = 0; t < frames; ++t)
+        rotate(k + (b * frames + t) * stride + h * dim, cos + (h * frames + t) * dim, sin + (h * frames + t) * dim,
+               dim, rotated_keys.data() + (pair * frames + t) * dim);
+    }
+  });
+  auto run = [&](int64_t first, int64_t last) {  // (batch row, head) pairs first..last
+    std::vector<float> p(width), qt(dim);
+    for (int64_t pair = first; pair < last; ++pair) {
+      const int64_t b = pair / heads, h = pair % heads;
+      const float *ks = rotated_keys.data() + pair * frames * dim, *vs = v + b * frames * stride + h * dim;
       for (int64_t t = 0; t < frames; ++t) {
         const int64_t block = t / size;
         const bool *seen = valid + b * row_mask + t * width;  // (block, t % size) of the mask
         const int32_t *slots = keys + block * width;
-        float *o = out + (b * frames + t) * heads * dim + h * dim;
+        const int64_t at = (b * frames + t) * stride + h * dim;
+        rotate(q + at, cos + (h * frames + t) * dim, sin + (h * frames + t) * dim, dim, qt.data());
         native::attend_query(
-            qs + t * dim, dim, width, seen, scale, [&](int64_t j) { return ks + static_cast<int64_t>(slots[j]) * dim; },
-            [&](int64_t j) { return vs + static_cast<int64_t>(slots[j]) * dim; }, p.data(), o);
+            qt.data(), dim, width, seen, scale, [&](int64_t j) { return ks + static_cast<int64_t>(slots[j]) * dim; },
+            [&](int64_t j) { return vs + static_cast<int64_t>(slots[j]) * stride; }, p.data(), out + at);
       }
     }
   };
-  const int64_t pairs = batch * heads;
   native::parallel_ranges(pairs, pairs * frames * width * dim, WORK_PER_THREAD, run);
   return 0;
 }

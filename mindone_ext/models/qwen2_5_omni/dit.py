@@ -102,12 +102,21 @@ def block_window(frames, block_size, back, ahead, length=None):
             Tensor(np.broadcast_to(valid[..., None, :], valid.shape[:-1] + (block_size, width)).copy()))
 
 
-def window_attention(q, k, v, window, scale, native=None):
-    """q, k, v (B, H, T, D) -> (B, T, H * D), each query block over its key window. `native`: the
-    same as one CPU kernel (`attention_kernel`), or None for MindSpore ops."""
-    keys, valid = window
+def rotary_window_attention(q, k, v, cos, sin, window, heads, head_dim, native=None):
+    """q, k, v (B, T, heads * head_dim) as projected -> (B, T, heads * head_dim): the queries and
+    keys rotated (`rotate`, by `rotation_tables`' cos and sin), each query block over its key window.
+    `native`: the same as one CPU kernel (`attention_kernel`), or None for MindSpore ops."""
+    scale = head_dim**-0.5
     if native is not None:
-        return native(q, k, v, keys, valid, Tensor(np.array([scale], np.float32)))
+        return native(q, k, v, cos, sin, *window, Tensor(np.array([scale], np.float32)))
+    b, t, _ = q.shape
+    q, k, v = (x.reshape(b, t, heads, head_dim).swapaxes(1, 2) for x in (q, k, v))
+    return window_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, window, scale)
+
+
+def window_attention(q, k, v, window, scale):
+    """q, k, v (B, H, T, D) -> (B, T, H * D), each query block over its key window."""
+    keys, valid = window
     b, h, t, d = q.shape
     n, size, width = valid.shape[-3:]
     if valid.ndim == 4:  # a mask per row: the heads share it
@@ -127,18 +136,19 @@ def window_attention(q, k, v, window, scale, native=None):
 
 
 def attention_kernel(library):
-    """`window_attention` as one native CPU kernel (kernels/window_attention.cc, built as `library`;
-    ~16 MindSpore kernels a block otherwise), or None when `library` is None."""
-    return native_kernels.custom_op(library, "WindowAttention", attention_shape)
+    """`rotary_window_attention` as one native CPU kernel (kernels/window_attention.cc, built as
+    `library`; ~30 MindSpore kernels a block otherwise), or None when `library` is None."""
+    return native_kernels.custom_op(library, "WindowAttention")
 
 
 class DiTKernels(NamedTuple):
     """The DiT's native CPU kernels (MindSpore custom ops), each None for MindSpore ops: the window
-    attention (kernels/window_attention.cc) and the element-wise steps around it
-    (kernels/dit_modulation.cc). `libraries`: the built files' paths, part of a graph's key."""
+    attention with its rotary embedding (kernels/window_attention.cc) and the element-wise steps
+    around it (kernels/dit_modulation.cc). `libraries`: the built files' paths, part of a graph's key."""
     attention: Any = None
     modulated_norm: Any = None
     gated_residual: Any = None
+    gelu_tanh: Any = None
     libraries: tuple = ()
 
     @classmethod
@@ -148,12 +158,8 @@ class DiTKernels(NamedTuple):
             return cls()
         attention, modulation = native_kernels.library(ATTENTION_SOURCE), native_kernels.library(MODULATION_SOURCE)
         return cls(attention_kernel(attention), native_kernels.custom_op(modulation, "ModulatedNorm"),
-                   native_kernels.custom_op(modulation, "GatedResidual"), (attention, modulation))
-
-
-def attention_shape(q, *_):
-    b, h, t, d = q
-    return [b, t, h * d]
+                   native_kernels.custom_op(modulation, "GatedResidual"), native_kernels.custom_op(modulation, "GeluTanh"),
+                   (attention, modulation))
 
 
 class DiTTimestepEmbedding(nn.Cell):
@@ -240,16 +246,15 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=F
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
     linear = mint.nn.functional.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
-    b, t, _ = x.shape
     h = modulated_norm(x, scale_msa, shift_msa, kernels.modulated_norm)
-    q, k, v = (dense(h, w, bias, transposed).reshape(b, t, heads, head_dim).swapaxes(1, 2)
-               for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # the first head only (see rotation_tables)
-    attended = window_attention(q, k, v, window, head_dim**-0.5, kernels.attention)
+    q, k, v = (dense(h, w, bias, transposed) for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
+    # rotary on the first head only (see rotation_tables)
+    attended = rotary_window_attention(q, k, v, cos, sin, window, heads, head_dim, kernels.attention)
     x = gated_residual(x, gate_msa, dense(attended, o_w, o_b, transposed), kernels.gated_residual)
     h = modulated_norm(x, scale_mlp, shift_mlp, kernels.modulated_norm)
-    return gated_residual(x, gate_mlp, dense(P.gelu_tanh(dense(h, up_w, up_b, transposed)), down_w, down_b,
-                                             transposed), kernels.gated_residual)
+    up = dense(h, up_w, up_b, transposed)
+    up = P.gelu_tanh(up) if kernels.gelu_tanh is None else kernels.gelu_tanh(up)
+    return gated_residual(x, gate_mlp, dense(up, down_w, down_b, transposed), kernels.gated_residual)
 
 
 def dense(x, weight, bias, transposed):

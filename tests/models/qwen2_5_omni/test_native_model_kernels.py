@@ -2,10 +2,10 @@
 (themselves at parity with the reference through test_speech.py's BigVGAN and DiT tests, which run
 both ways). BigVGAN's anti-aliased activation: every row length and real length near the edges of
 the filters' padding, rows of a padded window, inputs large enough to need the sine's range
-reduction. The DiT's window attention: every frame count near the block boundaries, padded
+reduction. The DiT's rotary window attention: every frame count near the block boundaries, padded
 lengths, a frame count per row, each layer's window shape; its modulated norm and gated residual:
-per-row and shared modulation, the tiny and the released widths, rows far from zero. Op by op and
-inside a compiled graph."""
+per-row and shared modulation, the tiny and the released widths, rows far from zero; its GELU.
+Op by op and inside a compiled graph."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -13,7 +13,9 @@ from mindspore import Tensor
 
 from mindone_ext.models.qwen2_5_omni.bigvgan import KERNEL_SOURCE, AntiAliasedActivation
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
-                                                 gated_residual, modulated_norm, window_attention)
+                                                 gated_residual, modulated_norm, rotary_window_attention,
+                                                 rotation_tables)
+from mindone_ext.nn import ops as P
 from mindone_ext.nn.device import on_ascend
 from mindone_ext.utils import native_kernels
 from tests.conftest import max_abs_diff
@@ -107,6 +109,15 @@ def attention():
     return attention_kernel(library)
 
 
+def rotary_inputs(rows, length, heads, dim):
+    """Projected q, k, v (rows, length, heads * dim) and the rotary tables of `length` frames (the
+    first head rotated, at frequencies up to those of frames far into a long answer)."""
+    q, k, v = (Tensor(rng.standard_normal((rows, length, heads * dim)).astype(np.float32)) for _ in range(3))
+    angles = np.repeat(np.arange(length, dtype=np.float32)[:, None] * rng.uniform(0, 3, dim // 2), 2, -1)
+    cos, sin = rotation_tables(np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), heads)
+    return q, k, v, Tensor(cos), Tensor(sin)
+
+
 @pytest.mark.parametrize("back, ahead", [(0, 0), (1, 0), (0, 1), (2, 1)])
 def test_window_attention_at_every_frame_count_near_the_block_boundaries(attention, back, ahead):
     heads, dim, block = 2, 8, 24
@@ -115,31 +126,30 @@ def test_window_attention_at_every_frame_count_near_the_block_boundaries(attenti
             # one count for all rows, and one per row (windows of several answers solved together)
             for counts in (frames, [frames, max(1, frames - 5), frames]):
                 rows = 1 if isinstance(counts, int) else len(counts)
-                q, k, v = (Tensor(rng.standard_normal((rows, heads, length, dim)).astype(np.float32))
-                           for _ in range(3))
+                inputs = rotary_inputs(rows, length, heads, dim)
                 window = block_window(counts, block, back, ahead, length)
-                want = window_attention(q, k, v, window, dim**-0.5).asnumpy()
-                got = window_attention(q, k, v, window, dim**-0.5, attention).asnumpy()
+                want = rotary_window_attention(*inputs, window, heads, dim).asnumpy()
+                got = rotary_window_attention(*inputs, window, heads, dim, attention).asnumpy()
                 assert got.shape == want.shape == (rows, length, heads * dim)
                 assert max_abs_diff(got, want) <= 1e-5, (frames, length, counts)
 
 
 def test_window_attention_inside_a_compiled_graph(attention):
-    q, k, v = (Tensor(rng.standard_normal((2, 16, 100, 64)).astype(np.float32)) for _ in range(3))
+    inputs = rotary_inputs(2, 100, 16, 64)  # the released DiT's heads and head size
     window = block_window([100, 61], 24, 2, 1, 100)
 
     @ms.jit
-    def compiled(q, k, v, keys, valid):
-        return window_attention(q, k, v, (keys, valid), 0.125, attention)
+    def compiled(q, k, v, cos, sin, keys, valid):
+        return rotary_window_attention(q, k, v, cos, sin, (keys, valid), 16, 64, attention)
 
-    got = compiled(q, k, v, *window).asnumpy()
-    assert max_abs_diff(got, window_attention(q, k, v, window, 0.125).asnumpy()) <= 1e-5
+    got = compiled(*inputs, *window).asnumpy()
+    assert max_abs_diff(got, rotary_window_attention(*inputs, window, 16, 64).asnumpy()) <= 1e-5
 
 
 @pytest.fixture(scope="module")
 def dit_kernels():
     kernels = DiTKernels.build(ms.float32)
-    assert None not in kernels[:3] and None not in kernels.libraries, "this machine builds the native kernels"
+    assert None not in kernels[:4] and None not in kernels.libraries, "this machine builds the native kernels"
     return kernels
 
 
@@ -159,6 +169,15 @@ def test_modulated_norm_and_gated_residual_equal_the_ops(dit_kernels, rows, shar
             want = gated_residual(x, gate, y).asnumpy()
             got = gated_residual(x, gate, y, dit_kernels.gated_residual).asnumpy()
             assert got.shape == want.shape and max_abs_diff(got, want) <= 1e-5 * max(1, np.abs(want).max())
+
+
+def test_gelu_tanh_equals_the_ops(dit_kernels):
+    """Over the range where the sigmoid saturates both ways, zero and the MLP's usual values."""
+    x = np.concatenate([rng.uniform(-60, 60, 2000), rng.standard_normal(2000) * 3, [0.0, -0.0, 1e-30, -1e-30]])
+    x = Tensor(x.astype(np.float32).reshape(4, 1, -1))
+    want, got = P.gelu_tanh(x).asnumpy(), dit_kernels.gelu_tanh(x).asnumpy()
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert max_abs_diff(got, want) <= 1e-5 * max(1, np.abs(want).max())
 
 
 def test_modulated_norm_and_gated_residual_inside_a_compiled_graph(dit_kernels):
