@@ -160,9 +160,28 @@ def pad1d(x, left, right, mode="constant"):
 
 
 def conv_transpose1d(x, weight, bias=None, stride=1, padding=0, groups=1):
-    """torch.nn.functional.conv_transpose1d (weight (C_in, C_out / groups, K)) written as a
-    convolution over the input with stride-1 zeros inserted between samples and the kernel
-    flipped: the same sums, through the portable conv1d on every device."""
+    """torch.nn.functional.conv_transpose1d (weight (C_in, C_out / groups, K))."""
+    if groups == 1 and not on_ascend():
+        return cpu_conv_transpose1d(x, weight, bias, stride, padding)
+    return portable_conv_transpose1d(x, weight, bias, stride, padding, groups)
+
+
+def cpu_conv_transpose1d(x, weight, bias=None, stride=1, padding=0):
+    """`conv_transpose1d` as the CPU's deconvolution kernel (ops.Conv2DTranspose over a height of
+    1): 4-7x faster there than a convolution over the zero-stuffed input (measured at BigVGAN's
+    upsampling layers, tiny and 7B shapes), which multiplies the stride - 1 inserted zeros too."""
+    b, _, length = x.shape
+    c_out, k = weight.shape[1], weight.shape[-1]
+    deconv = ops.Conv2DTranspose(c_out, (1, k), pad_mode="pad", pad=(0, 0, padding, padding), stride=(1, stride))
+    out = deconv(x.expand_dims(2), weight.expand_dims(2), (b, c_out, 1, (length - 1) * stride - 2 * padding + k))
+    out = out.squeeze(2)
+    return out if bias is None else out + bias.reshape(1, -1, 1)
+
+
+def portable_conv_transpose1d(x, weight, bias=None, stride=1, padding=0, groups=1):
+    """`conv_transpose1d` written as a convolution over the input with stride-1 zeros inserted
+    between samples and the kernel flipped: the same sums, through the portable conv1d on every
+    device and for any groups."""
     b, c, length = x.shape
     k = weight.shape[-1]
     if stride > 1:

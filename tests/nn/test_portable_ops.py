@@ -7,6 +7,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindone_ext.nn import ops as P
+from mindone_ext.nn.device import on_ascend
 from tests.conftest import KERNEL_TOLERANCE
 
 rng = np.random.default_rng(0)
@@ -89,16 +90,30 @@ def test_rms_norm_half_precision_keeps_float32_statistics():
     np.testing.assert_allclose(got.asnumpy().astype(np.float32), ref.numpy(), atol=2e-2, rtol=2e-3)
 
 
-@pytest.mark.parametrize("c_in, c_out, k, stride, padding, groups", [(8, 4, 11, 5, 3, 1), (6, 6, 12, 2, 0, 6),
-                                                                     (4, 4, 7, 3, 2, 2)])
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, groups", [(8, 4, 11, 5, 3, 1), (5, 3, 7, 3, 2, 1),
+                                                                     (3, 5, 4, 2, 1, 1), (4, 4, 3, 1, 1, 1),
+                                                                     (6, 6, 12, 2, 0, 6), (4, 4, 7, 3, 2, 2)])
 def test_conv_transpose1d_matches_torch(c_in, c_out, k, stride, padding, groups):
+    """The device's own path, the portable one everywhere, and the CPU's deconvolution where it runs
+    (groups of 1 on the CPU), op by op and compiled."""
     x = rng.standard_normal((2, c_in, 9)).astype(np.float32)
     w = rng.standard_normal((c_in, c_out // groups, k)).astype(np.float32)
     b = rng.standard_normal(c_out).astype(np.float32)
-    got = P.conv_transpose1d(Tensor(x), Tensor(w), Tensor(b), stride, padding, groups).asnumpy()
     want = torch.nn.functional.conv_transpose1d(torch.tensor(x), torch.tensor(w), torch.tensor(b), stride=stride,
                                                 padding=padding, groups=groups).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    def device(x, w, b):
+        return P.conv_transpose1d(x, w, b, stride, padding, groups)
+
+    def portable(x, w, b):
+        return P.portable_conv_transpose1d(x, w, b, stride, padding, groups)
+
+    def cpu(x, w, b):
+        return P.cpu_conv_transpose1d(x, w, b, stride, padding)
+
+    for path in [device, portable] + ([cpu] if groups == 1 and not on_ascend() else []):
+        for run in (path, ms.jit(path)):
+            np.testing.assert_allclose(run(Tensor(x), Tensor(w), Tensor(b)).asnumpy(), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
