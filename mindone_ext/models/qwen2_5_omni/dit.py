@@ -213,7 +213,7 @@ class DiTInputEmbedding(nn.Cell):
             condition_vector = ops.cat((condition_vector, ops.zeros_like(condition_vector)), 0)
         elif drop_audio_cond:
             condition_vector = ops.zeros_like(condition_vector)
-        return self.spk_encoder(condition_vector)
+        return self.spk_encoder.encode(condition_vector)
 
     def construct(self, x, speaker_embedding, condition_vector, code_embed, drop_audio_cond=False,
                   code_embed_uncond=None, apply_cfg=True, voice=None):

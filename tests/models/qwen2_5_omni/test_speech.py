@@ -46,12 +46,16 @@ def test_talker_prefill_and_five_decode_steps(our_model, reference_model):
     assert max_abs_diff(np.stack(steps, 1)[0], want[0, 8:14]) <= 1e-4
 
 
-def test_ecapa_speaker_embedding(parts):
+@pytest.mark.parametrize("rows, frames", [(1, 73), (2, 300)])  # a reference mel; a guided pair of the real length
+def test_ecapa_speaker_embedding(parts, rows, frames):
+    """Op by op and as its stored graph (what the answers run)."""
     ours, ref = parts
-    mel = rng.standard_normal((1, 73, 80)).astype(np.float32)
+    mel = rng.standard_normal((rows, frames, 80)).astype(np.float32)
     with torch.no_grad():
         want = ref.input_embed.spk_encoder(torch.tensor(mel)).numpy()
-    assert_close(ours.input_embed.spk_encoder(Tensor(mel)).asnumpy(), want)
+    encoder = ours.input_embed.spk_encoder
+    assert_close(encoder(Tensor(mel)).asnumpy(), want)
+    assert_close(encoder.encode(Tensor(mel)).asnumpy(), want)
 
 
 def test_dit_rotary_turns_the_first_head_as_the_reference_and_leaves_the_others_bit_for_bit(parts):
