@@ -1,8 +1,9 @@
 // The DiT block's element-wise steps around its attention and MLP (dit.py's modulated_norm,
-// gated_residual and the MLP's GELU) as CPU kernels: the AdaLN-zero modulated layer norm,
-// LayerNorm(x) * (1 + scale) + shift, the gated residual, x + gate * y, and GELU's tanh form, each
-// one pass over the frames where MindSpore ran 6, 3 and 6 kernels (its LayerNorm alone took ~70 us
-// over the tiny checkpoint's 400 x 32 values).
+// gated_residual and gelu_tanh) as CPU kernels: the AdaLN-zero modulated layer norm,
+// LayerNorm(x) * (1 + scale) + shift, the gated residual, x + gate * (y + bias), and GELU's tanh
+// form of x + bias, each one pass over the frames where MindSpore ran 6, 4 and 7 kernels (its
+// LayerNorm alone took ~70 us over the tiny checkpoint's 400 x 32 values). The biases are those of
+// the projections before them, which the graphs then compute without.
 // scale, shift and gate hold one row per batch row, or one row for every batch row.
 #include <cmath>
 #include <cstdint>
@@ -45,44 +46,49 @@ extern "C" int ModulatedNorm(int nparam, void **params, int *ndims, int64_t **sh
   return 0;
 }
 
-// Inputs: x (B, T, D) float32, gate (B or 1, D), y (B, T, D); output (B, T, D).
+// Inputs: x (B, T, D) float32, gate (B or 1, D), y (B, T, D), bias (D,), y's projection's bias (it
+// is added here, where the ops add it after the matmul: the same sum); output (B, T, D).
 extern "C" int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if (nparam != 4 || ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 3) return 1;
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 3 || ndims[3] != 1) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *gate = static_cast<const float *>(params[1]);
   const float *y = static_cast<const float *>(params[2]);
-  float *out = static_cast<float *>(params[3]);
+  const float *bias = static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
   const int64_t frames = shapes[0][1], dim = shapes[0][2], rows = shapes[0][0] * frames;
   const bool shared = shapes[1][0] == 1;
   auto run = [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const float *g = gate + (shared ? 0 : r / frames) * dim, *xr = x + r * dim, *yr = y + r * dim;
       float *o = out + r * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = xr[d] + g[d] * yr[d];
+      for (int64_t d = 0; d < dim; ++d) o[d] = xr[d] + g[d] * (yr[d] + bias[d]);
     }
   };
   native::parallel_ranges(rows, rows * dim, VALUES_PER_THREAD, run);
   return 0;
 }
 
-// GELU's tanh form as nn/ops.py's exact_gelu computes it: x sigmoid(x (c + c 0.044715 x x)), c =
-// 2 sqrt(2 / pi). Input x (any shape); output like it.
+// GELU's tanh form of x + bias (x's projection's bias, added here as for GatedResidual), as
+// nn/ops.py's exact_gelu computes it: h sigmoid(h (c + c 0.044715 h h)), c = 2 sqrt(2 / pi).
+// Inputs: x (..., D), bias (D,); output like x.
 extern "C" int GeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                         void *extra) {
-  if (nparam != 2) return 1;
+  if (nparam != 3 || ndims[1] != 1) return 1;
   const float *x = static_cast<const float *>(params[0]);
-  float *out = static_cast<float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const int64_t dim = shapes[1][0];
   int64_t n = 1;
   for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
   const double c = 2.0 * std::sqrt(2.0 / M_PI);
   const float scale = static_cast<float>(c), cubic = static_cast<float>(c * 0.044715);
-  auto run = [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-      const float u = x[i] * (scale + cubic * x[i] * x[i]);
-      out[i] = x[i] * (1.f / (1.f + std::exp(-u)));
+  auto run = [&](int64_t first, int64_t last) {  // rows first..last
+    for (int64_t i = first * dim; i < last * dim; ++i) {
+      const float h = x[i] + bias[i % dim], u = h * (scale + cubic * h * h);
+      out[i] = h * (1.f / (1.f + std::exp(-u)));
     }
   };
-  native::parallel_ranges(n, n, VALUES_PER_THREAD, run);
+  native::parallel_ranges(n / dim, n, VALUES_PER_THREAD, run);
   return 0;
 }

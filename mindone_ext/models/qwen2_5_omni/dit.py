@@ -45,11 +45,19 @@ def modulated_norm(x, scale, shift, native=None):
     return layer_norm_no_affine(x) * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
 
 
-def gated_residual(x, gate, y, native=None):
-    """x + gate * y; x and y (B, T, D), gate (B or 1, D). `native`: as for `modulated_norm`."""
+def gated_residual(x, gate, y, bias, native=None):
+    """x + gate * (y + bias); x and y (B, T, D), gate (B or 1, D), bias (D,): y's projection's, which
+    the kernel adds itself. `native`: as for `modulated_norm`."""
     if native is not None:
-        return native(x, gate, y)
-    return x + gate.expand_dims(1) * y
+        return native(x, gate, y, bias)
+    return x + gate.expand_dims(1) * (y + bias)
+
+
+def gelu_tanh(x, bias, native=None):
+    """GELU's tanh form of x + bias (x's projection's bias). `native`: as for `modulated_norm`."""
+    if native is not None:
+        return native(x, bias)
+    return P.gelu_tanh(x + bias)
 
 
 def timestep_features(t, dim=256, scale=1000.0):
@@ -102,15 +110,16 @@ def block_window(frames, block_size, back, ahead, length=None):
             Tensor(np.broadcast_to(valid[..., None, :], valid.shape[:-1] + (block_size, width)).copy()))
 
 
-def rotary_window_attention(q, k, v, cos, sin, window, heads, head_dim, native=None):
-    """q, k, v (B, T, heads * head_dim) as projected -> (B, T, heads * head_dim): the queries and
-    keys rotated (`rotate`, by `rotation_tables`' cos and sin), each query block over its key window.
-    `native`: the same as one CPU kernel (`attention_kernel`), or None for MindSpore ops."""
+def rotary_window_attention(q, k, v, biases, cos, sin, window, heads, head_dim, native=None):
+    """q, k, v (B, T, heads * head_dim) as projected, without their `biases` (q's, k's, v's) ->
+    (B, T, heads * head_dim): the queries and keys rotated (`rotate`, by `rotation_tables`' cos and
+    sin), each query block over its key window. `native`: the same as one CPU kernel
+    (`attention_kernel`), or None for MindSpore ops."""
     scale = head_dim**-0.5
     if native is not None:
-        return native(q, k, v, cos, sin, *window, Tensor(np.array([scale], np.float32)))
+        return native(q, k, v, *biases, cos, sin, *window, Tensor(np.array([scale], np.float32)))
     b, t, _ = q.shape
-    q, k, v = (x.reshape(b, t, heads, head_dim).swapaxes(1, 2) for x in (q, k, v))
+    q, k, v = ((x + bias).reshape(b, t, heads, head_dim).swapaxes(1, 2) for x, bias in zip((q, k, v), biases))
     return window_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, window, scale)
 
 
@@ -246,26 +255,26 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=F
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
     linear = mint.nn.functional.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
+    # each projection's bias is added by what follows it (on the CPU, inside its native kernel)
     h = modulated_norm(x, scale_msa, shift_msa, kernels.modulated_norm)
-    q, k, v = (dense(h, w, bias, transposed) for w, bias in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
+    q, k, v = (dense(h, w, transposed) for w in (q_w, k_w, v_w))
     # rotary on the first head only (see rotation_tables)
-    attended = rotary_window_attention(q, k, v, cos, sin, window, heads, head_dim, kernels.attention)
-    x = gated_residual(x, gate_msa, dense(attended, o_w, o_b, transposed), kernels.gated_residual)
+    attended = rotary_window_attention(q, k, v, (q_b, k_b, v_b), cos, sin, window, heads, head_dim, kernels.attention)
+    x = gated_residual(x, gate_msa, dense(attended, o_w, transposed), o_b, kernels.gated_residual)
     h = modulated_norm(x, scale_mlp, shift_mlp, kernels.modulated_norm)
-    up = dense(h, up_w, up_b, transposed)
-    up = P.gelu_tanh(up) if kernels.gelu_tanh is None else kernels.gelu_tanh(up)
-    return gated_residual(x, gate_mlp, dense(up, down_w, down_b, transposed), kernels.gated_residual)
+    up = gelu_tanh(dense(h, up_w, transposed), up_b, kernels.gelu_tanh)
+    return gated_residual(x, gate_mlp, dense(up, down_w, transposed), down_b, kernels.gated_residual)
 
 
-def dense(x, weight, bias, transposed):
-    """x (B, T, in) @ weight.T + bias, `weight` (out, in) as the checkpoint stores it; with
+def dense(x, weight, transposed):
+    """x (B, T, in) @ weight.T (no bias), `weight` (out, in) as the checkpoint stores it; with
     `transposed`, `weight` is given as (in, out). The CPU's MatMul with a transposed right operand
     took 1.5-2x as long at the few hundred rows of a streaming window (7B DiT, 144 rows x 1024 x
     1024: ~3.5 ms against ~2 ms; equal at 2064 rows; measured), so on the CPU the graphs take
     copies laid out (in, out) (Qwen2_5OmniToken2WavModel.graph_weights)."""
     if not transposed:
-        return mint.nn.functional.linear(x, weight, bias)
-    return (ops.matmul(x.reshape(-1, x.shape[-1]), weight) + bias).reshape(x.shape[0], x.shape[1], -1)
+        return mint.nn.functional.linear(x, weight)
+    return ops.matmul(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[0], x.shape[1], -1)
 
 
 EMBED_WEIGHTS, BLOCK_WEIGHTS, OUTPUT_WEIGHTS = 7, 14, 4  # their counts in the DiT's `weights()`

@@ -13,9 +13,8 @@ from mindspore import Tensor
 
 from mindone_ext.models.qwen2_5_omni.bigvgan import KERNEL_SOURCE, AntiAliasedActivation
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
-                                                 gated_residual, modulated_norm, rotary_window_attention,
+                                                 gated_residual, gelu_tanh, modulated_norm, rotary_window_attention,
                                                  rotation_tables)
-from mindone_ext.nn import ops as P
 from mindone_ext.nn.device import on_ascend
 from mindone_ext.utils import native_kernels
 from tests.conftest import max_abs_diff
@@ -110,12 +109,13 @@ def attention():
 
 
 def rotary_inputs(rows, length, heads, dim):
-    """Projected q, k, v (rows, length, heads * dim) and the rotary tables of `length` frames (the
-    first head rotated, at frequencies up to those of frames far into a long answer)."""
+    """Projected q, k, v (rows, length, heads * dim), their biases and the rotary tables of `length`
+    frames (the first head rotated, at frequencies up to those of frames far into a long answer)."""
     q, k, v = (Tensor(rng.standard_normal((rows, length, heads * dim)).astype(np.float32)) for _ in range(3))
+    biases = tuple(Tensor(rng.standard_normal(heads * dim).astype(np.float32)) for _ in range(3))
     angles = np.repeat(np.arange(length, dtype=np.float32)[:, None] * rng.uniform(0, 3, dim // 2), 2, -1)
     cos, sin = rotation_tables(np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), heads)
-    return q, k, v, Tensor(cos), Tensor(sin)
+    return q, k, v, biases, Tensor(cos), Tensor(sin)
 
 
 @pytest.mark.parametrize("back, ahead", [(0, 0), (1, 0), (0, 1), (2, 1)])
@@ -139,8 +139,8 @@ def test_window_attention_inside_a_compiled_graph(attention):
     window = block_window([100, 61], 24, 2, 1, 100)
 
     @ms.jit
-    def compiled(q, k, v, cos, sin, keys, valid):
-        return rotary_window_attention(q, k, v, cos, sin, (keys, valid), 16, 64, attention)
+    def compiled(q, k, v, biases, cos, sin, keys, valid):
+        return rotary_window_attention(q, k, v, biases, cos, sin, (keys, valid), 16, 64, attention)
 
     got = compiled(*inputs, *window).asnumpy()
     assert max_abs_diff(got, rotary_window_attention(*inputs, window, 16, 64).asnumpy()) <= 1e-5
@@ -163,19 +163,21 @@ def test_modulated_norm_and_gated_residual_equal_the_ops(dit_kernels, rows, shar
             y = Tensor(rng.standard_normal((rows, frames, dim)).astype(np.float32))
             scale, shift, gate = (Tensor(rng.standard_normal((1 if shared else rows, dim)).astype(np.float32))
                                   for _ in range(3))
+            bias = Tensor(rng.standard_normal(dim).astype(np.float32))
             want = modulated_norm(x, scale, shift).asnumpy()
             got = modulated_norm(x, scale, shift, dit_kernels.modulated_norm).asnumpy()
             assert got.shape == want.shape and max_abs_diff(got, want) <= 1e-5 * max(1, np.abs(want).max())
-            want = gated_residual(x, gate, y).asnumpy()
-            got = gated_residual(x, gate, y, dit_kernels.gated_residual).asnumpy()
+            want = gated_residual(x, gate, y, bias).asnumpy()
+            got = gated_residual(x, gate, y, bias, dit_kernels.gated_residual).asnumpy()
             assert got.shape == want.shape and max_abs_diff(got, want) <= 1e-5 * max(1, np.abs(want).max())
 
 
 def test_gelu_tanh_equals_the_ops(dit_kernels):
     """Over the range where the sigmoid saturates both ways, zero and the MLP's usual values."""
     x = np.concatenate([rng.uniform(-60, 60, 2000), rng.standard_normal(2000) * 3, [0.0, -0.0, 1e-30, -1e-30]])
-    x = Tensor(x.astype(np.float32).reshape(4, 1, -1))
-    want, got = P.gelu_tanh(x).asnumpy(), dit_kernels.gelu_tanh(x).asnumpy()
+    x = Tensor(x.astype(np.float32).reshape(2, 2, -1))
+    bias = Tensor(rng.standard_normal(x.shape[-1]).astype(np.float32))
+    want, got = gelu_tanh(x, bias).asnumpy(), gelu_tanh(x, bias, dit_kernels.gelu_tanh).asnumpy()
     assert got.shape == want.shape and np.isfinite(got).all()
     assert max_abs_diff(got, want) <= 1e-5 * max(1, np.abs(want).max())
 
@@ -183,11 +185,12 @@ def test_gelu_tanh_equals_the_ops(dit_kernels):
 def test_modulated_norm_and_gated_residual_inside_a_compiled_graph(dit_kernels):
     x, y = (Tensor(rng.standard_normal((2, 100, 64)).astype(np.float32)) for _ in range(2))
     scale, shift, gate = (Tensor(rng.standard_normal((2, 64)).astype(np.float32)) for _ in range(3))
+    bias = Tensor(rng.standard_normal(64).astype(np.float32))
 
     @ms.jit
-    def compiled(x, y, scale, shift, gate):
+    def compiled(x, y, scale, shift, gate, bias):
         h = modulated_norm(x, scale, shift, dit_kernels.modulated_norm)
-        return gated_residual(x, gate, h * y, dit_kernels.gated_residual)
+        return gated_residual(x, gate, gelu_tanh(h * y, bias, dit_kernels.gelu_tanh), bias, dit_kernels.gated_residual)
 
-    want = gated_residual(x, gate, modulated_norm(x, scale, shift) * y)
-    assert max_abs_diff(compiled(x, y, scale, shift, gate).asnumpy(), want.asnumpy()) <= 1e-5
+    want = gated_residual(x, gate, gelu_tanh(modulated_norm(x, scale, shift) * y, bias), bias)
+    assert max_abs_diff(compiled(x, y, scale, shift, gate, bias).asnumpy(), want.asnumpy()) <= 1e-5
