@@ -4,6 +4,7 @@
 // compute): these take 6, 3 and ~30 MindSpore kernels to 1 each.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "attention.h"
@@ -12,6 +13,13 @@
 namespace {
 
 const int64_t VALUES_PER_THREAD = 1 << 16;  // below this a thread costs more than it saves
+
+// Whether the first `n` inputs are float32 (a kernel given another dtype fails rather than misread it).
+bool float32(const char **dtypes, int n) {
+  for (int i = 0; i < n; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
 
 int64_t count(int ndims, const int64_t *shape) {
   int64_t n = 1;
@@ -25,7 +33,7 @@ int64_t count(int ndims, const int64_t *shape) {
 // eps (1,); output like x.
 extern "C" int RMSNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                        void *extra) {
-  if (nparam != 4 || ndims[1] != 1) return 1;
+  if (nparam != 4 || ndims[1] != 1 || !float32(dtypes, 3)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *weight = static_cast<const float *>(params[1]);
   const float eps = *static_cast<const float *>(params[2]);
@@ -36,7 +44,8 @@ extern "C" int RMSNorm(int nparam, void **params, int *ndims, int64_t **shapes, 
       const float *xr = x + r * dim;
       double squares = 0.0;
       for (int64_t d = 0; d < dim; ++d) squares += static_cast<double>(xr[d]) * xr[d];
-      const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(static_cast<float>(squares / dim) + eps)));
+      const float variance = static_cast<float>(squares / dim) + eps;  // float32, as the ops add eps
+      const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(variance)));
       float *o = out + r * dim;
       for (int64_t d = 0; d < dim; ++d) o[d] = weight[d] * (xr[d] * inv);
     }
@@ -49,7 +58,7 @@ extern "C" int RMSNorm(int nparam, void **params, int *ndims, int64_t **shapes, 
 // shape); output like them.
 extern "C" int SiluGate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                         void *extra) {
-  if (nparam != 3) return 1;
+  if (nparam != 3 || !float32(dtypes, 2)) return 1;
   const float *gate = static_cast<const float *>(params[0]);
   const float *up = static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[2]);
@@ -72,7 +81,7 @@ extern "C" int SiluGate(int nparam, void **params, int *ndims, int64_t **shapes,
 // rotated new keys (B * KV, D), which the step writes into the buffer after this reads it.
 extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 13 || ndims[0] != 3 || ndims[3] != 3 || ndims[5] != 2 || ndims[8] != 4) return 1;
+  if (nparam != 13 || ndims[0] != 3 || ndims[3] != 3 || ndims[5] != 2 || ndims[8] != 4 || !float32(dtypes, 7)) return 1;
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);

@@ -56,6 +56,17 @@ def test_silu_gate(kernels):
                         gated_unit(Tensor(gate), Tensor(up), "gelu").asnumpy()) == 0
 
 
+def test_a_kernel_given_another_dtype_fails_rather_than_misreads_it(kernels):
+    """A cache may be allocated in another dtype than the decoder's float32 weights."""
+    inputs, buffers, step, _ = decode_case(2, 1, 16)
+    half = tuple(Parameter(Tensor(b.astype(np.float16)), name=f"h{i}", requires_grad=False)
+                 for i, b in enumerate(buffers))
+    with pytest.raises(RuntimeError, match="DecodeAttention"):
+        decode_attention(*inputs, (2, 1, 16, False), half, step, kernels.decode_attention).asnumpy()
+    with pytest.raises(RuntimeError, match="RMSNorm"):
+        rms_norm(Tensor(np.ones((2, 8), np.float16)), Tensor(np.ones(8, np.float16)), 1e-6, kernels.rms_norm).asnumpy()
+
+
 SLOTS = 8
 # (row of the buffer, start): out of order, the first and last slots and those beside them, a
 # padding row (its start past the last slot, nothing valid: attends uniformly, writes slot 0 of

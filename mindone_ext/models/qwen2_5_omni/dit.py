@@ -166,9 +166,9 @@ class DiTKernels(NamedTuple):
         if dtype != ms.float32:
             return cls()
         attention, modulation = native_kernels.library(ATTENTION_SOURCE), native_kernels.library(MODULATION_SOURCE)
-        return cls(attention_kernel(attention), native_kernels.custom_op(modulation, "ModulatedNorm"),
-                   native_kernels.custom_op(modulation, "GatedResidual"), native_kernels.custom_op(modulation, "GeluTanh"),
-                   (attention, modulation))
+        element_wise = [native_kernels.custom_op(modulation, name) for name in ("ModulatedNorm", "GatedResidual",
+                                                                                 "GeluTanh")]
+        return cls(attention_kernel(attention), *element_wise, (attention, modulation))
 
 
 class DiTTimestepEmbedding(nn.Cell):

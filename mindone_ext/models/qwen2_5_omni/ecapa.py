@@ -131,7 +131,8 @@ class AttentiveStatisticsPooling(nn.Cell):
         uniform = ops.ones((x.shape[0], 1, t), x.dtype) / t  # every frame is valid: equal weights
         mean, std = self.statistics(x, uniform)
         context = ops.cat((x, ops.tile(mean.expand_dims(2), (1, 1, t)), ops.tile(std.expand_dims(2), (1, 1, t))), 1)
-        attention = ops.softmax(self.conv.apply(ops.tanh(self.tdnn.apply(context, weights[:2])), weights[2], weights[3]), 2)
+        scores = self.conv.apply(ops.tanh(self.tdnn.apply(context, weights[:2])), weights[2], weights[3])
+        attention = ops.softmax(scores, 2)
         mean, std = self.statistics(x, attention)
         return ops.cat((mean, std), 1).expand_dims(2)
 
