@@ -70,41 +70,56 @@ extern "C" int SiluGate(int nparam, void **params, int *ndims, int64_t **shapes,
   return 0;
 }
 
-// One decode step's attention (nn/decoder.py's attend with a cache, one token per row): the new
-// query and key rotated (x cos + rotate_half(x) sin), each query head's scores over its row's past
+// One decode step's attention (nn/decoder.py's attend with a cache, one token per row): the
+// projections' biases added, the new query and key rotated (x cos + rotate_half(x) sin), each
+// query head's scores over its row's past
 // slots in the cache (read where they lie) and over the new key, masked slots at float32's lowest
 // value, the softmax and the weighted values. Grouped-query: head h reads KV head h / (H / KV).
-// Inputs: q (B, 1, H * D), k and v (B, 1, KV * D) as projected; cos, sin (B, 1, D); the layer's
-// key and value buffers (rows x KV x slots, D); rows (B,) int32, the buffer row of each batch row;
-// mask (B, 1, 1, span + 1) bool, the past slots 0..span-1 a query sees, then the new key; scale
-// (1,) float32; slots (1,) int32, the buffer's slots per row. Outputs: (B, 1, H * D), and the
-// rotated new keys (B * KV, D), which the step writes into the buffer after this reads it.
+// Inputs: q (B, 1, H * D), k and v (B, 1, KV * D) as projected, without their biases; the biases
+// of q (H * D,), k and v (KV * D,); cos, sin (B, 1, D); the layer's key and value buffers (rows x
+// KV x slots, D); rows (B,) int32, the buffer row of each batch row; mask (B, 1, 1, span + 1) bool,
+// the past slots 0..span-1 a query sees, then the new key; scale (1,) float32; slots (1,) int32,
+// the buffer's slots per row. Outputs: (B, 1, H * D), and the new keys (biased and rotated) and
+// values (biased) as (B * KV, D), which the step writes into the buffers after this reads them.
 extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 13 || ndims[0] != 3 || ndims[3] != 3 || ndims[5] != 2 || ndims[8] != 4 || !float32(dtypes, 7)) return 1;
+  if (nparam != 17 || ndims[0] != 3 || ndims[6] != 3 || ndims[8] != 2 || ndims[11] != 4 || !float32(dtypes, 10)) {
+    return 1;
+  }
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
-  const float *cos = static_cast<const float *>(params[3]);
-  const float *sin = static_cast<const float *>(params[4]);
-  const float *keys = static_cast<const float *>(params[5]);
-  const float *values = static_cast<const float *>(params[6]);
-  const int32_t *rows = static_cast<const int32_t *>(params[7]);
-  const bool *mask = static_cast<const bool *>(params[8]);
-  const float scale = *static_cast<const float *>(params[9]);
-  const int64_t slots = *static_cast<const int32_t *>(params[10]);
-  float *out = static_cast<float *>(params[11]);
-  float *k_rotated = static_cast<float *>(params[12]);
-  const int64_t batch = shapes[0][0], dim = shapes[3][2];
+  const float *q_bias = static_cast<const float *>(params[3]);
+  const float *k_bias = static_cast<const float *>(params[4]);
+  const float *v_bias = static_cast<const float *>(params[5]);
+  const float *cos = static_cast<const float *>(params[6]);
+  const float *sin = static_cast<const float *>(params[7]);
+  const float *keys = static_cast<const float *>(params[8]);
+  const float *values = static_cast<const float *>(params[9]);
+  const int32_t *rows = static_cast<const int32_t *>(params[10]);
+  const bool *mask = static_cast<const bool *>(params[11]);
+  const float scale = *static_cast<const float *>(params[12]);
+  const int64_t slots = *static_cast<const int32_t *>(params[13]);
+  float *out = static_cast<float *>(params[14]);
+  float *k_new = static_cast<float *>(params[15]);
+  float *v_new = static_cast<float *>(params[16]);
+  const int64_t batch = shapes[0][0], dim = shapes[6][2];
   const int64_t heads = shapes[0][2] / dim, kv_heads = shapes[1][2] / dim, group = heads / kv_heads;
-  const int64_t span = shapes[8][3] - 1, half = dim / 2;
-  auto rotate = [&](const float *x, const float *c, const float *s, float *to) {
-    for (int64_t d = 0; d < dim; ++d) to[d] = x[d] * c[d] + (d < half ? -x[d + half] : x[d - half]) * s[d];
+  const int64_t span = shapes[11][3] - 1, half = dim / 2;
+  // x + bias rotated: (x + bias) cos + rotate_half(x + bias) sin
+  auto rotate = [&](const float *x, const float *bias, const float *c, const float *s, float *to) {
+    for (int64_t d = 0; d < dim; ++d) {
+      const float turned = d < half ? -(x[d + half] + bias[d + half]) : x[d - half] + bias[d - half];
+      to[d] = (x[d] + bias[d]) * c[d] + turned * s[d];
+    }
   };
-  // the new keys rotated first: each pair below reads its own as the last key
+  // the new keys and values first: each pair below reads its own as the last key
   for (int64_t b = 0; b < batch; ++b)
-    for (int64_t g = 0; g < kv_heads; ++g)
-      rotate(k + (b * kv_heads + g) * dim, cos + b * dim, sin + b * dim, k_rotated + (b * kv_heads + g) * dim);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const int64_t at = (b * kv_heads + g) * dim;
+      rotate(k + at, k_bias + g * dim, cos + b * dim, sin + b * dim, k_new + at);
+      for (int64_t d = 0; d < dim; ++d) v_new[at + d] = v[at + d] + v_bias[g * dim + d];
+    }
   auto run = [&](int64_t first, int64_t last) {  // (batch row, KV head) pairs first..last
     std::vector<float> p(span + 1), qr(dim);
     for (int64_t pair = first; pair < last; ++pair) {
@@ -112,10 +127,10 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
       const bool *seen = mask + b * (span + 1);
       const int64_t base = (static_cast<int64_t>(rows[b]) * kv_heads + g) * slots * dim;
       const float *kp = keys + base, *vp = values + base;
-      const float *kn = k_rotated + pair * dim, *vn = v + pair * dim;
+      const float *kn = k_new + pair * dim, *vn = v_new + pair * dim;
       for (int64_t r = 0; r < group; ++r) {
         const int64_t h = g * group + r;
-        rotate(q + (b * heads + h) * dim, cos + b * dim, sin + b * dim, qr.data());
+        rotate(q + (b * heads + h) * dim, q_bias + h * dim, cos + b * dim, sin + b * dim, qr.data());
         native::attend_query(
             qr.data(), dim, span + 1, seen, scale, [&](int64_t j) { return j < span ? kp + j * dim : kn; },
             [&](int64_t j) { return j < span ? vp + j * dim : vn; }, p.data(), out + (b * heads + h) * dim);

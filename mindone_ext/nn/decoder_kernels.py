@@ -19,12 +19,13 @@ from .kv_cache import write_step
 SOURCE = native_kernels.source("decoder_step.cc")
 
 
-def _attention_shapes(q, k, v, cos, *_):
-    return [q[0], 1, q[2]], [k[0] * k[2] // cos[2], cos[2]]
+def _attention_shapes(q, k, v, q_bias, k_bias, v_bias, cos, *_):
+    new = [k[0] * k[2] // cos[2], cos[2]]
+    return [q[0], 1, q[2]], new, new
 
 
 def _attention_dtypes(q, *_):
-    return q, q
+    return q, q, q
 
 
 class DecoderKernels(NamedTuple):
@@ -61,13 +62,14 @@ def gated_unit(gate, up, act, native=None):
     return P.activation(act)(gate) * up
 
 
-def decode_attention(q, k, v, cos, sin, mask, heads, past, step, native):
+def decode_attention(q, k, v, biases, cos, sin, mask, heads, past, step, native):
     """nn/decoder.py's `attend` for a decode step (one token per row, `past` the layer's buffers)
-    as one native kernel: q (B, 1, H * D), k and v (B, 1, KV * D) as projected; `step` as for
-    kv_cache, its rows those of the buffers (also for a pool stepped whole). The new keys and
-    values are written after the kernel has read the past. Returns (B, 1, H * D)."""
+    as one native kernel: q (B, 1, H * D), k and v (B, 1, KV * D) as projected, without their
+    `biases` (q's, k's, v's), which the kernel adds; `step` as for kv_cache, its rows those of the
+    buffers (also for a pool stepped whole). The new keys and values are written after the kernel
+    has read the past. Returns (B, 1, H * D)."""
     rows, view = step[0], step[1]
-    out, rotated = native(q, k, v, cos, sin, past[0], past[1], rows, mask,
-                          Tensor(np.array([heads[2] ** -0.5], np.float32)), Tensor(np.array([view[2]], np.int32)))
-    out = ops.depend(out, write_step(past[0], rotated, step))
-    return ops.depend(out, write_step(past[1], v.reshape(-1, heads[2]), step))
+    out, keys, values = native(q, k, v, *biases, cos, sin, past[0], past[1], rows, mask,
+                               Tensor(np.array([heads[2] ** -0.5], np.float32)), Tensor(np.array([view[2]], np.int32)))
+    out = ops.depend(out, write_step(past[0], keys, step))
+    return ops.depend(out, write_step(past[1], values, step))

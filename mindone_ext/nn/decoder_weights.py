@@ -5,8 +5,9 @@ a graph without parameters can be stored on disk and loaded by a later process
 nn/lora.py), op for op."""
 from typing import NamedTuple, Optional, Tuple
 
+import numpy as np
 import mindspore as ms
-from mindspore import mint
+from mindspore import Tensor, mint
 
 from .decoder import Qwen2DecoderLayer, attend
 from .decoder_kernels import DecoderKernels, decode_attention, gated_unit, rms_norm
@@ -90,12 +91,18 @@ def split_layer(weights, kind):
     return weights[0], weights[1], out
 
 
-def project(x, w, p):
-    """A Linear, or a LoraLinear without dropout, as a function of its weights (same arithmetic)."""
-    out = _linear(x, w[0], w[1] if p.bias else None)
+def project(x, w, p, biased=True):
+    """A Linear, or a LoraLinear without dropout, as a function of its weights (same arithmetic);
+    without its bias when not `biased` (see `bias_of`)."""
+    out = _linear(x, w[0], w[1] if p.bias and biased else None)
     if p.scaling is None:
         return out
     return out + (_linear(_linear(x.astype(ms.float32), w[-2]), w[-1]) * p.scaling).astype(out.dtype)
+
+
+def bias_of(w, p):
+    """A projection's bias (zeros, a constant of the graph, for one without)."""
+    return w[1] if p.bias else Tensor(np.zeros(w[0].shape[0], np.float32), w[0].dtype)
 
 
 def decoder_layer(x, cos, sin, mask, weights, kind, past=None, step=None, kernels=DecoderKernels()):
@@ -105,10 +112,14 @@ def decoder_layer(x, cos, sin, mask, weights, kind, past=None, step=None, kernel
     proj = kind.projections
     heads = (kind.heads, kind.kv_heads, kind.head_dim, kind.flash)
     a = rms_norm(x, norm1, kind.eps, kernels.rms_norm)
-    q, k, v = project(a, w[0], proj[0]), project(a, w[1], proj[1]), project(a, w[2], proj[2])
     if kernels.decode_attention is not None and past is not None and x.shape[1] == 1:
-        o = decode_attention(q, k, v, cos, sin, mask, heads, past, step, kernels.decode_attention)
+        # the kernel adds the projections' biases itself
+        q, k, v = (project(a, w[0], proj[0], False), project(a, w[1], proj[1], False),
+                   project(a, w[2], proj[2], False))
+        o = decode_attention(q, k, v, (bias_of(w[0], proj[0]), bias_of(w[1], proj[1]), bias_of(w[2], proj[2])),
+                             cos, sin, mask, heads, past, step, kernels.decode_attention)
     else:
+        q, k, v = project(a, w[0], proj[0]), project(a, w[1], proj[1]), project(a, w[2], proj[2])
         o = attend(q, k, v, cos, sin, mask, heads, past, step)
     x = x + project(o, w[3], proj[3])
     m = rms_norm(x, norm2, kind.eps, kernels.rms_norm)

@@ -58,11 +58,12 @@ def test_silu_gate(kernels):
 
 def test_a_kernel_given_another_dtype_fails_rather_than_misreads_it(kernels):
     """A cache may be allocated in another dtype than the decoder's float32 weights."""
-    inputs, buffers, step, _ = decode_case(2, 1, 16)
+    (q, k, v, cos, sin, mask), biases, buffers, step, _ = decode_case(2, 1, 16)
     half = tuple(Parameter(Tensor(b.astype(np.float16)), name=f"h{i}", requires_grad=False)
                  for i, b in enumerate(buffers))
     with pytest.raises(RuntimeError, match="DecodeAttention"):
-        decode_attention(*inputs, (2, 1, 16, False), half, step, kernels.decode_attention).asnumpy()
+        decode_attention(q, k, v, biases, cos, sin, mask, (2, 1, 16, False), half, step,
+                         kernels.decode_attention).asnumpy()
     with pytest.raises(RuntimeError, match="RMSNorm"):
         rms_norm(Tensor(np.ones((2, 8), np.float16)), Tensor(np.ones(8, np.float16)), 1e-6, kernels.rms_norm).asnumpy()
 
@@ -75,8 +76,9 @@ ROWS = [(3, 0), (0, 1), (5, SLOTS - 2), (1, SLOTS - 1), (2, 4), (6, SLOTS)]
 
 
 def decode_case(heads, kv_heads, dim):
-    """Inputs of one decode step over a pool of 7 rows (the last the spare one) and the step's plan,
-    as CachePool.run makes them."""
+    """Inputs of one decode step over a pool of 7 rows (the last the spare one): q, k, v as projected
+    without their biases, cos, sin, mask; the biases; the buffers; the step's plan, as CachePool.run
+    makes it; the flat slots written."""
     b, total = len(ROWS), 7
     rows = np.array([r for r, _ in ROWS], np.int32)
     starts = np.array([s for _, s in ROWS])
@@ -89,35 +91,36 @@ def decode_case(heads, kv_heads, dim):
     angles = rng.uniform(-50, 50, (b, 1, dim)).astype(np.float32)
     inputs = [Tensor(rng.standard_normal((b, 1, n * dim)).astype(np.float32)) for n in (heads, kv_heads, kv_heads)]
     inputs += [Tensor(np.cos(angles)), Tensor(np.sin(angles)), Tensor(step_mask(valid[rows], starts, 1))]
+    biases = tuple(Tensor(rng.standard_normal(n * dim).astype(np.float32)) for n in (heads, kv_heads, kv_heads))
     buffers = [rng.standard_normal((total * kv_heads * SLOTS, dim)).astype(np.float32) for _ in range(2)]
     head = np.arange(kv_heads)[None, :]
     slot = np.where(starts < SLOTS, starts, 0)[:, None]
     slots = ((rows[:, None] * kv_heads + head) * SLOTS + slot).reshape(-1).astype(np.int32)
     step = (Tensor(rows), (total, kv_heads, SLOTS, dim), SLOTS, Tensor(np.arange(b * kv_heads, dtype=np.int32)),
             Tensor(slots))
-    return inputs, buffers, step, slots
+    return inputs, biases, buffers, step, slots
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(2, 1, 16), (4, 2, 16), (3, 3, 64), (7, 1, 128)])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_decode_attention(kernels, heads, kv_heads, dim, compiled):
-    inputs, buffers, step, written = decode_case(heads, kv_heads, dim)
+    inputs, biases, buffers, step, written = decode_case(heads, kv_heads, dim)
     shape = (heads, kv_heads, dim, False)
     results = []
     for native in (kernels.decode_attention, None):
         past = tuple(Parameter(Tensor(b.copy()), name=f"p{i}", requires_grad=False) for i, b in enumerate(buffers))
 
-        def run(q, k, v, cos, sin, mask, keys, values):
+        def run(q, k, v, cos, sin, mask, biases, keys, values):
             if native is None:
-                return attend(q, k, v, cos, sin, mask, shape, (keys, values), step)
-            return decode_attention(q, k, v, cos, sin, mask, shape, (keys, values), step, native)
+                return attend(q + biases[0], k + biases[1], v + biases[2], cos, sin, mask, shape, (keys, values), step)
+            return decode_attention(q, k, v, biases, cos, sin, mask, shape, (keys, values), step, native)
 
-        out = (ms.jit(run) if compiled else run)(*inputs, *past)
+        out = (ms.jit(run) if compiled else run)(*inputs, biases, *past)
         results.append((out.asnumpy(), past[0].asnumpy(), past[1].asnumpy()))
     (got, got_keys, got_values), (want, want_keys, want_values) = results
     assert got.shape == want.shape == (len(ROWS), 1, heads * dim)
     assert max_abs_diff(got, want) <= 1e-5
-    # the rotated new keys and the values land in the same slots; no other slot moves
+    # the biased rotated new keys and the biased values land in the same slots; no other slot moves
     assert max_abs_diff(got_keys, want_keys) <= 1e-6 and max_abs_diff(got_values, want_values) == 0
     for after, before in ((want_keys, buffers[0]), (want_values, buffers[1])):
         assert set(np.flatnonzero(np.abs(after - before).max(-1) > 0)) == set(written)
