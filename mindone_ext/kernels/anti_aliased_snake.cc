@@ -4,6 +4,10 @@
 // runs the same as ~20 kernels, each reading and writing the row at twice its rate; here a row stays
 // in the cache. Only the first `valid` samples of a row are real (the rest is a graph's padding):
 // they are computed as if the row ended there, and the samples past them are written as zeros.
+// Rows are laid out (B, C, n) or (B, C, 1, n) (the vocoder's convolutions run over a height of 1).
+// Variants fold in what BigVGAN's residual units do around an activation, each one kernel instead
+// of two or three: the bias of the convolution before it, and the residual sum x + y + bias that
+// feeds the next unit's activation.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,12 +35,12 @@ struct Buffers {
   std::vector<float> padded, even, odd;
 };
 
-// One row of n samples, the first v real. taps: the 12-tap filter.
-void activate_row(const float *x, int64_t n, int64_t v, float alpha, float inv_beta, const float *taps, float *out,
-                  Buffers &b) {
-  // padded[i + 3] = x[clip(i, 0, v - 1)] for i = -3 .. v + 2: what the upsampling reads
+// One row of n samples, the first v real, each plus `shift`. taps: the 12-tap filter.
+void activate_row(const float *x, float shift, int64_t n, int64_t v, float alpha, float inv_beta, const float *taps,
+                  float *out, Buffers &b) {
+  // padded[i + 3] = x[clip(i, 0, v - 1)] + shift for i = -3 .. v + 2: what the upsampling reads
   b.padded.resize(v + 6);
-  for (int64_t i = 0; i < v + 6; ++i) b.padded[i] = x[std::min(std::max<int64_t>(i - 3, 0), v - 1)];
+  for (int64_t i = 0; i < v + 6; ++i) b.padded[i] = x[std::min(std::max<int64_t>(i - 3, 0), v - 1)] + shift;
   // The upsampled row s (2v samples) through its replicate padding (5 before, 6 after), split by
   // parity for the stride-2 filter: even[i] = s[clip(2i - 5)], odd[i] = s[clip(2i - 4)].
   // So s[2q] lands in odd[q + 2] and s[2q + 1] in even[q + 3].
@@ -69,21 +73,23 @@ void activate_row(const float *x, int64_t n, int64_t v, float alpha, float inv_b
 
 const int64_t SAMPLES_PER_THREAD = 1 << 15;  // below this a thread costs more than it saves
 
-}  // namespace
+// The rows of a (B, C, n) or (B, C, 1, n) input, or false for another shape.
+bool row_layout(int ndims, const int64_t *shape, int64_t *channels, int64_t *n, int64_t *rows) {
+  if (ndims != 3 && !(ndims == 4 && shape[2] == 1)) return false;
+  *channels = shape[1];
+  *n = shape[ndims - 1];
+  *rows = shape[0] * shape[1];
+  return true;
+}
 
-// MindSpore's AOT custom-op entry. Inputs: x (B, C, n) float32, valid (int32, one value), alpha (C,)
-// and beta (C,) as the checkpoint holds them (logs: the kernel takes e^alpha and 1 / (e^beta + 1e-9)
-// per channel, which as graph ops were 4 kernels per activation), taps (12,); output (B, C, n).
-extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
-  if (nparam != 6 || ndims[0] != 3) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *log_alpha = static_cast<const float *>(params[2]);
-  const float *log_beta = static_cast<const float *>(params[3]);
-  const float *taps = static_cast<const float *>(params[4]);
-  float *out = static_cast<float *>(params[5]);
-  const int64_t channels = shapes[0][1], n = shapes[0][2], rows = shapes[0][0] * channels;
-  const int64_t v = std::min(std::max<int64_t>(*static_cast<const int32_t *>(params[1]), 1), n);
+// Activations of `rows` rows of x (each plus bias[channel] when bias is given; y added first when
+// given, the sum written to `sum`). valid: int32, one value; log_alpha, log_beta (C,) as the
+// checkpoint holds them (the kernel takes e^alpha and 1 / (e^beta + 1e-9) per channel, which as
+// graph ops were 4 kernels per activation); taps (12,).
+void activate(const float *x, const float *y, const float *bias, float *sum, const void *valid,
+              const float *log_alpha, const float *log_beta, const float *taps, float *out, int64_t channels,
+              int64_t n, int64_t rows) {
+  const int64_t v = std::min(std::max<int64_t>(*static_cast<const int32_t *>(valid), 1), n);
   std::vector<float> alpha(channels), inv_beta(channels);
   for (int64_t c = 0; c < channels; ++c) {
     alpha[c] = std::exp(log_alpha[c]);
@@ -91,9 +97,66 @@ extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t *
   }
   auto run = [&](int64_t first, int64_t last) {
     Buffers buffers;
-    for (int64_t r = first; r < last; ++r)
-      activate_row(x + r * n, n, v, alpha[r % channels], inv_beta[r % channels], taps, out + r * n, buffers);
+    for (int64_t r = first; r < last; ++r) {
+      const int64_t c = r % channels;
+      const float *row = x + r * n;
+      float shift = bias ? bias[c] : 0.f;
+      if (y) {
+        for (int64_t t = 0; t < n; ++t) sum[r * n + t] = row[t] + y[r * n + t] + shift;
+        row = sum + r * n;
+        shift = 0.f;
+      }
+      activate_row(row, shift, n, v, alpha[c], inv_beta[c], taps, out + r * n, buffers);
+    }
   };
   native::parallel_ranges(rows, rows * v, SAMPLES_PER_THREAD, run);
+}
+
+}  // namespace
+
+// MindSpore's AOT custom-op entries. AntiAliasedSnake: x, valid, alpha, beta, taps -> out (x's shape).
+extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  int64_t channels, n, rows;
+  if (nparam != 6 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows)) return 1;
+  activate(static_cast<const float *>(params[0]), nullptr, nullptr, nullptr, params[1],
+           static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+           static_cast<const float *>(params[4]), static_cast<float *>(params[5]), channels, n, rows);
+  return 0;
+}
+
+// BiasedAntiAliasedSnake: x, bias (C,), valid, alpha, beta, taps -> the activation of x + bias.
+extern "C" int BiasedAntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  int64_t channels, n, rows;
+  if (nparam != 7 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows)) return 1;
+  activate(static_cast<const float *>(params[0]), nullptr, static_cast<const float *>(params[1]), nullptr, params[2],
+           static_cast<const float *>(params[3]), static_cast<const float *>(params[4]),
+           static_cast<const float *>(params[5]), static_cast<float *>(params[6]), channels, n, rows);
+  return 0;
+}
+
+// ResidualAntiAliasedSnake: x, y, bias (C,), valid, alpha, beta, taps -> (x + y + bias, its activation).
+extern "C" int ResidualAntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                        void *stream, void *extra) {
+  int64_t channels, n, rows;
+  if (nparam != 9 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows)) return 1;
+  activate(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<const float *>(params[2]), static_cast<float *>(params[7]), params[3],
+           static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
+           static_cast<const float *>(params[6]), static_cast<float *>(params[8]), channels, n, rows);
+  return 0;
+}
+
+// BiasedResidual: x, y, bias (C,) -> x + y + bias (a residual unit's last sum, no activation after it).
+extern "C" int BiasedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  int64_t channels, n, rows;
+  if (nparam != 4 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows)) return 1;
+  const float *x = static_cast<const float *>(params[0]), *y = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < n; ++t) out[r * n + t] = x[r * n + t] + y[r * n + t] + bias[r % channels];
   return 0;
 }

@@ -1,7 +1,7 @@
 """Parameter-holding layers whose attribute names match the Hugging Face checkpoints
 (`weight`, `bias`), so weights load by name."""
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn
+from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import Zero
 
 from . import ops as P
@@ -38,6 +38,14 @@ class Conv1d(nn.Cell):
     def apply(self, x, weight, bias):
         """This convolution with the given weights (a graph that takes weights as inputs calls it)."""
         return P.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def apply_rows(self, x, weight, bias=None):
+        """`apply` (stride 1, groups 1) on rows laid out (B, C, 1, L): the CPU's convolutions are 2-D,
+        so a stack of them keeps this layout instead of reshaping around each (P.cpu_conv_rows)."""
+        if self.stride != 1 or self.groups != 1:
+            raise ValueError(f"apply_rows takes stride 1 and groups 1, this layer has {self.stride} and {self.groups}")
+        out = P.cpu_conv_rows(x, weight, self.padding, self.dilation)
+        return out if bias is None else ops.bias_add(out, bias)
 
 
 class LayerNorm(nn.Cell):

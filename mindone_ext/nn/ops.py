@@ -170,12 +170,31 @@ def cpu_conv_transpose1d(x, weight, bias=None, stride=1, padding=0):
     """`conv_transpose1d` as the CPU's deconvolution kernel (ops.Conv2DTranspose over a height of
     1): 4-7x faster there than a convolution over the zero-stuffed input (measured at BigVGAN's
     upsampling layers, tiny and 7B shapes), which multiplies the stride - 1 inserted zeros too."""
-    b, _, length = x.shape
+    out = cpu_conv_transpose_rows(x.expand_dims(2), weight, stride, padding).squeeze(2)
+    return out if bias is None else out + bias.reshape(1, -1, 1)
+
+
+def cpu_conv_transpose_rows(x, weight, stride=1, padding=0):
+    """`cpu_conv_transpose1d` (no bias) of rows laid out (B, C_in, 1, L), as `cpu_conv_rows`."""
+    b, _, _, length = x.shape
     c_out, k = weight.shape[1], weight.shape[-1]
     deconv = ops.Conv2DTranspose(c_out, (1, k), pad_mode="pad", pad=(0, 0, padding, padding), stride=(1, stride))
-    out = deconv(x.expand_dims(2), weight.expand_dims(2), (b, c_out, 1, (length - 1) * stride - 2 * padding + k))
-    out = out.squeeze(2)
-    return out if bias is None else out + bias.reshape(1, -1, 1)
+    return deconv(x, _with_height(weight), (b, c_out, 1, (length - 1) * stride - 2 * padding + k))
+
+
+def cpu_conv_rows(x, weight, padding=0, dilation=1):
+    """torch's conv1d (stride 1, no bias, groups 1) of rows laid out (B, C_in, 1, L), weight
+    (C_out, C_in, K) or already (C_out, C_in, 1, K), as the CPU's Conv2D over a height of 1: a stack
+    of such layers keeps its rows 4-D between them instead of reshaping around each (two kernels of
+    a graph per layer; a graph given 4-D weights reshapes none of them either)."""
+    conv = ops.Conv2D(weight.shape[0], (1, weight.shape[-1]), pad_mode="pad", pad=(0, 0, padding, padding),
+                      dilation=(1, dilation))
+    return conv(x, _with_height(weight))
+
+
+def _with_height(weight):
+    """A 1-D convolution's weight (A, B, K) as the 2-D kernel's (A, B, 1, K)."""
+    return weight if weight.ndim == 4 else weight.expand_dims(2)
 
 
 def portable_conv_transpose1d(x, weight, bias=None, stride=1, padding=0, groups=1):

@@ -116,6 +116,34 @@ def test_conv_transpose1d_matches_torch(c_in, c_out, k, stride, padding, groups)
             np.testing.assert_allclose(run(Tensor(x), Tensor(w), Tensor(b)).asnumpy(), want, atol=1e-5)
 
 
+@pytest.mark.skipif(on_ascend(), reason="the CPU's layout of BigVGAN's rows (Ascend runs conv1d)")
+@pytest.mark.parametrize("c_in, c_out, k, padding, dilation", [(8, 4, 7, 3, 1), (4, 4, 3, 3, 3), (5, 3, 7, 15, 5),
+                                                                (3, 1, 7, 3, 1), (2, 2, 1, 0, 1)])
+def test_convolutions_on_rows_match_torch(c_in, c_out, k, padding, dilation):
+    """conv1d and conv_transpose1d on rows laid out (B, C, 1, L), weights (A, B, K) or already
+    (A, B, 1, K), op by op and compiled."""
+    x = rng.standard_normal((2, c_in, 23)).astype(np.float32)
+    w = rng.standard_normal((c_out, c_in, k)).astype(np.float32)
+    want = torch.nn.functional.conv1d(torch.tensor(x), torch.tensor(w), padding=padding, dilation=dilation).numpy()
+    stride = dilation + 1  # the transposed convolution's stride, padding below its kernel
+    wt = rng.standard_normal((c_in, c_out, k + stride)).astype(np.float32)
+    want_t = torch.nn.functional.conv_transpose1d(torch.tensor(x), torch.tensor(wt), stride=stride,
+                                                  padding=padding // 2).numpy()
+
+    def conv(x, w):
+        return P.cpu_conv_rows(x, w, padding, dilation)
+
+    def transposed(x, w):
+        return P.cpu_conv_transpose_rows(x, w, stride, padding // 2)
+
+    for weight, weight_t in ((w, wt), (w[:, :, None], wt[:, :, None])):
+        for run, run_t in ((conv, transposed), (ms.jit(conv), ms.jit(transposed))):
+            got = run(Tensor(x[:, :, None]), Tensor(weight)).asnumpy()
+            np.testing.assert_allclose(got[:, :, 0], want, atol=1e-5)
+            got_t = run_t(Tensor(x[:, :, None]), Tensor(weight_t)).asnumpy()
+            np.testing.assert_allclose(got_t[:, :, 0], want_t, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
 def test_pad1d_matches_torch(mode):
     got = P.pad1d(Tensor(X), 2, 3, mode).asnumpy()

@@ -137,7 +137,6 @@ class Vocoder:
         padded[0, :, :frames] = mel.T
         with compiling(None if width in self.compiled_widths else f"the vocoder for {width} mel frames"):
             self.compiled_widths.add(width)
-            # Tensor(p): the same storage as the parameter, as a graph input
-            weights = ms.mutable(tuple(Tensor(w) for w in self.bigvgan.weights()))
+            weights = ms.mutable(self.bigvgan.graph_weights())
             wav = self._graph(Tensor(padded), Tensor(frames, ms.int32), weights)
             return wav.asnumpy().reshape(-1)[:frames * self.bigvgan.hop].astype(np.float32)

@@ -2,7 +2,8 @@
 (themselves at parity with the reference through test_speech.py's BigVGAN and DiT tests, which run
 both ways). BigVGAN's anti-aliased activation: every row length and real length near the edges of
 the filters' padding, rows of a padded window, inputs large enough to need the sine's range
-reduction. The DiT's rotary window attention: every frame count near the block boundaries, padded
+reduction; its variants that add a convolution's bias first, or a residual sum (which they also
+return), on rows laid out (B, C, n) and (B, C, 1, n). The DiT's rotary window attention: every frame count near the block boundaries, padded
 lengths, a frame count per row, each layer's window shape; its modulated norm and gated residual:
 per-row and shared modulation, the tiny and the released widths, rows far from zero; its GELU.
 Op by op and inside a compiled graph."""
@@ -11,7 +12,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_ext.models.qwen2_5_omni.bigvgan import KERNEL_SOURCE, AntiAliasedActivation
+from mindone_ext.models.qwen2_5_omni.bigvgan import KERNEL_SOURCE, AntiAliasedActivation, snake_kernels
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
                                                  gated_residual, gelu_tanh, modulated_norm, rotary_window_attention,
                                                  rotation_tables)
@@ -99,6 +100,33 @@ def test_inside_a_compiled_graph(activations):
     got = compiled(Tensor(x), valid).asnumpy()
     want = plain.apply(Tensor(x), valid, alpha, beta).asnumpy()
     assert max_abs_diff(got[..., :250], want[..., :250]) <= TOLERANCE and not got[..., 250:].any()
+
+
+def test_bias_and_residual_variants_are_the_activation_of_their_sums(activations):
+    """BiasedAntiAliasedSnake(x, b): the activation of x + b; ResidualAntiAliasedSnake(x, y, b):
+    (x + y + b, its activation); BiasedResidual(x, y, b): x + y + b; b per channel. The sums in the
+    same float32 order as numpy's (x + y) + b, so every output equals the plain kernel's exactly
+    (which the tests above hold to the ops and the reference), past `valid` too, in both layouts."""
+    native, _, alpha, beta = activations
+    # each kernel by itself: a compiled graph cannot read a named tuple's fields
+    _, biased, residual, biased_residual = snake_kernels(native_kernels.library(KERNEL_SOURCE))
+    taps = native.taps
+    for n, valid in [(6, 5), (9, 5), (40, 40), (241, 238)]:
+        x, y = ((rng.standard_normal((2, CHANNELS, n)) * 2).astype(np.float32) for _ in range(2))
+        x[..., valid:] = 50  # padding: read by no activation, carried by the sums
+        bias = rng.standard_normal(CHANNELS).astype(np.float32)
+        total = x + y + bias[:, None]
+        plain = native.apply(Tensor(total), Tensor(np.int32(valid)), alpha, beta).asnumpy()
+        for layout in ((2, CHANNELS, n), (2, CHANNELS, 1, n)):
+            def run(x, y, bias, valid):
+                return (biased(x + y, bias, valid, alpha, beta, taps), *residual(x, y, bias, valid, alpha, beta, taps),
+                        biased_residual(x, y, bias))
+
+            for call in (run, ms.jit(run)):
+                got = [out.asnumpy().reshape(total.shape) for out in call(
+                    Tensor(x.reshape(layout)), Tensor(y.reshape(layout)), Tensor(bias), Tensor(np.int32(valid)))]
+                for out, want in zip(got, (plain, total, plain, total)):
+                    np.testing.assert_array_equal(out, want, err_msg=f"n {n}, valid {valid}, layout {layout}")
 
 
 @pytest.fixture(scope="module")

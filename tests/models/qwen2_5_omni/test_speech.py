@@ -137,8 +137,11 @@ def test_bigvgan_waveform_from_a_fixed_mel(our_model, reference_model, monkeypat
     if native and on_ascend():
         pytest.skip("the native kernels are the CPU target's")
     assert all((a.fused is None) == on_ascend() for a in activations)  # native on the CPU by default
+    assert (bigvgan.kernels is None) == on_ascend()  # and the CPU's rows layout (B, C, 1, n) with them
     for activation in activations if not native else ():
         monkeypatch.setattr(activation, "fused", None)
+    if not native:
+        monkeypatch.setattr(bigvgan, "kernels", None)
     mel = rng.standard_normal((1, 80, 23)).astype(np.float32) - 2
     with torch.no_grad():
         want = reference_model.token2wav.code2wav_bigvgan_model(torch.tensor(mel)).numpy()
