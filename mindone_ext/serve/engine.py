@@ -14,7 +14,8 @@ tokens allow, windows of several answers solved and vocoded as batches; the inte
 takes one event of each generation in turn, each running its own steps.
 
 A conversation's turn (its text or audio prefilled into its cache) is a call too: those that
-arrive together are advanced together, their pieces prefilled as one batched step (`call_steps`).
+arrive together are advanced together, their pieces prefilled as one batched step and their audio
+clips encoded in one call (`call_steps`).
 
 The first audio of a new answer comes first: while an answer has not been heard yet, the audio of
 answers whose delivered speech is further ahead of their playback than two rounds waits (it
@@ -29,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ..models.qwen2_5_omni.audio_encoder import EncodeRequest
 from ..models.qwen2_5_omni.streaming import AudioChunk
 from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
@@ -108,8 +110,9 @@ class Engine:
 
     async def call_steps(self, fn, *args):
         """`call` for a function that returns a generator of prefills (decode.ExtendRequest, e.g.
-        ConversationSession.feed_audio_steps) and is sent back each one's result: the calls
-        waiting together run their prefills as one batched step per decoder."""
+        ConversationSession.feed_audio_steps) and clips to encode (audio_encoder.EncodeRequest),
+        and is sent back each one's result: the calls waiting together run their prefills as one
+        batched step per decoder, their clips as one call per encoder."""
         return await self._queue(fn, args, True)
 
     async def _queue(self, fn, args, steps):
@@ -227,10 +230,11 @@ class Engine:
                                                                if not g.done and g.answer.wave is not None]))
 
     def _prefill_together(self, calls):
-        """`call_steps` calls, advanced together: each generator runs to its next prefill, the
-        prefills of one decoder run as one batch (`extend_requests`; a failed batch is thrown into
-        each of its generators, whose turns rewind), the results go back, until every generator has
-        returned or raised. A cache takes at most one prefill per batch: another waits for the next
+        """`call_steps` calls, advanced together: each generator runs to its next request, the
+        prefills of one decoder run as one batch (`extend_requests`) and the clips of one audio
+        encoder as one call (`encode_clips`; a failed batch or call is thrown into each of its
+        generators, whose turns rewind), the results go back, until every generator has returned
+        or raised. A cache takes at most one prefill per batch: another waits for the next
         (a conversation's calls come one at a time, so this only guards)."""
         waiting = []  # (generator, its prefill not yet run, future, loop)
 
@@ -252,8 +256,11 @@ class Engine:
                 continue
             advance(steps, None, future, loop)
         while waiting:
-            batch, held, caches = {}, [], set()
+            batch, held, caches, clips = {}, [], set(), {}
             for item in waiting:
+                if isinstance(item[1], EncodeRequest):
+                    clips.setdefault(item[1].encoder, []).append(item)
+                    continue
                 cache = item[1].cache
                 if id(cache) in caches:
                     held.append(item)
@@ -261,9 +268,13 @@ class Engine:
                     caches.add(id(cache))
                     batch.setdefault(cache.pool.runner, []).append(item)
             waiting[:] = held
-            for runner, items in batch.items():
+            calls = [(encoder.encode_clips, [request.features for _, request, _, _ in items], items)
+                     for encoder, items in clips.items()]
+            calls += [(runner.extend_requests, [request for _, request, _, _ in items], items)
+                      for runner, items in batch.items()]
+            for run, requests, items in calls:
                 try:
-                    results = runner.extend_requests([request for _, request, _, _ in items])
+                    results = run(requests)
                 except Exception as e:  # noqa: BLE001  (a failed batch fails the turns in it, not the server)
                     results = [e] * len(items)
                 for (steps, _, future, loop), result in zip(items, results):

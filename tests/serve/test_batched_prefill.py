@@ -1,6 +1,7 @@
-"""Conversations' turns that reach the engine together are prefilled as one batched step
-(Engine.call_steps): each conversation ends with what its turns give alone, a turn that fails
-fails alone, and a failed batch rewinds every turn in it and leaves the conversations usable."""
+"""Conversations' turns that reach the engine together are prefilled as one batched step, their
+audio clips encoded in one call (Engine.call_steps): each conversation ends with what its turns
+give alone, a turn that fails fails alone, and a failed batch (prefill or encoding) rewinds every
+turn in it and leaves the conversations usable."""
 import asyncio
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from mindone_ext import Qwen2_5OmniForConditionalGeneration
 from mindone_ext.generation.decode import ROWS_TOGETHER, CompiledDecoder
+from mindone_ext.models.qwen2_5_omni.audio_encoder import Qwen2_5OmniAudioEncoder
 from mindone_ext.models.qwen2_5_omni.session import ConversationSession
 from mindone_ext.serve.engine import Engine
 
@@ -64,6 +66,9 @@ def test_turns_arriving_together_prefill_together_and_equal_each_alone(model, pr
     extend_requests = CompiledDecoder.extend_requests
     monkeypatch.setattr(CompiledDecoder, "extend_requests",
                         lambda runner, requests: batches.append(len(requests)) or extend_requests(runner, requests))
+    encoded, encode_clips = [], Qwen2_5OmniAudioEncoder.encode_clips
+    monkeypatch.setattr(Qwen2_5OmniAudioEncoder, "encode_clips",
+                        lambda encoder, clips: encoded.append(len(clips)) or encode_clips(encoder, clips))
 
     async def scenario():
         engine = Engine(max_active=2, max_queue=2, batched=True)
@@ -78,12 +83,15 @@ def test_turns_arriving_together_prefill_together_and_equal_each_alone(model, pr
     for got, want in zip(sessions, alone):
         assert_same_conversation(got, want)
     assert max(batches) == 3  # the three turns' pieces reached the decoder together
+    assert encoded == [3] * 3  # and their clips the encoder, at each call that brings audio
     assert any(rows == ROWS_TOGETHER and tokens > 1 for rows, tokens, _ in model.thinker_runner().shapes)  # one step
     for session in sessions + alone:
         session.close()
 
 
-def test_a_failed_turn_fails_alone_and_a_failed_batch_rewinds_every_turn_in_it(model, processor, monkeypatch):
+@pytest.mark.parametrize("failing", [(CompiledDecoder, "extend_requests"), (Qwen2_5OmniAudioEncoder, "encode_clips")])
+def test_a_failed_turn_fails_alone_and_a_failed_batch_rewinds_every_turn_in_it(model, processor, monkeypatch,
+                                                                               failing):
     async def scenario():
         engine = Engine(max_active=2, max_queue=2, batched=True)
         try:
@@ -103,7 +111,7 @@ def test_a_failed_turn_fails_alone_and_a_failed_batch_rewinds_every_turn_in_it(m
             def broken(runner, requests):
                 raise RuntimeError("a batch that fails")
 
-            monkeypatch.setattr(CompiledDecoder, "extend_requests", broken)
+            monkeypatch.setattr(*failing, broken)
             all_failed = await asyncio.gather(*(engine.call_steps(s.feed_audio_steps, speech(1.0, 3 + i))
                                                 for i, s in enumerate(sessions)), return_exceptions=True)
             rewound = [(s.cache.length, s.audio) for s in sessions]

@@ -8,6 +8,8 @@ taking its weights as inputs: the convolutions (`stem`), one layer shared by eve
 (`audio_layer`: op by op, each layer is ~25 dispatches) and the pooling with the projection
 (`head`); op by op, these two were ~17% of a loaded voice server's model thread (new shapes each
 turn). Training, and layers wrapped by LoRA adapters, run op by op through the cells."""
+from typing import NamedTuple
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
@@ -43,6 +45,15 @@ def output_lengths(feature_lens):
     """Frames -> (tokens after the stride-2 conv, tokens after pooling), as the reference."""
     cnn = after_conv(np.asarray(feature_lens, np.int64))
     return cnn, (cnn - 2) // 2 + 1
+
+
+class EncodeRequest(NamedTuple):
+    """A clip for `encoder` to encode: its log-mel `features` (num_mel_bins, frames). A turn's
+    prefill generator yields it as it yields its ExtendRequests, and is sent back the clip's
+    embeddings (session.py); the voice server encodes the clips of turns that arrive together in
+    one call (serve/engine.py)."""
+    encoder: object
+    features: np.ndarray
 
 
 def audio_layer(x, mask, weights, heads, act, flash):
@@ -180,6 +191,15 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         x = ops.gather(x.reshape(-1, x.shape[-1]), Tensor(np.flatnonzero(valid).astype(np.int32)), 0)
         pooled = (ops.gather(x, Tensor(first), 0) + ops.gather(x, Tensor(first + 1), 0)) / 2
         return self.proj(self.ln_post(pooled))
+
+    def encode_clips(self, clips):
+        """Each of `clips` (features (num_mel_bins, frames)) -> its (audio tokens, output_dim)
+        embeddings, every clip's windows in one call (windows are encoded apart, so a clip's
+        tokens are what it gives alone, to float32 rounding: ~1e-6 measured on the tiny checkpoint)."""
+        lengths = [clip.shape[1] for clip in clips]
+        out = self(np.concatenate(clips, 1) if len(clips) > 1 else clips[0], lengths)
+        bounds = np.cumsum([0] + output_lengths(lengths)[1].tolist()).tolist()
+        return [out[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] if len(clips) > 1 else [out]
 
     def _run_graphs(self, input_features, flat, starts, tokens, first):
         """construct() through the graphs: every window padded to a whole one's frames and the

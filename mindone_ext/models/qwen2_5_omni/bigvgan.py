@@ -304,8 +304,8 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
             x = self.conv_pre.apply(x, weights[0], weights[1])
         at = 2
         for i, up in enumerate(self.ups):
-            up = up[0].apply_rows if rows else up[0].apply
-            x = up(keep_valid(x, valid), weights[at], weights[at + 1])
+            upsample = up[0].apply_rows if rows else up[0].apply
+            x = upsample(keep_valid(x, valid), weights[at], weights[at + 1])
             at += 2
             valid = None if valid is None else valid * self.upsample_rates[i]
             total = None

@@ -16,10 +16,11 @@ A turn can fail; the conversation cannot: whatever goes wrong inside a turn (its
 answer) rewinds the conversation to before the turn, and the next turn starts from there. Every
 turn is checked against the conversation's token limit before any of it is encoded.
 
-What a turn prefills is written as generators of ExtendRequests (`ask_steps`, `begin_audio_steps`,
-`feed_audio_steps`, `end_audio_steps`): `ask`, `begin_audio`, ... run each request as it comes
-(`prefill_now`); the voice server runs the requests of several conversations' turns as one
-batched step (serve/engine.py).
+What a turn prefills is written as generators of ExtendRequests, and EncodeRequests for its audio
+(`ask_steps`, `begin_audio_steps`, `feed_audio_steps`, `end_audio_steps`): `ask`, `begin_audio`,
+... run each request as it comes (`prefill_now`); the voice server runs the requests of several
+conversations' turns together: their prefills as one batched step, their clips as one encoder
+call (serve/engine.py).
 """
 import contextlib
 
@@ -27,7 +28,7 @@ import numpy as np
 from mindspore import ops
 
 from ...generation.decode import ExtendRequest
-from .audio_encoder import output_lengths
+from .audio_encoder import EncodeRequest, output_lengths
 from .audio_features import clip_features
 from .prompts import SYSTEM_PROMPT  # noqa: F401  (where callers have imported it from)
 from .answer import stream
@@ -43,19 +44,26 @@ class ConversationFull(ValueError):
 
 
 def prefill_now(steps):
-    """Run a generator of ExtendRequests, each request as it comes (an error is thrown back into
-    the generator, so its turn rewinds) -> the generator's return value."""
+    """Run a generator of ExtendRequests and EncodeRequests, each request as it comes (an error is
+    thrown back into the generator, so its turn rewinds) -> the generator's return value."""
     try:
         request = next(steps)
         while True:
             try:
-                done = request.cache.pool.runner.extend(request.cache, request.embeds, request.positions)
+                done = run_request(request)
             except Exception as error:  # noqa: BLE001  (raised again by the generator, after its turn rewinds)
                 request = steps.throw(error)
             else:
                 request = steps.send(done)
     except StopIteration as end:
         return end.value
+
+
+def run_request(request):
+    """A turn's request by itself: an ExtendRequest's (logits, hidden), an EncodeRequest's embeddings."""
+    if isinstance(request, EncodeRequest):
+        return request.encoder.encode_clips([request.features])[0]
+    return request.cache.pool.runner.extend(request.cache, request.embeds, request.positions)
 
 
 class _AudioTurn:
@@ -239,7 +247,7 @@ class ConversationSession:
         if int(output_lengths([upto - done])[1][0]) <= 0:
             return
         piece = features[:, done:upto]
-        audio = self.model.thinker.audio_tower(piece, [upto - done])
+        audio = yield EncodeRequest(self.model.thinker.audio_tower, piece)
         start = self.cache.length
         yield from self._append([self.audio_token] * audio.shape[0], audio[None].astype(self.embeds[0].dtype))
         pieces.append((done // self.window, -(-upto // self.window), start, piece))

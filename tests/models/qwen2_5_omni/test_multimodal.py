@@ -59,6 +59,24 @@ def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, refer
     assert 1 << (windows - 1).bit_length() in tower._windows <= {1, 2, 4, 8, 16}  # its compiled graph ran
 
 
+def test_audio_clips_encoded_together_equal_each_alone(our_model, monkeypatch):
+    """encode_clips (the voice server's turns that arrive together): each clip's embeddings as it
+    gives alone, clips of 1-5 windows with lengths around the window edges, in one graph run."""
+    tower = our_model.thinker.audio_tower
+    rng = np.random.default_rng(11)
+    lens = [3, 19, 20, 21, 39, 41, 100]  # the tiny encoder's windows are 20 frames: 15 windows in all
+    clips = [rng.standard_normal((128, n)).astype(np.float32) for n in lens]
+    runs, run_graphs = [], tower._run_graphs
+    monkeypatch.setattr(tower, "_run_graphs", lambda *a: runs.append(len(a[1])) or run_graphs(*a))
+    together = tower.encode_clips(clips)
+    assert runs == [15]
+    for clip, got, tokens in zip(clips, together, output_lengths(lens)[1]):
+        alone = tower(clip, [clip.shape[1]]).asnumpy()
+        assert got.shape == alone.shape == (tokens, 64)
+        assert max_abs_diff(got.asnumpy(), alone) <= 1e-5
+    assert max_abs_diff(tower.encode_clips(clips[6:])[0].asnumpy(), tower(clips[6], [100]).asnumpy()) == 0
+
+
 @pytest.mark.parametrize("grid", [[[1, 4, 4]], [[1, 2, 10]], [[1, 4, 8]], [[1, 6, 6]], [[1, 2, 24]], [[1, 10, 10]],
                                   [[2, 6, 10]], [[1, 4, 4], [1, 2, 2]]], ids=lambda g: "+".join("x".join(map(str, i)) for i in g))
 def test_vision_encoder_patch_counts_around_the_compiled_graphs(our_model, reference_model, grid):
