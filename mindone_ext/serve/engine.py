@@ -226,35 +226,46 @@ class Engine:
                 self._step(generation)
         if together:
             self._decode_together(together)
-            self._synthesise_together(self._first_audio_first([g for g in together
-                                                               if not g.done and g.answer.wave is not None]))
+            self._synthesise_together(self._first_audio_first([g for g in together if not g.done and not g.answer.done
+                                                               and g.answer.wave is not None]))
+            self._finish_together([g for g in together if not g.done and g.answer.done])
 
     def _prefill_together(self, calls):
-        """`call_steps` calls, advanced together: each generator runs to its next request, the
-        prefills of one decoder run as one batch (`extend_requests`) and the clips of one audio
-        encoder as one call (`encode_clips`; a failed batch or call is thrown into each of its
-        generators, whose turns rewind), the results go back, until every generator has returned
-        or raised. A cache takes at most one prefill per batch: another waits for the next
-        (a conversation's calls come one at a time, so this only guards)."""
-        waiting = []  # (generator, its prefill not yet run, future, loop)
+        """`call_steps` calls, advanced together (`_run_together`); each call's result or
+        exception goes back to its caller."""
+        generators = []
+        for fn, args, future, loop in calls:
+            def settle(result, error, future=future, loop=loop):
+                loop.call_soon_threadsafe(_settle, future, result, error)
 
-        def advance(steps, value, future, loop):
+            try:
+                generators.append((fn(*args), settle))
+            except Exception as e:  # noqa: BLE001  (handed to the caller)
+                settle(None, e)
+        self._run_together(generators)
+
+    def _run_together(self, generators):
+        """(generator of requests, done(result, error)) pairs, advanced together: each generator
+        runs to its next request, the prefills of one decoder run as one batch (`extend_requests`)
+        and the clips of one audio encoder as one call (`encode_clips`; a failed batch or call is
+        thrown into each of its generators, whose turns rewind), the results go back, until every
+        generator has returned or raised; then its `done`. A cache takes at most one prefill per
+        batch: another waits for the next (a conversation's calls come one at a time, so this only
+        guards)."""
+        waiting = []  # (generator, its request not yet run, done)
+
+        def advance(steps, value, done):
             try:
                 request = steps.throw(value) if isinstance(value, Exception) else steps.send(value)
             except StopIteration as end:
-                loop.call_soon_threadsafe(_settle, future, end.value, None)
-            except Exception as e:  # noqa: BLE001  (handed to the caller)
-                loop.call_soon_threadsafe(_settle, future, None, e)
+                done(end.value, None)
+            except Exception as e:  # noqa: BLE001  (handed to `done`)
+                done(None, e)
             else:
-                waiting.append((steps, request, future, loop))
+                waiting.append((steps, request, done))
 
-        for fn, args, future, loop in calls:
-            try:
-                steps = fn(*args)
-            except Exception as e:  # noqa: BLE001
-                loop.call_soon_threadsafe(_settle, future, None, e)
-                continue
-            advance(steps, None, future, loop)
+        for steps, done in generators:
+            advance(steps, None, done)
         while waiting:
             batch, held, caches, clips = {}, [], set(), {}
             for item in waiting:
@@ -268,17 +279,28 @@ class Engine:
                     caches.add(id(cache))
                     batch.setdefault(cache.pool.runner, []).append(item)
             waiting[:] = held
-            calls = [(encoder.encode_clips, [request.features for _, request, _, _ in items], items)
+            calls = [(encoder.encode_clips, [request.features for _, request, _ in items], items)
                      for encoder, items in clips.items()]
-            calls += [(runner.extend_requests, [request for _, request, _, _ in items], items)
+            calls += [(runner.extend_requests, [request for _, request, _ in items], items)
                       for runner, items in batch.items()]
             for run, requests, items in calls:
                 try:
                     results = run(requests)
                 except Exception as e:  # noqa: BLE001  (a failed batch fails the turns in it, not the server)
                     results = [e] * len(items)
-                for (steps, _, future, loop), result in zip(items, results):
-                    advance(steps, result, future, loop)
+                for (steps, _, done), result in zip(items, results):
+                    advance(steps, result, done)
+
+    def _finish_together(self, generations):
+        """Answers that are done, closed together (a conversation keeping its answer prefills its
+        end: one batch for all), then Finished, or Failed when keeping the answer failed."""
+        def finished(generation):
+            def done(_, error):
+                generation.deliver(Finished() if error is None else Failed(error))
+                self._retire(generation)
+            return done
+
+        self._run_together([(g.answer.close_steps(), finished(g)) for g in generations])
 
     def _first_audio_first(self, speaking):
         """The answers whose audio is made this round: all, unless one has not been heard yet;
@@ -339,10 +361,6 @@ class Engine:
                     generation.heard_from = self.clock()
                 generation.audio_seconds += event.audio.shape[0] / event.sample_rate
             generation.deliver(event)
-        if generation.answer.done:
-            generation.answer.close()
-            generation.deliver(Finished())
-            self._retire(generation)
 
     def _fail(self, generation, error):
         if generation.answer is not None:
@@ -364,6 +382,8 @@ class Engine:
                 if self.batched and hasattr(started, "pending"):
                     generation.answer = generation.iterator = started
                     self._deliver(generation, started.start())
+                    if started.done:
+                        self._finish_together([generation])
                     return
                 generation.iterator = iter(started)
             event = next(generation.iterator, Finished())

@@ -1,4 +1,5 @@
-"""One voice server for the service's tests: the tiny checkpoint, an API key, small limits."""
+"""One voice server for the service's tests: the tiny checkpoint, an API key, small limits; and
+`drain`, an engine generation's events to its end."""
 import os
 import sys
 
@@ -27,3 +28,13 @@ def processor(tiny_checkpoint):
     from mindone_ext import Qwen2_5OmniProcessor
 
     return Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint)
+
+
+async def drain(generation):
+    """A serve.engine Generation's events, up to its Finished or Failed."""
+    from mindone_ext.serve.engine import Failed, Finished
+
+    events = []
+    while not events or not isinstance(events[-1], (Finished, Failed)):
+        events.append(await generation.events.get())
+    return events

@@ -11,6 +11,7 @@ from mindone_ext.models.qwen2_5_omni.session import ConversationSession
 from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
 from mindone_ext.models.qwen2_5_omni.token2wav_stream import StreamChunking
 from mindone_ext.serve.engine import Engine, Failed, Finished, Generation, Started
+from tests.serve.conftest import drain
 
 PROMPTS = [np.array([[401, 5, 6, 7, 8, 9, 10, 402]]), np.array([[401, 20, 30, 40, 402]]),
            np.array([[401] + list(range(50, 90)) + [402]])]
@@ -33,13 +34,6 @@ def outcome(events):
     text = [e.token_id for e in events if isinstance(e, TextDelta)]
     audio = [np.asarray(e.audio) for e in events if isinstance(e, AudioChunk)]
     return text, np.concatenate(audio) if audio else np.zeros(0, np.float32)
-
-
-async def drain(generation):
-    events = []
-    while not events or not isinstance(events[-1], (Finished, Failed)):
-        events.append(await generation.events.get())
-    return events
 
 
 def assert_same(got, want):

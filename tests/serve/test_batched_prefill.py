@@ -1,7 +1,8 @@
 """Conversations' turns that reach the engine together are prefilled as one batched step, their
-audio clips encoded in one call (Engine.call_steps): each conversation ends with what its turns
-give alone, a turn that fails fails alone, and a failed batch (prefill or encoding) rewinds every
-turn in it and leaves the conversations usable."""
+audio clips encoded in one call (Engine.call_steps), and answers that end together keep their ends
+in one batch: each conversation ends with what its turns give alone, a turn that fails fails alone,
+and a failed batch (prefill or encoding) rewinds every turn in it and leaves the conversations
+usable."""
 import asyncio
 
 import numpy as np
@@ -11,7 +12,8 @@ from mindone_ext import Qwen2_5OmniForConditionalGeneration
 from mindone_ext.generation.decode import ROWS_TOGETHER, CompiledDecoder
 from mindone_ext.models.qwen2_5_omni.audio_encoder import Qwen2_5OmniAudioEncoder
 from mindone_ext.models.qwen2_5_omni.session import ConversationSession
-from mindone_ext.serve.engine import Engine
+from mindone_ext.serve.engine import Engine, Finished
+from tests.serve.conftest import drain
 
 QUESTIONS = ["hi", "what is the weather like in Paris tomorrow morning, and should I take an umbrella or a coat "
              "when I go out to buy bread and a newspaper before work?", "and then?"]
@@ -129,5 +131,49 @@ def test_a_failed_turn_fails_alone_and_a_failed_batch_rewinds_every_turn_in_it(m
     assert all(isinstance(r, RuntimeError) and "a batch that fails" in str(r) for r in all_failed)
     assert rewound == [(start, None) for start in starts]  # each conversation back to before its turn
     assert after == [None] * 3 and all(s.logits is not None for s in sessions)
+    for session in sessions:
+        session.close()
+
+
+def test_answers_ending_together_keep_their_ends_in_one_batch(model, processor, monkeypatch):
+    """Conversations' answers that end in the same round close together: each conversation's
+    keeping its answer (its last token and the turn's end) is prefilled in one batched step, and
+    each conversation is then what it is alone, ready for its next turn."""
+    answer = dict(max_new_tokens=4, eos_token_id=[], return_audio=False)
+
+    def alone(question):
+        session = ConversationSession(model, processor)
+        session.ask(question)
+        text = [e.token_id for e in session.respond(**answer) if hasattr(e, "token_id")]
+        return session, text
+
+    alone = [alone(q) for q in QUESTIONS]
+    batches, extend_requests = [], CompiledDecoder.extend_requests
+    monkeypatch.setattr(CompiledDecoder, "extend_requests",
+                        lambda runner, requests: batches.append(len(requests)) or extend_requests(runner, requests))
+
+    async def scenario():
+        engine = Engine(max_active=3, max_queue=0, batched=True)
+        try:
+            sessions = [await engine.call(ConversationSession, model, processor) for _ in QUESTIONS]
+            for session, question in zip(sessions, QUESTIONS):
+                await engine.call(session.ask, question)
+            runs = [engine.submit(lambda s=s: s.answer(**answer)) for s in sessions]
+            events = await asyncio.gather(*(drain(run) for run in runs))
+            closing = list(batches)
+            next_turns = await asyncio.gather(*(engine.call_steps(s.ask_steps, "and then?") for s in sessions))
+            return sessions, events, closing, next_turns
+        finally:
+            engine.stop()
+
+    sessions, events, closing, next_turns = asyncio.run(scenario())
+    assert closing == [3]  # the three answers' ends, one batched step
+    for session, run, (want, text) in zip(sessions, events, alone):
+        assert isinstance(run[-1], Finished) and [e.token_id for e in run if hasattr(e, "token_id")] == text
+        want.ask("and then?")
+        assert_same_conversation(session, want)
+    assert next_turns == [None] * 3
+    for session, _ in alone:
+        session.close()
     for session in sessions:
         session.close()

@@ -6,8 +6,9 @@ import threading
 import numpy as np
 import pytest
 
-from mindone_ext.serve.engine import Busy, Engine, Failed, Finished, Started
+from mindone_ext.serve.engine import Busy, Engine, Finished, Started
 from mindone_ext.serve.vad import SpeechStarted, SpeechStopped, TurnDetector
+from tests.serve.conftest import drain
 
 
 def detect(pcm, piece):
@@ -46,12 +47,6 @@ async def _scheduling():
                 order.append(name)
                 yield f"{name}{i}"
         return start
-
-    async def drain(generation):
-        events = []
-        while not events or not isinstance(events[-1], (Finished, Failed)):
-            events.append(await generation.events.get())
-        return events
 
     try:
         a, b, c = engine.submit(answer("a", 3)), engine.submit(answer("b", 3)), engine.submit(answer("c", 2, 1))

@@ -17,6 +17,7 @@ import mindspore as ms
 import numpy as np
 
 from ...generation import SamplingConfig
+from .prefills import prefill_now
 from .streaming import AudioChunk, TextDecoder, TextDelta
 from .token2wav_stream import Token2WavStream
 
@@ -65,7 +66,8 @@ class Answer:
         self.record = record
         self.speech = _Speech(model, request, chunking) if request.return_audio else None
         self.done = False  # the last event was produced
-        self.on_close = None  # called once by close(error) (a conversation keeps or drops the answer)
+        # called once by close(error): a conversation keeps the answer (its prefills, yielded) or drops it
+        self.on_close = None
         self.closed = False
 
     def start(self):
@@ -124,6 +126,11 @@ class Answer:
 
     def close(self, error=None):
         """Free the caches; `error`: the exception that ended the answer, if one did."""
+        prefill_now(self.close_steps(error))
+
+    def close_steps(self, error=None):
+        """`close` as a generator of the prefills it needs (a conversation keeping the answer), for
+        a caller that runs those of several answers together (the voice server)."""
         if self.closed:
             return
         self.closed = True
@@ -132,7 +139,7 @@ class Answer:
         if self.speech is not None:
             self.speech.close()
         if self.on_close is not None:
-            self.on_close(error)
+            yield from self.on_close(error) or ()
 
 
 def stream(answer):

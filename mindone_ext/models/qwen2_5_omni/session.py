@@ -30,6 +30,7 @@ from mindspore import ops
 from ...generation.decode import ExtendRequest
 from .audio_encoder import EncodeRequest, output_lengths
 from .audio_features import clip_features
+from .prefills import prefill_now
 from .prompts import SYSTEM_PROMPT  # noqa: F401  (where callers have imported it from)
 from .answer import stream
 
@@ -41,29 +42,6 @@ ANSWER_CLOSING = 2  # tokens after an answer's last one: "<|im_end|>\n"
 
 class ConversationFull(ValueError):
     """The conversation has no room left (its token limit) for a turn and its answer."""
-
-
-def prefill_now(steps):
-    """Run a generator of ExtendRequests and EncodeRequests, each request as it comes (an error is
-    thrown back into the generator, so its turn rewinds) -> the generator's return value."""
-    try:
-        request = next(steps)
-        while True:
-            try:
-                done = run_request(request)
-            except Exception as error:  # noqa: BLE001  (raised again by the generator, after its turn rewinds)
-                request = steps.throw(error)
-            else:
-                request = steps.send(done)
-    except StopIteration as end:
-        return end.value
-
-
-def run_request(request):
-    """A turn's request by itself: an ExtendRequest's (logits, hidden), an EncodeRequest's embeddings."""
-    if isinstance(request, EncodeRequest):
-        return request.encoder.encode_clips([request.features])[0]
-    return request.cache.pool.runner.extend(request.cache, request.embeds, request.positions)
 
 
 class _AudioTurn:
@@ -285,12 +263,13 @@ class ConversationSession:
                                   input_ids=self.ids, **kwargs)
             self._check_room(answer.request.max_new + ANSWER_CLOSING,
                              f"an answer of up to {answer.request.max_new} tokens", answer=False)
+        # closed by an error: the conversation as before the user's turn; else it keeps the answer
         answer.on_close = lambda error: self.rewind(self.turn_start) if error else self._keep_answer(steps)
         return answer
 
     def _keep_answer(self, steps):
         """The answer's tokens but the last are in the cache (step i + 1 holds token i's states);
-        the last token and the turn's end follow, in one prefill."""
+        the last token and the turn's end follow, in one prefill (yielded, as a turn's are)."""
         if not steps:
             return
         fed = [int(tokens[0]) for tokens, _, _ in steps[:-1]]
@@ -302,7 +281,7 @@ class ConversationSession:
         im_end = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         ids = [last] + self.processor.tokenizer("\n" if last == im_end else "<|im_end|>\n")["input_ids"]
         self._check_room(len(ids), "the end of the answer", answer=False)
-        prefill_now(self._append(ids, self.model.thinker.embed(np.asarray([ids]))))
+        yield from self._append(ids, self.model.thinker.embed(np.asarray([ids])))
 
     def close(self):
         """Free the cache (the session is over)."""
