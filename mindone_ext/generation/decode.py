@@ -326,8 +326,11 @@ class CompiledDecoder:
             cache.length += 1
         if len(caches) == 1:
             return [(logits, hidden)]
-        bounds = np.cumsum([0] + [len(c.rows) for c in caches]).tolist()
-        return [(logits[lo:hi], hidden[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        sizes = [len(c.rows) for c in caches]
+        # one split, not a slice per cache (~75 us each); by one row (a server's conversations) the fastest
+        hiddens = ops.split(hidden, 1 if max(sizes) == 1 else sizes)
+        bounds = np.cumsum([0] + sizes).tolist()
+        return [(logits[lo:hi], h) for lo, hi, h in zip(bounds[:-1], bounds[1:], hiddens)]
 
 
 class CachePool:

@@ -56,6 +56,13 @@ async def turns_together(engine, sessions):
     return asked + begun + fed + ended
 
 
+def batch_sizes(monkeypatch, owner, name):
+    """A list that receives, at each call of owner.name(requests), how many requests it ran together."""
+    sizes, method = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda self, requests: sizes.append(len(requests)) or method(self, requests))
+    return sizes
+
+
 def assert_same_conversation(got, want):
     np.testing.assert_array_equal(got.ids, want.ids)
     assert got.cache.length == want.cache.length
@@ -64,13 +71,8 @@ def assert_same_conversation(got, want):
 
 def test_turns_arriving_together_prefill_together_and_equal_each_alone(model, processor, monkeypatch):
     alone = [turns_alone(model, processor, i) for i in range(3)]
-    batches = []
-    extend_requests = CompiledDecoder.extend_requests
-    monkeypatch.setattr(CompiledDecoder, "extend_requests",
-                        lambda runner, requests: batches.append(len(requests)) or extend_requests(runner, requests))
-    encoded, encode_clips = [], Qwen2_5OmniAudioEncoder.encode_clips
-    monkeypatch.setattr(Qwen2_5OmniAudioEncoder, "encode_clips",
-                        lambda encoder, clips: encoded.append(len(clips)) or encode_clips(encoder, clips))
+    batches = batch_sizes(monkeypatch, CompiledDecoder, "extend_requests")
+    encoded = batch_sizes(monkeypatch, Qwen2_5OmniAudioEncoder, "encode_clips")
 
     async def scenario():
         engine = Engine(max_active=2, max_queue=2, batched=True)
@@ -148,9 +150,7 @@ def test_answers_ending_together_keep_their_ends_in_one_batch(model, processor, 
         return session, text
 
     alone = [alone(q) for q in QUESTIONS]
-    batches, extend_requests = [], CompiledDecoder.extend_requests
-    monkeypatch.setattr(CompiledDecoder, "extend_requests",
-                        lambda runner, requests: batches.append(len(requests)) or extend_requests(runner, requests))
+    batches = batch_sizes(monkeypatch, CompiledDecoder, "extend_requests")
 
     async def scenario():
         engine = Engine(max_active=3, max_queue=0, batched=True)
