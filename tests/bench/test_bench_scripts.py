@@ -65,6 +65,18 @@ def test_latency_bench_output_form():
     assert summary["ratio_first_audio_vs_reference_whole"] > 0 and summary["ratio_stream_total_vs_whole"] > 0
 
 
+def test_cold_start_bench_output_form():
+    lines = run_bench("cold_start.py", "--text_tokens", "4", "--codec_tokens", "30", "--answers", "2")
+    graphs, summary = lines[:-1], lines[-1]
+    assert summary["summary"] is True and summary["graphs"] == len(graphs) >= 10
+    names = {g["graph"] for g in graphs}
+    assert {"thinker_step", "talker_step", "dit_whole", "bigvgan", "audio_stem"} <= names
+    assert [g["extra_ms"] for g in graphs] == sorted((g["extra_ms"] for g in graphs), reverse=True)
+    assert all(g["calls"] >= 1 and g["first_ms"] > 0 and len(g["input"]) >= 1 for g in graphs)
+    assert summary["cold_s"] > 0 and summary["warm_s"] > 0
+    assert summary["graphs_extra_s"] == round(sum(g["extra_ms"] for g in graphs) / 1e3, 3)
+
+
 def test_compile_cache_probe_output_form():
     lines = run_bench("compile_cache_probe.py")
     assert [r["order"] for r in lines[:2]] == ["fg", "gf"] and lines[0]["correct"] is True
