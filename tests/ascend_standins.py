@@ -210,6 +210,15 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _tensor(out, input.dtype)
 
 
+def linear(input, weight, bias=None):  # noqa: A002
+    """torch.nn.functional.linear: input (*, in), weight (out, in), bias (out,) -> (*, out)."""
+    _require(weight.ndim == 2 and input.shape[-1] == weight.shape[1],
+             f"weight {weight.shape} does not take inputs of {input.shape[-1]} features")
+    _require(bias is None or tuple(bias.shape) == (weight.shape[0],), f"bias must have shape ({weight.shape[0]},)")
+    out = _array(input) @ _array(weight).T + (0 if bias is None else _array(bias))
+    return _tensor(out, input.dtype)
+
+
 STANDINS = (
     (ops, "flash_attention_score", flash_attention_score),
     (ops, "rms_norm", rms_norm),
@@ -217,6 +226,7 @@ STANDINS = (
     (mint.nn.functional, "gelu", gelu),
     (mint.nn.functional, "embedding", embedding),
     (mint.nn.functional, "conv1d", conv1d),
+    (mint.nn.functional, "linear", linear),
     (mint, "arange", arange),
 )
 

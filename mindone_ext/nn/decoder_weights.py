@@ -7,16 +7,16 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint
+from mindspore import Tensor
 
 from .decoder import Qwen2DecoderLayer, attend
 from .decoder_kernels import DecoderKernels, decode_attention, gated_unit, rms_norm
 from .layers import Linear
+from .ops import linear
 from .lora import LoraLinear
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_linear = mint.nn.functional.linear
 
 
 class Projection(NamedTuple):
@@ -94,10 +94,10 @@ def split_layer(weights, kind):
 def project(x, w, p, biased=True):
     """A Linear, or a LoraLinear without dropout, as a function of its weights (same arithmetic);
     without its bias when not `biased` (see `bias_of`)."""
-    out = _linear(x, w[0], w[1] if p.bias and biased else None)
+    out = linear(x, w[0], w[1] if p.bias and biased else None)
     if p.scaling is None:
         return out
-    return out + (_linear(_linear(x.astype(ms.float32), w[-2]), w[-1]) * p.scaling).astype(out.dtype)
+    return out + (linear(linear(x.astype(ms.float32), w[-2]), w[-1]) * p.scaling).astype(out.dtype)
 
 
 def bias_of(w, p):

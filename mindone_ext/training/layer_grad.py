@@ -16,7 +16,7 @@ takes half the time of autodiff's. The norms and the gated activation go through
 import functools
 
 import mindspore as ms
-from mindspore import Tensor, mint, ops
+from mindspore import Tensor, ops
 
 from ..nn import ops as P
 from ..nn.attention import ascend_attention, attention, exact_attention_backward
@@ -25,7 +25,7 @@ from ..nn.decoder_weights import project, split_layer
 from ..nn.ops import activation
 from ..nn.rotary import apply_rotary, rotary_backward
 
-_linear = mint.nn.functional.linear
+_linear = P.linear
 _transposed_times = ops.MatMul(transpose_a=True)
 
 

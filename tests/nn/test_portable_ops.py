@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, mint
 
 from mindone_ext.nn import ops as P
 from mindone_ext.nn.device import on_ascend
@@ -17,6 +17,7 @@ B = (0.1 * rng.standard_normal(64)).astype(np.float32)
 IDS = np.array([[3, 0, 9], [1, 1, 4]], np.int32)
 TABLE = rng.standard_normal((10, 8)).astype(np.float32)
 CONV_W = rng.standard_normal((8, 32, 3)).astype(np.float32)  # groups=2 over 64 input channels
+LINEAR_W = (0.1 * rng.standard_normal((48, 64))).astype(np.float32)
 
 
 def torch_rms_norm(x, w, eps):
@@ -33,6 +34,8 @@ CASES = {
     "embedding": (lambda f, t: f(Tensor(IDS), t(TABLE)),
                   lambda: torch.nn.functional.embedding(torch.tensor(IDS).long(), torch.tensor(TABLE))),
     "arange": (lambda f, t: f(11), lambda: torch.arange(11)),
+    "linear": (lambda f, t: f(t(X), t(LINEAR_W), t(B[:48])),
+               lambda: torch.nn.functional.linear(torch.tensor(X), torch.tensor(LINEAR_W), torch.tensor(B[:48]))),
     "conv1d": (lambda f, t: f(t(X.swapaxes(1, 2)), t(CONV_W), t(B[:8]), 2, 1, 2, 2),
                lambda: torch.nn.functional.conv1d(torch.tensor(X.swapaxes(1, 2)), torch.tensor(CONV_W),
                                                   torch.tensor(B[:8]), stride=2, padding=1, dilation=2, groups=2)),
@@ -80,6 +83,28 @@ def test_gelu_tanh_matches_torch_over_a_wide_range():
 
 def test_silu_matches_torch():
     np.testing.assert_allclose(P.silu(Tensor(X)).asnumpy(), torch.nn.functional.silu(torch.tensor(X)).numpy(), atol=1e-6)
+
+
+def _mint_linear(x, *weights):
+    return mint.nn.functional.linear(x, *weights)
+
+
+def _exact_linear(x, *weights):
+    return P.exact_linear(x, *weights)
+
+
+@pytest.mark.skipif(on_ascend(), reason="the CPU's expansion of mint's linear (Ascend runs its Dense kernel)")
+@pytest.mark.parametrize("biased", [False, True])
+def test_linear_in_a_graph_equals_mints_bit_for_bit(biased):
+    """Compiled, the CPU path runs the kernels mint's linear expands to there (MatMul with the
+    weight transposed, then the bias), so moving graphs to it changes no result (exact_linear)."""
+    mint_linear, exact_linear = ms.jit(_mint_linear), ms.jit(_exact_linear)
+    weights = (Tensor(LINEAR_W), Tensor(B[:48])) if biased else (Tensor(LINEAR_W),)
+    for shape in [(64,), (1, 64), (5, 64), (1, 1, 64), (2, 7, 64), (2, 3, 5, 64)]:
+        x = Tensor(rng.standard_normal(shape).astype(np.float32))
+        want, got = mint_linear(x, *weights).asnumpy(), exact_linear(x, *weights).asnumpy()
+        assert got.shape == shape[:-1] + (48,)
+        np.testing.assert_array_equal(got, want, err_msg=str(shape))
 
 
 def test_rms_norm_half_precision_keeps_float32_statistics():

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint, nn, ops
+from mindspore import Tensor, nn, ops
 
 from ...nn import ops as P
 from ...nn.attention import attention, use_flash
@@ -60,7 +60,7 @@ def audio_layer(x, mask, weights, heads, act, flash):
     """One encoder layer as a pure function of its weights (`AudioEncoderLayer.weights`): x
     (windows, tokens, d), `mask` (windows, 1, tokens, tokens) the real keys of each window."""
     ln1_w, ln1_b, q_w, q_b, k_w, v_w, v_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b = weights
-    linear = mint.nn.functional.linear
+    linear = P.linear
     s, t, d = x.shape
     h = P.layer_norm(x, ln1_w, ln1_b, 1e-5)
     q, k, v = (linear(h, w, b).reshape(s, t, heads, d // heads).swapaxes(1, 2)
@@ -145,7 +145,7 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         def head(x, first, second, ln_w, ln_b, proj_w, proj_b):
             x = x.reshape(-1, x.shape[-1])
             pooled = (ops.gather(x, first, 0) + ops.gather(x, second, 0)) / 2
-            return mint.nn.functional.linear(P.layer_norm(pooled, ln_w, ln_b, 1e-5), proj_w, proj_b)
+            return P.linear(P.layer_norm(pooled, ln_w, ln_b, 1e-5), proj_w, proj_b)
 
         # graphs per power of two of windows, the layer's shared by all layers; stored once per machine
         self._stem_graph = StoredGraph("audio_stem", stem, ())

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from ...nn import ops as P
 from ...nn.layers import Embedding, Linear
@@ -186,7 +186,7 @@ class DiTTimestepEmbedding(nn.Cell):
 
 def timestep_embedding(t, weights, freq_dim=256):
     w1, b1, w2, b2 = weights
-    linear = mint.nn.functional.linear
+    linear = P.linear
     return linear(P.silu(linear(timestep_features(t, freq_dim).astype(t.dtype), w1, b1)), w2, b2)
 
 
@@ -241,7 +241,7 @@ def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, 
     elif drop_audio_cond:
         speaker_embedding = ops.zeros_like(speaker_embedding)
     speaker = ops.tile(voice.expand_dims(1), (1, x.shape[1], 1))
-    return mint.nn.functional.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
+    return P.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
 def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=False, kernels=DiTKernels()):
@@ -253,7 +253,7 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=F
     `transposed`: the projections' matrices (BLOCK_MATRICES) come as (in, out), see `dense`;
     `kernels`: the native CPU kernels to use (`DiTKernels`; default none: MindSpore ops)."""
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
-    linear = mint.nn.functional.linear
+    linear = P.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
     # each projection's bias is added by what follows it (on the CPU, inside its native kernel)
     h = modulated_norm(x, scale_msa, shift_msa, kernels.modulated_norm)
@@ -273,7 +273,7 @@ def dense(x, weight, transposed):
     1024: ~3.5 ms against ~2 ms; equal at 2064 rows; measured), so on the CPU the graphs take
     copies laid out (in, out) (Qwen2_5OmniToken2WavModel.graph_weights)."""
     if not transposed:
-        return mint.nn.functional.linear(x, weight)
+        return P.linear(x, weight)
     return ops.matmul(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[0], x.shape[1], -1)
 
 
@@ -414,7 +414,7 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
     def output(self, x, t_emb, weights=None):
         """The last blocks' output -> the velocity (B, T, mel_dim). `weights`: the output's of `weights()`."""
         norm_w, norm_b, proj_w, proj_b = self.weights()[-OUTPUT_WEIGHTS:] if weights is None else weights
-        linear = mint.nn.functional.linear
+        linear = P.linear
         scale, shift = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 2, 1)
         return linear(modulated_norm(x, scale, shift, self.kernels.modulated_norm), proj_w, proj_b)
 

@@ -16,7 +16,7 @@ Training, and blocks wrapped by LoRA adapters, run op by op through the cells.
 """
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint, nn, ops
+from mindspore import Tensor, nn, ops
 
 from ...generation.decode import bucket
 from ...nn import ops as P
@@ -71,7 +71,7 @@ def block_to_attention(x, cos, sin, weights, heads):
     norm, q_w, q_b, k_w, k_b, v_w, v_b = weights
     h = P.rms_norm(x, norm, 1e-6)
     n, d = x.shape
-    q, k, v = (mint.nn.functional.linear(h, w, b).reshape(n, heads, d // heads)
+    q, k, v = (P.linear(h, w, b).reshape(n, heads, d // heads)
                for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
@@ -79,7 +79,7 @@ def block_to_attention(x, cos, sin, weights, heads):
 def block_after_attention(x, attended, weights, act):
     """The rest of a block (`VisionBlock.weights()[1]`): projection and residual, norm, gated MLP."""
     proj_w, proj_b, norm, gate_w, gate_b, up_w, up_b, down_w, down_b = weights
-    linear = mint.nn.functional.linear
+    linear = P.linear
     x = x + linear(attended, proj_w, proj_b)
     h = P.rms_norm(x, norm, 1e-6)
     return x + linear(act(linear(h, gate_w, gate_b)) * linear(h, up_w, up_b), down_w, down_b)
