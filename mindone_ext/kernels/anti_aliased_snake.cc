@@ -71,6 +71,11 @@ void activate_row(const float *x, float shift, int64_t n, int64_t v, float alpha
   }
 }
 
+// out = x + y + shift over one row of n samples: a residual unit's sum with its convolution's bias
+inline void residual_row(const float *x, const float *y, float shift, int64_t n, float *out) {
+  for (int64_t t = 0; t < n; ++t) out[t] = x[t] + y[t] + shift;
+}
+
 const int64_t SAMPLES_PER_THREAD = 1 << 15;  // below this a thread costs more than it saves
 
 // The rows of a (B, C, n) or (B, C, 1, n) input, or false for another shape.
@@ -102,7 +107,7 @@ void activate(const float *x, const float *y, const float *bias, float *sum, con
       const float *row = x + r * n;
       float shift = bias ? bias[c] : 0.f;
       if (y) {
-        for (int64_t t = 0; t < n; ++t) sum[r * n + t] = row[t] + y[r * n + t] + shift;
+        residual_row(row, y + r * n, shift, n, sum + r * n);
         row = sum + r * n;
         shift = 0.f;
       }
@@ -156,7 +161,7 @@ extern "C" int BiasedResidual(int nparam, void **params, int *ndims, int64_t **s
   const float *x = static_cast<const float *>(params[0]), *y = static_cast<const float *>(params[1]);
   const float *bias = static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[3]);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t t = 0; t < n; ++t) out[r * n + t] = x[r * n + t] + y[r * n + t] + bias[r % channels];
+  // one thread: a sum is too little work per sample for a thread to pay for itself
+  for (int64_t r = 0; r < rows; ++r) residual_row(x + r * n, y + r * n, bias[r % channels], n, out + r * n);
   return 0;
 }
