@@ -6,7 +6,7 @@ import mindspore as ms
 from mindspore import nn
 
 from ... import bundled
-from ...generation import CompiledDecoder, SamplingConfig, TokenLoop, token_embeddings
+from ...generation import CompiledDecoder, SamplingConfig, TokenLookup, TokenLoop
 from ...nn.attention import check_attn_implementation
 from ...nn.lora import PEFT_PREFIX, adapter_tensor_names, load_adapter
 from ...utils.checkpoint import CheckpointFolder, load_into
@@ -257,7 +257,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         """The Thinker's token loop (generation.TokenLoop) for `request` over `cache`."""
         return TokenLoop(self.thinker_runner(), cache, request.ids, request.prompt.rope_deltas, request.max_new,
                          request.sampling, request.eos, request.pad,
-                         lambda step, tokens: token_embeddings(self.thinker.model.embed_tokens, tokens[:, None]))
+                         lambda step, tokens: TokenLookup(self.thinker.model.embed_tokens, tokens[:, None]))
 
     def talker_prompt(self, request, first_step, second_step):
         """The Talker's prompt (speech.TalkerPrompt) from the Thinker's first two steps: the

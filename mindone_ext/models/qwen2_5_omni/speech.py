@@ -10,7 +10,7 @@ previous codec token.
 import numpy as np
 from mindspore import Tensor, ops
 
-from ...generation import CompiledDecoder, SamplingConfig, TokenLoop, token_embeddings
+from ...generation import CompiledDecoder, SamplingConfig, TokenLookup, TokenLoop
 from .rope_index import RopeTokens, get_rope_index
 
 TALKER_DEFAULTS = dict(max_new_tokens=4096, do_sample=True, top_k=40, top_p=0.8, temperature=0.9,
@@ -88,7 +88,7 @@ class CodecLoop:
                               talker.codec_pad_token, self._embed_next, suppress_ids=[talker.codec_bos_token])
 
     def _embed_next(self, step, tokens):
-        return token_embeddings(self.talker.model.embed_tokens, tokens[:, None], self.prompt.reply_at(step))
+        return TokenLookup(self.talker.model.embed_tokens, tokens[:, None], self.prompt.reply_at(step))
 
     @property
     def done(self):
