@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit  # noqa: E402
-from latency import default_model, inputs, question  # noqa: E402
+from latency import default_model, inputs, question, turn_options, turn_settings  # noqa: E402
 
 
 def timed_graphs():
@@ -60,8 +60,7 @@ def answer_times(args):
 
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model_path)
     feed, _ = inputs(args.model_path, args.wav)
-    settings = dict(feed, spk="Ethan", max_new_tokens=args.text_tokens, eos_token_id=[], talker_do_sample=False,
-                    talker_max_new_tokens=args.codec_tokens, seed=0)
+    settings = turn_settings(feed, args)
     answers = []
     for _ in range(args.answers):
         start = time.perf_counter()
@@ -89,12 +88,9 @@ def child(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", default=None, help="a Qwen2.5-Omni folder (default: the bundled tiny checkpoint)")
-    ap.add_argument("--text_tokens", type=int, default=24)
-    ap.add_argument("--codec_tokens", type=int, default=100)
+    turn_options(ap)
     ap.add_argument("--answers", type=int, default=4, help="answers in the timed process (the first is cold)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--wav", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.answers < 2:
         ap.error("--answers must be at least 2 (a cold answer and a warm one)")

@@ -52,6 +52,20 @@ def inputs(model_path, wav):
     return processor(text=text, audio=[audio], return_tensors="np", padding=True), len(audio) / 16000
 
 
+def turn_options(ap):
+    """The turn's options (this bench's and bench/cold_start.py's): the checkpoint, the answer's length."""
+    ap.add_argument("--model_path", default=None, help="a Qwen2.5-Omni folder (default: the bundled tiny checkpoint)")
+    ap.add_argument("--text_tokens", type=int, default=24)
+    ap.add_argument("--codec_tokens", type=int, default=100)
+    ap.add_argument("--wav", help=argparse.SUPPRESS)  # the question, made by the parent process
+
+
+def turn_settings(feed, args):
+    """Our generate()'s arguments for the turn: greedy, exactly `--text_tokens` and `--codec_tokens` tokens."""
+    return dict(feed, spk="Ethan", max_new_tokens=args.text_tokens, eos_token_id=[], talker_do_sample=False,
+                talker_max_new_tokens=args.codec_tokens, seed=0)
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -71,8 +85,7 @@ def run_ours(args):
     model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model_path)
     feed, question_s = inputs(args.model_path, args.wav)
     loaded = round(time.perf_counter() - start, 3)
-    settings = dict(feed, spk="Ethan", max_new_tokens=args.text_tokens, eos_token_id=[], talker_do_sample=False,
-                    talker_max_new_tokens=args.codec_tokens, seed=0)
+    settings = turn_settings(feed, args)
     (_, wav), cold = timed(lambda: model.generate(**settings))
     warm = warm_answers(lambda: model.generate(**settings), args.warm_runs)
     first_stream = stream(model, settings)  # compiles the chunk windows' graphs
@@ -151,14 +164,11 @@ def child(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", default=None, help="a Qwen2.5-Omni folder (default: the bundled tiny checkpoint)")
-    ap.add_argument("--text_tokens", type=int, default=24)
-    ap.add_argument("--codec_tokens", type=int, default=100)
+    turn_options(ap)
     ap.add_argument("--warm_runs", type=int, default=3, help="warm answers (whole and streamed) per implementation")
     ap.add_argument("--impls", default="ours_empty_store,ours,ours_store_off,reference,voice_chatting",
                     help="ours after ours_empty_store finds its graphs stored")
     ap.add_argument("--impl", help=argparse.SUPPRESS)  # one child process
-    ap.add_argument("--wav", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.model_path = args.model_path or default_model()
     if args.impl:
