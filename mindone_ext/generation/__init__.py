@@ -1,6 +1,5 @@
-from .decode import CompiledDecoder, token_embeddings
-from .loop import DecodeRequest, Step, TokenLookup, TokenLoop, look_up_together
+from .decode import CompiledDecoder, TokenLookup
+from .loop import DecodeRequest, Step, TokenLoop
 from .sampling import Sampler, SamplingConfig
 
-__all__ = ["CompiledDecoder", "token_embeddings", "DecodeRequest", "Step", "TokenLookup", "TokenLoop",
-           "look_up_together", "Sampler", "SamplingConfig"]
+__all__ = ["CompiledDecoder", "TokenLookup", "DecodeRequest", "Step", "TokenLoop", "Sampler", "SamplingConfig"]

@@ -55,24 +55,14 @@ def cache_slots(n):
     return max(MIN_CACHE_SLOTS, 1 << max(int(n) - 1, 0).bit_length())
 
 
-def _lookup(table, ids):
-    return P.embedding(ids, table)
-
-
-def _lookup_plus(table, ids, plus):
-    return P.embedding(ids, table) + plus
-
-
-_LOOKUP, _LOOKUP_PLUS = StoredGraph("embedding", _lookup, ()), StoredGraph("embedding_plus", _lookup_plus, ())
-
-
-def token_embeddings(embedding, ids, plus=None):
-    """The rows of `ids` (numpy ints) in `embedding` (an nn.Embedding), `plus` added: a decode
-    loop's next input. One stored graph call, where op by op each of these ops could take 1.5-4 ms
-    after a graph call on the 2-core CPU."""
-    # the Parameter itself, as the decode step takes its weights: read where it lies, no wrapper per token
-    table, ids = embedding.weight, Tensor(np.asarray(ids, np.int32))
-    return _LOOKUP(table, ids) if plus is None else _LOOKUP_PLUS(table, ids, plus)
+class TokenLookup(NamedTuple):
+    """A decode step's input still to be looked up: the rows `ids` (B, 1) of `embedding` (an
+    nn.Embedding), `plus` (B, 1, E) added when given. The step's graph looks them up itself (one
+    graph call a token instead of two: a separate lookup took ~0.15-0.4 ms a call) and returns
+    them beside its logits."""
+    embedding: object
+    ids: np.ndarray
+    plus: object = None
 
 
 def piece_width(t):
@@ -109,9 +99,9 @@ class CompiledDecoder:
         self.head_dim = head_dim_of(config)
         self._caches = []  # weak references to the caches handed out
         self.shapes = set()  # (rows, tokens, attended slots) of every step run
-        self.graphs_run = set()  # (whole pool, buffer view, shape): one compiled graph each
+        self.graphs_run = set()  # (whole pool, buffer view, shape, input looked up): one compiled graph each
         self._rotary_spec = (self.head_dim, config.rope_theta, tuple(config.rope_scaling["mrope_section"]))
-        self._graphs = {}  # (make-up, whole pool, buffer view, kernels) -> its StoredGraph
+        self._graphs = {}  # (make-up, whole pool, buffer view, kernels, input kind) -> its StoredGraph
         self.pool = None  # the shared pool: single-row caches are its rows (use_pool)
         # pools of caches taken whole (a batch; one conversation without a shared pool), kept for
         # the next cache of the same shape
@@ -120,16 +110,22 @@ class CompiledDecoder:
         # the norms, gated units and decode steps' attention as native CPU kernels, for float32
         self.kernels = DecoderKernels.build(decoder.norm.weight.dtype)
 
-    def _step_function(self, make_up, whole, view, kernels):
-        """The step graph's function for one make-up (`parts`), pool kind, buffer view and set of
-        native kernels."""
+    def _step_function(self, make_up, whole, view, kernels, looked_up):
+        """The step graph's function for one make-up (`parts`), pool kind, buffer view, set of
+        native kernels and input kind: `looked_up` None (input embeddings), else the size of
+        the (table, ids[, plus]) tuple the step looks its input up from, returned third."""
         rotary = self._rotary
         proj_kind, layer_kinds, eps, head_kind = make_up
         # where each part's weights start in the flat tuple (computed here: the graph slices by constants)
         bounds = np.cumsum([0 if proj_kind is None else projection_width(proj_kind)]
                            + [layer_width(kind) for kind in layer_kinds]).tolist()
 
-        def step(embeds, position_ids, mask, last_index, rows, pick, slots, buffers, weights):
+        def step(source, position_ids, mask, last_index, rows, pick, slots, buffers, weights):
+            embeds = source
+            if looked_up is not None:
+                embeds = P.embedding(source[1], source[0])
+                if looked_up == 3:
+                    embeds = embeds + source[2]
             if proj_kind is not None:
                 embeds = project(embeds, weights[:bounds[0]], proj_kind)
             cos, sin = rotary(position_ids, embeds.dtype)
@@ -149,7 +145,8 @@ class CompiledDecoder:
             last = ops.gather(hidden.reshape(-1, hidden.shape[-1]), last_index, 0).reshape(hidden.shape[0], 1, -1)
             logits = project(last, weights[bounds[-1] + 1:], head_kind)
             # (B, 1, V) -> (B, V) by reshape: CPU's StridedSlice copied the Talker's 8448 logits in 0.3 ms a step
-            return logits.reshape(logits.shape[0], -1).astype(ms.float32), hidden
+            logits = logits.reshape(logits.shape[0], -1).astype(ms.float32)
+            return (logits, hidden) if looked_up is None else (logits, hidden, embeds)
 
         return step
 
@@ -202,15 +199,16 @@ class CompiledDecoder:
         return (proj_kind, tuple(layer_kinds), float(norm.eps), head_kind), weights + [norm.weight] + head_weights
 
     def run_step(self, buffers, whole, inputs):
-        """The compiled step over `buffers` (PoolBuffers): `inputs` (embeds, position_ids, mask,
-        last_index, rows, pick, slots) -> (logits, hidden). Weights and buffers are graph inputs
-        (the buffers written in place), so the graph holds no parameter and is stored once per
-        machine (utils/graph_cache.py)."""
+        """The compiled step over `buffers` (PoolBuffers): `inputs` (embeds or a (table, ids[,
+        plus]) tuple, position_ids, mask, last_index, rows, pick, slots) -> (logits, hidden[,
+        embeds looked up]). Weights and buffers are graph inputs (the buffers written in place),
+        so the graph holds no parameter and is stored once per machine (utils/graph_cache.py)."""
         make_up, weights = self.parts()
-        key = (make_up, whole, buffers.view, self.kernels)
+        looked_up = len(inputs[0]) if isinstance(inputs[0], tuple) else None
+        key = (make_up, whole, buffers.view, self.kernels, looked_up)
         if key not in self._graphs:
             self._graphs[key] = StoredGraph(f"{self.name.lower()}_step", self._step_function(*key),
-                                            key[:3] + self._rotary_spec + self.kernels.libraries)
+                                            key[:3] + (looked_up,) + self._rotary_spec + self.kernels.libraries)
         # the Parameters themselves: the buffers are written in place without a copy (measured; a
         # Tensor over the same storage is copied whole), the weights read where they lie
         return self._graphs[key](*inputs, buffers.keys + buffers.values, tuple(weights))
@@ -301,36 +299,51 @@ class CompiledDecoder:
         """One token per row (embeds (B, 1, E)) at slot `cache.length`."""
         return self.decode_many([cache], [embeds], [position_ids])[0]
 
-    def decode_requests(self, requests):
-        """The decode steps `requests` (generation.DecodeRequest of loops on this runner) ->
-        [(logits, hidden)]: in one batched call when their caches are rows of this runner's
-        shared pool, else one by one."""
-        caches = [r.loop.cache for r in requests]
-        if self.pool is not None and all(c.pool is self.pool for c in caches):
-            return self.decode_many(caches, [r.embeds for r in requests], [r.positions for r in requests])
-        return [r.loop.decode(r) for r in requests]
-
     def decode_many(self, caches, embeds, position_ids):
         """One token for each row of `caches` (all of one pool) in one compiled step: per cache,
         its embeds (B, 1, E) and positions (3, B, 1). Returns [(logits (B, V), hidden (B, 1, H))]."""
+        return self._step_rows(caches, embeds[0] if len(caches) == 1 else ops.cat(embeds), position_ids)
+
+    def decode_requests(self, requests):
+        """The decode steps `requests` (generation.DecodeRequest of loops on this runner) ->
+        [(logits, hidden)], each request's `embeds` set to the input its step looked up: in one
+        batched call when their caches are rows of this runner's shared pool (and their lookups
+        of one table and kind, as a runner's are), else one by one."""
+        first = requests[0].lookup
+        if len(requests) > 1 and not (self.pool is not None and all(
+                r.loop.cache.pool is self.pool and r.lookup.embedding is first.embedding
+                and (r.lookup.plus is None) == (first.plus is None) for r in requests)):
+            return [out for r in requests for out in self.decode_requests([r])]
+        ids = np.concatenate([r.lookup.ids for r in requests])
+        plus = first.plus if len(requests) == 1 or first.plus is None else ops.cat([r.lookup.plus for r in requests])
+        outputs = self._step_rows([r.loop.cache for r in requests], TokenLookup(first.embedding, ids, plus),
+                                  [r.positions for r in requests])
+        for request, (_, _, embeds) in zip(requests, outputs):
+            request.embeds = embeds
+        return [(logits, hidden) for logits, hidden, _ in outputs]
+
+    def _step_rows(self, caches, source, position_ids):
+        """One decode step for every row of `caches` (all of one pool) from `source`, their inputs
+        side by side (embeds, or a TokenLookup) -> per cache, the step's outputs (logits, hidden[,
+        embeds]) of its rows."""
         for cache in caches:
             if cache.length >= cache.slots:
                 raise ValueError(f"the KV cache is full ({cache.slots} slots)")
             cache.valid[:, cache.length] = 1
         rows = [row for c in caches for row in c.rows]
         starts = [c.length for c in caches for _ in c.rows]
-        if len(caches) > 1:  # one cache (generate, a session) needs no joining: this runs per token
-            embeds, position_ids = [ops.cat(embeds)], [np.concatenate(position_ids, 1)]
-        logits, hidden = caches[0].pool.run(rows, embeds[0], position_ids[0], starts, 0)
+        # one cache (generate, a session) needs no joining: this runs per token
+        positions = position_ids[0] if len(caches) == 1 else np.concatenate(position_ids, 1)
+        outputs = caches[0].pool.run(rows, source, positions, starts, 0)
         for cache in caches:
             cache.length += 1
         if len(caches) == 1:
-            return [(logits, hidden)]
+            return [outputs]
         sizes = [len(c.rows) for c in caches]
         # one split, not a slice per cache (~75 us each); by one row (a server's conversations) the fastest
-        hiddens = ops.split(hidden, 1 if max(sizes) == 1 else sizes)
+        tensors = [ops.split(out, 1 if max(sizes) == 1 else sizes) for out in outputs[1:]]
         bounds = np.cumsum([0] + sizes).tolist()
-        return [(logits[lo:hi], h) for lo, hi, h in zip(bounds[:-1], bounds[1:], hiddens)]
+        return [(outputs[0][lo:hi],) + parts for lo, hi, parts in zip(bounds[:-1], bounds[1:], zip(*tensors))]
 
 
 class CachePool:
@@ -394,14 +407,16 @@ class CachePool:
         """One compiled step over `rows`: embeds (n, T, E) written at slots starts[i].. of row
         rows[i]; the logits are those of token last[i] of row i (`last` a list, or one index for all).
         A shared pool's step runs at least `padded_rows` rows (padding rows may already be in
-        `embeds`); `span`: the slots attended (default: see below)."""
-        n, t = len(rows), embeds.shape[1]
+        `embeds`); `span`: the slots attended (default: see below). `embeds` may instead be a
+        TokenLookup of one token a row, which the step looks up and returns third."""
+        lookup = isinstance(embeds, TokenLookup)
+        n, t = len(rows), 1 if lookup else embeds.shape[1]
         last = [last] * n if np.ndim(last) == 0 else list(last)
         whole = self.spare is None  # such a pool's caches are all its rows, stepped together
         width = n if whole else max(1 << (n - 1).bit_length(), padded_rows)
-        missing = width - embeds.shape[0]
+        missing = width - (n if lookup else embeds.shape[0])
+        source = _lookup_inputs(embeds, missing) if lookup else _padded(embeds, missing)
         if missing > 0:
-            embeds = ops.cat((embeds, ops.zeros((missing,) + tuple(embeds.shape[1:]), embeds.dtype)))
             position_ids = np.concatenate([position_ids, np.zeros((3, missing, t), position_ids.dtype)], 1)
         rows = np.asarray(list(rows) + [self.spare] * (width - n))
         starts = np.asarray(list(starts) + [self.slots] * (width - n))
@@ -410,18 +425,18 @@ class CachePool:
         # size: a long prompt's early pieces do not attend to the whole cache); a decode step to all
         span = span or (self.slots if t == 1 else min(self.slots, cache_slots(int(starts[:n].max()) + t)))
         shape = (width, t, span)
-        graph = (whole, self.buffers.view, shape)  # pools of one shape share their graphs
+        graph = (whole, self.buffers.view, shape, lookup)  # pools of one shape share their graphs
         rows_note = f" for {width} rows" if width > 1 else ""
         new = None if graph in self.runner.graphs_run else \
             f"the {self.runner.name} for {t} token(s) x {span} cache slots{rows_note}"
         self.runner.graphs_run.add(graph)
         self.runner.shapes.add(shape)
         with compiling(new):
-            logits, hidden = self.runner.run_step(self.buffers, whole, (
-                embeds, Tensor(position_ids, ms.int32), Tensor(step_mask(self.valid[rows, :span], starts, t)),
+            outputs = self.runner.run_step(self.buffers, whole, (
+                source, Tensor(position_ids, ms.int32), Tensor(step_mask(self.valid[rows, :span], starts, t)),
                 Tensor(np.arange(width, dtype=np.int32) * t + np.asarray(last + [0] * (width - n), np.int32)),
                 Tensor(rows.astype(np.int32)), Tensor(pick), Tensor(slots)))
-        return logits.asnumpy()[:n], hidden[:n] if width > n else hidden
+        return (outputs[0].asnumpy()[:n],) + tuple(out[:n] if width > n else out for out in outputs[1:])
 
     def _write_plan(self, rows, starts, t):
         """Where a step's new keys go: for each (row, KV head, token), the flat index of the new
@@ -435,6 +450,21 @@ class CachePool:
         pick = (np.arange(width)[:, None, None] * heads + head) * t + token[:, None, :]
         slots = (rows[:, None, None] * heads + head) * self.slots + slot[:, None, :]
         return pick.reshape(-1).astype(np.int32), slots.reshape(-1).astype(np.int32)
+
+
+def _padded(rows, missing):
+    """`rows` (a tensor) followed by `missing` rows of zeros."""
+    return rows if missing <= 0 else ops.cat((rows, ops.zeros((missing,) + tuple(rows.shape[1:]), rows.dtype)))
+
+
+def _lookup_inputs(lookup, missing):
+    """A step's (table, ids[, plus]) for `lookup`, with `missing` padding rows (id 0, nothing added);
+    the table is the Parameter itself, read where it lies."""
+    ids = np.asarray(lookup.ids, np.int32)
+    if missing > 0:
+        ids = np.concatenate([ids, np.zeros((missing,) + ids.shape[1:], np.int32)])
+    source = (lookup.embedding.weight, Tensor(ids))
+    return source if lookup.plus is None else source + (_padded(lookup.plus, missing),)
 
 
 class PoolBuffers:

@@ -8,9 +8,7 @@ compiled call (the voice server's batched engine).
 from typing import NamedTuple
 
 import numpy as np
-from mindspore import ops
 
-from .decode import token_embeddings
 from .sampling import Sampler
 
 
@@ -22,57 +20,14 @@ class Step(NamedTuple):
     hidden: object
 
 
-class TokenLookup(NamedTuple):
-    """A decode step's input still to be looked up: the rows `ids` (B, 1) of `embedding` (an
-    nn.Embedding), `plus` (B, 1, E) added when given."""
-    embedding: object
-    ids: np.ndarray
-    plus: object = None
-
-
 class DecodeRequest:
     """The next decode step a loop needs: the input `lookup` (a TokenLookup) at `positions`
-    (3, B, 1) into the loop's cache. `embeds` (B, 1, E) looks it up when first asked;
-    `look_up_together` does it for the requests of many loops at once."""
-    __slots__ = ("loop", "lookup", "positions", "_embeds")
+    (3, B, 1) into the loop's cache. The step looks its input up itself and leaves it in
+    `embeds` (B, 1, E) (the runner's `decode_requests`)."""
+    __slots__ = ("loop", "lookup", "positions", "embeds")
 
     def __init__(self, loop, lookup, positions):
-        self.loop, self.lookup, self.positions, self._embeds = loop, lookup, positions, None
-
-    @property
-    def embeds(self):
-        if self._embeds is None:
-            self._embeds = token_embeddings(*self.lookup)
-        return self._embeds
-
-
-def look_up_together(requests):
-    """The inputs of many decode steps looked up in one graph call per embedding table (and per
-    kind: with `plus` or without) instead of one per request: a batched server round's 16
-    conversations made 32 calls of ~0.15-0.4 ms. The rows are padded to a power of two (one graph
-    per power, whatever the batch) and each request gets its own rows, the values of its own
-    lookup (a gather and an addition per row). A group whose call fails is left to look up
-    alone when its steps run, so that the error fails only the steps it belongs to."""
-    groups = {}
-    for request in requests:
-        if request._embeds is None:
-            groups.setdefault((id(request.lookup.embedding), request.lookup.plus is None), []).append(request)
-    for group in (g for g in groups.values() if len(g) > 1):
-        sizes = [len(request.lookup.ids) for request in group]
-        count = sum(sizes)
-        padding = (1 << (count - 1).bit_length()) - count
-        ids = np.concatenate([request.lookup.ids for request in group] + [np.zeros((padding, 1), np.int64)])
-        plus = None
-        if group[0].lookup.plus is not None:
-            first = group[0].lookup.plus
-            plus = ops.cat([request.lookup.plus for request in group]
-                           + [ops.zeros((padding,) + tuple(first.shape[1:]), first.dtype)] * bool(padding))
-        try:
-            rows = ops.split(token_embeddings(group[0].lookup.embedding, ids, plus), sizes + [padding] * bool(padding))
-        except Exception:  # noqa: BLE001  (see above)
-            continue
-        for request, embeds in zip(group, rows):
-            request._embeds = embeds
+        self.loop, self.lookup, self.positions, self.embeds = loop, lookup, positions, None
 
 
 class TokenLoop:
@@ -113,7 +68,7 @@ class TokenLoop:
 
     def decode(self, request):
         """Run `request`'s step by itself -> (logits, hidden)."""
-        return self.runner.decode(self.cache, request.embeds, request.positions)
+        return self.runner.decode_requests([request])[0]
 
     def run(self, logits, hidden, embeds):
         """Yields every Step from the prompt's logits on, the decode steps run one by one."""

@@ -30,7 +30,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..generation import look_up_together
 from ..models.qwen2_5_omni.audio_encoder import EncodeRequest
 from ..models.qwen2_5_omni.streaming import AudioChunk
 from ..models.qwen2_5_omni.token2wav_stream import synthesise
@@ -322,7 +321,6 @@ class Engine:
                 continue
             for request in wanted[generation]:
                 groups.setdefault(request.loop.runner, []).append(request)
-        look_up_together([request for requests in wanted.values() for request in requests])
         results = {}
         for runner, requests in groups.items():
             try:
