@@ -12,6 +12,7 @@ from ...generation.decode import bucket
 from ...nn.device import on_ascend
 from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
+from ...utils.stored_values import stored_value
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
 from .dit import Qwen2_5OmniToken2WavDiTModel, block_matrices, dit_layer, split_weights
 from .vocoder import Vocoder
@@ -182,13 +183,17 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         """The ECAPA embedding of a speaker's reference mel, as the ODE's rows take it (see OdeRow).
         It depends on nothing else, so it is computed once per speaker: the last few reference
         mels seen (the model's speakers) are kept with their embeddings (a voice server's answers
-        spent 7.6% of the model thread on it, measured)."""
+        spent 7.6% of the model thread on it, measured), and once per machine, stored beside the
+        graphs under a key of the encoder's weights and the mel (utils/stored_values.py)."""
         apply_cfg = guidance_scale >= 1e-5
         for mel, cfg, voice in self._voices:
             if mel is reference_mel and cfg == apply_cfg:
                 return voice
-        ref = Tensor(np.asarray(reference_mel, np.float32))
-        voice = self.code2wav_dit_model.input_embed.reference_voice(ref, apply_cfg=apply_cfg)
+        mel = np.asarray(reference_mel, np.float32)
+        embed = self.code2wav_dit_model.input_embed
+        weights = [w.asnumpy() for w in embed.spk_encoder.weights()]
+        voice = Tensor(stored_value("ecapa_voice", [mel] + weights, apply_cfg,
+                                    lambda: embed.reference_voice(Tensor(mel), apply_cfg=apply_cfg).asnumpy()))
         self._voices = [(reference_mel, apply_cfg, voice)] + self._voices[:VOICES_KEPT - 1]
         return voice
 

@@ -254,3 +254,29 @@ def test_a_speakers_voice_is_computed_once(our_model):
     assert fresh is not voice and max_abs_diff(fresh.asnumpy(), voice.asnumpy()) == 0
     unguided = t2w.speaker_voice(speaker.ref_mel, guidance_scale=0)
     assert unguided.shape[0] == 1 and voice.shape[0] == 2
+
+
+def test_a_speakers_voice_is_stored_once_per_machine(our_model, tmp_path, monkeypatch):
+    """A new process (here: the kept voices forgotten) reads the voice instead of running ECAPA,
+    bit for bit; another encoder weight is another voice, computed."""
+    monkeypatch.setenv("MINDONE_EXT_GRAPH_CACHE", str(tmp_path))
+    t2w, speaker = our_model.token2wav, our_model.speakers["Ethan"]
+    embed = t2w.code2wav_dit_model.input_embed
+    runs = []
+    compute = embed.reference_voice
+    monkeypatch.setattr(embed, "reference_voice", lambda *a, **k: runs.append(1) or compute(*a, **k))
+    monkeypatch.setattr(t2w, "_voices", [])
+    voice = t2w.speaker_voice(speaker.ref_mel)
+    monkeypatch.setattr(t2w, "_voices", [])
+    read = t2w.speaker_voice(speaker.ref_mel)
+    assert len(runs) == 1 and read is not voice
+    assert read.dtype == voice.dtype and max_abs_diff(read.asnumpy(), voice.asnumpy()) == 0
+    weight = embed.spk_encoder.weights()[-1]
+    kept = weight.asnumpy()
+    try:
+        weight.set_data(Tensor(kept + 1))
+        monkeypatch.setattr(t2w, "_voices", [])
+        other = t2w.speaker_voice(speaker.ref_mel)
+    finally:
+        weight.set_data(Tensor(kept))
+    assert len(runs) == 2 and max_abs_diff(other.asnumpy(), voice.asnumpy()) > 0
