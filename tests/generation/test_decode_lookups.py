@@ -8,15 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 from mindspore import Tensor, ops
 
-from mindone_ext.generation import CompiledDecoder, DecodeRequest, TokenLookup
-
-
-def thinker_runner(model, rows=None):
-    thinker = model.thinker
-    runner = CompiledDecoder(thinker.model, thinker.lm_head, model.config.thinker_config.text_config, name="Thinker")
-    if rows:
-        runner.use_pool(rows, model.cache_dtype)
-    return runner
+from mindone_ext.generation import DecodeRequest, TokenLookup
+from tests.generation.test_cache_pool import runner_of
 
 
 def op_by_op(lookup):
@@ -51,8 +44,8 @@ def assert_equal(got, want):
 
 
 def test_steps_looking_their_input_up_equal_steps_given_it(our_model):
-    alone_by_lookup, alone_by_embeds = thinker_runner(our_model), thinker_runner(our_model)
-    batched_by_lookup, batched_by_embeds = thinker_runner(our_model, rows=9), thinker_runner(our_model, rows=9)
+    alone_by_lookup, alone_by_embeds = runner_of(our_model), runner_of(our_model)
+    batched_by_lookup, batched_by_embeds = runner_of(our_model, rows=9), runner_of(our_model, rows=9)
     for count in range(1, 10):
         for with_plus in (False, True):
             for by_lookup, by_embeds in ((alone_by_lookup, alone_by_embeds), (batched_by_lookup, batched_by_embeds)):
