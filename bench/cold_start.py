@@ -12,10 +12,10 @@ convolution also start its runtime and oneDNN: that is the cold answer's extra t
 
 JSON lines: one per loaded graph (its name and first input's shape, e.g. a prefill piece's width,
 its calls, its first call and the median of its later calls in ms, and their difference
-`extra_ms`; a graph called once, e.g. ECAPA for a speaker, counts whole), largest extra first;
-then a summary: the cold answer, the warm one (median of the later answers), the graphs' extra in
-all, and what is left of the cold answer's extra (`other_extra_s`: Python's first paths,
-allocations)."""
+`extra_ms`; a graph called once counts whole; ECAPA is not called: the first process stored the
+speaker's voice), largest extra first; then a summary: the cold answer, the warm one (median of
+the later answers), the graphs' extra in all, and what is left of the cold answer's extra
+(`other_extra_s`: Python's first paths, allocations)."""
 import argparse
 import json
 import os
