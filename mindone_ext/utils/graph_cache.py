@@ -20,7 +20,6 @@ that cannot be written (a read-only home) leaves graphs compiling in each proces
 import contextlib
 import hashlib
 import os
-import tempfile
 import warnings
 from functools import lru_cache
 from types import SimpleNamespace
@@ -29,6 +28,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ..nn.device import pin_runtime_threads
+from .atomic_file import written_atomically
 
 ENV = "MINDONE_EXT_GRAPH_CACHE"
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,21 +149,15 @@ class StoredGraph:
                 return self._graph_cell(path)
             except (RuntimeError, ValueError, OSError):
                 pass  # unreadable (e.g. a disk filled up while it was written): compiled again below
-        try:
-            os.makedirs(folder, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=key + ".", suffix=".partial.mindir", dir=folder)
-            os.close(handle)
-        except OSError as error:
-            warnings.warn(f"graphs are not stored ({error}); set {ENV} to a writable folder, or to off")
-            return None
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                temporary = stack.enter_context(written_atomically(path, ".partial.mindir"))
+            except OSError as error:
+                warnings.warn(f"graphs are not stored ({error}); set {ENV} to a writable folder, or to off")
+                return None
             with without_full_collections():
                 ms.export(flat_function(self.function, counts), *spread, file_name=temporary, file_format="MINDIR")
             cell = self._graph_cell(temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
         return cell
 
     def _graph_cell(self, path):

@@ -27,6 +27,7 @@ import warnings
 from functools import lru_cache
 
 from ..nn.device import on_ascend
+from .atomic_file import written_atomically
 from .graph_cache import cache_folder
 
 ENV = "MINDONE_EXT_NATIVE_KERNELS"
@@ -98,16 +99,8 @@ def _build(source, code, cxx, folder):
 
 
 def _compile(cxx, source, target):
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".partial",
-                                         dir=os.path.dirname(target))
-    os.close(handle)
-    try:
+    with written_atomically(target) as temporary:
         subprocess.run([cxx, *FLAGS, source, "-o", temporary], check=True, capture_output=True, timeout=600)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 @lru_cache(maxsize=1)

@@ -14,12 +14,12 @@ that cannot be written leaves values computed in each process, with a warning.
 """
 import hashlib
 import os
-import tempfile
 import warnings
 
 import mindspore as ms
 import numpy as np
 
+from .atomic_file import written_atomically
 from .graph_cache import ENV, cache_folder, source_hash
 
 FOLDER = "values"  # inside the graphs' folder
@@ -43,8 +43,7 @@ def stored_value(name, arrays, settings, compute):
     folder = cache_folder()
     if folder is None:
         return compute()
-    folder = os.path.join(folder, FOLDER)
-    path = os.path.join(folder, value_key(name, arrays, settings) + ".npy")
+    path = os.path.join(folder, FOLDER, value_key(name, arrays, settings) + ".npy")
     if os.path.exists(path):
         try:
             return np.load(path, allow_pickle=False)
@@ -52,15 +51,8 @@ def stored_value(name, arrays, settings, compute):
             pass  # unreadable (e.g. a disk filled up while it was written): computed again below
     value = np.asarray(compute())
     try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.save(f, value, allow_pickle=False)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        with written_atomically(path) as temporary, open(temporary, "wb") as f:
+            np.save(f, value, allow_pickle=False)
     except OSError as error:
         warnings.warn(f"values are not stored ({error}); set {ENV} to a writable folder, or to off")
     return value
