@@ -314,10 +314,10 @@ class CompiledDecoder:
                 r.loop.cache.pool is self.pool and r.lookup.embedding is first.embedding
                 and (r.lookup.plus is None) == (first.plus is None) for r in requests)):
             return [out for r in requests for out in self.decode_requests([r])]
-        ids = np.concatenate([r.lookup.ids for r in requests])
-        plus = first.plus if len(requests) == 1 or first.plus is None else ops.cat([r.lookup.plus for r in requests])
-        outputs = self._step_rows([r.loop.cache for r in requests], TokenLookup(first.embedding, ids, plus),
-                                  [r.positions for r in requests])
+        lookup = first if len(requests) == 1 else TokenLookup(  # one request's lookup as it is: this runs per token
+            first.embedding, np.concatenate([r.lookup.ids for r in requests]),
+            None if first.plus is None else ops.cat([r.lookup.plus for r in requests]))
+        outputs = self._step_rows([r.loop.cache for r in requests], lookup, [r.positions for r in requests])
         for request, (_, _, embeds) in zip(requests, outputs):
             request.embeds = embeds
         return [(logits, hidden) for logits, hidden, _ in outputs]
