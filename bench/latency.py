@@ -16,7 +16,9 @@ Ours runs three times, with graphs stored in a folder of this run (utils/graph_c
 a machine's second and later runs), and `ours_store_off` (MINDONE_EXT_GRAPH_CACHE=off: every
 graph compiles in the process, the vocoder runs op by op). `voice_chatting` is the README's
 first command from a new process to its exit, with the stored graphs.
-JSON lines: one per implementation, then a summary with the ratios.
+`ours` and `reference` run `--rounds` processes each, alternating, so that a slow spell of the
+machine falls on both; the summary's ratios take each figure's median over an implementation's
+processes. JSON lines: one per process (its `round`), then the summary with the ratios.
 """
 import argparse
 import json
@@ -162,22 +164,38 @@ def child(args):
               model=os.path.basename(os.path.normpath(args.model_path)), device="CPU", dtype="float32", **run(args)))
 
 
+def medians(records):
+    """One implementation's processes as one record: each number their median (this machine's load
+    moves a process's answers together, by up to ~1.5x between processes); the rest the first's."""
+    numbers = {key for key, value in records[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {key: round(statistics.median(r[key] for r in records), 3) if key in numbers else value
+            for key, value in records[0].items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     turn_options(ap)
     ap.add_argument("--warm_runs", type=int, default=3, help="warm answers (whole and streamed) per implementation")
     ap.add_argument("--impls", default="ours_empty_store,ours,ours_store_off,reference,voice_chatting",
                     help="ours after ours_empty_store finds its graphs stored")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="processes of ours and of the reference, alternating (the summary takes their medians)")
     ap.add_argument("--impl", help=argparse.SUPPRESS)  # one child process
     args = ap.parse_args()
     args.model_path = args.model_path or default_model()
     if args.impl:
         return child(args)
-    records = {}
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    impls = args.impls.split(",")
+    repeated = [impl for impl in impls if impl in ("ours", "reference")]
+    sequence = ([impl for impl in impls if impl == "ours_empty_store"] + repeated * args.rounds
+                + [impl for impl in impls if impl not in repeated and impl != "ours_empty_store"])
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         wav = question(os.path.join(tmp, "question.wav"))
         graphs = os.path.join(tmp, "graphs")  # this run's stored graphs, empty at first
-        for impl in args.impls.split(","):
+        for impl in sequence:
             env = dict(os.environ, MINDONE_EXT_GRAPH_CACHE="off" if impl == "ours_store_off" else graphs)
             command = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--wav", wav, "--model_path",
                        args.model_path, "--text_tokens", str(args.text_tokens), "--codec_tokens", str(args.codec_tokens),
@@ -185,8 +203,10 @@ def main():
             out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if out.returncode:
                 sys.exit(f"{impl} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-            records[impl] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-            emit(records[impl])
+            runs.setdefault(impl, []).append(json.loads([line for line in out.stdout.splitlines()
+                                                         if line.startswith("{")][-1]))
+            emit(dict(runs[impl][-1], round=len(runs[impl])))
+    records = {impl: medians(records) for impl, records in runs.items()}
     ours, reference = records.get("ours"), records.get("reference")
     summary = dict(bench="latency")
     if ours:

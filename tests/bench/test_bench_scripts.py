@@ -2,6 +2,7 @@
 implementation, then a summary of ratios). Timings are printed, never asserted."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -51,18 +52,29 @@ def test_streaming_bench_output_form():
 
 def test_latency_bench_output_form():
     lines = run_bench("latency.py", "--impls", "ours_empty_store,ours,reference", "--text_tokens", "4",
-                      "--codec_tokens", "30", "--warm_runs", "2")
-    assert [r.get("impl") for r in lines] == ["ours_empty_store", "ours", "reference", None]
-    empty, ours, reference, summary = lines
+                      "--codec_tokens", "30", "--warm_runs", "2", "--rounds", "2")
+    # ours and the reference alternate, one process per round
+    assert [(r.get("impl"), r.get("round")) for r in lines] == [
+        ("ours_empty_store", 1), ("ours", 1), ("reference", 1), ("ours", 2), ("reference", 2), (None, None)]
+    empty, ours, reference, ours_2, reference_2, summary = lines
     assert empty["vocoder_compiled"] is ours["vocoder_compiled"] is True  # the tiny vocoder's graph fits
     assert empty["speech_s"] == ours["speech_s"] and summary["ratio_cold_empty_store_vs_warm"] > 0
     assert 0 < ours["stream_first_text_s"] <= ours["stream_first_audio_s"] <= ours["stream_total_s"]
     assert ours["whole_warm_s"] > 0 and reference["whole_warm_s"] > 0 and ours["stream_chunks"] >= 1
-    # the warm figure is the median of the warm answers, each reported
+    # a process's warm figure is the median of its warm answers, each reported
     assert all(len(r["whole_warm_runs_s"]) == 2 for r in (ours, reference))
     assert ours["whole_warm_s"] == round(sum(ours["whole_warm_runs_s"]) / 2, 3)
     assert ours["speech_s"] == reference["speech_s"] > 0 and summary["same_speech_length"] is True
     assert summary["ratio_first_audio_vs_reference_whole"] > 0 and summary["ratio_stream_total_vs_whole"] > 0
+
+    # the summary's ratios take each figure's median over the processes
+    def median(key, *records):
+        return round(statistics.median(r[key] for r in records), 3)
+
+    assert summary["ratio_whole_vs_reference_whole"] == round(
+        median("whole_warm_s", ours, ours_2) / median("whole_warm_s", reference, reference_2), 3)
+    assert summary["ratio_cold_vs_warm"] == round(
+        median("whole_cold_s", ours, ours_2) / median("whole_warm_s", ours, ours_2), 3)
 
 
 def test_cold_start_bench_output_form():
