@@ -8,6 +8,7 @@ import tempfile
 import time
 
 from mindone_ext.models.qwen2_5_omni.prompts import SYSTEM_PROMPT  # the prompt speech needs
+from mindone_ext.utils.without_torch import transformers_without_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CHECKPOINT = os.path.join(HERE, "tiny-qwen2.5-omni")
@@ -48,18 +49,6 @@ def add_model_flags(ap, dtype_help=None):
                     help="flash_attention_2: MindSpore's fused kernel on Ascend (exact attention elsewhere)")
     ap.add_argument("--enable_flash_attention", dest="attn_implementation", action="store_const",
                     const="flash_attention_2", help="same as --attn_implementation flash_attention_2")
-
-
-def transformers_without_torch():
-    """The examples run no PyTorch model, but with torch installed, importing transformers (for
-    the configs, the tokenizer and the Whisper features) imports torch too: ~2.7 s of every start
-    (the model and processor modules: 3.65 s against 0.99 s, measured). USE_TORCH=0 makes
-    transformers act as on a machine without torch, as the tests also run the examples
-    (tests/hide_torch.py): its Whisper log-mel features then come from its numpy code, not its
-    torch code (within ~3e-5 of each other on a spoken clip). A USE_TORCH the user set is kept;
-    once transformers is imported, nothing changes."""
-    if "transformers" not in sys.modules:
-        os.environ.setdefault("USE_TORCH", "0")
 
 
 def run(main, *args):

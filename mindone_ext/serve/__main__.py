@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import fields
 
 from .. import bundled
+from ..utils.without_torch import transformers_without_torch
 from .options import ENGINES, ServeOptions  # plain Python: --help answers without importing MindSpore
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -125,6 +126,7 @@ def main(argv=None):
         import webrtcvad  # noqa: F401
     except ImportError as e:
         sys.exit(f"the voice service needs {e.name}: pip install 'mindone_ext[serve]' (aiohttp, webrtcvad-wheels)")
+    transformers_without_torch()
     import mindspore as ms
 
     from .. import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor

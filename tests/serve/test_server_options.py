@@ -54,3 +54,32 @@ def test_limits_out_of_range_are_refused_before_the_model_loads(capsys):
     args = parse_args(["--model_path", "m", "--max_active", "0", "--cache_memory_mb", "512.5"])
     assert (args.options.max_active, args.options.cache_memory_mb) == (0, 512.5)
     assert args.options.talker_max_new_tokens == args.talker_max_new_tokens
+
+
+SERVER_IMPORTS = """
+import os, runpy, sys
+sys.argv = ["serve", "--model_path", os.path.join(sys.argv[1], "no such folder")]
+try:
+    runpy.run_module("mindone_ext.serve", run_name="__main__")
+except SystemExit as end:
+    print(end.code)
+print("transformers" in sys.modules, "torch" in sys.modules, os.environ.get("USE_TORCH"))
+"""
+
+
+@pytest.mark.parametrize("use_torch, imported", [(None, "True False 0"), ("1", "True True 1")])
+def test_the_server_imports_no_torch_through_transformers_unless_asked(tmp_path, use_torch, imported):
+    """torch is installed here, as it need not be for users (a dev requirement): the server runs
+    transformers as on their machines (~2.7 s less of each start), and a USE_TORCH the user set
+    wins. The model's modules (and transformers) are imported before the folder is checked."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    env.update({"USE_TORCH": use_torch} if use_torch else {})
+    done = subprocess.run([sys.executable, "-c", SERVER_IMPORTS, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not a folder" in done.stdout.splitlines()[-2]
+    assert done.stdout.split()[-3:] == imported.split()

@@ -36,9 +36,14 @@ def expected_stream(model, processor, conversation, **kwargs):
     return "".join(e.text for e in events if isinstance(e, TextDelta)), np.concatenate(chunks)
 
 
-def test_cli_client_answer_equals_generate_stream(server, our_model, processor, tmp_path):
+def test_cli_client_answer_equals_generate_stream(server, our_model, processor, tmp_path, monkeypatch):
     from common import printable
     from demo_media import speech_like, write_wav
+    from transformers.models.whisper import feature_extraction_whisper
+
+    # the server runs transformers without torch, as users install it: the question's Whisper
+    # features come from the extractor's numpy code (utils/without_torch.py); here too
+    monkeypatch.setattr(feature_extraction_whisper, "is_torch_available", lambda: False)
 
     question, answer = tmp_path / "question.wav", tmp_path / "answer.wav"
     write_wav(str(question), speech_like(1.3, 16000, seed=3), rate=16000)
