@@ -1,5 +1,9 @@
 """The server's command line: loopback by default, no exposure without an API key, the bundled
-checkpoint when no model is named."""
+checkpoint when no model is named, transformers imported without torch."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mindone_ext.bundled import CHECKPOINT as BUNDLED
@@ -72,10 +76,6 @@ def test_the_server_imports_no_torch_through_transformers_unless_asked(tmp_path,
     """torch is installed here, as it need not be for users (a dev requirement): the server runs
     transformers as on their machines (~2.7 s less of each start), and a USE_TORCH the user set
     wins. The model's modules (and transformers) are imported before the folder is checked."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
     env.update({"USE_TORCH": use_torch} if use_torch else {})
     done = subprocess.run([sys.executable, "-c", SERVER_IMPORTS, str(tmp_path)], capture_output=True, text=True,
