@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import answer, load, parser, run  # noqa: E402
+from common import answer, load, parser, run_script  # noqa: E402
 from demo_media import write_ocr_dataset  # noqa: E402
 
 
@@ -50,4 +50,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

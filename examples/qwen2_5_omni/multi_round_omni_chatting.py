@@ -3,7 +3,7 @@ history for the next round.
 
     python examples/qwen2_5_omni/multi_round_omni_chatting.py [--audio a.wav --image p.png --video v.mp4]
 """
-from common import answer, demo_media, load, parser, run, system_turn, user_turn
+from common import answer, demo_media, load, parser, run_script, system_turn, user_turn
 
 
 def main():
@@ -29,4 +29,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

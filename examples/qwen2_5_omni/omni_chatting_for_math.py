@@ -3,7 +3,7 @@ together (use_audio_in_video).
 
     python examples/qwen2_5_omni/omni_chatting_for_math.py [--video problem.mp4] [--model_path DIR]
 """
-from common import answer, demo_media, load, parser, run, system_turn
+from common import answer, demo_media, load, parser, run_script, system_turn
 
 
 def main():
@@ -18,4 +18,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

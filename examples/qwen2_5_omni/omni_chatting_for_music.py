@@ -2,7 +2,7 @@
 
     python examples/qwen2_5_omni/omni_chatting_for_music.py [--audio song.mp3] [--model_path DIR]
 """
-from common import answer, demo_media, load, parser, run, system_turn, user_turn
+from common import answer, demo_media, load, parser, run_script, system_turn, user_turn
 
 QUESTION = "What is the genre of this music, which instruments do you hear, and what mood does it convey?"
 
@@ -19,4 +19,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

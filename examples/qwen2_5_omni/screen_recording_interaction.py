@@ -2,7 +2,7 @@
 
     python examples/qwen2_5_omni/screen_recording_interaction.py [--video screen.mp4] [--question "..."]
 """
-from common import answer, demo_media, load, parser, run, system_turn, user_turn
+from common import answer, demo_media, load, parser, run_script, system_turn, user_turn
 
 
 def main():
@@ -19,4 +19,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -2,7 +2,7 @@
 
     python examples/qwen2_5_omni/universal_audio_understanding.py [--audio speech.wav] [--model_path DIR]
 """
-from common import answer, demo_media, load, parser, run, system_turn, user_turn
+from common import answer, demo_media, load, parser, run_script, system_turn, user_turn
 
 PROMPTS = [
     ("asr", "Transcribe the English audio into text without any punctuation marks."),
@@ -26,4 +26,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -2,7 +2,7 @@
 
     python examples/qwen2_5_omni/video_information_extracting.py [--video clip.mp4] [--model_path DIR]
 """
-from common import answer, demo_media, load, parser, run, system_turn, user_turn
+from common import answer, demo_media, load, parser, run_script, system_turn, user_turn
 
 QUESTIONS = ["What is happening in this video?", "What colours and shapes appear, and how do they move?"]
 
@@ -21,4 +21,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -20,7 +20,7 @@ import wave
 
 import numpy as np
 
-from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, printable, run, user_turn
+from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, printable, run_script, user_turn
 
 from mindone_ext import process_mm_info
 
@@ -111,4 +111,4 @@ def stream(model, processor, question, settings, output, piece_seconds=0.5):
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)
