@@ -167,7 +167,8 @@ def child(args):
 def medians(records):
     """One implementation's processes as one record: each number their median (this machine's load
     moves a process's answers together, by up to ~1.5x between processes); the rest the first's."""
-    numbers = {key for key, value in records[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    numbers = {key for key, value in records[0].items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
     return {key: round(statistics.median(r[key] for r in records), 3) if key in numbers else value
             for key, value in records[0].items()}
 

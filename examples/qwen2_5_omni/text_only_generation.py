@@ -10,7 +10,7 @@ nothing. Runs without torch.
 import argparse
 import time
 
-from common import DTYPES, TINY_CHECKPOINT, mindspore_dtype, printable, transformers_without_torch
+from common import DTYPES, TINY_CHECKPOINT, mindspore_dtype, printable, run_script
 
 
 def parse_args():
@@ -61,5 +61,4 @@ def main():
 
 
 if __name__ == "__main__":
-    transformers_without_torch()
-    main()
+    run_script(main)
