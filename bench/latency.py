@@ -207,7 +207,7 @@ def main():
             runs.setdefault(impl, []).append(json.loads([line for line in out.stdout.splitlines()
                                                          if line.startswith("{")][-1]))
             emit(dict(runs[impl][-1], round=len(runs[impl])))
-    records = {impl: medians(records) for impl, records in runs.items()}
+    records = {impl: medians(processes) for impl, processes in runs.items()}
     ours, reference = records.get("ours"), records.get("reference")
     summary = dict(bench="latency")
     if ours:
