@@ -5,16 +5,7 @@ import os
 
 import numpy as np
 
-
-def speech_like(seconds=2.0, rate=22050, seed=0):
-    """Voiced syllables: a wandering pitch with harmonics under a syllable-rate envelope."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 140 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
-    phase = 2 * np.pi * np.cumsum(pitch) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 2
-    return (0.3 * voice * envelope).astype(np.float32)
+from mindone_ext.utils.audio import speech_like  # noqa: F401  (the examples' and tests' spoken-like audio)
 
 
 def encode_audio(out, stream, samples, rate, channels=1):

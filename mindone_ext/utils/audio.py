@@ -17,6 +17,18 @@ SAMPLE_RATE = 16000
 AUDIO_RATES = (4000, 384000)  # the sample rates real audio comes at
 
 
+def speech_like(seconds=2.0, rate=22050, seed=0):
+    """Voiced syllables: a wandering pitch with harmonics under a syllable-rate envelope (the
+    examples' generated questions, and the voice server's warm-up turn)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 140 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 2
+    return (0.3 * voice * envelope).astype(np.float32)
+
+
 def load_audio(source, sample_rate=None, what="audio", max_seconds=None, start=0.0, end=None, soundtrack=False):
     """float32 mono samples at 16 kHz.
 
