@@ -136,8 +136,9 @@ def bundled_server():
         sys.exit(f"error: no server at {DEFAULT_URL}; start one first: python -m mindone_ext.serve --model_path "
                  "examples/qwen2_5_omni/tiny-qwen2.5-omni")
     print(f"no server at {DEFAULT_URL}: starting one on the bundled checkpoint ...", flush=True)
+    # one question: a warm-up would only add its own answers before it
     return ServerProcess(os.path.join(HERE, "tiny-qwen2.5-omni"), "--max_new_tokens", 16,
-                         "--talker_max_new_tokens", 50)
+                         "--talker_max_new_tokens", 50, "--no_warmup")
 
 
 async def listening(url):

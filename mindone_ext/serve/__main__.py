@@ -6,7 +6,8 @@
 
 Binds to 127.0.0.1 unless --host says otherwise; any other address needs an API key (--api_key
 or the MINDONE_API_KEY environment variable), which clients send as `Authorization: Bearer KEY`.
-The line "serving on http://HOST:PORT" is printed once the port is open (--port 0 picks a free one).
+The line "serving on http://HOST:PORT" is printed once the port is open (--port 0 picks a free one),
+after the warm-up's spoken turns (serve/warmup.py; --no_warmup skips them).
 """
 import argparse
 import asyncio
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import traceback
 from dataclasses import fields
 
 from .. import bundled
@@ -45,6 +47,8 @@ HELP = {
     "cache_memory_mb": "memory the KV caches may take: the server refuses to start when its limits (conversations, "
                        "answers, context tokens) could need more (default: no check; the bound is printed)",
 }
+NO_WARMUP_HELP = ("serve at once, without first answering spoken turns (1, 2, 4, ... at once, up to --max_active) "
+                  "through the model: its first clients then wait for its graphs' first calls")
 
 
 def parse_args(argv=None):
@@ -58,8 +62,11 @@ def parse_args(argv=None):
     ap.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default="eager")
     ap.add_argument("--device_target", choices=["CPU", "Ascend"], default=None)
     ap.add_argument("--no_audio_output", action="store_true", help="text answers only (skips loading the Talker)")
+    ap.add_argument("--no_warmup", action="store_true", help=NO_WARMUP_HELP)
     defaults = ServeOptions()
     for field in fields(ServeOptions):
+        if field.name == "warmup":
+            continue
         default = getattr(defaults, field.name)
         kind = str if field.name in ("api_key", "allowed_origins", "engine") else \
             float if field.name == "cache_memory_mb" else type(default)
@@ -78,7 +85,8 @@ def parse_args(argv=None):
     if not _loopback(args.host) and not args.api_key:
         ap.error(f"--host {args.host} exposes the service beyond this machine: set --api_key or MINDONE_API_KEY")
     try:
-        args.options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+        args.options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions) if f.name != "warmup"},
+                                    warmup=not args.no_warmup)
     except ValueError as e:
         ap.error(str(e))
     return args
@@ -132,6 +140,7 @@ def main(argv=None):
     from .. import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
     from .app import create_app
     from .memory import MB, check_cache_memory, context_tokens, fit_to_memory
+    from .warmup import WarmupFailed
 
     if args.device_target:
         ms.set_context(device_target=args.device_target)
@@ -164,7 +173,13 @@ def main(argv=None):
     # directory; the server's is a folder of its own, removed at exit (paths were resolved above).
     with tempfile.TemporaryDirectory(prefix="mindone-serve-") as workdir:
         os.chdir(workdir)
-        asyncio.run(serve(create_app(model, processor, options, loopback=_loopback(args.host)), args.host, args.port))
+        try:
+            asyncio.run(serve(create_app(model, processor, options, loopback=_loopback(args.host)), args.host,
+                              args.port))
+        except WarmupFailed as e:
+            if e.__cause__ is not None:  # the model failed (it would fail every client): its trace first
+                traceback.print_exception(e.__cause__)
+            sys.exit(f"error: {e}; not serving")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .engine import Busy, Engine, Failed, Finished, Stopped, error_id
 from .memory import MB, cache_pools, context_tokens
 from .openai_api import ApiError, AudioTranscripts, ChatRequest, prepare_inputs
 from .voice import VoiceConversation
+from .warmup import warm_up
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 ENGINE = web.AppKey("engine", Engine)
@@ -57,6 +58,8 @@ def create_app(model, processor, options, loopback=True):
     app.router.add_get("/v1/voice", _voice)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.cleanup_ctx.append(_engine)
+    if options.warmup:
+        app.on_startup.append(_warm_up)  # after _engine's start (cleanup contexts start first)
     app.on_shutdown.append(_stop_serving)
     return app
 
@@ -86,6 +89,16 @@ async def _engine(app):
     yield
     app[ENGINE].stop()
     state["preprocess"].shutdown(wait=False, cancel_futures=True)
+
+
+async def _warm_up(app):
+    """Spoken turns through the engine before the port opens (serve/warmup.py); WarmupFailed
+    stops the start."""
+    state = app[STATE]
+    print("warming up: spoken turns through the model ...", flush=True)
+    rounds, seconds, graphs = await warm_up(app[ENGINE], state["model"], state["processor"], state["options"])
+    print(f"warmed up in {seconds:.1f} s: {' + '.join(map(str, rounds))} answers at once, {graphs} graphs loaded",
+          flush=True)
 
 
 def _declared_size(max_bytes):
