@@ -131,6 +131,20 @@ def test_serve_load_bench_answers_every_turn_and_frees_the_server():
     assert result["first_audio_p50_s"] > 0
 
 
+def test_server_start_bench_output_form():
+    """A warmed-up server's first client meets no graph for the first time; one started with
+    --no_warmup builds them in that client's turn."""
+    lines = run_bench("server_start.py", "--rounds", "1", "--max_active", "1", "--max_new_tokens", "4",
+                      "--talker_max_new_tokens", "20")
+    warmed, cold, summary = lines
+    assert (warmed["warmup"], cold["warmup"]) == (True, False) and warmed["round"] == cold["round"] == 0
+    assert warmed["graphs_met"] == 0 and warmed["graphs_at_start"] > 0, warmed
+    assert cold["graphs_met"] > 0 and cold["graphs_at_start"] == 0, cold
+    assert warmed["answer_samples"] == cold["answer_samples"] > 0
+    assert summary["medians"]["warmup"]["first_audio_s"] == warmed["first_audio_s"]
+    assert summary["ratio_first_audio_warmup_vs_not"] == round(warmed["first_audio_s"] / cold["first_audio_s"], 3)
+
+
 def test_media_bench_output_form(reference_env):
     lines = run_bench("media.py", "--minutes", "0.1", "--width", "320", "--height", "180", "--fps", "25")
     assert [r.get("impl") for r in lines] == ["mindone_ext", "qwen_omni_utils", None]
