@@ -15,7 +15,9 @@ takes one event of each generation in turn, each running its own steps.
 
 A conversation's turn (its text or audio prefilled into its cache) is a call too: those that
 arrive together are advanced together, their pieces prefilled as one batched step and their audio
-clips encoded in one call (`call_steps`).
+clips encoded in one call (`call_steps`). While answers are being made, turns prefill at most
+PREFILL_BUDGET tokens between two rounds of their steps (a turn's parts are at most PREFILL_CHUNK
+tokens each), so a long prompt does not stall the answers in progress.
 
 The first audio of a new answer comes first: while an answer has not been heard yet, the audio of
 answers whose delivered speech is further ahead of their playback than two rounds waits (it
@@ -30,9 +32,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ..generation.decode import PREFILL_CHUNK, ROWS_TOGETHER
 from ..models.qwen2_5_omni.audio_encoder import EncodeRequest
 from ..models.qwen2_5_omni.streaming import AudioChunk
 from ..models.qwen2_5_omni.token2wav_stream import synthesise
+
+
+PREFILL_BUDGET = ROWS_TOGETHER * PREFILL_CHUNK  # turns' tokens prefilled between two rounds of answers, at least one pass
 
 
 class Busy(Exception):
@@ -94,6 +100,7 @@ class Engine:
         self.max_active, self.max_queue, self.batched = max_active, max_queue, batched
         self.clock, self.round_seconds = clock, 0.0
         self.calls = collections.deque()
+        self.prefilling = []  # turns part-way through their prefills: (generator, its next request, done)
         self.waiting = collections.deque()
         self.active = []
         self.wake = threading.Condition()
@@ -112,7 +119,8 @@ class Engine:
         """`call` for a function that returns a generator of prefills (decode.ExtendRequest, e.g.
         ConversationSession.feed_audio_steps) and clips to encode (audio_encoder.EncodeRequest),
         and is sent back each one's result: the calls waiting together run their prefills as one
-        batched step per decoder, their clips as one call per encoder."""
+        batched step per decoder, their clips as one call per encoder, between the rounds of the
+        answers in progress (at most PREFILL_BUDGET tokens between two)."""
         return await self._queue(fn, args, True)
 
     async def _queue(self, fn, args, steps):
@@ -170,7 +178,7 @@ class Engine:
         worked = False
         while True:
             with self.wake:
-                idle = not (self.calls or self.waiting or self.active or self.stopping)
+                idle = not (self.calls or self.prefilling or self.waiting or self.active or self.stopping)
                 if idle and not worked:
                     self.wake.wait()
                     continue
@@ -200,9 +208,12 @@ class Engine:
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            if together:
+            self._start_turns(together)
+            if self.prefilling:
+                # while answers are being made, a round's worth of prefill at most between two of
+                # their steps: a long prompt does not stall them; with none, turns run to their end
                 self.busy_since = time.monotonic()
-                self._prefill_together(together)
+                self._prefill_passes(self.prefilling, PREFILL_BUDGET if running else None)
             self.busy_since, began = time.monotonic(), self.clock()
             try:
                 self._round(running)
@@ -213,6 +224,9 @@ class Engine:
             self.busy_since, self.round_seconds = None, self.clock() - began
         for _, _, future, loop, _ in calls:
             loop.call_soon_threadsafe(_settle, future, None, Stopped("the server is shutting down"))
+        for steps, _, done in self.prefilling:
+            steps.close()
+            done(None, Stopped("the server is shutting down"))
         for generation in list(self.active) + list(self.waiting):
             self._close(generation)
             generation.deliver(Failed(Stopped("the server is shutting down")))
@@ -230,54 +244,52 @@ class Engine:
                                                                and g.answer.wave is not None]))
             self._finish_together([g for g in together if not g.done and g.answer.done])
 
-    def _prefill_together(self, calls):
-        """`call_steps` calls, advanced together (`_run_together`); each call's result or
-        exception goes back to its caller."""
-        generators = []
+    def _start_turns(self, calls):
+        """`call_steps` calls: each generator runs to its first request, which joins
+        `self.prefilling`; its result (or exception) goes back to its caller at its end."""
         for fn, args, future, loop in calls:
             def settle(result, error, future=future, loop=loop):
                 loop.call_soon_threadsafe(_settle, future, result, error)
 
             try:
-                generators.append((fn(*args), settle))
+                steps = fn(*args)
             except Exception as e:  # noqa: BLE001  (handed to the caller)
                 settle(None, e)
-        self._run_together(generators)
+                continue
+            _advance(self.prefilling, steps, None, settle)
 
     def _run_together(self, generators):
-        """(generator of requests, done(result, error)) pairs, advanced together: each generator
-        runs to its next request, the prefills of one decoder run as one batch (`extend_requests`)
-        and the clips of one audio encoder as one call (`encode_clips`; a failed batch or call is
-        thrown into each of its generators, whose turns rewind), the results go back, until every
-        generator has returned or raised; then its `done`. A cache takes at most one prefill per
-        batch: another waits for the next (a conversation's calls come one at a time, so this only
-        guards)."""
+        """(generator of requests, done(result, error)) pairs, advanced together to their ends
+        (`_prefill_passes`); then each one's `done`."""
         waiting = []  # (generator, its request not yet run, done)
-
-        def advance(steps, value, done):
-            try:
-                request = steps.throw(value) if isinstance(value, Exception) else steps.send(value)
-            except StopIteration as end:
-                done(end.value, None)
-            except Exception as e:  # noqa: BLE001  (handed to `done`)
-                done(None, e)
-            else:
-                waiting.append((steps, request, done))
-
         for steps, done in generators:
-            advance(steps, None, done)
-        while waiting:
-            batch, held, caches, clips = {}, [], set(), {}
+            _advance(waiting, steps, None, done)
+        self._prefill_passes(waiting)
+
+    def _prefill_passes(self, waiting, budget=None):
+        """Passes over `waiting` (generator, request, done) items: in a pass the prefills of one
+        decoder run as one batch (`extend_requests`) and the clips of one audio encoder as one call
+        (`encode_clips`; a failed batch or call is thrown into each of its generators, whose turns
+        rewind), the results go back, each generator runs to its next request. Until `waiting` is
+        empty, or, with a `budget`, until the passes have prefilled that many tokens (at least one
+        pass: what is left waits in `waiting`). A cache takes at most one prefill per batch: another
+        waits for the next (a conversation's calls come one at a time, so this only guards)."""
+        tokens = 0
+        while waiting and (budget is None or tokens < budget):
+            batch, held, caches, clips, closed = {}, [], set(), {}, []
             for item in waiting:
                 if isinstance(item[1], EncodeRequest):
                     clips.setdefault(item[1].encoder, []).append(item)
                     continue
                 cache = item[1].cache
-                if id(cache) in caches:
+                if cache.released:  # its conversation closed while the turn waited: its rows may be another's
+                    closed.append(item)
+                elif id(cache) in caches:
                     held.append(item)
                 else:
                     caches.add(id(cache))
                     batch.setdefault(cache.pool.runner, []).append(item)
+                    tokens += item[1].embeds.shape[1]
             waiting[:] = held
             calls = [(encoder.encode_clips, [request.features for _, request, _ in items], items)
                      for encoder, items in clips.items()]
@@ -289,7 +301,9 @@ class Engine:
                 except Exception as e:  # noqa: BLE001  (a failed batch fails the turns in it, not the server)
                     results = [e] * len(items)
                 for (steps, _, done), result in zip(items, results):
-                    advance(steps, result, done)
+                    _advance(waiting, steps, result, done)
+            for steps, _, done in closed:
+                _advance(waiting, steps, ValueError("the conversation is closed"), done)
 
     def _finish_together(self, generations):
         """Answers that are done, closed together (a conversation keeping its answer prefills its
@@ -410,6 +424,19 @@ class Engine:
                 self.active.remove(generation)
             if generation in self.waiting:
                 self.waiting.remove(generation)
+
+
+def _advance(waiting, steps, value, done):
+    """Send `value` (or throw it, an exception) into the generator `steps`: its next request joins
+    `waiting`; its end, or its error, goes to `done`."""
+    try:
+        request = steps.throw(value) if isinstance(value, Exception) else steps.send(value)
+    except StopIteration as end:
+        done(end.value, None)
+    except Exception as e:  # noqa: BLE001  (handed to `done`)
+        done(None, e)
+    else:
+        waiting.append((steps, request, done))
 
 
 def _settle(future, result, error):

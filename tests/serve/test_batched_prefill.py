@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from mindone_ext import Qwen2_5OmniForConditionalGeneration
-from mindone_ext.generation.decode import ROWS_TOGETHER, CompiledDecoder
+from mindone_ext.generation.decode import PREFILL_CHUNK, ROWS_TOGETHER, CompiledDecoder
 from mindone_ext.models.qwen2_5_omni.audio_encoder import Qwen2_5OmniAudioEncoder
 from mindone_ext.models.qwen2_5_omni.session import ConversationSession
-from mindone_ext.serve.engine import Engine, Finished
+from mindone_ext.serve.engine import PREFILL_BUDGET, Engine, Finished
 from tests.serve.conftest import drain
 
 QUESTIONS = ["hi", "what is the weather like in Paris tomorrow morning, and should I take an umbrella or a coat "
@@ -177,3 +177,93 @@ def test_answers_ending_together_keep_their_ends_in_one_batch(model, processor, 
         session.close()
     for session in sessions:
         session.close()
+
+
+LONG_TURN = " ".join(f"word{i}" for i in range(400))  # ~1200 tokens: 128-token parts
+LONG_ANSWER = dict(max_new_tokens=48, eos_token_id=[], return_audio=False)
+
+
+def test_a_long_turn_prefills_between_the_steps_of_an_answer_in_progress(model, processor, monkeypatch):
+    """A long typed turn arriving while another conversation's answer is being made runs in parts:
+    at most PREFILL_BUDGET of its tokens between two rounds of the answer's steps (a long prompt
+    does not stall answers in progress); both conversations end as they do alone."""
+    def alone():
+        speaking = ConversationSession(model, processor)
+        speaking.ask(QUESTIONS[0])
+        tokens = [e.token_id for e in speaking.respond(**LONG_ANSWER) if hasattr(e, "token_id")]
+        typing = ConversationSession(model, processor)
+        typing.ask(LONG_TURN)
+        return speaking, tokens, typing
+
+    want_speaking, want_tokens, want_typing = alone()
+    parts = len(want_typing.embeds)
+    assert parts >= 2 * PREFILL_BUDGET // PREFILL_CHUNK  # the turn needs several passes
+    order = []
+    extend, answers_round = CompiledDecoder.extend_requests, Engine._round
+    monkeypatch.setattr(CompiledDecoder, "extend_requests", lambda self, requests: order.append(
+        sum(r.embeds.shape[1] for r in requests)) or extend(self, requests))
+    monkeypatch.setattr(Engine, "_round", lambda self, running: order.append("round") or answers_round(self, running))
+
+    async def scenario():
+        engine = Engine(max_active=2, max_queue=0, batched=True)
+        try:
+            speaking, typing = [await engine.call(ConversationSession, model, processor) for _ in range(2)]
+            await engine.call(speaking.ask, QUESTIONS[0])
+            order.clear()
+            run = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
+            turn = await engine.call_steps(typing.ask_steps, LONG_TURN)
+            return speaking, typing, turn, await drain(run)
+        finally:
+            engine.stop()
+
+    speaking, typing, turn, events = asyncio.run(scenario())
+    assert turn is None and isinstance(events[-1], Finished)
+    assert [e.token_id for e in events if hasattr(e, "token_id")] == want_tokens
+    assert_same_conversation(typing, want_typing)
+    want_speaking.ask("and then?")
+    speaking.ask("and then?")
+    assert_same_conversation(speaking, want_speaking)
+    # the turn's parts (full ones are PREFILL_CHUNK tokens) between the rounds of the answer's steps
+    first, last = order.index(PREFILL_CHUNK), len(order) - 1 - order[::-1].index(PREFILL_CHUNK)
+    runs, tokens = [], 0
+    for item in order[first:last + 1]:
+        if item == "round":
+            runs, tokens = runs + [tokens] * (tokens > 0), 0
+        else:
+            tokens += item
+    runs.append(tokens)
+    assert len(runs) >= 2 and max(runs) <= PREFILL_BUDGET, order
+    for session in (speaking, typing, want_speaking, want_typing):
+        session.close()
+
+
+def test_a_conversation_closed_during_its_long_turn_leaves_its_rows_alone(model, processor):
+    """A client gone while its long turn is part-way (its connection's handler cancelled, the
+    conversation closed): the turn's remaining parts do not run (its rows may be another
+    conversation's by then), the turn ends with an error, and a new conversation is what it is alone."""
+    want = ConversationSession(model, processor)
+    want.ask(QUESTIONS[1])
+
+    async def scenario():
+        engine = Engine(max_active=2, max_queue=0, batched=True)
+        try:
+            speaking, typing = [await engine.call(ConversationSession, model, processor) for _ in range(2)]
+            await engine.call(speaking.ask, QUESTIONS[0])
+            run = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
+            turn = asyncio.ensure_future(engine.call_steps(typing.ask_steps, LONG_TURN))
+            await asyncio.sleep(0)  # the turn's call is queued before the close
+            await engine.call(typing.close)
+            error = await asyncio.gather(turn, return_exceptions=True)
+            newcomer = await engine.call(ConversationSession, model, processor)
+            await engine.call_steps(newcomer.ask_steps, QUESTIONS[1])
+            await drain(run)
+            await engine.call(speaking.close)
+            return error[0], newcomer
+        finally:
+            engine.stop()
+
+    error, newcomer = asyncio.run(scenario())
+    assert isinstance(error, ValueError) and "the conversation is closed" in str(error), error
+    assert_same_conversation(newcomer, want)
+    newcomer.close()
+    want.close()

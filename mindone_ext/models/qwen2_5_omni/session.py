@@ -27,7 +27,7 @@ import contextlib
 import numpy as np
 from mindspore import ops
 
-from ...generation.decode import ExtendRequest
+from ...generation.decode import PREFILL_CHUNK, ExtendRequest
 from .audio_encoder import EncodeRequest, output_lengths
 from .audio_features import clip_features
 from .prefills import prefill_now
@@ -93,7 +93,14 @@ class ConversationSession:
                 "tokens: start a new conversation")
 
     def _append(self, ids, embeds):
-        """Prefill a piece: yields its ExtendRequest, is sent back (logits, hidden)."""
+        """Prefill tokens: yields an ExtendRequest per part of at most PREFILL_CHUNK tokens (a
+        server runs other answers' steps between a long turn's parts), each sent back (logits, hidden)."""
+        for lo in range(0, len(ids), PREFILL_CHUNK):
+            yield from self._append_part(ids[lo:lo + PREFILL_CHUNK], embeds[:, lo:lo + PREFILL_CHUNK])
+
+    def _append_part(self, ids, embeds):
+        if self.cache.released:  # closed between two parts of a turn (its server connection ended)
+            raise ValueError("the conversation is closed")
         n = len(ids)
         start = self.cache.length
         self.runner.reserve(self.cache, start + n)
@@ -132,7 +139,8 @@ class ConversationSession:
         try:
             yield
         except Exception:
-            self.rewind(self.turn_start)
+            if not self.cache.released:  # a closed conversation's rows may be another's by now
+                self.rewind(self.turn_start)
             raise
 
     def ask(self, text):
