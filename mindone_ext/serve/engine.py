@@ -93,11 +93,14 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, max_active=1, max_queue=8, batched=False, clock=time.monotonic):
-        """`clock`: the playback clock that first-audio priority compares delivered audio with."""
+    def __init__(self, max_active=1, max_queue=8, batched=False, clock=time.monotonic, prefill_budget=PREFILL_BUDGET):
+        """`clock`: the playback clock that first-audio priority compares delivered audio with;
+        `prefill_budget`: turns' tokens prefilled between two rounds of answers (None: turns run to
+        their end, however long the answers in progress wait)."""
         if max_active < 1 or max_queue < 0:
             raise ValueError(f"max_active must be >= 1 and max_queue >= 0, got {max_active} and {max_queue}")
         self.max_active, self.max_queue, self.batched = max_active, max_queue, batched
+        self.prefill_budget = prefill_budget
         self.clock, self.round_seconds = clock, 0.0
         self.calls = collections.deque()
         self.prefilling = []  # turns part-way through their prefills: (generator, its next request, done)
@@ -213,7 +216,7 @@ class Engine:
                 # while answers are being made, a round's worth of prefill at most between two of
                 # their steps: a long prompt does not stall them; with none, turns run to their end
                 self.busy_since = time.monotonic()
-                self._prefill_passes(self.prefilling, PREFILL_BUDGET if running else None)
+                self._prefill_passes(self.prefilling, self.prefill_budget if running else None)
             self.busy_since, began = time.monotonic(), self.clock()
             try:
                 self._round(running)

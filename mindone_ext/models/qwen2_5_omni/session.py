@@ -95,6 +95,8 @@ class ConversationSession:
     def _append(self, ids, embeds):
         """Prefill tokens: yields an ExtendRequest per part of at most PREFILL_CHUNK tokens (a
         server runs other answers' steps between a long turn's parts), each sent back (logits, hidden)."""
+        if not self.cache.released:  # the cache grows once for the whole piece (a growth copies every row)
+            self.runner.reserve(self.cache, self.cache.length + len(ids))
         for lo in range(0, len(ids), PREFILL_CHUNK):
             yield from self._append_part(ids[lo:lo + PREFILL_CHUNK], embeds[:, lo:lo + PREFILL_CHUNK])
 

@@ -1,0 +1,92 @@
+"""How long a long typed turn stalls an answer in progress in the voice server's engine: the
+engine's chunked prefill (at most PREFILL_BUDGET turn tokens between two rounds of answers) against
+turns run to their end, alternating in one process on the same model.
+
+    python bench/prefill_stall.py                   # the bundled tiny checkpoint, a ~3200-token turn
+    python bench/prefill_stall.py --words 100 --model_path /models/Qwen2.5-Omni-7B
+
+Each run: one conversation's text answer is being decoded (200 tokens, no end token) when another
+conversation's long turn arrives; the answer's longest gap between two text deltas and the turn's
+time are measured (each policy's graphs built by a first run, not counted). A JSON line per run, then a
+summary line with each policy's medians and the ratio of their longest gaps.
+"""
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor, bundled  # noqa: E402
+from mindone_ext.models.qwen2_5_omni.session import ConversationSession  # noqa: E402
+from mindone_ext.serve.engine import PREFILL_BUDGET, Engine, Failed, Finished  # noqa: E402
+
+ANSWER = dict(max_new_tokens=200, eos_token_id=[], return_audio=False)
+CONTEXT = 16384
+
+
+async def stalled(model, processor, turn, budget):
+    """(longest gap between the answer's events, median gap, the turn's seconds, its tokens)."""
+    engine = Engine(max_active=2, max_queue=0, batched=True, prefill_budget=budget)
+    try:
+        new = lambda: ConversationSession(model, processor, max_tokens=CONTEXT)  # noqa: E731
+        speaking, typing = await engine.call(new), await engine.call(new)
+        await engine.call(speaking.ask, "hi")
+        run = engine.submit(lambda: speaking.answer(**ANSWER))
+        arrivals = []
+
+        async def listen():
+            while not arrivals or not isinstance(arrivals[-1][1], (Finished, Failed)):
+                event = await run.events.get()
+                arrivals.append((time.perf_counter(), event))
+
+        listening = asyncio.ensure_future(listen())
+        while len(arrivals) < 20:  # the answer is under way
+            await asyncio.sleep(0.001)
+        began = time.perf_counter()
+        await engine.call_steps(typing.ask_steps, turn)
+        took = time.perf_counter() - began
+        await listening
+        tokens = typing.cache.length
+        for session in (speaking, typing):
+            await engine.call(session.close)
+        gaps = [b - a for (a, _), (b, _) in zip(arrivals, arrivals[1:])]
+        return max(gaps), statistics.median(gaps), took, tokens
+    finally:
+        engine.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", default=bundled.CHECKPOINT)
+    ap.add_argument("--words", type=int, default=400, help="the turn: 'word0 word1 ...' (~8 tokens a word)")
+    ap.add_argument("--runs", type=int, default=3, help="measured runs per policy, alternating")
+    args = ap.parse_args()
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model_path)
+    processor = Qwen2_5OmniProcessor.from_pretrained(args.model_path)
+    model.thinker_runner().use_pool(4, model.cache_dtype)  # conversations as rows of one pool, as in the server
+    turn = " ".join(f"word{i}" for i in range(args.words))
+    policies = {"chunked": PREFILL_BUDGET, "whole": None}
+    for budget in policies.values():
+        asyncio.run(stalled(model, processor, turn, budget))  # graphs built
+    records = {name: [] for name in policies}
+    for run in range(args.runs):
+        for name, budget in policies.items():
+            gap, median_gap, took, tokens = asyncio.run(stalled(model, processor, turn, budget))
+            records[name].append({"bench": "prefill_stall", "policy": name, "budget": budget, "run": run,
+                                  "turn_tokens": tokens, "turn_s": round(took, 4),
+                                  "longest_gap_ms": round(1000 * gap, 2), "median_gap_ms": round(1000 * median_gap, 2)})
+            print(json.dumps(records[name][-1]), flush=True)
+    medians = {name: {f: round(statistics.median(r[f] for r in runs), 3) for f in ("longest_gap_ms", "turn_s")}
+               for name, runs in records.items()}
+    print(json.dumps({"bench": "prefill_stall", "summary": True, "medians": medians,
+                      "ratio_longest_gap_chunked_vs_whole": round(medians["chunked"]["longest_gap_ms"]
+                                                                  / medians["whole"]["longest_gap_ms"], 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
