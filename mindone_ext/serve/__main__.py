@@ -180,6 +180,8 @@ def main(argv=None):
             if e.__cause__ is not None:  # the model failed (it would fail every client): its trace first
                 traceback.print_exception(e.__cause__)
             sys.exit(f"error: {e}; not serving")
+        except KeyboardInterrupt:  # Ctrl-C before serving (during the warm-up): serve() handles it after
+            sys.exit("interrupted before serving")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,25 @@ def test_limits_the_warmup_turn_does_not_fit_refuse_the_start_in_one_line(tiny_c
     assert "Traceback" not in output, output
     assert errors == ["error: the warm-up's spoken turn (5 s of audio and an answer of up to 16 tokens) does not fit "
                       "in --max_context_tokens 200: raise it, or serve without the warm-up (--no_warmup); not serving"]
+
+
+def test_ctrl_c_during_the_warmup_ends_the_start_in_one_line(tiny_checkpoint):
+    import signal
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-m", "mindone_ext.serve", "--model_path", str(tiny_checkpoint),
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if line.startswith("warming up"):
+                server.send_signal(signal.SIGINT)
+                break
+        output = "".join(lines) + server.stdout.read()
+        assert server.wait(60) == 1, output
+    finally:
+        server.kill()
+    assert output.rstrip().endswith("interrupted before serving") and "Traceback" not in output, output
+    assert "serving on" not in output

@@ -95,17 +95,19 @@ class ConversationSession:
     def _append(self, ids, embeds):
         """Prefill tokens: yields an ExtendRequest per part of at most PREFILL_CHUNK tokens (a
         server runs other answers' steps between a long turn's parts), each sent back (logits, hidden)."""
-        if not self.cache.released:  # the cache grows once for the whole piece (a growth copies every row)
-            self.runner.reserve(self.cache, self.cache.length + len(ids))
+        self._check_open()
+        self.runner.reserve(self.cache, self.cache.length + len(ids))  # once: a growth copies every row
         for lo in range(0, len(ids), PREFILL_CHUNK):
             yield from self._append_part(ids[lo:lo + PREFILL_CHUNK], embeds[:, lo:lo + PREFILL_CHUNK])
 
-    def _append_part(self, ids, embeds):
-        if self.cache.released:  # closed between two parts of a turn (its server connection ended)
+    def _check_open(self):
+        if self.cache.released:  # closed while a turn was on its way (its client gone, in a server)
             raise ValueError("the conversation is closed")
+
+    def _append_part(self, ids, embeds):
+        self._check_open()
         n = len(ids)
         start = self.cache.length
-        self.runner.reserve(self.cache, start + n)
         positions = np.broadcast_to(np.arange(start, start + n), (3, 1, n)).copy()
         self.logits, hidden = yield ExtendRequest(self.cache, embeds, positions)
         self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)[None]], 1)
