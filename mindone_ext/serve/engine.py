@@ -17,7 +17,8 @@ A conversation's turn (its text or audio prefilled into its cache) is a call too
 arrive together are advanced together, their pieces prefilled as one batched step and their audio
 clips encoded in one call (`call_steps`). While answers are being made, turns prefill at most
 PREFILL_BUDGET tokens between two rounds of their steps (a turn's parts are at most PREFILL_CHUNK
-tokens each), so a long prompt does not stall the answers in progress.
+tokens each), so a long prompt does not stall the answers in progress; a new answer with a prompt
+of its own (an HTTP request's) prefills it the same way, among the turns, then joins the rounds.
 
 The first audio of a new answer comes first: while an answer has not been heard yet, the audio of
 answers whose delivered speech is further ahead of their playback than two rounds waits (it
@@ -79,6 +80,7 @@ class Generation:
         self.events = asyncio.Queue()
         self.iterator = None
         self.answer = None  # an answer pipeline the batched engine advances (then also `iterator`)
+        self.joining = False  # the batched engine is prefilling its prompt (it joins the rounds after)
         self.done = False
         self.position = 0  # when submitted: 0 if it could start at once, else its place in the queue (1 = next)
         self.heard_from = None  # when its first audio was delivered (the engine's clock)
@@ -239,7 +241,7 @@ class Engine:
         for generation in running:
             if generation.answer is not None and not generation.done:
                 together.append(generation)
-            else:
+            elif not generation.joining:  # (an answer whose prompt is prefilling waits for it)
                 self._step(generation)
         if together:
             self._decode_together(together)
@@ -397,10 +399,9 @@ class Engine:
                 started = generation.start()
                 generation.deliver(Started())
                 if self.batched and hasattr(started, "pending"):
-                    generation.answer = generation.iterator = started
-                    self._deliver(generation, started.start())
-                    if started.done:
-                        self._finish_together([generation])
+                    # its prompt prefills in parts between rounds (as turns do); then it joins them
+                    generation.iterator, generation.joining = started, True
+                    _advance(self.prefilling, started.start_steps(), None, self._joining(generation))
                     return
                 generation.iterator = iter(started)
             event = next(generation.iterator, Finished())
@@ -412,6 +413,21 @@ class Engine:
         generation.deliver(event)
         if isinstance(event, (Finished, Failed)):
             self._retire(generation)
+
+    def _joining(self, generation):
+        """The `done` of an answer's prefill: its first events, then it joins the rounds."""
+        def done(events, error):
+            generation.joining = False
+            if generation.done:  # cancelled or failed while its prefill waited
+                return
+            if error is not None:
+                self._fail(generation, error)
+                return
+            generation.answer = generation.iterator
+            self._deliver(generation, events)
+            if generation.answer.done:
+                self._finish_together([generation])
+        return done
 
     def _close(self, generation):
         try:

@@ -179,6 +179,28 @@ def test_answers_ending_together_keep_their_ends_in_one_batch(model, processor, 
         session.close()
 
 
+def round_order(monkeypatch):
+    """A list that receives the tokens of each batched prefill call and "round" at each round of answers."""
+    order = []
+    extend, answers_round = CompiledDecoder.extend_requests, Engine._round
+    monkeypatch.setattr(CompiledDecoder, "extend_requests", lambda self, requests: order.append(
+        sum(r.embeds.shape[1] for r in requests)) or extend(self, requests))
+    monkeypatch.setattr(Engine, "_round", lambda self, running: order.append("round") or answers_round(self, running))
+    return order
+
+
+def tokens_between_rounds(order):
+    """The tokens prefilled between two rounds, over the span of the long prompt's full parts."""
+    first, last = order.index(PREFILL_CHUNK), len(order) - 1 - order[::-1].index(PREFILL_CHUNK)
+    runs, tokens = [], 0
+    for item in order[first:last + 1]:
+        if item == "round":
+            runs, tokens = runs + [tokens] * (tokens > 0), 0
+        else:
+            tokens += item
+    return runs + [tokens]
+
+
 LONG_TURN = " ".join(f"word{i}" for i in range(400))  # ~1200 tokens: 128-token parts
 LONG_ANSWER = dict(max_new_tokens=48, eos_token_id=[], return_audio=False)
 
@@ -198,11 +220,7 @@ def test_a_long_turn_prefills_between_the_steps_of_an_answer_in_progress(model, 
     want_speaking, want_tokens, want_typing = alone()
     parts = len(want_typing.embeds)
     assert parts >= 2 * PREFILL_BUDGET // PREFILL_CHUNK  # the turn needs several passes
-    order = []
-    extend, answers_round = CompiledDecoder.extend_requests, Engine._round
-    monkeypatch.setattr(CompiledDecoder, "extend_requests", lambda self, requests: order.append(
-        sum(r.embeds.shape[1] for r in requests)) or extend(self, requests))
-    monkeypatch.setattr(Engine, "_round", lambda self, running: order.append("round") or answers_round(self, running))
+    order = round_order(monkeypatch)
 
     async def scenario():
         engine = Engine(max_active=2, max_queue=0, batched=True)
@@ -223,15 +241,7 @@ def test_a_long_turn_prefills_between_the_steps_of_an_answer_in_progress(model, 
     want_speaking.ask("and then?")
     speaking.ask("and then?")
     assert_same_conversation(speaking, want_speaking)
-    # the turn's parts (full ones are PREFILL_CHUNK tokens) between the rounds of the answer's steps
-    first, last = order.index(PREFILL_CHUNK), len(order) - 1 - order[::-1].index(PREFILL_CHUNK)
-    runs, tokens = [], 0
-    for item in order[first:last + 1]:
-        if item == "round":
-            runs, tokens = runs + [tokens] * (tokens > 0), 0
-        else:
-            tokens += item
-    runs.append(tokens)
+    runs = tokens_between_rounds(order)
     assert len(runs) >= 2 and max(runs) <= PREFILL_BUDGET, order
     for session in (speaking, typing, want_speaking, want_typing):
         session.close()
@@ -267,3 +277,37 @@ def test_a_conversation_closed_during_its_long_turn_leaves_its_rows_alone(model,
     assert_same_conversation(newcomer, want)
     newcomer.close()
     want.close()
+
+
+def test_a_long_prompt_of_an_answer_prefills_between_the_steps_of_another(model, processor, monkeypatch):
+    """An answer with a prompt of its own (an HTTP request's) prefills it in parts too: at most
+    PREFILL_BUDGET tokens between two rounds of the answer in progress; both answers' tokens are
+    those they have alone."""
+    prompt = np.array([[401] + [10 + i % 380 for i in range(1000)] + [402]])  # the tiny vocabulary: 438
+    short = dict(max_new_tokens=4, eos_token_id=[], return_audio=False)
+    want_long = [e.token_id for e in model.generate_stream(input_ids=prompt, **short) if hasattr(e, "token_id")]
+    speaking = ConversationSession(model, processor)
+    speaking.ask(QUESTIONS[0])
+    want_speaking = [e.token_id for e in speaking.respond(**LONG_ANSWER) if hasattr(e, "token_id")]
+    speaking.close()
+    order = round_order(monkeypatch)
+
+    async def scenario():
+        engine = Engine(max_active=2, max_queue=0, batched=True)
+        try:
+            speaking = await engine.call(ConversationSession, model, processor)
+            await engine.call(speaking.ask, QUESTIONS[0])
+            order.clear()
+            first = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
+            second = engine.submit(lambda: model.answer(input_ids=prompt, **short))
+            events = await asyncio.gather(drain(first), drain(second))
+            await engine.call(speaking.close)
+            return events
+        finally:
+            engine.stop()
+
+    got_speaking, got_long = asyncio.run(scenario())
+    assert [e.token_id for e in got_speaking if hasattr(e, "token_id")] == want_speaking
+    assert [e.token_id for e in got_long if hasattr(e, "token_id")] == want_long
+    runs = tokens_between_rounds(order)
+    assert len(runs) >= 2 and max(runs) <= PREFILL_BUDGET, order

@@ -9,7 +9,7 @@ the events they produced (`TextDelta`). The codec tokens go to the answer's `wav
 Token2WavStream); the driver then makes its audio with `token2wav_stream.synthesise` and hands the
 pieces to `audio`, which returns the `AudioChunk`s. Alone (`stream`), each step runs by itself; the
 voice server runs the decode steps, ODE windows and vocoder spans of many answers as batches.
-Prefills run inside `start` and `advance`.
+Prefills run inside `start` (or as `start_steps`' requests, for a driver that runs them) and `advance`.
 """
 from dataclasses import dataclass, field
 
@@ -17,6 +17,7 @@ import mindspore as ms
 import numpy as np
 
 from ...generation import SamplingConfig
+from ...generation.decode import PREFILL_CHUNK, ExtendRequest
 from .prefills import prefill_now
 from .streaming import AudioChunk, TextDecoder, TextDelta
 from .token2wav_stream import Token2WavStream
@@ -72,9 +73,27 @@ class Answer:
 
     def start(self):
         """Prefill (unless the prompt is in the cache already) and the first token's events."""
+        return prefill_now(self.start_steps())
+
+    def start_steps(self):
+        """`start` as a generator of the prompt's prefill, an ExtendRequest per part of at most
+        PREFILL_CHUNK tokens (a driver runs other answers' steps between them), each sent back
+        (logits, hidden); returns the first token's events."""
         prompt, request = self.request.prompt, self.request
-        logits, hidden = request.prefilled or self.thinker.runner.prefill(
-            self.cache, prompt.inputs_embeds, prompt.position_ids, request.mask)
+        if request.prefilled:
+            logits, hidden = request.prefilled
+        elif not np.all(request.mask):  # left padding: a prefill of its own
+            logits, hidden = self.thinker.runner.prefill(self.cache, prompt.inputs_embeds, prompt.position_ids,
+                                                         request.mask)
+        else:
+            self.cache.length, embeds, positions, parts = 0, prompt.inputs_embeds, prompt.position_ids, []
+            for lo in range(0, embeds.shape[1], PREFILL_CHUNK):
+                if self.closed:  # closed while its prefill waited (its client gone, in a server)
+                    raise ValueError("the answer is closed")
+                logits, part = yield ExtendRequest(self.cache, embeds[:, lo:lo + PREFILL_CHUNK],
+                                                   positions[..., lo:lo + PREFILL_CHUNK])
+                parts.append(part)
+            hidden = parts[0] if len(parts) == 1 else ms.ops.cat(parts, 1)
         return self._settle(self._after_thinker(self.thinker.first(logits, hidden, prompt.inputs_embeds)))
 
     def pending(self):
