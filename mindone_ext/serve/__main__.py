@@ -85,8 +85,8 @@ def parse_args(argv=None):
     if not _loopback(args.host) and not args.api_key:
         ap.error(f"--host {args.host} exposes the service beyond this machine: set --api_key or MINDONE_API_KEY")
     try:
-        args.options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions) if f.name != "warmup"},
-                                    warmup=not args.no_warmup)
+        given = {f.name: getattr(args, f.name) for f in fields(ServeOptions) if f.name != "warmup"}
+        args.options = ServeOptions(**given, warmup=not args.no_warmup)
     except ValueError as e:
         ap.error(str(e))
     return args

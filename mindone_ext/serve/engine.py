@@ -39,7 +39,8 @@ from ..models.qwen2_5_omni.streaming import AudioChunk
 from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
 
-PREFILL_BUDGET = ROWS_TOGETHER * PREFILL_CHUNK  # turns' tokens prefilled between two rounds of answers, at least one pass
+# turns' tokens prefilled between two rounds of answers (at least one pass): one batched step's worth
+PREFILL_BUDGET = ROWS_TOGETHER * PREFILL_CHUNK
 
 
 class Busy(Exception):

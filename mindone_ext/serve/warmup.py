@@ -5,9 +5,10 @@ one spoken answer uses, on an Ascend card seconds), and answers decoded, encoded
 together use graphs of their own (their rows padded to a power of two). The warm-up pays for
 these before the port opens, so the first client gets a warm answer and a load balancer sends no
 one to a cold process: rounds of 1, 2, 4, ... spoken turns at once, up to max_active, each going
-as a client's turn does (a conversation of its own, the audio fed in frames and ended, answered
-in the default voice with at most TEXT_TOKENS and SPEECH_TOKENS, the conversation closed). What is left is only what the graphs keep;
-answers of other lengths and longer conversations may still meet a few shapes for the first time.
+as a client's turn does (a conversation of its own, the audio fed in frames and ended, answered in
+the default voice with at most TEXT_TOKENS and SPEECH_TOKENS, the conversation closed). What is
+left is only what the graphs keep; answers of other lengths and longer conversations may still
+meet a few shapes for the first time.
 """
 import asyncio
 import time

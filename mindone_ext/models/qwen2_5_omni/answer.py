@@ -88,8 +88,6 @@ class Answer:
         else:
             self.cache.length, embeds, positions, parts = 0, prompt.inputs_embeds, prompt.position_ids, []
             for lo in range(0, embeds.shape[1], PREFILL_CHUNK):
-                if self.closed:  # closed while its prefill waited (its client gone, in a server)
-                    raise ValueError("the answer is closed")
                 logits, part = yield ExtendRequest(self.cache, embeds[:, lo:lo + PREFILL_CHUNK],
                                                    positions[..., lo:lo + PREFILL_CHUNK])
                 parts.append(part)
