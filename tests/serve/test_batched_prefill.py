@@ -201,7 +201,7 @@ def tokens_between_rounds(order):
     return runs + [tokens]
 
 
-LONG_TURN = " ".join(f"word{i}" for i in range(400))  # ~1200 tokens: 128-token parts
+LONG_TURN = " ".join(f"word{i}" for i in range(400))  # 3171 tokens: 25 parts of at most 128
 LONG_ANSWER = dict(max_new_tokens=48, eos_token_id=[], return_audio=False)
 
 
