@@ -101,27 +101,46 @@ def _loopback(host):
         return False
 
 
+class StartInterrupted(Exception):
+    """A signal came before the server was serving (during the warm-up)."""
+
+
 async def serve(app, host, port):
     """Serve until SIGINT or SIGTERM; then the model stops after its current step, answers in
     progress end with an error, connections close, and the process exits. A second signal exits
-    at once."""
+    at once. A signal before the port opens (during the warm-up) ends the start: StartInterrupted."""
     from aiohttp import web
 
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses[0]
-    print(f"serving on http://{host}:{bound[1]}", flush=True)
+    start = asyncio.current_task()
     stop = asyncio.Event()
+    serving = False
 
     def on_signal():
         if stop.is_set():
             os._exit(1)
         stop.set()
+        if not serving:
+            start.cancel()
 
+    # Both signals alike, from the start: MindSpore's graph runs replace the SIGINT handler with
+    # one that sends the process SIGTERM, so Ctrl-C arrives as SIGTERM once a graph has run.
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, on_signal)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    try:
+        await runner.setup()
+    except BaseException as e:
+        # the model thread stops (after its current step) before the process exits: MindSpore's
+        # exit waits for its work, and a step still running would never end
+        await runner.cleanup()
+        if isinstance(e, asyncio.CancelledError):
+            raise StartInterrupted from None
+        raise
+    serving = True
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0]
+    print(f"serving on http://{host}:{bound[1]}", flush=True)
     await stop.wait()
     print("stopping", flush=True)
     await runner.cleanup()
@@ -180,7 +199,7 @@ def main(argv=None):
             if e.__cause__ is not None:  # the model failed (it would fail every client): its trace first
                 traceback.print_exception(e.__cause__)
             sys.exit(f"error: {e}; not serving")
-        except KeyboardInterrupt:  # Ctrl-C before serving (during the warm-up): serve() handles it after
+        except StartInterrupted:
             sys.exit("interrupted before serving")
 
 
