@@ -28,6 +28,7 @@ larger batches.
 import asyncio
 import collections
 import ctypes
+import logging
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
 # turns' tokens prefilled between two rounds of answers (at least one pass): one batched step's worth
 PREFILL_BUDGET = ROWS_TOGETHER * PREFILL_CHUNK
+log = logging.getLogger(__name__)
 
 
 class Busy(Exception):
@@ -234,7 +236,10 @@ class Engine:
             steps.close()
             done(None, Stopped("the server is shutting down"))
         for generation in list(self.active) + list(self.waiting):
-            self._close(generation)
+            try:
+                self._close(generation)
+            except Exception:  # noqa: BLE001  (a bug of ours: logged; the other generations are still told)
+                log.exception("closing an answer while the engine stops")
             generation.deliver(Failed(Stopped("the server is shutting down")))
 
     def _round(self, running):

@@ -67,6 +67,7 @@ async def _spoken_turn(engine, model, processor, options, clip):
     settings.talker_max_new_tokens = min(settings.talker_max_new_tokens, SPEECH_TOKENS)
     session = await engine.call(lambda: ConversationSession(model, processor, max_tokens=options.max_context_tokens,
                                                             answer_room=settings.max_new_tokens))
+    generation = None
     try:
         await engine.call_steps(session.begin_audio_steps)
         frame = int(FRAME_SECONDS * AUDIO_IN_RATE)
@@ -81,5 +82,7 @@ async def _spoken_turn(engine, model, processor, options, clip):
                 raise event.error
             if isinstance(event, Finished):
                 break
-    finally:
+    finally:  # (interrupted: the answer stops before its conversation's rows are freed)
+        if generation is not None:
+            await engine.cancel(generation)
         await engine.call(session.close)

@@ -102,3 +102,33 @@ def test_ctrl_c_during_the_warmup_ends_the_start_in_one_line(tiny_checkpoint, de
         server.kill()
     assert output.rstrip().endswith("interrupted before serving") and "Traceback" not in output, output
     assert "serving on" not in output
+
+
+def test_a_warmup_cancelled_during_its_answer_stops_the_answer_before_its_conversation_closes(tiny_checkpoint,
+                                                                                              processor):
+    """Ctrl-C during the warm-up cancels it: its answer stops before its conversation's cache rows are
+    freed (they were freed under the running answer, and the engine's stop then failed closing it:
+    a traceback in a loaded CI run), and nothing is left running or held."""
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+    from mindone_ext.serve.engine import Engine
+    from mindone_ext.serve.warmup import warm_up
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    runners = (model.thinker_runner(), model.talker_runner())
+
+    async def scenario():
+        engine = Engine(max_active=1, max_queue=0, batched=True)
+        try:
+            warming = asyncio.ensure_future(warm_up(engine, model, processor, ServeOptions(max_active=1)))
+            while not engine.load()["active"]:  # the warm-up's answer is being made
+                await asyncio.sleep(0.005)
+            warming.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await warming
+            return engine.load(), await engine.call(lambda: [runner.caches_in_use() for runner in runners])
+        finally:
+            engine.stop()
+            assert not engine.thread.is_alive()
+
+    load, caches = asyncio.run(scenario())
+    assert load == {"active": 0, "queued": 0} and caches == [0, 0]
