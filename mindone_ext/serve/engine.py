@@ -18,7 +18,9 @@ arrive together are advanced together, their pieces prefilled as one batched ste
 clips encoded in one call (`call_steps`). While answers are being made, turns prefill at most
 PREFILL_BUDGET tokens between two rounds of their steps (a turn's parts are at most PREFILL_CHUNK
 tokens each), so a long prompt does not stall the answers in progress; a new answer with a prompt
-of its own (an HTTP request's) prefills it the same way, among the turns, then joins the rounds.
+of its own (an HTTP request's) encodes its media in parts (models/qwen2_5_omni/media_parts.py, each
+counted as the tokens it gives) and prefills its prompt the same way, among the turns, then joins
+the rounds.
 
 The first audio of a new answer comes first: while an answer has not been heard yet, the audio of
 answers whose delivered speech is further ahead of their playback than two rounds waits (it
@@ -35,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..generation.decode import PREFILL_CHUNK, ROWS_TOGETHER
-from ..models.qwen2_5_omni.audio_encoder import EncodeRequest
+from ..models.qwen2_5_omni.prefills import EncodeRequest
 from ..models.qwen2_5_omni.streaming import AudioChunk
 from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
@@ -125,7 +127,7 @@ class Engine:
 
     async def call_steps(self, fn, *args):
         """`call` for a function that returns a generator of prefills (decode.ExtendRequest, e.g.
-        ConversationSession.feed_audio_steps) and clips to encode (audio_encoder.EncodeRequest),
+        ConversationSession.feed_audio_steps) and media parts to encode (prefills.EncodeRequest),
         and is sent back each one's result: the calls waiting together run their prefills as one
         batched step per decoder, their clips as one call per encoder, between the rounds of the
         answers in progress (at most PREFILL_BUDGET tokens between two)."""
@@ -279,18 +281,20 @@ class Engine:
 
     def _prefill_passes(self, waiting, budget=None):
         """Passes over `waiting` (generator, request, done) items: in a pass the prefills of one
-        decoder run as one batch (`extend_requests`) and the clips of one audio encoder as one call
+        decoder run as one batch (`extend_requests`) and the media parts of one encoder as one call
         (`encode_clips`; a failed batch or call is thrown into each of its generators, whose turns
         rewind), the results go back, each generator runs to its next request. Until `waiting` is
-        empty, or, with a `budget`, until the passes have prefilled that many tokens (at least one
-        pass: what is left waits in `waiting`). A cache takes at most one prefill per batch: another
-        waits for the next (a conversation's calls come one at a time, so this only guards)."""
+        empty, or, with a `budget`, while the passes stay within that many tokens prefilled or
+        encoded (one pass at least: what is left waits in `waiting`). A cache takes at most one
+        prefill per batch: another waits for the next (a conversation's calls come one at a time,
+        so this only guards)."""
         tokens = 0
-        while waiting and (budget is None or tokens < budget):
-            batch, held, caches, clips, closed = {}, [], set(), {}, []
+        while waiting:
+            batch, held, caches, clips, closed, cost = {}, [], set(), {}, [], 0
             for item in waiting:
                 if isinstance(item[1], EncodeRequest):
                     clips.setdefault(item[1].encoder, []).append(item)
+                    cost += item[1].tokens
                     continue
                 cache = item[1].cache
                 if cache.released:  # its conversation closed while the turn waited: its rows may be another's
@@ -300,9 +304,12 @@ class Engine:
                 else:
                     caches.add(id(cache))
                     batch.setdefault(cache.pool.runner, []).append(item)
-                    tokens += item[1].embeds.shape[1]
+                    cost += item[1].embeds.shape[1]
+            if budget is not None and tokens and tokens + cost > budget:
+                return
+            tokens += cost
             waiting[:] = held
-            calls = [(encoder.encode_clips, [request.features for _, request, _ in items], items)
+            calls = [(encoder.encode_clips, [request.inputs for _, request, _ in items], items)
                      for encoder, items in clips.items()]
             calls += [(runner.extend_requests, [request for _, request, _ in items], items)
                       for runner, items in batch.items()]

@@ -6,6 +6,8 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -145,11 +147,13 @@ def test_server_start_bench_output_form():
     assert summary["ratio_first_audio_warmup_vs_not"] == round(warmed["first_audio_s"] / cold["first_audio_s"], 3)
 
 
-def test_prefill_stall_bench_output_form():
-    lines = run_bench("prefill_stall.py", "--words", "150", "--runs", "1")
+@pytest.mark.parametrize("turn", [["--words", "150"], ["--audio_seconds", "30"]], ids=["typed", "audio"])
+def test_prefill_stall_bench_output_form(turn):
+    lines = run_bench("prefill_stall.py", *turn, "--runs", "1")
     chunked, whole, summary = lines
     assert (chunked["policy"], whole["policy"]) == ("chunked", "whole") and whole["budget"] is None
-    assert chunked["turn_tokens"] == whole["turn_tokens"] > 2 * chunked["budget"]  # parts between rounds
+    assert chunked["audio_seconds"] == whole["audio_seconds"] == (30 if "--audio_seconds" in turn else 0)
+    assert chunked["turn_tokens"] == whole["turn_tokens"] > chunked["budget"]  # parts between rounds
     assert all(r["longest_gap_ms"] >= r["median_gap_ms"] > 0 and r["turn_s"] > 0 for r in (chunked, whole))
     assert summary["ratio_longest_gap_chunked_vs_whole"] == round(chunked["longest_gap_ms"] / whole["longest_gap_ms"], 3)
 

@@ -190,15 +190,28 @@ def round_order(monkeypatch):
 
 
 def tokens_between_rounds(order):
-    """The tokens prefilled between two rounds, over the span of the long prompt's full parts."""
-    first, last = order.index(PREFILL_CHUNK), len(order) - 1 - order[::-1].index(PREFILL_CHUNK)
+    """The tokens prefilled (numbers) or encoded (("encoded", tokens), media_encoding's) between two
+    rounds, from the long prompt's first encoded part or full prefill part to its last full part."""
+    first = next(i for i, item in enumerate(order) if item == PREFILL_CHUNK or isinstance(item, tuple))
+    last = len(order) - 1 - order[::-1].index(PREFILL_CHUNK)
     runs, tokens = [], 0
     for item in order[first:last + 1]:
         if item == "round":
             runs, tokens = runs + [tokens] * (tokens > 0), 0
         else:
-            tokens += item
+            tokens += item[1] if isinstance(item, tuple) else item
     return runs + [tokens]
+
+
+def media_encoding(monkeypatch, order):
+    """`order` receives ("encoded", tokens) at each call of the audio encoder's encode_clips."""
+    encode = Qwen2_5OmniAudioEncoder.encode_clips
+
+    def recorded(self, clips):
+        out = encode(self, clips)
+        order.append(("encoded", sum(o.shape[0] for o in out)))
+        return out
+    monkeypatch.setattr(Qwen2_5OmniAudioEncoder, "encode_clips", recorded)
 
 
 LONG_TURN = " ".join(f"word{i}" for i in range(400))  # 3171 tokens: 25 parts of at most 128
@@ -279,18 +292,21 @@ def test_a_conversation_closed_during_its_long_turn_leaves_its_rows_alone(model,
     want.close()
 
 
-def test_a_long_prompt_of_an_answer_prefills_between_the_steps_of_another(model, processor, monkeypatch):
-    """An answer with a prompt of its own (an HTTP request's) prefills it in parts too: at most
-    PREFILL_BUDGET tokens between two rounds of the answer in progress; both answers' tokens are
-    those they have alone."""
-    prompt = np.array([[401] + [10 + i % 380 for i in range(1000)] + [402]])  # the tiny vocabulary: 438
-    short = dict(max_new_tokens=4, eos_token_id=[], return_audio=False)
-    want_long = [e.token_id for e in model.generate_stream(input_ids=prompt, **short) if hasattr(e, "token_id")]
+SHORT = dict(max_new_tokens=4, eos_token_id=[], return_audio=False)
+
+
+def token_ids(events):
+    return [e.token_id for e in events if hasattr(e, "token_id")]
+
+
+def answered_beside_another(model, processor, order, **prompt):
+    """An answer to `prompt` (an HTTP request's: model.answer, SHORT) submitted while a conversation's
+    answer is being made (`order` cleared as both start). Returns the conversation's answer alone,
+    with the other beside it, and the other's (token ids)."""
     speaking = ConversationSession(model, processor)
     speaking.ask(QUESTIONS[0])
-    want_speaking = [e.token_id for e in speaking.respond(**LONG_ANSWER) if hasattr(e, "token_id")]
+    alone = token_ids(speaking.respond(**LONG_ANSWER))
     speaking.close()
-    order = round_order(monkeypatch)
 
     async def scenario():
         engine = Engine(max_active=2, max_queue=0, batched=True)
@@ -299,15 +315,44 @@ def test_a_long_prompt_of_an_answer_prefills_between_the_steps_of_another(model,
             await engine.call(speaking.ask, QUESTIONS[0])
             order.clear()
             first = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
-            second = engine.submit(lambda: model.answer(input_ids=prompt, **short))
+            second = engine.submit(lambda: model.answer(**prompt, **SHORT))
             events = await asyncio.gather(drain(first), drain(second))
             await engine.call(speaking.close)
             return events
         finally:
             engine.stop()
 
-    got_speaking, got_long = asyncio.run(scenario())
-    assert [e.token_id for e in got_speaking if hasattr(e, "token_id")] == want_speaking
-    assert [e.token_id for e in got_long if hasattr(e, "token_id")] == want_long
+    beside, other = asyncio.run(scenario())
+    return alone, token_ids(beside), token_ids(other)
+
+
+def test_a_long_prompt_of_an_answer_prefills_between_the_steps_of_another(model, processor, monkeypatch):
+    """An answer with a prompt of its own (an HTTP request's) prefills it in parts too: at most
+    PREFILL_BUDGET tokens between two rounds of the answer in progress; both answers' tokens are
+    those they have alone."""
+    prompt = np.array([[401] + [10 + i % 380 for i in range(1000)] + [402]])  # the tiny vocabulary: 438
+    want = token_ids(model.generate_stream(input_ids=prompt, **SHORT))
+    order = round_order(monkeypatch)
+    alone, beside, got = answered_beside_another(model, processor, order, input_ids=prompt)
+    assert beside == alone and got == want
     runs = tokens_between_rounds(order)
     assert len(runs) >= 2 and max(runs) <= PREFILL_BUDGET, order
+
+
+def test_the_audio_of_an_answer_is_encoded_in_parts_between_the_steps_of_another(model, processor, tiny_checkpoint,
+                                                                                  monkeypatch):
+    """An answer whose prompt has long audio (an HTTP request's) encodes it in parts (media_parts.py)
+    counted in the same budget: at most PREFILL_BUDGET tokens encoded or prefilled between two rounds
+    of the answer in progress; both answers' tokens are those they have alone (the audio encoded whole)."""
+    from tests.models.qwen2_5_omni.multimodal_inputs import AUDIO, build
+
+    inputs = build(tiny_checkpoint, ["Listen: " + AUDIO + " and answer."], (3000,), seed=3)  # 750 audio tokens
+    want = model.generate(**inputs, **SHORT)[0, inputs["input_ids"].shape[1]:].asnumpy().tolist()
+    order = round_order(monkeypatch)
+    media_encoding(monkeypatch, order)
+    alone, beside, got = answered_beside_another(model, processor, order, **inputs)
+    assert beside == alone and got == want
+    encoded = [item[1] for item in order if isinstance(item, tuple)]
+    assert len(encoded) >= 30 and sum(encoded) == 750, order  # parts of 4 windows: 20 tokens each
+    runs = tokens_between_rounds(order)
+    assert len(runs) >= 3 and max(runs) <= PREFILL_BUDGET, order

@@ -119,6 +119,38 @@ def test_openai_client_streams_text_and_speech(server, our_model, processor):
     assert reply.choices[0].message.content == processor.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_openai_client_sends_real_speech_and_a_picture(server, our_model, processor, tmp_path):
+    """A spoken question (espeak-ng, 22.05 kHz WAV) and a picture (ffmpeg's test card, PNG) through
+    OpenAI's client: the answer is generate's on the same files as process_mm_info reads them (the
+    server encodes the audio in parts, ~3 s of it in 5 parts on the tiny model; generate, whole)."""
+    import openai
+
+    from tests.reference_media import real_media
+
+    assert not real_media.missing_tools(), "apt-get install espeak-ng sox ffmpeg"
+    question = real_media.speech(str(tmp_path), "What is in this picture? Tell me quickly, please.")
+    picture = real_media.image(str(tmp_path / "card.png"), 160, 120, "rgb24")
+    with wave.open(question) as f:
+        assert 3.0 < f.getnframes() / f.getframerate() < LIMITS["max_audio_seconds"]
+    data = {name: base64.b64encode(open(path, "rb").read()).decode() for name, path in (("wav", question),
+                                                                                        ("png", picture))}
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(model="m", max_tokens=8, seed=0, messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": data["wav"], "format": "wav"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data['png']}"}}]}])
+    from mindone_ext import process_mm_info
+
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": question},
+                                                 {"type": "image", "image": picture}]}]
+    audios, images, _ = process_mm_info(conversation)
+    inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
+                       audio=audios, images=images)
+    assert inputs["feature_attention_mask"].sum() > 4 * 80  # five parts of at most 80 frames
+    ids = our_model.generate(**inputs, max_new_tokens=8, seed=0, return_audio=False)[0, inputs["input_ids"].shape[1]:]
+    assert reply.choices[0].message.content == processor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
+
+
 async def _barge_in(server):
     from demo_media import speech_like
 

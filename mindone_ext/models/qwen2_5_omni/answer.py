@@ -76,10 +76,12 @@ class Answer:
         return prefill_now(self.start_steps())
 
     def start_steps(self):
-        """`start` as a generator of the prompt's prefill, an ExtendRequest per part of at most
-        PREFILL_CHUNK tokens (a driver runs other answers' steps between them), each sent back
-        (logits, hidden); returns the first token's events."""
+        """`start` as a generator of the prompt's media in parts (EncodeRequests, sent back their
+        embeddings) and its prefill, an ExtendRequest per part of at most PREFILL_CHUNK tokens
+        (sent back (logits, hidden)): a driver runs other answers' steps between them. Returns
+        the first token's events."""
         prompt, request = self.request.prompt, self.request
+        yield from prompt.encode_steps()
         if request.prefilled:
             logits, hidden = request.prefilled
         elif not np.all(request.mask):  # left padding: a prefill of its own

@@ -8,8 +8,6 @@ taking its weights as inputs: the convolutions (`stem`), one layer shared by eve
 (`audio_layer`: op by op, each layer is ~25 dispatches) and the pooling with the projection
 (`head`); op by op, these two were ~17% of a loaded voice server's model thread (new shapes each
 turn). Training, and layers wrapped by LoRA adapters, run op by op through the cells."""
-from typing import NamedTuple
-
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -45,15 +43,6 @@ def output_lengths(feature_lens):
     """Frames -> (tokens after the stride-2 conv, tokens after pooling), as the reference."""
     cnn = after_conv(np.asarray(feature_lens, np.int64))
     return cnn, (cnn - 2) // 2 + 1
-
-
-class EncodeRequest(NamedTuple):
-    """A clip for `encoder` to encode: its log-mel `features` (num_mel_bins, frames). A turn's
-    prefill generator yields it as it yields its ExtendRequests, and is sent back the clip's
-    embeddings (session.py); the voice server encodes the clips of turns that arrive together in
-    one call (serve/engine.py)."""
-    encoder: object
-    features: np.ndarray
 
 
 def audio_layer(x, mask, weights, heads, act, flash):

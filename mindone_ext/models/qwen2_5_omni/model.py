@@ -183,7 +183,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         `prepared`: a conversation whose prompt is in that cache already; `record` (a list)
         receives the Thinker's steps."""
         args = self.bind_generate_args(kwargs)
-        request = self.plan_answer(args, args.pop("kwargs"), prepared)
+        request = self.plan_answer(args, args.pop("kwargs"), prepared, media_in_parts=True)
         if request.ids.shape[0] != 1:
             raise ValueError(f"generate_stream streams one conversation (batch size 1); got a batch of "
                              f"{request.ids.shape[0]}")
@@ -197,10 +197,11 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         args["kwargs"] = dict(args.get("kwargs", {}))
         return args
 
-    def plan_answer(self, args, kwargs, prepared=None):
+    def plan_answer(self, args, kwargs, prepared=None, media_in_parts=False):
         """generate()'s arguments (`args`, and the extra `kwargs`) checked and sorted into an
         AnswerRequest. `prepared`: the prompt's inputs when they are already in a cache (a
-        ConversationSession's, whose `media` tells the Talker where audio was)."""
+        ConversationSession's, whose `media` tells the Talker where audio was). `media_in_parts`:
+        the media are encoded when the answer starts, in parts (Answer.start_steps)."""
         prefixed = {p: {k[len(p) + 1:]: kwargs.pop(k) for k in list(kwargs) if k.startswith(p + "_")}
                     for p in ("thinker", "talker", "token2wav")}
         sampling_keys = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
@@ -243,7 +244,8 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             media = {k: args[k] for k in ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
                                           "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
                      if args[k] is not None}
-            prepared = self.thinker.prepare_inputs(ids, mask, use_audio_in_video=args["use_audio_in_video"], **media)
+            prepared = self.thinker.prepare_inputs(ids, mask, use_audio_in_video=args["use_audio_in_video"],
+                                                   media_in_parts=media_in_parts, **media)
         return AnswerRequest(ids, mask, prepared, media, max_new, SamplingConfig.from_settings(settings, args["seed"]),
                              eos, pad, return_audio, voice, args["seed"], args["use_audio_in_video"],
                              prefixed["talker"], prefixed["token2wav"])

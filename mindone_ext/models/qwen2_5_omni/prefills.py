@@ -1,16 +1,26 @@
-"""Running the requests of a conversation's turn, or of an answer's close, one by one.
+"""Running the requests of a conversation's turn, an answer's start or its close, one by one.
 
-What a turn or an answer's close prefills is written as a generator of requests: ExtendRequests
-(generation/decode.py: a piece for a cache) and EncodeRequests (audio_encoder.py: a clip for the
-audio encoder), each sent back its result. `prefill_now` runs them as they come; the voice server
-runs those of several conversations together (serve/engine.py)."""
-from .audio_encoder import EncodeRequest
+What a turn, an answer's start or an answer's close prefills is written as a generator of
+requests: ExtendRequests (generation/decode.py: a piece for a cache) and EncodeRequests (below: a
+part of the media for an encoder), each sent back its result. `prefill_now` runs them as they
+come; the voice server runs those of several conversations together (serve/engine.py)."""
+from typing import NamedTuple
+
+
+class EncodeRequest(NamedTuple):
+    """A part of a prompt's media for `encoder` to encode: its `inputs` (the audio encoder's: log-mel
+    features (num_mel_bins, frames); the vision encoder's: (pixel rows, (t, h, w))) and the
+    number of embeddings it gives, `tokens`. Sent back the embeddings; the voice server encodes
+    the parts waiting together in one call per encoder (`encoder.encode_clips`)."""
+    encoder: object
+    inputs: object
+    tokens: int
 
 
 def run_request(request):
     """A request by itself: an ExtendRequest's (logits, hidden), an EncodeRequest's embeddings."""
     if isinstance(request, EncodeRequest):
-        return request.encoder.encode_clips([request.features])[0]
+        return request.encoder.encode_clips([request.inputs])[0]
     return request.cache.pool.runner.extend(request.cache, request.embeds, request.positions)
 
 

@@ -28,8 +28,9 @@ import numpy as np
 from mindspore import ops
 
 from ...generation.decode import PREFILL_CHUNK, ExtendRequest
-from .audio_encoder import EncodeRequest, output_lengths
+from .audio_encoder import output_lengths
 from .audio_features import clip_features
+from .media_parts import audio_request
 from .prefills import prefill_now
 from .prompts import SYSTEM_PROMPT  # noqa: F401  (where callers have imported it from)
 from .answer import stream
@@ -237,7 +238,7 @@ class ConversationSession:
         if int(output_lengths([upto - done])[1][0]) <= 0:
             return
         piece = features[:, done:upto]
-        audio = yield EncodeRequest(self.model.thinker.audio_tower, piece)
+        audio = yield audio_request(self.model.thinker.audio_tower, piece)
         start = self.cache.length
         yield from self._append([self.audio_token] * audio.shape[0], audio[None].astype(self.embeds[0].dtype))
         pieces.append((done // self.window, -(-upto // self.window), start, piece))
@@ -311,3 +312,6 @@ class _Prepared:
         self.position_ids = None
         self.rope_deltas = np.zeros((1, 1), np.int64)
         self.prefilled = (logits, hidden)
+
+    def encode_steps(self):
+        return ()  # nothing left to encode: the audio was encoded as it came

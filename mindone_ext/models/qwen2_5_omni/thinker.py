@@ -15,6 +15,7 @@ from mindspore import Tensor, nn, ops
 from ...nn.decoder import Qwen2Decoder
 from ...nn.layers import Linear
 from .audio_encoder import Qwen2_5OmniAudioEncoder, output_lengths
+from .media_parts import audio_parts, vision_parts
 from .rope_index import RopeTokens, get_rope_index
 from .vision_encoder import Qwen2_5OmniVisionEncoder
 
@@ -33,6 +34,24 @@ class PreparedInputs:
     position_ids: np.ndarray  # (3, B, T)
     rope_deltas: np.ndarray  # (B, 1): decode position = cache slot + delta
     attention_mask: np.ndarray  # (B, T)
+    # media not yet in inputs_embeds (prepare_inputs(media_in_parts=True)): (ids, [(placeholder
+    # token, name, its parts' EncodeRequests)])
+    unencoded: tuple = None
+
+    def encode_steps(self):
+        """The media left to encode, as a generator of their parts' EncodeRequests, each sent back
+        its embeddings; then inputs_embeds holds them."""
+        if self.unencoded is None:
+            return
+        ids, media = self.unencoded
+        for token_id, what, parts in media:
+            if parts:
+                features = []
+                for part in parts:
+                    features.append((yield part))
+                features = features[0] if len(features) == 1 else ops.cat(features, 0)
+                self.inputs_embeds = scatter_rows(self.inputs_embeds, ids, token_id, features, what)
+        self.unencoded = None
 
 
 def as_numpy(x, dtype=None):
@@ -44,14 +63,31 @@ def as_numpy(x, dtype=None):
     return x.astype(dtype) if dtype is not None else x
 
 
+def audio_clips(input_features, feature_attention_mask):
+    """input_features (clips, mel, frames) padded, the mask (clips, frames) -> each clip's valid
+    frames (mel, frames)."""
+    features = as_numpy(input_features, np.float32)
+    mask = as_numpy(feature_attention_mask, bool)
+    if features.ndim != 3 or mask is None or mask.shape != (features.shape[0], features.shape[2]):
+        raise ValueError("input_features must be (clips, mel bins, frames) with a feature_attention_mask of "
+                         f"(clips, frames); got {features.shape} and {None if mask is None else mask.shape}")
+    return [clip[:, valid] for clip, valid in zip(features, mask)]
+
+
+def placeholders(ids, token_id, rows, what):
+    """Where `token_id` is in `ids` (flat), checked to be `rows` places."""
+    where = np.flatnonzero(ids.reshape(-1) == token_id)
+    if len(where) != rows:
+        raise ValueError(f"{what} features and {what} tokens do not match: {len(where)} placeholder tokens in "
+                         f"input_ids, {rows} feature rows (was the prompt built by the processor?)")
+    return where
+
+
 def scatter_rows(embeds, ids, token_id, features, what):
     """Replace the embeddings at every `token_id` with `features`, in order (the reference's
     masked_scatter), as one gather over [embeddings; features] so it is differentiable."""
     b, t, h = embeds.shape
-    where = np.flatnonzero(ids.reshape(-1) == token_id)
-    if len(where) != features.shape[0]:
-        raise ValueError(f"{what} features and {what} tokens do not match: {len(where)} placeholder tokens in "
-                         f"input_ids, {features.shape[0]} feature rows (was the prompt built by the processor?)")
+    where = placeholders(ids, token_id, features.shape[0], what)
     source = np.arange(b * t)
     source[where] = b * t + np.arange(len(where))
     table = ops.cat((embeds.reshape(b * t, h), features.astype(embeds.dtype)), 0)
@@ -108,14 +144,9 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
 
     def get_audio_features(self, input_features, feature_attention_mask):
         """input_features (clips, mel, frames) padded; mask (clips, frames) -> (tokens, hidden)."""
-        features = as_numpy(input_features, np.float32)
-        mask = as_numpy(feature_attention_mask, bool)
-        if features.ndim != 3 or mask is None or mask.shape != (features.shape[0], features.shape[2]):
-            raise ValueError("input_features must be (clips, mel bins, frames) with a feature_attention_mask of "
-                             f"(clips, frames); got {features.shape} and {None if mask is None else mask.shape}")
-        lengths = mask.sum(1)
-        valid_frames = features.transpose(1, 0, 2)[:, mask]  # (mel, all valid frames, clip after clip)
-        audio = self.audio_tower(valid_frames, lengths)
+        clips = audio_clips(input_features, feature_attention_mask)
+        lengths = [clip.shape[1] for clip in clips]
+        audio = self.audio_tower(np.concatenate(clips, 1), lengths)  # the valid frames, clip after clip
         expected = int(output_lengths(lengths)[1].sum())
         if audio.shape[0] != expected:
             raise ValueError(f"audio encoder returned {audio.shape[0]} tokens, expected {expected}")
@@ -127,23 +158,47 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
     def get_video_features(self, pixel_values_videos, video_grid_thw):
         return self.visual(pixel_values_videos, video_grid_thw)
 
+    def _media_parts(self, ids, input_features, feature_attention_mask, pixel_values, image_grid_thw,
+                     pixel_values_videos, video_grid_thw):
+        """The media as parts to encode apart (media_parts.py), their placeholders checked first."""
+        c, media = self.config, []
+        if input_features is not None:
+            media.append((c.audio_token_index, "audio", audio_parts(
+                self.audio_tower, audio_clips(input_features, feature_attention_mask))))
+        for token_id, what, pixels, grid in ((c.image_token_index, "image", pixel_values, image_grid_thw),
+                                             (c.video_token_index, "video", pixel_values_videos, video_grid_thw)):
+            if pixels is not None:
+                media.append((token_id, what, vision_parts(self.visual, as_numpy(pixels), as_numpy(grid), what)))
+        for token_id, what, parts in media:
+            placeholders(ids, token_id, sum(part.tokens for part in parts), what)
+        return ids, media
+
     def prepare_inputs(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None,
                        pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                       use_audio_in_video=False, video_second_per_grid=None, position_ids=None, inputs_embeds=None):
+                       use_audio_in_video=False, video_second_per_grid=None, position_ids=None, inputs_embeds=None,
+                       media_in_parts=False):
+        """The prompt's embeddings (the media's features in their placeholders' places) and TMRoPE
+        positions. `media_in_parts`: the media are not encoded here; the result's `encode_steps()`
+        encodes them in parts (an answer's start: the voice server runs them between rounds)."""
         ids = as_numpy(input_ids, np.int64)
         embeds = self.embed(ids) if inputs_embeds is None else inputs_embeds
         b, t = embeds.shape[:2]
         mask = np.ones((b, t), np.int64) if attention_mask is None else as_numpy(attention_mask, np.int64)
         c = self.config
-        if input_features is not None:
-            embeds = scatter_rows(embeds, ids, c.audio_token_index, self.get_audio_features(
-                input_features, feature_attention_mask), "audio")
-        if pixel_values is not None:
-            embeds = scatter_rows(embeds, ids, c.image_token_index, self.get_image_features(
-                pixel_values, image_grid_thw), "image")
-        if pixel_values_videos is not None:
-            embeds = scatter_rows(embeds, ids, c.video_token_index, self.get_video_features(
-                pixel_values_videos, video_grid_thw), "video")
+        unencoded = None
+        if media_in_parts:
+            unencoded = self._media_parts(ids, input_features, feature_attention_mask, pixel_values, image_grid_thw,
+                                          pixel_values_videos, video_grid_thw)
+        else:
+            if input_features is not None:
+                embeds = scatter_rows(embeds, ids, c.audio_token_index, self.get_audio_features(
+                    input_features, feature_attention_mask), "audio")
+            if pixel_values is not None:
+                embeds = scatter_rows(embeds, ids, c.image_token_index, self.get_image_features(
+                    pixel_values, image_grid_thw), "image")
+            if pixel_values_videos is not None:
+                embeds = scatter_rows(embeds, ids, c.video_token_index, self.get_video_features(
+                    pixel_values_videos, video_grid_thw), "video")
         if position_ids is None:
             audio_lengths = None if feature_attention_mask is None else as_numpy(feature_attention_mask).sum(1)
             position_ids, deltas = get_rope_index(
@@ -156,7 +211,7 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
             if position_ids.ndim == 2:
                 position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
             rope_deltas = position_ids.max(0).max(-1, keepdims=True) + 1 - t
-        return PreparedInputs(embeds, position_ids, rope_deltas, mask)
+        return PreparedInputs(embeds, position_ids, rope_deltas, mask, unencoded)
 
     def construct(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **multimodal):
         """Full-sequence forward without a cache (parity tests, training)."""

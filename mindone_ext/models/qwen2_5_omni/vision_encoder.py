@@ -210,6 +210,15 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
                 x = self._block_graph(x, cos, sin, layouts[id(lengths)], weights)
         return x[:n]
 
+    def encode_clips(self, clips):
+        """Each of `clips` ((pixel rows, (t, h, w)): an image, a video, or whole frames of one) ->
+        its embeddings, all in one call (frames are encoded apart: a clip's embeddings are what it
+        gives alone, to float32 rounding)."""
+        grid = np.asarray([thw for _, thw in clips], np.int64)
+        out = self(np.concatenate([rows for rows, _ in clips]) if len(clips) > 1 else clips[0][0], grid)
+        bounds = np.cumsum([0] + (grid.prod(1) // (self.merge * self.merge)).tolist()).tolist()
+        return [out[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] if len(clips) > 1 else [out]
+
     def construct(self, pixel_values, grid_thw):
         """pixel_values (patches, C * T * P * P) from the processor, grid_thw (items, 3).
         Returns (patches / merge^2, out_hidden_size) in the processor's order."""
