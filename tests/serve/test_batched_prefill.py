@@ -356,3 +356,6 @@ def test_the_audio_of_an_answer_is_encoded_in_parts_between_the_steps_of_another
     assert len(encoded) >= 30 and sum(encoded) == 750, order  # parts of 4 windows: 20 tokens each
     runs = tokens_between_rounds(order)
     assert len(runs) >= 3 and max(runs) <= PREFILL_BUDGET, order
+    # a call counts at least PREFILL_CHUNK: 4 encoder calls between two rounds, not 25 small ones
+    gaps = "".join("e" if isinstance(item, tuple) else "|" if item == "round" else "" for item in order).split("|")
+    assert max(len(gap) for gap in gaps) == PREFILL_BUDGET // PREFILL_CHUNK, order
