@@ -85,6 +85,17 @@ class ExtendRequest(NamedTuple):
     positions: np.ndarray
 
 
+def prompt_parts(cache, embeds, positions):
+    """A prompt (1, T, E) written from slot 0 as a generator of ExtendRequests of at most
+    PREFILL_CHUNK tokens, each sent back (logits, hidden) (a driver runs other work between them)
+    -> the last logits and the prompt's hidden states, as `prefill` gives them."""
+    cache.length, hidden = 0, []
+    for lo in range(0, embeds.shape[1], PREFILL_CHUNK):
+        logits, part = yield ExtendRequest(cache, embeds[:, lo:lo + PREFILL_CHUNK], positions[..., lo:lo + PREFILL_CHUNK])
+        hidden.append(part)
+    return logits, hidden[0] if len(hidden) == 1 else ops.cat(hidden, 1)
+
+
 class CompiledDecoder:
     """Owns the compiled graphs for one decoder: `input_proj` (optional) -> decoder -> `head`.
     A step is a pure function of (input embeddings, positions, mask, cache buffers and slots,

@@ -371,8 +371,20 @@ class Engine:
             try:
                 self._deliver(generation, generation.answer.advance(
                     [(r, logits, hidden) for r, (logits, hidden) in zip(requests, outputs)]))
+                self._start_speech(generation)
             except Exception as e:  # noqa: BLE001
                 self._fail(generation, e)
+
+    def _start_speech(self, generation):
+        """An answer's Talker prompt, once known, prefills among the turns' parts between rounds
+        (Answer.speech_start_steps): a long conversation's does not stall the answers in progress."""
+        def done(_, error):
+            if error is not None and not generation.done:
+                self._fail(generation, error)
+
+        steps = generation.answer.speech_start_steps()
+        if steps:
+            _advance(self.prefilling, steps, None, done)
 
     def _synthesise_together(self, generations):
         """The round's audio: every answer's ready ODE windows and vocoder spans, as batches."""

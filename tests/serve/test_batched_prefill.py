@@ -12,6 +12,7 @@ from mindone_ext import Qwen2_5OmniForConditionalGeneration
 from mindone_ext.generation.decode import PREFILL_CHUNK, ROWS_TOGETHER, CompiledDecoder
 from mindone_ext.models.qwen2_5_omni.audio_encoder import Qwen2_5OmniAudioEncoder
 from mindone_ext.models.qwen2_5_omni.session import ConversationSession
+from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk
 from mindone_ext.serve.engine import PREFILL_BUDGET, Engine, Finished
 from tests.serve.conftest import drain
 
@@ -359,3 +360,50 @@ def test_the_audio_of_an_answer_is_encoded_in_parts_between_the_steps_of_another
     # a call counts at least PREFILL_CHUNK: 4 encoder calls between two rounds, not 25 small ones
     gaps = "".join("e" if isinstance(item, tuple) else "|" if item == "round" else "" for item in order).split("|")
     assert max(len(gap) for gap in gaps) == PREFILL_BUDGET // PREFILL_CHUNK, order
+
+
+def test_the_talker_prompt_of_a_long_conversation_prefills_between_the_steps_of_another(model, processor,
+                                                                                        monkeypatch):
+    """A spoken answer's Talker prompt is the whole conversation (here a 3171-token turn and more):
+    it prefills in parts between rounds too, at most PREFILL_BUDGET tokens between two rounds of
+    the answer in progress; both answers' text, and the spoken one's audio, are what they are alone."""
+    spoken = dict(spk="Ethan", max_new_tokens=6, eos_token_id=[], talker_max_new_tokens=12, seed=3)
+    model.talker_runner().use_pool(2, model.cache_dtype)
+
+    def outcome(events):
+        events = list(events)
+        audio = [np.asarray(e.audio) for e in events if isinstance(e, AudioChunk)]
+        return token_ids(events), np.concatenate(audio)
+
+    typing = ConversationSession(model, processor)
+    typing.ask(LONG_TURN)
+    want_text, want_audio = outcome(typing.respond(**spoken))
+    typing.close()
+    speaking = ConversationSession(model, processor)
+    speaking.ask(QUESTIONS[0])
+    want_speaking = token_ids(speaking.respond(**LONG_ANSWER))
+    speaking.close()
+    order = round_order(monkeypatch)
+
+    async def scenario():
+        engine = Engine(max_active=2, max_queue=0, batched=True)
+        try:
+            speaking, typing = [await engine.call(ConversationSession, model, processor) for _ in range(2)]
+            await engine.call(speaking.ask, QUESTIONS[0])
+            await engine.call_steps(typing.ask_steps, LONG_TURN)
+            order.clear()
+            first = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
+            second = engine.submit(lambda: typing.answer(**spoken))
+            events = await asyncio.gather(drain(first), drain(second))
+            for session in (speaking, typing):
+                await engine.call(session.close)
+            return events
+        finally:
+            engine.stop()
+
+    got_speaking, got_spoken = asyncio.run(scenario())
+    text, audio = outcome(got_spoken)
+    assert token_ids(got_speaking) == want_speaking and text == want_text
+    assert audio.shape == want_audio.shape and float(np.abs(audio - want_audio).max()) <= 1e-5
+    runs = tokens_between_rounds(order)
+    assert len(runs) >= 2 and max(runs) <= PREFILL_BUDGET, order

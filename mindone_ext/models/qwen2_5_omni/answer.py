@@ -17,7 +17,7 @@ import mindspore as ms
 import numpy as np
 
 from ...generation import SamplingConfig
-from ...generation.decode import PREFILL_CHUNK, ExtendRequest
+from ...generation.decode import prompt_parts
 from .prefills import prefill_now
 from .streaming import AudioChunk, TextDecoder, TextDelta
 from .token2wav_stream import Token2WavStream
@@ -88,13 +88,15 @@ class Answer:
             logits, hidden = self.thinker.runner.prefill(self.cache, prompt.inputs_embeds, prompt.position_ids,
                                                          request.mask)
         else:
-            self.cache.length, embeds, positions, parts = 0, prompt.inputs_embeds, prompt.position_ids, []
-            for lo in range(0, embeds.shape[1], PREFILL_CHUNK):
-                logits, part = yield ExtendRequest(self.cache, embeds[:, lo:lo + PREFILL_CHUNK],
-                                                   positions[..., lo:lo + PREFILL_CHUNK])
-                parts.append(part)
-            hidden = parts[0] if len(parts) == 1 else ms.ops.cat(parts, 1)
+            logits, hidden = yield from prompt_parts(self.cache, prompt.inputs_embeds, prompt.position_ids)
         return self._settle(self._after_thinker(self.thinker.first(logits, hidden, prompt.inputs_embeds)))
+
+    def speech_start_steps(self):
+        """The Talker's prompt prefill, once the Thinker's first two tokens are known (after the
+        `advance` that gave the second; else nothing): a generator of ExtendRequests, each sent back
+        (logits, hidden), for the driver to run after `advance` (`stream` runs it at once, the voice
+        server between rounds); the Talker's steps are in `pending()` from its end on."""
+        return () if self.speech is None else self.speech.start_steps()
 
     def pending(self):
         """The decode steps this answer needs next (DecodeRequests; empty when it is done)."""
@@ -169,6 +171,7 @@ def stream(answer):
         while not answer.done:
             results = [(request, *request.loop.decode(request)) for request in answer.pending()]
             yield from answer.advance(results)
+            prefill_now(answer.speech_start_steps())
             if answer.wave is not None:
                 yield from answer.audio(answer.wave.synthesise())
     except GeneratorExit:
@@ -187,6 +190,7 @@ class _Speech:
         self.model, self.answer_request = model, request
         self.first_steps = []
         self.prompt = self.codes = None
+        self.start_taken = self.started = False  # the codes' prompt prefill: handed to the driver, done
         self.held = None  # the newest codec token: the answer's last one (a stop token or the cut) is dropped
         self.silent = False  # the Thinker ended before the Talker could start: nothing to say
         voice = request.voice
@@ -204,7 +208,6 @@ class _Speech:
             if len(self.first_steps) == 2:  # the Talker's prompt ends with the first answer token's state
                 self.prompt = self.model.talker_prompt(self.answer_request, *self.first_steps)
                 self.codes = self.model.codec_loop(self.answer_request, self.prompt)
-                self._code(self.codes.first())
         else:
             self.prompt.add_reply(step.embeds, step.hidden)
         if thinker_done:
@@ -213,8 +216,19 @@ class _Speech:
             else:
                 self.prompt.finish()
 
+    def start_steps(self):
+        """The codes' prompt prefill, once (see Answer.speech_start_steps)."""
+        if self.codes is None or self.start_taken:
+            return ()
+        self.start_taken = True
+        return self._start()
+
+    def _start(self):
+        self._code((yield from self.codes.first_steps()))
+        self.started = True
+
     def request(self):
-        return None if self.codes is None else self.codes.request()
+        return self.codes.request() if self.started else None
 
     def accept(self, request, logits, hidden):
         self._code(self.codes.accept(request, logits, hidden))

@@ -26,9 +26,9 @@ def run_request(request):
 
 def prefill_now(steps):
     """Run a generator of requests, each as it comes (an error is thrown back into the generator,
-    so its turn rewinds) -> the generator's return value."""
+    so its turn rewinds) -> the generator's return value. `()`: nothing to run."""
     try:
-        request = next(steps)
+        request = next(iter(steps))
         while True:
             try:
                 done = run_request(request)

@@ -11,6 +11,8 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ...generation import CompiledDecoder, SamplingConfig, TokenLookup, TokenLoop
+from ...generation.decode import prompt_parts
+from .prefills import prefill_now
 from .rope_index import RopeTokens, get_rope_index
 
 TALKER_DEFAULTS = dict(max_new_tokens=4096, do_sample=True, top_k=40, top_p=0.8, temperature=0.9,
@@ -95,8 +97,11 @@ class CodecLoop:
         return self.loop.done
 
     def first(self):
-        logits, hidden = self.runner.prefill(self.cache, self.prompt.embeds, self.positions,
-                                             np.ones_like(self.prompt.codec_ids))
+        return prefill_now(self.first_steps())
+
+    def first_steps(self):
+        """`first` as a generator of the prompt's prefill in parts (generation.decode.prompt_parts)."""
+        logits, hidden = yield from prompt_parts(self.cache, self.prompt.embeds, self.positions)
         return int(self.loop.first(logits, hidden, self.prompt.embeds).tokens[0])
 
     def request(self):
