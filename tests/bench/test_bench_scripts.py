@@ -147,12 +147,14 @@ def test_server_start_bench_output_form():
     assert summary["ratio_first_audio_warmup_vs_not"] == round(warmed["first_audio_s"] / cold["first_audio_s"], 3)
 
 
-@pytest.mark.parametrize("turn", [["--words", "150"], ["--audio_seconds", "30"]], ids=["typed", "audio"])
+@pytest.mark.parametrize("turn", [["--words", "150"], ["--audio_seconds", "30"], ["--words", "150", "--spoken"]],
+                         ids=["typed", "audio", "spoken"])
 def test_prefill_stall_bench_output_form(turn):
     lines = run_bench("prefill_stall.py", *turn, "--runs", "1")
     chunked, whole, summary = lines
     assert (chunked["policy"], whole["policy"]) == ("chunked", "whole") and whole["budget"] is None
     assert chunked["audio_seconds"] == whole["audio_seconds"] == (30 if "--audio_seconds" in turn else 0)
+    assert chunked["spoken"] == whole["spoken"] == ("--spoken" in turn)
     assert chunked["turn_tokens"] == whole["turn_tokens"] > chunked["budget"]  # parts between rounds
     assert all(r["longest_gap_ms"] >= r["median_gap_ms"] > 0 and r["turn_s"] > 0 for r in (chunked, whole))
     assert summary["ratio_longest_gap_chunked_vs_whole"] == round(chunked["longest_gap_ms"] / whole["longest_gap_ms"], 3)

@@ -215,6 +215,27 @@ def media_encoding(monkeypatch, order):
     monkeypatch.setattr(Qwen2_5OmniAudioEncoder, "encode_clips", recorded)
 
 
+def token_ids(events):
+    return [e.token_id for e in events if hasattr(e, "token_id")]
+
+
+async def two_conversations(engine, model, processor):
+    """Two conversations opened on the engine's thread, the first asked QUESTIONS[0] (its answer is
+    the one in progress in the tests below)."""
+    speaking, typing = [await engine.call(ConversationSession, model, processor) for _ in range(2)]
+    await engine.call(speaking.ask, QUESTIONS[0])
+    return speaking, typing
+
+
+def answer_alone(model, processor):
+    """The token ids of the answer in progress when it runs alone."""
+    speaking = ConversationSession(model, processor)
+    speaking.ask(QUESTIONS[0])
+    tokens = token_ids(speaking.respond(**LONG_ANSWER))
+    speaking.close()
+    return tokens
+
+
 LONG_TURN = " ".join(f"word{i}" for i in range(400))  # 3171 tokens: 25 parts of at most 128
 LONG_ANSWER = dict(max_new_tokens=48, eos_token_id=[], return_audio=False)
 
@@ -239,8 +260,7 @@ def test_a_long_turn_prefills_between_the_steps_of_an_answer_in_progress(model, 
     async def scenario():
         engine = Engine(max_active=2, max_queue=0, batched=True)
         try:
-            speaking, typing = [await engine.call(ConversationSession, model, processor) for _ in range(2)]
-            await engine.call(speaking.ask, QUESTIONS[0])
+            speaking, typing = await two_conversations(engine, model, processor)
             order.clear()
             run = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
             turn = await engine.call_steps(typing.ask_steps, LONG_TURN)
@@ -271,8 +291,7 @@ def test_a_conversation_closed_during_its_long_turn_leaves_its_rows_alone(model,
     async def scenario():
         engine = Engine(max_active=2, max_queue=0, batched=True)
         try:
-            speaking, typing = [await engine.call(ConversationSession, model, processor) for _ in range(2)]
-            await engine.call(speaking.ask, QUESTIONS[0])
+            speaking, typing = await two_conversations(engine, model, processor)
             run = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
             turn = asyncio.ensure_future(engine.call_steps(typing.ask_steps, LONG_TURN))
             await asyncio.sleep(0)  # the turn's call is queued before the close
@@ -296,18 +315,11 @@ def test_a_conversation_closed_during_its_long_turn_leaves_its_rows_alone(model,
 SHORT = dict(max_new_tokens=4, eos_token_id=[], return_audio=False)
 
 
-def token_ids(events):
-    return [e.token_id for e in events if hasattr(e, "token_id")]
-
-
 def answered_beside_another(model, processor, order, **prompt):
     """An answer to `prompt` (an HTTP request's: model.answer, SHORT) submitted while a conversation's
     answer is being made (`order` cleared as both start). Returns the conversation's answer alone,
     with the other beside it, and the other's (token ids)."""
-    speaking = ConversationSession(model, processor)
-    speaking.ask(QUESTIONS[0])
-    alone = token_ids(speaking.respond(**LONG_ANSWER))
-    speaking.close()
+    alone = answer_alone(model, processor)
 
     async def scenario():
         engine = Engine(max_active=2, max_queue=0, batched=True)
@@ -379,17 +391,13 @@ def test_the_talker_prompt_of_a_long_conversation_prefills_between_the_steps_of_
     typing.ask(LONG_TURN)
     want_text, want_audio = outcome(typing.respond(**spoken))
     typing.close()
-    speaking = ConversationSession(model, processor)
-    speaking.ask(QUESTIONS[0])
-    want_speaking = token_ids(speaking.respond(**LONG_ANSWER))
-    speaking.close()
+    want_speaking = answer_alone(model, processor)
     order = round_order(monkeypatch)
 
     async def scenario():
         engine = Engine(max_active=2, max_queue=0, batched=True)
         try:
-            speaking, typing = [await engine.call(ConversationSession, model, processor) for _ in range(2)]
-            await engine.call(speaking.ask, QUESTIONS[0])
+            speaking, typing = await two_conversations(engine, model, processor)
             await engine.call_steps(typing.ask_steps, LONG_TURN)
             order.clear()
             first = engine.submit(lambda: speaking.answer(**LONG_ANSWER))
