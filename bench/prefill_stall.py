@@ -11,10 +11,10 @@ Each run: one conversation's text answer is being decoded (200 tokens, no end to
 conversation's long turn arrives (or, with --audio_seconds, an answer to an HTTP-style prompt of
 that much speech-like audio, whose audio is encoded in parts counted in the same budget); the
 answer's longest gap between two text deltas and the turn's time (to the other answer's first
-token; with --spoken, to the end of the spoken answer) are measured (each policy's graphs built by a first run, not counted). With --spoken, the
-long turn's conversation then answers aloud (its Talker prompt, the whole conversation, prefills
-too) while the other answer goes on. A JSON line per run, then a summary line with each policy's
-medians and the ratio of their longest gaps.
+token; with --spoken, to the end of the spoken answer) are measured (each policy's graphs built by
+a first run, not counted). With --spoken, the long turn's conversation then answers aloud (its
+Talker prompt, the whole conversation, prefills too) while the other answer goes on. A JSON line
+per run, then a summary line with each policy's medians and the ratio of their longest gaps.
 """
 import argparse
 import asyncio
@@ -107,7 +107,8 @@ def main():
         for name, budget in policies.items():
             gap, median_gap, took, tokens = asyncio.run(stalled(model, processor, turn, budget, args.spoken))
             records[name].append({"bench": "prefill_stall", "policy": name, "budget": budget, "run": run,
-                                  "audio_seconds": args.audio_seconds, "spoken": args.spoken, "turn_tokens": tokens, "turn_s": round(took, 4),
+                                  "audio_seconds": args.audio_seconds, "spoken": args.spoken,
+                                  "turn_tokens": tokens, "turn_s": round(took, 4),
                                   "longest_gap_ms": round(1000 * gap, 2), "median_gap_ms": round(1000 * median_gap, 2)})
             print(json.dumps(records[name][-1]), flush=True)
     medians = {name: {f: round(statistics.median(r[f] for r in runs), 3) for f in ("longest_gap_ms", "turn_s")}

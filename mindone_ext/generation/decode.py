@@ -91,8 +91,9 @@ def prompt_parts(cache, embeds, positions):
     -> the last logits and the prompt's hidden states, as `prefill` gives them."""
     cache.length, hidden = 0, []
     for lo in range(0, embeds.shape[1], PREFILL_CHUNK):
-        logits, part = yield ExtendRequest(cache, embeds[:, lo:lo + PREFILL_CHUNK], positions[..., lo:lo + PREFILL_CHUNK])
-        hidden.append(part)
+        part = slice(lo, lo + PREFILL_CHUNK)
+        logits, states = yield ExtendRequest(cache, embeds[:, part], positions[..., part])
+        hidden.append(states)
     return logits, hidden[0] if len(hidden) == 1 else ops.cat(hidden, 1)
 
 

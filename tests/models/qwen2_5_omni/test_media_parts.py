@@ -62,7 +62,8 @@ def test_vision_in_parts_equals_the_media_encoded_whole(model, tiny_checkpoint, 
     whole, parts, requests = in_parts(model, videos)
     assert [len(r.inputs[0]) for r in requests] == cut
     assert np.abs(whole).mean() > 0.01 and max_abs_diff(parts, whole) <= 1e-5
-    images = build(tiny_checkpoint, [" ".join(["i " + IMAGE] * len(grids))], image_grids=[[1, h, w] for _, h, w in grids])
+    images = build(tiny_checkpoint, [" ".join(["i " + IMAGE] * len(grids))],
+                   image_grids=[[1, h, w] for _, h, w in grids])
     whole, parts, requests = in_parts(model, images)
     assert len(requests) == len(grids) and max_abs_diff(parts, whole) <= 1e-5
 
@@ -84,7 +85,8 @@ def test_media_that_do_not_match_their_placeholders_are_refused_before_any_is_en
     wrong_audio = dict(inputs, feature_attention_mask=inputs["feature_attention_mask"][:, :-30])
     with pytest.raises(ValueError, match="input_features must be"):
         model.generate_stream(**wrong_audio)
-    fewer = dict(inputs, input_features=inputs["input_features"][:1], feature_attention_mask=inputs["feature_attention_mask"][:1])
+    fewer = dict(inputs, input_features=inputs["input_features"][:1],
+                 feature_attention_mask=inputs["feature_attention_mask"][:1])
     with pytest.raises(ValueError, match="audio features and audio tokens do not match"):
         model.generate_stream(**fewer)
     short = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"][:-4])
