@@ -235,10 +235,11 @@ class ConversationSession:
         done = pieces[-1][1] * self.window if pieces else 0
         # 1-2 frames past a window make one conv token, which the clip's 2x pooling drops (as in
         # the reference): nothing to encode or prefill
-        if int(output_lengths([upto - done])[1][0]) <= 0:
+        request = audio_request(self.model.thinker.audio_tower, features[:, done:upto])
+        if request.tokens <= 0:
             return
-        piece = features[:, done:upto]
-        audio = yield audio_request(self.model.thinker.audio_tower, piece)
+        piece = request.inputs
+        audio = yield request
         start = self.cache.length
         yield from self._append([self.audio_token] * audio.shape[0], audio[None].astype(self.embeds[0].dtype))
         pieces.append((done // self.window, -(-upto // self.window), start, piece))
