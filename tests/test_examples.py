@@ -1,8 +1,10 @@
 """The examples run as a user runs them: as scripts, on the bundled checkpoint, without torch."""
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -108,6 +110,36 @@ def test_voice_chatting_streams_chunks_that_join_into_the_output(tmp_path):
     joined = samples(out)
     assert codes > 0 and len(joined) == codes * 2 * 240
     np.testing.assert_array_equal(np.concatenate([samples(c) for c in chunks]), joined)
+
+
+def mindspore_loading(pid, stdout):
+    with open(f"/proc/{pid}/maps") as f:  # its C++ library mapped: `import mindspore` under way or done
+        return "_c_expression" in f.read()
+
+
+def answer_streaming(pid, stdout):
+    return "assistant: " in stdout  # the question is prefilled: graphs have run
+
+
+@pytest.mark.parametrize("moment", [mindspore_loading, answer_streaming],
+                         ids=["while MindSpore loads", "while the answer streams"])
+def test_ctrl_c_ends_voice_chatting_in_one_line_leaving_no_file(moment, tmp_path):
+    """Without the examples' handlers, Ctrl-C printed a traceback while MindSpore loaded and, once a
+    graph had run, killed the process silently (MindSpore's own SIGINT handler sends SIGTERM)."""
+    output, stdout, stderr = tmp_path / "answer.wav", tmp_path / "stdout", tmp_path / "stderr"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        process = subprocess.Popen([sys.executable, HIDE_TORCH, os.path.join(ROOT, "examples/qwen2_5_omni/voice_chatting.py"),
+                                    "--stream", "--output", str(output), "--talker_max_new_tokens", "2000"],
+                                   stdout=out, stderr=err, cwd=ROOT)
+    deadline = time.time() + 300
+    while not moment(process.pid, stdout.read_text()):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130, stderr.read_text()[-3000:]
+    errors = stderr.read_text()
+    assert errors.strip().splitlines()[-1] == "interrupted" and "Traceback" not in errors, errors[-3000:]
+    assert not output.exists() and not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
 
 
 def test_text_only_generation_reports_a_bad_model_path_in_one_line():

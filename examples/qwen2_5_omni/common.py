@@ -2,7 +2,9 @@
 conversation, and demo media when the user gives none. MindSpore and the model's code are
 imported when a model is loaded, not before: `--help` answers at once."""
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -51,15 +53,59 @@ def add_model_flags(ap, dtype_help=None):
                     const="flash_attention_2", help="same as --attn_implementation flash_attention_2")
 
 
+def end_quietly_on_interrupt():
+    """From here on, Ctrl-C (or SIGTERM) ends the program with one line on stderr, `interrupted`
+    (and what the interrupted code added to its KeyboardInterrupt), and exit status 130, as a shell
+    expects of Ctrl-C, wherever it lands; the files written are whole or absent. Without it Python
+    prints a traceback, a signal inside MindSpore's import surfaces as an ImportError, and once a
+    graph has run Ctrl-C ends the process silently: MindSpore 2.7.1's graph runs install a SIGINT
+    handler that sends the process SIGTERM (ccsrc/utils/signal_util.cc)."""
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    sys.excepthook = _report_uncaught
+
+
+_signalled = []
+
+
+def _raise_interrupt(signum, frame):
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _report_uncaught(kind, value, traceback):
+    if not (issubclass(kind, KeyboardInterrupt) or _signalled):
+        return sys.__excepthook__(kind, value, traceback)
+    if os.environ.get("MINDONE_TRACEBACK"):
+        sys.__excepthook__(kind, value, traceback)
+    note = str(value) if issubclass(kind, KeyboardInterrupt) else ""
+    print(f"interrupted: {note}" if note else "interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # as run_script does; MindSpore's teardown can wait on work that was cut short
+
+
+@contextlib.contextmanager
+def on_interrupt(note):
+    """An interruption inside the block ends with `interrupted: <note()>` (e.g. where to resume)."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or _signalled:  # a signal inside MindSpore can surface as its error
+            raise KeyboardInterrupt(note()) from e
+        raise
+
+
 def run(main, *args):
     """Run an example's main (without torch in transformers). A problem with what the user gave
     (a missing or corrupt file, a checkpoint folder, a prompt too long, a bad dataset) ends with
-    one line naming it, not a traceback; MINDONE_TRACEBACK=1 shows the trace."""
+    one line naming it, not a traceback; MINDONE_TRACEBACK=1 shows the trace. So does Ctrl-C."""
     transformers_without_torch()
+    end_quietly_on_interrupt()
     try:
         return main(*args)
     except (ValueError, OSError) as e:  # MediaError, CheckpointError, DatasetError, ... are ValueErrors
-        if os.environ.get("MINDONE_TRACEBACK"):
+        if os.environ.get("MINDONE_TRACEBACK") or _signalled:
             raise
         sys.exit(f"error: {e}")
 

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from mindone_ext.utils.atomic_file import written_atomically
 from mindone_ext.utils.audio import speech_like  # noqa: F401  (the examples' and tests' spoken-like audio)
 
 
@@ -102,9 +103,8 @@ def write_ocr_dataset(folder, n=16):
         ImageDraw.Draw(image).text((4, 20), formula(i), fill=(0, 0, 0))
         image.save(os.path.join(folder, "images", f"{i}.png"))
         rows.append({"image": f"images/{i}.png", "text": formula(i)})
-    with open(path + ".tmp", "w") as f:
+    with written_atomically(path) as temporary, open(temporary, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
     return path
 
 
@@ -120,7 +120,6 @@ def write_asr_dataset(folder, n=8):
     for i in range(n):
         write_wav(os.path.join(folder, "audio", f"{i}.wav"), speech_like(1.0, 16000, seed=i), 16000)
         rows.append({"audio": f"audio/{i}.wav", "transcript": f"{words[i % len(words)]} {words[(3 * i + 1) % len(words)]}"})
-    with open(path + ".tmp", "w") as f:
+    with written_atomically(path) as temporary, open(temporary, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
     return path

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import TINY_CHECKPOINT, add_model_flags, mindspore_dtype  # noqa: E402
+from common import TINY_CHECKPOINT, add_model_flags, end_quietly_on_interrupt, mindspore_dtype, on_interrupt  # noqa: E402
 
 TARGET_PRESETS = ("llm", "llm+audio", "llm+vision", "all")  # the thinker's decoder, with an encoder or both
 
@@ -107,6 +107,7 @@ def parser():
 
 if __name__ == "__main__":
     ARGS = parser().parse_args()  # --help and bad flags are answered before MindSpore loads
+    end_quietly_on_interrupt()
 
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
@@ -116,10 +117,11 @@ from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcesso
 from mindone_ext.nn.lora import (AUDIO_ATTENTION_TARGETS, THINKER_LLM_TARGETS, VISION_ATTENTION_TARGETS,  # noqa: E402
                                  LoraConfig, LoraError, apply_lora, save_adapter)
 from mindone_ext.training import (AdamW, Collator, ConversationDataset, DatasetError, DynamicLossScale,  # noqa: E402
-                                  causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, resume_latest,
-                                  save_checkpoint)
+                                  causal_lm_loss_sum, clip_by_global_norm, cosine_with_warmup, latest_checkpoint,
+                                  resume_latest, save_checkpoint)
 from mindone_ext.training.compiled import CompiledLossGrad, outside_language_model  # noqa: E402
 from mindone_ext.training.distributed import DataParallel  # noqa: E402
+from mindone_ext.utils.atomic_file import written_atomically  # noqa: E402
 
 
 def target_modules(spec):
@@ -264,14 +266,21 @@ def train(args):
         summary["eval_loss"] = evaluate(thinker, eval_set, collate, args.per_device_batch_size)
     if parallel.is_main:
         save_adapter(thinker, args.output_dir)
-        with open(os.path.join(args.output_dir, "trainer_state.json"), "w") as f:
+        with written_atomically(os.path.join(args.output_dir, "trainer_state.json")) as temporary, \
+                open(temporary, "w") as f:
             json.dump(state, f, indent=1)
         print(json.dumps(summary))
     return summary
 
 
+def resume_note(output_dir):
+    newest = latest_checkpoint(output_dir)
+    return f"{newest} is the newest checkpoint: --resume continues from it" if newest else "no checkpoint written"
+
+
 if __name__ == "__main__":
     try:
-        train(ARGS)
+        with on_interrupt(lambda: resume_note(ARGS.output_dir)):
+            train(ARGS)
     except (DatasetError, LoraError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import TINY_CHECKPOINT, add_model_flags, mindspore_dtype  # noqa: E402
+from common import TINY_CHECKPOINT, add_model_flags, end_quietly_on_interrupt, mindspore_dtype, on_interrupt  # noqa: E402
 
 
 def parse_args():
@@ -57,6 +57,7 @@ def parse_args():
 
 if __name__ == "__main__":
     ARGS = parse_args()  # --help and bad flags are answered before MindSpore loads
+    end_quietly_on_interrupt()
 
 import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
@@ -67,7 +68,7 @@ from demo_media import write_ocr_dataset  # noqa: E402
 from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor  # noqa: E402
 from mindone_ext.nn.lora import LoraConfig, LoraError, apply_lora, save_adapter  # noqa: E402
 from mindone_ext.training import (Collator, ConversationDataset, DatasetError, causal_lm_loss_sum,  # noqa: E402
-                                  cosine_with_warmup, save_checkpoint)
+                                  cosine_with_warmup, latest_checkpoint, save_checkpoint)
 
 # Every batch carries every column (MindSpore datasets have fixed columns); a modality the batch
 # lacks is an empty array, which the network reads as "absent".
@@ -131,8 +132,6 @@ def batches(dataset, collate, batch_size, epochs, seed):
                 yield tuple(batch.get(name, EMPTY.get(name)) for name in COLUMNS)
 
 
-
-
 def main(args):
     if args.device_target:
         ms.set_context(device_target=args.device_target)
@@ -166,8 +165,14 @@ def main(args):
     return summary
 
 
+def checkpoint_note(output_dir):
+    newest = latest_checkpoint(output_dir)
+    return f"the newest adapter is in {newest}" if newest else "no checkpoint written"
+
+
 if __name__ == "__main__":
     try:
-        main(ARGS)
+        with on_interrupt(lambda: checkpoint_note(ARGS.output_dir)):
+            main(ARGS)
     except (DatasetError, LoraError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -16,27 +16,15 @@ random weights: its text and voice mean nothing, but every stage runs. Needs no 
 """
 import os
 import time
-import wave
 
 import numpy as np
 
 from common import SYSTEM_PROMPT, TINY_CHECKPOINT, demo_media, load_with_speech, parser, printable, run_script, user_turn
 
 from mindone_ext import process_mm_info
+from mindone_ext.utils.audio import write_wav
 
 SAMPLE_RATE = 24000
-
-
-def write_wav(path, samples, rate=SAMPLE_RATE):
-    """16-bit mono PCM, written to a temporary name first so no half-written file is left."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    tmp = f"{path}.partial"
-    with wave.open(tmp, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
-    os.replace(tmp, path)
 
 
 def main():
@@ -73,7 +61,7 @@ def main():
         answer = processor.batch_decode(text_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
         print(f"assistant: {printable(answer)}")
     elapsed = time.time() - start
-    write_wav(args.output, waveform)
+    write_wav(args.output, waveform, SAMPLE_RATE)
     samples_per_code = model.samples_per_codec_token
     print(f"speech: {len(waveform) // samples_per_code} codec tokens, {len(waveform) / SAMPLE_RATE:.2f} s "
           f"at {SAMPLE_RATE} Hz -> {args.output}")
@@ -99,7 +87,7 @@ def stream(model, processor, question, settings, output, piece_seconds=0.5):
     for event in session.respond(tokenizer=processor.tokenizer, **settings):
         if isinstance(event, AudioChunk):
             first_audio = first_audio or time.time() - start
-            write_wav(os.path.join(folder, f"chunk_{len(chunks):03d}.wav"), event.audio)
+            write_wav(os.path.join(folder, f"chunk_{len(chunks):03d}.wav"), event.audio, SAMPLE_RATE)
             chunks.append(event.audio)
         else:
             first_text = first_text or time.time() - start

@@ -41,13 +41,18 @@ def read_pcm16(path):
 
 
 def write_wav(path, samples):
+    """16-bit mono, written whole or not at all (an interrupted write leaves no file)."""
     tmp = f"{path}.partial"
-    with wave.open(tmp, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(OUT_RATE)
-        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    os.replace(tmp, path)
+    try:
+        with wave.open(tmp, "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(OUT_RATE)
+            f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class ServerError(RuntimeError):
@@ -185,5 +190,10 @@ def main():
     write_wav(args.output, audio)
     print(f"speech: {len(audio) / OUT_RATE:.2f} s at {OUT_RATE} Hz -> {args.output}")
 
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, as a shell expects (a server it started is stopped)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

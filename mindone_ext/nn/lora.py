@@ -20,6 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ..utils.atomic_file import written_atomically
 from ..utils.safetensors_io import SafetensorsFile, save_file
 from .layers import Linear
 
@@ -230,24 +231,14 @@ def adapter_state(model):
 
 
 def save_adapter(model, folder):
-    """Write adapter_model.safetensors and adapter_config.json (PEFT's layout) into `folder`,
-    each through a temporary file renamed into place, so no half-written file is left."""
-    layers = lora_layers(model)
-    if not layers:
+    """Write adapter_model.safetensors and adapter_config.json (PEFT's layout) into `folder`, each
+    written whole or not at all (an interrupted save leaves no half-written file)."""
+    if not lora_layers(model):
         raise LoraError("the model has no LoRA adapters to save")
-    os.makedirs(folder, exist_ok=True)
-    config = model.lora_config
-    files = ((ADAPTER_WEIGHTS, lambda p: save_file(adapter_state(model), p, metadata={"format": "pt"})),
-             (ADAPTER_CONFIG, lambda p: _write_json(config.to_peft_dict(), p)))
-    for name, write in files:
-        target = os.path.join(folder, name)
-        write(target + ".tmp")
-        os.replace(target + ".tmp", target)
-
-
-def _write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    with written_atomically(os.path.join(folder, ADAPTER_WEIGHTS)) as temporary:
+        save_file(adapter_state(model), temporary, metadata={"format": "pt"})
+    with written_atomically(os.path.join(folder, ADAPTER_CONFIG)) as temporary, open(temporary, "w") as f:
+        json.dump(model.lora_config.to_peft_dict(), f, indent=2)
 
 
 def read_adapter_config(folder):

@@ -16,17 +16,13 @@ server would open.
 import base64
 import binascii
 import collections
-import io
 import json
 import threading
 import time
 import uuid
-import wave
-
-import numpy as np
 
 from ..models.qwen2_5_omni.session import SYSTEM_PROMPT
-from ..utils.audio import load_audio
+from ..utils.audio import load_audio, pcm16, wav_bytes
 from ..utils.media import MediaError, MediaTooLong, load_image
 from .options import AnswerSettings, BadSetting
 
@@ -144,7 +140,7 @@ class ChatRequest:
         """The whole answer (object chat.completion)."""
         message = {"role": "assistant", "content": None if self.settings.audio else text}
         if self.settings.audio:
-            data = pcm16(samples) if self.audio_format == "pcm16" else wav_bytes(samples)
+            data = pcm16(samples) if self.audio_format == "pcm16" else wav_bytes(samples, OUTPUT_RATE)
             message["audio"] = {"id": self.audio_id, "data": base64.b64encode(data).decode(),
                                 "expires_at": self.created + AUDIO_EXPIRY_SECONDS, "transcript": text}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
@@ -158,20 +154,6 @@ def prepare_inputs(processor, conversation):
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     audios, images, _ = process_mm_info(conversation)
     return processor(text, audio=audios, images=images)
-
-
-def pcm16(samples):
-    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-
-
-def wav_bytes(samples):
-    out = io.BytesIO()
-    with wave.open(out, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(OUTPUT_RATE)
-        f.writeframes(pcm16(samples))
-    return out.getvalue()
 
 
 def _refuse_unsupported(body):

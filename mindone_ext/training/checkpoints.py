@@ -3,7 +3,8 @@
 `output_dir/checkpoint-<step>/` holds the adapter (PEFT layout), the optimizer's moments and
 `trainer_state.json`. It is written as `checkpoint-<step>.partial` and renamed into place only
 when complete, so a checkpoint folder either is whole or does not exist; `latest_checkpoint`
-never returns a partial one, and the next save removes leftovers. A checkpoint damaged afterwards
+never returns a partial one; a save that fails or is interrupted removes it, and the next save
+removes what a killed one left. A checkpoint damaged afterwards
 (a file edited or truncated on disk) is passed over by `resume_latest` for the one before it.
 """
 import json
@@ -42,12 +43,16 @@ def save_checkpoint(output_dir, model, optimizer, state, save_total_limit=None):
     for leftover in [os.path.join(output_dir, n) for n in os.listdir(output_dir) if n.endswith(".partial")]:
         shutil.rmtree(leftover)
     os.makedirs(partial)
-    save_adapter(model, partial)
-    if optimizer is not None:
-        tensors, meta = optimizer.state_dict()
-        save_file(tensors, os.path.join(partial, OPTIMIZER_FILE), metadata=meta)
-    with open(os.path.join(partial, STATE_FILE), "w") as f:
-        json.dump(state, f, indent=1)
+    try:
+        save_adapter(model, partial)
+        if optimizer is not None:
+            tensors, meta = optimizer.state_dict()
+            save_file(tensors, os.path.join(partial, OPTIMIZER_FILE), metadata=meta)
+        with open(os.path.join(partial, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=1)
+    except BaseException:  # a failed or interrupted save (Ctrl-C) leaves nothing behind
+        shutil.rmtree(partial)
+        raise
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(partial, final)

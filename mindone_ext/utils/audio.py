@@ -1,16 +1,20 @@
-"""Audio as Qwen's own utilities load it: qwen-omni-utils calls `librosa.load(source, sr=16000)`,
-which reads with libsndfile (soundfile) what it can and with FFmpeg the rest (always FFmpeg for a
-video's soundtrack), averages the channels and resamples with soxr at high quality. The same
-libraries in the same order give the same samples; no torch or librosa is needed.
+"""Audio read as Qwen's own utilities read it, and written as the answers' 16-bit WAV.
+
+qwen-omni-utils calls `librosa.load(source, sr=16000)`, which reads with libsndfile (soundfile)
+what it can and with FFmpeg the rest (always FFmpeg for a video's soundtrack), averages the
+channels and resamples with soxr at high quality. The same libraries in the same order give the
+same samples; no torch or librosa is needed.
 
 Declared properties are checked before anything is decoded, and decoding stops at `max_seconds`:
 a few KB can declare hours of 1 Hz audio, gigabytes once decoded.
 """
 import io
 import math
+import wave
 
 import numpy as np
 
+from .atomic_file import written_atomically
 from .media import MediaError, MediaTooLong, describe, open_container, open_source
 
 SAMPLE_RATE = 16000
@@ -27,6 +31,29 @@ def speech_like(seconds=2.0, rate=22050, seed=0):
     voice = sum(np.sin(k * phase) / k for k in range(1, 6))
     envelope = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 2
     return (0.3 * voice * envelope).astype(np.float32)
+
+
+def pcm16(samples):
+    """Float samples in [-1, 1] (clipped) as 16-bit little-endian PCM bytes."""
+    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def wav_bytes(samples, rate):
+    """A mono 16-bit PCM WAV file's bytes."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm16(samples))
+    return out.getvalue()
+
+
+def write_wav(path, samples, rate):
+    """A mono 16-bit PCM WAV file, written whole or not at all (an interrupted write leaves nothing)."""
+    data = wav_bytes(samples, rate)
+    with written_atomically(path) as temporary, open(temporary, "wb") as f:
+        f.write(data)
 
 
 def load_audio(source, sample_rate=None, what="audio", max_seconds=None, start=0.0, end=None, soundtrack=False):

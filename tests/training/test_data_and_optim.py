@@ -83,7 +83,7 @@ def test_hostile_rows_are_skipped_and_counted_too(tmp_path, processor):
     assert len(ConversationDataset(path, prompt="Read it.", allow_remote=True)) == 4  # fetched only when asked
 
 
-def test_resume_passes_over_a_damaged_checkpoint(tmp_path):
+def test_resume_passes_over_a_damaged_checkpoint(tmp_path, monkeypatch):
     from mindone_ext import Qwen2_5OmniForConditionalGeneration
     from mindone_ext.nn.lora import LoraConfig, apply_lora
     from mindone_ext.training import resume_latest, save_checkpoint
@@ -93,6 +93,15 @@ def test_resume_passes_over_a_damaged_checkpoint(tmp_path):
     optimizer = AdamW(thinker.trainable_params(), lr=1e-3)
     for step in (1, 2):
         save_checkpoint(str(tmp_path), thinker, optimizer, {"global_step": step, "log_history": []})
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optimizer, "state_dict", ctrl_c)  # after the adapter is written, before the moments
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), thinker, optimizer, {"global_step": 3, "log_history": []})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2"]  # nothing half-written left
+    monkeypatch.undo()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hi')  # cut short
     path, state = resume_latest(str(tmp_path), thinker, optimizer)
     assert path.endswith("checkpoint-1") and state["global_step"] == 1

@@ -66,27 +66,34 @@ def test_the_demo_learns_with_its_own_defaults(tmp_path):
     assert summary["steps"] == 20 and summary["final_loss"] < 0.5 * summary["first_loss"], summary
 
 
-@pytest.mark.parametrize("step", [["--step", "compiled", "--lora_dropout", "0"], ["--step", "eager", "--lora_dropout", "0.1"]],
-                         ids=["compiled step", "op-by-op step with dropout masks"])
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(ocr_set, tmp_path, step):
+@pytest.mark.parametrize("step, stop", [(["--step", "compiled", "--lora_dropout", "0"], signal.SIGKILL),
+                                        (["--step", "eager", "--lora_dropout", "0.1"], signal.SIGINT)],
+                         ids=["compiled step, killed", "op-by-op step with dropout masks, Ctrl-C"])
+def test_stopped_and_resumed_run_ends_where_an_uninterrupted_run_ends(ocr_set, tmp_path, step, stop):
     settings = ["--max_steps", "6", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "2",
                 "--learning_rate", "1e-2", "--save_steps", "2", "--warmup_steps", "2", *step]
     whole = run(tmp_path / "whole", ocr_set, *settings)
 
-    process = subprocess.Popen(command(tmp_path / "killed", ocr_set, *settings), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command(tmp_path / "stopped", ocr_set, *settings), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    while not os.path.exists(tmp_path / "killed" / "checkpoint-2") and time.time() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
+    while not os.path.exists(tmp_path / "stopped" / "checkpoint-2") and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    leftovers = sorted(os.listdir(tmp_path / "killed"))
-    assert "adapter_model.safetensors" not in leftovers  # the final adapter is never written by a killed run
-    resumed = run(tmp_path / "killed", ocr_set, *settings, "--resume")
+    process.send_signal(stop)
+    errors = process.communicate(timeout=300)[1]
+    leftovers = sorted(os.listdir(tmp_path / "stopped"))
+    assert "adapter_model.safetensors" not in leftovers  # the final adapter is never written by a stopped run
+    if stop == signal.SIGINT:  # one line saying where to resume, nothing half-written
+        newest = max((n for n in leftovers if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+        assert process.returncode == 130 and "Traceback" not in errors, errors[-3000:]
+        assert errors.strip().splitlines()[-1] == (f"interrupted: {tmp_path / 'stopped' / newest} is the newest "
+                                                   "checkpoint: --resume continues from it")
+        assert not [n for n in leftovers if "partial" in n]
+    resumed = run(tmp_path / "stopped", ocr_set, *settings, "--resume")
     assert resumed["steps"] == 6
     assert abs(resumed["final_loss"] - whole["final_loss"]) <= 1e-5
-    history = [json.load(open(tmp_path / d / "trainer_state.json"))["log_history"] for d in ("whole", "killed")]
+    history = [json.load(open(tmp_path / d / "trainer_state.json"))["log_history"] for d in ("whole", "stopped")]
     np.testing.assert_allclose([e["loss"] for e in history[1]], [e["loss"] for e in history[0]], atol=1e-5)
 
 
