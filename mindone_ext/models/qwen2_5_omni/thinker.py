@@ -185,11 +185,11 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
         b, t = embeds.shape[:2]
         mask = np.ones((b, t), np.int64) if attention_mask is None else as_numpy(attention_mask, np.int64)
         c = self.config
-        unencoded = None
-        if media_in_parts:
-            unencoded = self._media_parts(ids, input_features, feature_attention_mask, pixel_values, image_grid_thw,
-                                          pixel_values_videos, video_grid_thw)
-        else:
+        # cut into parts either way: the media's shapes, pixel rows and placeholders are checked before any is encoded
+        parts = self._media_parts(ids, input_features, feature_attention_mask, pixel_values, image_grid_thw,
+                                  pixel_values_videos, video_grid_thw)
+        unencoded = parts if media_in_parts else None
+        if not media_in_parts:
             if input_features is not None:
                 embeds = scatter_rows(embeds, ids, c.audio_token_index, self.get_audio_features(
                     input_features, feature_attention_mask), "audio")

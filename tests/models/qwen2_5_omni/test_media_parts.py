@@ -76,20 +76,23 @@ def test_an_answer_encoding_its_media_in_parts_says_what_generate_says(model, ti
     assert [e.token_id for e in model.generate_stream(**inputs, **args)] == want
 
 
+@pytest.mark.parametrize("entry", ["generate_stream", "generate"], ids=["in parts", "whole"])
 def test_media_that_do_not_match_their_placeholders_are_refused_before_any_is_encoded(model, tiny_checkpoint,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, entry):
     encoded = []
     for encoder in (model.thinker.audio_tower, model.thinker.visual):
         monkeypatch.setattr(type(encoder), "encode_clips", lambda self, clips: encoded.append(clips))
+        monkeypatch.setattr(type(encoder), "__call__", lambda self, *args: encoded.append(args))
+    answer = getattr(model, entry)
     inputs, _ = case(tiny_checkpoint, "audio_image_video")
     wrong_audio = dict(inputs, feature_attention_mask=inputs["feature_attention_mask"][:, :-30])
     with pytest.raises(ValueError, match="input_features must be"):
-        model.generate_stream(**wrong_audio)
+        answer(**wrong_audio)
     fewer = dict(inputs, input_features=inputs["input_features"][:1],
                  feature_attention_mask=inputs["feature_attention_mask"][:1])
     with pytest.raises(ValueError, match="audio features and audio tokens do not match"):
-        model.generate_stream(**fewer)
+        answer(**fewer)
     short = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"][:-4])
     with pytest.raises(ValueError, match="video pixel values and grid do not match: 44 patch rows, 48 in the grid"):
-        model.generate_stream(**short)
+        answer(**short)
     assert encoded == []
