@@ -106,13 +106,20 @@ def attention(q, k, v, mask, scale, flash=False, past=None):
     return exact_attention(q, k, v, mask, scale, past)
 
 
-def segment_layout(lengths, segments=None, longest=None, rows=None):
+# Scores exact attention over long segments holds at once (float32: 128 MB), query rows taken in
+# chunks beyond it, op by op: a 1920 x 1080 image's full-attention blocks (one segment of 10764
+# patches) had held 12 GB in the vision encoder's graph on the tiny checkpoint.
+SCORES_AT_ONCE = 1 << 25
+
+
+def segment_layout(lengths, segments=None, longest=None, rows=None, keys_only=False):
     """(gather, scatter, mask): how a flat sequence of N tokens, cut into consecutive segments of
     `lengths`, maps to a padded (segments, longest) batch, so attention within segments (the
     reference's `cu_seqlens`) runs as ordinary batched attention with a key padding mask.
     A compiled graph takes them padded to fixed sizes: `segments` segments (the extra ones empty),
     `longest` slots each (those past a segment's length masked) and `rows` output rows (those past
-    N read token 0's)."""
+    N read token 0's). `keys_only`: the mask (segments, 1, 1, longest), the same for every query
+    (exact attention only; segmented_attention then takes the query rows in chunks)."""
     lengths = np.asarray(lengths, np.int64)
     segments, longest = segments or len(lengths), longest or int(lengths.max())
     lengths = np.pad(lengths, (0, segments - len(lengths)))
@@ -121,9 +128,10 @@ def segment_layout(lengths, segments=None, longest=None, rows=None):
     valid = offsets[None, :] < lengths[:, None]
     scatter = np.flatnonzero(valid)
     scatter = np.pad(scatter, (0, (rows or len(scatter)) - len(scatter)))
+    mask = valid[:, None, None, :]
     return (Tensor(np.where(valid, starts[:, None] + offsets[None, :], 0).reshape(-1).astype(np.int32)),
             Tensor(scatter.astype(np.int32)),
-            Tensor(np.broadcast_to(valid[:, None, None, :], (segments, 1, longest, longest)).copy()))
+            Tensor(mask if keys_only else np.broadcast_to(mask, (segments, 1, longest, longest)).copy()))
 
 
 def segmented_attention(q, k, v, layout, scale, flash=False):
@@ -136,5 +144,10 @@ def segmented_attention(q, k, v, layout, scale, flash=False):
     def batch(x):
         return ops.gather(x, gather, 0).reshape(s, longest, h, d).swapaxes(1, 2)
 
-    out = attention(batch(q), batch(k), batch(v), mask, scale, flash)
+    q, k, v = batch(q), batch(k), batch(v)
+    if mask.shape[2] == 1:  # a keys-only mask: at most SCORES_AT_ONCE scores at a time
+        step = max(1, SCORES_AT_ONCE // (s * h * longest))
+        out = ops.cat([exact_attention(q[:, :, i:i + step], k, v, mask, scale) for i in range(0, longest, step)], 1)
+    else:
+        out = attention(q, k, v, mask, scale, flash)
     return ops.gather(out.reshape(s * longest, h * d), scatter, 0)

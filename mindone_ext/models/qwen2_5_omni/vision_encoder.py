@@ -12,7 +12,11 @@ inputs, `vision_block`), over the patches padded to one of 8 sizes per power of 
 attention's segments (each image's windows, or frames) padded to a power of two of segments of a
 bucketed length: a handful of graphs serve every image size. Op by op, the projections ran ~1.5x
 and the segmented attention ~6x slower on the CPU (window blocks 124 ms against 19 ms at 448x448).
-Training, and blocks wrapped by LoRA adapters, run op by op through the cells.
+Training, and blocks wrapped by LoRA adapters, run op by op through the cells. A frame too large
+for its full-attention scores to be held at once (nn/attention.py SCORES_AT_ONCE; the tiny
+checkpoint's past ~4096 patches, the 7B's past ~1448) attends op by op, its query rows in chunks,
+without a (patches x patches) mask: a 1920 x 1080 picture's generate on the tiny checkpoint peaked
+at 20.4 GB in the graph, 2.7 GB so (46 s then, 9.7 s now).
 """
 import numpy as np
 import mindspore as ms
@@ -20,7 +24,7 @@ from mindspore import Tensor, nn, ops
 
 from ...generation.decode import bucket
 from ...nn import ops as P
-from ...nn.attention import segment_layout, segmented_attention, use_flash
+from ...nn.attention import SCORES_AT_ONCE, segment_layout, segmented_attention, use_flash
 from ...nn.layers import GELU, Linear, RMSNorm, empty_parameter
 from ...nn.mlp import GatedMLP
 from ...nn.rotary import rope_inv_freq, rotate_half
@@ -173,7 +177,8 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         flash = use_flash(attn_implementation, dtype, config.hidden_size // config.num_heads)
         self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
-        heads, act = config.num_heads, P.activation(config.hidden_act)
+        self.heads, self.act, self.flash = config.num_heads, P.activation(config.hidden_act), flash
+        heads, act = self.heads, self.act
 
         def block(x, cos, sin, layout, weights):
             return vision_block(x, cos, sin, layout, weights, heads, act, flash)
@@ -198,16 +203,28 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         n = x.shape[0]
         width = bucket(n, 16)
         x, cos, sin = (ops.pad(a, (0, 0) * (a.ndim - 1) + (0, width - n)) for a in (x, cos, sin))
-        layouts = {id(lengths): ms.mutable(segment_layout(lengths, 1 << (len(lengths) - 1).bit_length(),
-                                                          bucket(max(lengths), 16), width))
-                   for lengths in segments}  # mutable: graph inputs, not constants compiled in
-        shapes = (width,) + tuple(sorted(tuple(layout[2].shape) for layout in layouts.values()))
+        layouts, apart = {}, set()
+        for lengths in segments:
+            longest = bucket(max(lengths), 16)
+            if not self.flash and self.heads * longest * longest > SCORES_AT_ONCE:
+                # A frame this large attends op by op, its query rows in chunks: in the graph its
+                # scores would all be held at once, and kept with the graph (memory bounded by
+                # construction, the graphs' too: only windows and smaller frames go in)
+                apart.add(id(lengths))
+                layouts[id(lengths)] = segment_layout(lengths, rows=width, keys_only=True)
+            else:  # mutable: graph inputs, not constants compiled in
+                layouts[id(lengths)] = ms.mutable(segment_layout(
+                    lengths, 1 << (len(lengths) - 1).bit_length(), longest, width))
+        shapes = (width,) + tuple(sorted(tuple(layouts[key][2].shape) for key in layouts if key not in apart))
         with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
             self._shapes.add(shapes)
             for block, lengths in zip(self.blocks, segments):
                 # Tensor(p): the Parameter's storage, read by the graph (no copy)
-                weights = ms.mutable(tuple(Tensor(w) for part in block.weights() for w in part))
-                x = self._block_graph(x, cos, sin, layouts[id(lengths)], weights)
+                weights = tuple(Tensor(w) for part in block.weights() for w in part)
+                if id(lengths) in apart:
+                    x = vision_block(x, cos, sin, layouts[id(lengths)], weights, self.heads, self.act, False)
+                else:
+                    x = self._block_graph(x, cos, sin, layouts[id(lengths)], ms.mutable(weights))
         return x[:n]
 
     def encode_clips(self, clips):

@@ -111,6 +111,63 @@ def test_vision_encoder_window_and_full_attention(our_model, reference_model, gr
     assert max_abs_diff(got, want) <= 1e-4
 
 
+@pytest.mark.parametrize("grid, step", [([[1, 10, 12]], 3), ([[1, 10, 12]], 7), ([[1, 10, 12]], 59),
+                                        ([[1, 10, 12]], 61), ([[1, 10, 12]], 119), ([[4, 8, 6]], 5),
+                                        ([[1, 4, 4], [2, 6, 8]], 15)],
+                         ids=lambda v: "+".join("x".join(map(str, i)) for i in v) if isinstance(v, list) else f"{v} rows")
+def test_vision_encoder_large_frames_attend_op_by_op_in_row_chunks(our_model, reference_model, monkeypatch, grid, step):
+    """Frames past the scores budget: their full-attention blocks run op by op, `step` query rows
+    at a time (the budget lowered so small frames take that path, windows of 16 patches not; chunk
+    sizes around a frame's length), equal to the reference."""
+    import sys
+
+    from mindone_ext.models.qwen2_5_omni import vision_encoder
+
+    attention = sys.modules["mindone_ext.nn.attention"]  # the package's `attention` is the function
+    grid = np.asarray(grid)
+    longest, frames = int((grid[:, 1] * grid[:, 2]).max()), int(grid[:, 0].sum())
+    monkeypatch.setattr(attention, "SCORES_AT_ONCE", step * frames * 2 * longest)  # 2 heads: `step` rows a chunk
+    monkeypatch.setattr(vision_encoder, "SCORES_AT_ONCE", step * frames * 2 * longest)
+    visual = our_model.thinker.visual
+    pixels = np.random.default_rng(step).standard_normal((int(grid.prod(1).sum()), 1176)).astype(np.float32)
+    got = visual(pixels, grid).asnumpy()
+    with torch.no_grad():
+        want = reference_model.thinker.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).numpy()
+    assert max_abs_diff(got, want) <= 1e-4
+    width = -(-int(grid.prod(1).sum()) // 16) * 16
+    # the graph ran at this width with the windows' layout alone (16 patches each): the frames went op by op
+    assert any(s[0] == width and all(layout[-1] == 16 for layout in s[1:]) for s in visual._shapes), visual._shapes
+
+
+def test_a_full_hd_picture_is_encoded_in_bounded_memory(tmp_path):
+    """A 1920 x 1080 picture (ffmpeg's test card) through process_mm_info, the processor and
+    generate on the tiny checkpoint, in a process of its own: its vision encoder's full-attention
+    blocks attend over 10764 patches. Peak memory 20.4 GB before they attended in row chunks, 2.7 GB after."""
+    import subprocess
+    import sys
+
+    from tests.conftest import SHIPPED_CHECKPOINT
+
+    picture = tmp_path / "card.png"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=1920x1080", "-frames:v", "1",
+                    str(picture)], check=True)
+    script = f"""
+import resource
+from mindone_ext import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor, process_mm_info
+conversation = [{{"role": "user", "content": [{{"type": "image", "image": {str(picture)!r}}}, {{"type": "text", "text": "?"}}]}}]
+processor = Qwen2_5OmniProcessor.from_pretrained({SHIPPED_CHECKPOINT!r})
+_, images, _ = process_mm_info(conversation)
+inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), images=images)
+model = Qwen2_5OmniForConditionalGeneration.from_pretrained({SHIPPED_CHECKPOINT!r}, enable_audio_output=False)
+model.generate(**inputs, max_new_tokens=2, return_audio=False)
+print(inputs["image_grid_thw"].tolist(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grid, peak_mb = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert grid == "[[1, 78, 138]]" and int(peak_mb) < 4096, done.stdout
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rope_index_equals_reference(our_model, reference_model, tiny_checkpoint, name):
     from mindone_ext.models.qwen2_5_omni.rope_index import get_rope_index
