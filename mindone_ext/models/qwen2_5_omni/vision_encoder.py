@@ -13,9 +13,10 @@ attention's segments (each image's windows, or frames) padded to a power of two 
 bucketed length: a handful of graphs serve every image size. Op by op, the projections ran ~1.5x
 and the segmented attention ~6x slower on the CPU (window blocks 124 ms against 19 ms at 448x448).
 Training, and blocks wrapped by LoRA adapters, run op by op through the cells. A frame too large
-for its full-attention scores to be held at once (nn/attention.py SCORES_AT_ONCE; the tiny
-checkpoint's past ~4096 patches, the 7B's past ~1448) attends op by op, its query rows in chunks,
-without a (patches x patches) mask: a 1920 x 1080 picture's generate on the tiny checkpoint peaked
+for a block's scores to be held at once (nn/attention.py SCORES_AT_ONCE, over all its segments: an
+image of more than ~4096 patches on the tiny checkpoint, ~1448 on the 7B, and as many video frames
+of half that as make the same) attends op by op, its query rows in chunks, without a (patches x
+patches) mask: a 1920 x 1080 picture's generate on the tiny checkpoint peaked
 at 20.4 GB in the graph, 2.7 GB so (46 s then, 9.7 s now).
 """
 import numpy as np
@@ -205,16 +206,15 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         x, cos, sin = (ops.pad(a, (0, 0) * (a.ndim - 1) + (0, width - n)) for a in (x, cos, sin))
         layouts, apart = {}, set()
         for lengths in segments:
-            longest = bucket(max(lengths), 16)
-            if not self.flash and self.heads * longest * longest > SCORES_AT_ONCE:
-                # A frame this large attends op by op, its query rows in chunks: in the graph its
-                # scores would all be held at once, and kept with the graph (memory bounded by
-                # construction, the graphs' too: only windows and smaller frames go in)
+            count, longest = 1 << (len(lengths) - 1).bit_length(), bucket(max(lengths), 16)
+            if not self.flash and count * self.heads * longest * longest > SCORES_AT_ONCE:
+                # Segments this large attend op by op, their query rows in chunks: in the graph
+                # their scores would all be held at once, and kept with the graph (memory bounded
+                # by construction, the graphs' too: only layouts within the budget go in)
                 apart.add(id(lengths))
                 layouts[id(lengths)] = segment_layout(lengths, rows=width, keys_only=True)
             else:  # mutable: graph inputs, not constants compiled in
-                layouts[id(lengths)] = ms.mutable(segment_layout(
-                    lengths, 1 << (len(lengths) - 1).bit_length(), longest, width))
+                layouts[id(lengths)] = ms.mutable(segment_layout(lengths, count, longest, width))
         shapes = (width,) + tuple(sorted(tuple(layouts[key][2].shape) for key in layouts if key not in apart))
         with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
             self._shapes.add(shapes)
