@@ -44,9 +44,10 @@ def _probabilities(q, k, mask, scale, past=None):
         scores = ops.cat((_scores(q, past[0]), scores), -1)
     s = scores.shape[-1]
     scores = (scores * scale).reshape(b, kv, g, t, s).astype(ms.float32)
-    # A finite floor, not -inf: fully masked rows (left padding) stay finite, as in the reference.
-    floor = ops.full_like(scores, -3.4028234663852886e38)
-    scores = ops.where(mask.expand_dims(2), scores, floor)
+    if mask is not None:  # None: every key allowed
+        # A finite floor, not -inf: fully masked rows (left padding) stay finite, as in the reference.
+        floor = ops.full_like(scores, -3.4028234663852886e38)
+        scores = ops.where(mask.expand_dims(2), scores, floor)
     return ops.softmax(scores, -1).astype(q.dtype).reshape(b, kv, g * t, s)
 
 
@@ -147,7 +148,10 @@ def segmented_attention(q, k, v, layout, scale, flash=False):
     q, k, v = batch(q), batch(k), batch(v)
     if mask.shape[2] == 1:  # a keys-only mask: at most SCORES_AT_ONCE scores at a time
         step = max(1, SCORES_AT_ONCE // (s * h * longest))
-        out = ops.cat([exact_attention(q[:, :, i:i + step], k, v, mask, scale) for i in range(0, longest, step)], 1)
+        # No padding (a picture, a video's frames of one size): no mask to apply, which op by op is
+        # the costliest step (a `where` broadcast over the rows: 97 ms of a 230 ms chunk, measured)
+        keys = None if bool(mask.all()) else mask
+        out = ops.cat([exact_attention(q[:, :, i:i + step], k, v, keys, scale) for i in range(0, longest, step)], 1)
     else:
         out = attention(q, k, v, mask, scale, flash)
     return ops.gather(out.reshape(s * longest, h * d), scatter, 0)

@@ -255,23 +255,26 @@ def test_a_decoder_on_flash_attention_matches_the_exact_path(ascend_kernels):
     np.testing.assert_allclose(got[real], want[real], rtol=2e-2, atol=2e-2, err_msg=ascend_kernels)
 
 
+@pytest.mark.parametrize("lengths", [[12, 7], [12, 12]], ids=["padded", "no padding"])
 @pytest.mark.parametrize("step", [1, 2, 5, 6, 7, 11, 12, 13, 40])
-def test_a_keys_only_layout_attends_in_row_chunks_as_the_full_mask_does(step, monkeypatch):
+def test_a_keys_only_layout_attends_in_row_chunks_as_the_full_mask_does(step, lengths, monkeypatch):
     """segmented_attention with a keys-only mask takes the query rows SCORES_AT_ONCE scores at a
-    time (op by op: memory bounded); every chunk size around the segments' lengths (12 and 7 of 19
-    rows) gives what the (rows, rows) mask gives in one batch."""
+    time (op by op: memory bounded); every chunk size around the segments' lengths gives what the
+    (rows, rows) mask gives in one batch, with padded segments (masked) and without (no mask applied)."""
     import sys
 
     from mindone_ext.nn.attention import segment_layout, segmented_attention
 
     module = sys.modules["mindone_ext.nn.attention"]
     monkeypatch.setattr(module, "SCORES_AT_ONCE", step * 2 * 3 * 12)  # 2 segments, 3 heads, 12 slots
-    chunks, exact = [], module.exact_attention
-    monkeypatch.setattr(module, "exact_attention", lambda q, *a: chunks.append(q.shape[2]) or exact(q, *a))
-    q, k, v = (Tensor(np.random.default_rng(i).standard_normal((19, 3, 8)).astype(np.float32)) for i in range(3))
-    whole = segmented_attention(q, k, v, segment_layout([12, 7]), 0.35).asnumpy()
-    assert chunks == [12]
-    chunks.clear()
-    got = segmented_attention(q, k, v, segment_layout([12, 7], keys_only=True), 0.35).asnumpy()
-    assert chunks == [min(step, 12 - i) for i in range(0, 12, step)]
+    calls, exact = [], module.exact_attention
+    monkeypatch.setattr(module, "exact_attention", lambda q, k, v, mask, *a: calls.append((q.shape[2], mask is None))
+                        or exact(q, k, v, mask, *a))
+    q, k, v = (Tensor(np.random.default_rng(i).standard_normal((sum(lengths), 3, 8)).astype(np.float32))
+               for i in range(3))
+    whole = segmented_attention(q, k, v, segment_layout(lengths), 0.35).asnumpy()
+    assert calls == [(12, False)]
+    calls.clear()
+    got = segmented_attention(q, k, v, segment_layout(lengths, keys_only=True), 0.35).asnumpy()
+    assert calls == [(min(step, 12 - i), lengths == [12, 12]) for i in range(0, 12, step)]
     np.testing.assert_allclose(got, whole, atol=1e-6)
