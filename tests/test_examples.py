@@ -142,6 +142,42 @@ def test_ctrl_c_ends_voice_chatting_in_one_line_leaving_no_file(moment, tmp_path
     assert not output.exists() and not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
 
 
+def in_session(session):
+    """Pids of the live processes in `session` (a process group started with start_new_session)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def test_ctrl_c_ends_the_voice_client_and_the_server_it_started(tmp_path):
+    """Ctrl-C in a terminal reaches the whole foreground group: the client, and the server it
+    started on the bundled checkpoint (nothing listens on the default port in the tests)."""
+    output = tmp_path / "answer.wav"
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "examples/qwen2_5_omni/voice_server_client.py"),
+                                "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=tmp_path, start_new_session=True)
+    seen = ""
+    while "assistant:" not in seen:  # the server answers: the client is mid-turn
+        char = process.stdout.read(1)
+        assert char, process.stderr.read()[-3000:]
+        seen += char
+    os.killpg(process.pid, signal.SIGINT)
+    errors = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and errors.strip().splitlines()[-1] == "interrupted", errors[-3000:]
+    assert not output.exists() and not list(tmp_path.glob("*.partial"))
+    deadline = time.time() + 60
+    while in_session(process.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert in_session(process.pid) == []  # the server is gone too
+
+
 def test_text_only_generation_reports_a_bad_model_path_in_one_line():
     done = run_without_torch("examples/qwen2_5_omni/text_only_generation.py", "--model_path", "/no/such/folder")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]

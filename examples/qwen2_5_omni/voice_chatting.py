@@ -65,7 +65,7 @@ def main():
     samples_per_code = model.samples_per_codec_token
     print(f"speech: {len(waveform) // samples_per_code} codec tokens, {len(waveform) / SAMPLE_RATE:.2f} s "
           f"at {SAMPLE_RATE} Hz -> {args.output}")
-    print(f"[{elapsed:.1f} s, first call includes graph compilation]")
+    print(f"[{elapsed:.1f} s; a machine's first run also compiles the graphs]")
 
 
 def stream(model, processor, question, settings, output, piece_seconds=0.5):
