@@ -200,6 +200,23 @@ def test_transformers_model_card_text_only_thinker(workdir):
                                                                           return_audio=False).asnumpy())
 
 
+def test_transformers_model_card_disable_talker(workdir):
+    """model.disable_talker() after loading: the speech modules' weights gone, the same text as a
+    model loaded without them, and a request for audio refused with one message."""
+    g = run_snippet("transformers_disable_talker.py", workdir, {VIDEO: workdir / "video.mp4"})
+    model = g["model"]
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+
+    text_only = Qwen2_5OmniForConditionalGeneration.from_pretrained(CHECKPOINT, mindspore_dtype="auto",
+                                                                    enable_audio_output=False)
+    assert not model.has_talker and not hasattr(model, "talker") and not hasattr(model, "token2wav")
+    assert sorted(n for n, _ in model.parameters_and_names()) == sorted(n for n, _ in text_only.parameters_and_names())
+    np.testing.assert_array_equal(g["text_ids"].asnumpy(), text_only.generate(
+        **g["inputs"], use_audio_in_video=True).asnumpy())
+    with pytest.raises(ValueError, match="disable_talker"):
+        model.generate(**g["inputs"], use_audio_in_video=True, return_audio=True)
+
+
 def test_loading_arguments_from_transformers_and_mindone():
     """mindspore_dtype="auto" is the checkpoint's own (the bundled one is bfloat16); a Thinker
     built without from_pretrained says how to get one that generates; the bundled checkpoint's

@@ -70,6 +70,15 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         model.set_train(False)
         return model
 
+    def disable_talker(self):
+        """Drop the speech modules (Talker, Token2Wav) and the speakers, freeing their memory, as the
+        reference's `disable_talker` (the model cards call it after loading when no speech is
+        wanted: ~2 GB on the 7B). generate then answers in text; return_audio=True is refused."""
+        for name in ("talker", "token2wav"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.has_talker, self.speakers, self._talker_runner = False, {}, None
+
     def stored_parameters(self):
         """(name, parameter) of every weight a checkpoint holds: all but the Thinker's LM head when
         it is tied to the embedding (stored once, as the embedding; the reference ties it back)."""
@@ -212,7 +221,8 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)}")
         return_audio = self.has_talker if args["return_audio"] is None else args["return_audio"]
         if return_audio and not self.has_talker:
-            raise ValueError("return_audio=True needs the speech modules: load with enable_audio_output=True")
+            raise ValueError("return_audio=True needs the speech modules: load with enable_audio_output=True "
+                             "(and do not call disable_talker())")
         if args["input_ids"] is None:
             raise ValueError("generate() needs input_ids")
         ids = as_numpy(args["input_ids"], np.int64)
