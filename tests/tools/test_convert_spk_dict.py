@@ -171,3 +171,53 @@ def test_a_speaker_zip_with_pickled_arrays_or_a_bomb_is_refused(tmp_path):
             raise AssertionError(f"{path} read")
         except SpeakerFileError as e:
             assert words in str(e), e
+
+
+def test_model_load_speakers_adds_a_voice_from_each_file_kind_as_the_reference_does(tiny_checkpoint, tmp_path):
+    """model.load_speakers(path), the reference's method: a custom voice (Chelsie's arrays under a
+    new name) from a .pt, .safetensors, .zip or .npy file; the reference reads the same arrays from
+    the .pt; the voice answers as Chelsie does; files that cannot be a voice are refused by name."""
+    import re
+
+    import pytest
+    from transformers import Qwen2_5OmniForConditionalGeneration as Reference
+
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+    from mindone_ext.models.qwen2_5_omni.speakers import SpeakerFileError, save_speakers, save_zip_speakers
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    chelsie = torch.load(os.path.join(tiny_checkpoint, "spk_dict.pt"), weights_only=True)["Chelsie"]
+    torch.save({"Custom": chelsie}, tmp_path / "custom.pt")
+    custom = {"Custom": model.speakers["Chelsie"]}
+    save_speakers(custom, str(tmp_path / "custom.safetensors"))
+    save_zip_speakers(custom, str(tmp_path / "custom.zip"))
+    np.save(tmp_path / "custom.npy", {"Custom": {k: v.numpy() if hasattr(v, "numpy") else v for k, v in chelsie.items()}},
+            allow_pickle=True)
+    reference = Reference.from_pretrained(tiny_checkpoint)
+    reference.load_speakers(str(tmp_path / "custom.pt"))
+    want = reference.speaker_map["Custom"]
+    for kind in ("pt", "safetensors", "zip", "npy"):
+        model.speakers.pop("Custom", None)
+        assert model.load_speakers(str(tmp_path / f"custom.{kind}")) == ["Custom"]
+        got = model.speakers["Custom"]
+        np.testing.assert_array_equal(got.cond, want["cond"].float().numpy())
+        np.testing.assert_array_equal(got.ref_mel, want["ref_mel"].float().numpy())
+        assert got.bos_token == int(want["bos_token"]) and sorted(model.speakers) == ["Chelsie", "Custom", "Ethan"]
+
+    ids = np.array([[1, 2, 3]])
+    voices = [model.generate(input_ids=ids, eos_token_id=[], max_new_tokens=4, talker_max_new_tokens=20, seed=3,
+                             spk=name)[1].asnumpy() for name in ("Custom", "Chelsie")]
+    assert len(voices[0]) > 0
+    np.testing.assert_array_equal(*voices)
+
+    wrong = {"Small": model.speakers["Chelsie"].__class__(np.zeros((1, 8), np.float32), chelsie["ref_mel"].numpy(), 1)}
+    save_speakers(wrong, str(tmp_path / "small.safetensors"))
+    for path, words in ((tmp_path / "small.safetensors", "speaker 'Small' has cond (1, 8)"),
+                        (tmp_path / "none.zip", "none.zip: file not found"),
+                        (tmp_path / "voice.wav", "not a speaker file kind")):
+        with pytest.raises(SpeakerFileError, match=re.escape(words)):
+            model.load_speakers(str(path))
+    assert sorted(model.speakers) == ["Chelsie", "Custom", "Ethan"]  # a refused file adds nothing
+    model.disable_talker()
+    with pytest.raises(ValueError, match="enable_audio_output=True"):
+        model.load_speakers(str(tmp_path / "custom.safetensors"))

@@ -14,7 +14,7 @@ from ...utils.export import saved_dtype
 from . import speech
 from .answer import Answer, AnswerRequest, stream
 from .config import load_config
-from .speakers import load_speakers, no_speakers_message
+from .speakers import check_speakers, load_speakers, no_speakers_message, read_speaker_file
 from .talker import Qwen2_5OmniTalkerForConditionalGeneration
 from .thinker import Qwen2_5OmniThinkerForConditionalGeneration, as_numpy
 from .token2wav import Qwen2_5OmniToken2WavModel
@@ -78,6 +78,17 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             if hasattr(self, name):
                 delattr(self, name)
         self.has_talker, self.speakers, self._talker_runner = False, {}, None
+
+    def load_speakers(self, path):
+        """Add (or replace) voices from a speaker file, as the reference's `load_speakers` does with
+        a `spk_dict.pt`: .safetensors, .zip (the existing port's), .npy or .pt (needs torch; see
+        speakers.py). Each is checked against this Token2Wav's sizes first. Returns their names."""
+        if not self.has_talker:
+            raise ValueError("speakers need the speech modules: load with enable_audio_output=True")
+        dit = self.config.token2wav_config.dit_config
+        found = check_speakers(read_speaker_file(path), dit.enc_emb_dim, dit.mel_dim, path)
+        self.speakers = {**self.speakers, **found}
+        return sorted(found)
 
     def stored_parameters(self):
         """(name, parameter) of every weight a checkpoint holds: all but the Thinker's LM head when

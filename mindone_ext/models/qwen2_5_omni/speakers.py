@@ -148,6 +148,31 @@ def read_numpy_speakers(path):
     return speakers_from_dict(raw.item(), path)
 
 
+def read_speaker_file(path):
+    """The speakers of one file, read by its kind (.safetensors, .zip, .npy, .pt as above)."""
+    readers = {".safetensors": read_speakers, ".zip": read_zip_speakers, ".npy": read_numpy_speakers,
+               ".pt": read_torch_speakers}
+    reader = readers.get(os.path.splitext(path)[1].lower())
+    if reader is None:
+        raise SpeakerFileError(f"{path}: not a speaker file kind ({', '.join(readers)})")
+    if not os.path.isfile(path):
+        raise SpeakerFileError(f"{path}: file not found")
+    if reader is read_torch_speakers and importlib.util.find_spec("torch") is None:
+        raise SpeakerFileError(f"{path} needs torch to be read; convert it once (with torch installed anywhere): "
+                               f"python tools/convert/convert_spk_dict_pt2np.py --spk_path {path} --out "
+                               f"{os.path.splitext(path)[0]}.safetensors")
+    return reader(path)
+
+
+def check_speakers(speakers, cond_dim, mel_dim, source):
+    """Speakers whose arrays fit a Token2Wav of these sizes, or SpeakerFileError naming the first that does not."""
+    for name, s in speakers.items():
+        if s.cond.shape[1] != cond_dim or s.ref_mel.shape[2] != mel_dim:
+            raise SpeakerFileError(f"{source}: speaker {name!r} has cond {s.cond.shape} / ref_mel {s.ref_mel.shape}; "
+                                   f"this model's Token2Wav takes (1, {cond_dim}) and (1, frames, {mel_dim})")
+    return speakers
+
+
 def load_speakers(folder):
     """Speakers of a checkpoint folder, from the first usable file (see the module's docstring);
     none when there is none (text-only use needs none)."""
