@@ -176,15 +176,10 @@ def check_speakers(speakers, cond_dim, mel_dim, source):
 def load_speakers(folder):
     """Speakers of a checkpoint folder, from the first usable file (see the module's docstring);
     none when there is none (text-only use needs none)."""
-    safe, zipped, numpy_file, pickled = (os.path.join(folder, n) for n in (SAFE_NAME, ZIP_NAME, NUMPY_NAME, TORCH_NAME))
-    if os.path.isfile(safe):
-        return read_speakers(safe)
-    if os.path.isfile(zipped):
-        return read_zip_speakers(zipped)
-    if os.path.isfile(numpy_file):
-        return read_numpy_speakers(numpy_file)
-    if os.path.isfile(pickled) and importlib.util.find_spec("torch") is not None:
-        return read_torch_speakers(pickled)
+    for name in (SAFE_NAME, ZIP_NAME, NUMPY_NAME, TORCH_NAME):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and (name != TORCH_NAME or importlib.util.find_spec("torch") is not None):
+            return read_speaker_file(path)
     return {}
 
 
