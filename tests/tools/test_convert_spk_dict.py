@@ -73,8 +73,9 @@ def test_the_existing_ports_npy_speaker_file_is_read_without_torch(tiny_checkpoi
     os.remove(folder / "spk_dict.pt")
     raw = existing_port_file(tiny_checkpoint, folder / "spk_dict.npy")
     code = ("import sys; sys.argv = ['x']; from tests.hide_torch import hide_torch; hide_torch()\n"
-            "from mindone_ext.models.qwen2_5_omni.speakers import load_speakers\n"
-            f"s = load_speakers({str(folder)!r}); print(sorted(s), s['Ethan'].bos_token, s['Ethan'].ref_mel.shape)")
+            "from mindone_ext.models.qwen2_5_omni.speakers import folder_speaker_file, read_speaker_file\n"
+            f"s = read_speaker_file(folder_speaker_file({str(folder)!r}))\n"
+            "print(sorted(s), s['Ethan'].bos_token, s['Ethan'].ref_mel.shape)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     ethan = raw["Ethan"]
@@ -136,8 +137,8 @@ def test_the_existing_ports_documented_command_writes_its_zip_and_the_model_read
         if os.path.exists(folder / name):
             os.remove(folder / name)
     code = ("import sys; sys.argv = ['x']; from tests.hide_torch import hide_torch; hide_torch()\n"
-            "from mindone_ext.models.qwen2_5_omni.speakers import load_speakers\n"
-            f"s = load_speakers({str(folder)!r}); print(sorted(s), s['Ethan'].bos_token)")
+            "from mindone_ext.models.qwen2_5_omni.speakers import folder_speaker_file, read_speaker_file\n"
+            f"s = read_speaker_file(folder_speaker_file({str(folder)!r})); print(sorted(s), s['Ethan'].bos_token)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[0] == f"['Chelsie', 'Ethan'] {int(original['Ethan']['bos_token'])}"
@@ -178,6 +179,7 @@ def test_model_load_speakers_adds_a_voice_from_each_file_kind_as_the_reference_d
     new name) from a .pt, .safetensors, .zip or .npy file; the reference reads the same arrays from
     the .pt; the voice answers as Chelsie does; files that cannot be a voice are refused by name."""
     import re
+    import shutil
 
     import pytest
     from transformers import Qwen2_5OmniForConditionalGeneration as Reference
@@ -218,6 +220,16 @@ def test_model_load_speakers_adds_a_voice_from_each_file_kind_as_the_reference_d
         with pytest.raises(SpeakerFileError, match=re.escape(words)):
             model.load_speakers(str(path))
     assert sorted(model.speakers) == ["Chelsie", "Custom", "Ethan"]  # a refused file adds nothing
+
+    folder = tmp_path / "wrong_voices"  # a checkpoint whose speaker file does not fit its Token2Wav
+    folder.mkdir()
+    for name in os.listdir(tiny_checkpoint):
+        if not name.startswith("spk_dict"):
+            shutil.copy(os.path.join(tiny_checkpoint, name), folder / name)
+    save_speakers(wrong, str(folder / "spk_dict.safetensors"))
+    with pytest.raises(SpeakerFileError, match=re.escape(f"{folder / 'spk_dict.safetensors'}: speaker 'Small'")):
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(str(folder))
+    assert Qwen2_5OmniForConditionalGeneration.from_pretrained(str(folder), enable_audio_output=False).speakers == {}
     model.disable_talker()
     with pytest.raises(ValueError, match="enable_audio_output=True"):
         model.load_speakers(str(tmp_path / "custom.safetensors"))

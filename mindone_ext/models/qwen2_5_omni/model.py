@@ -14,7 +14,7 @@ from ...utils.export import saved_dtype
 from . import speech
 from .answer import Answer, AnswerRequest, stream
 from .config import load_config
-from .speakers import check_speakers, load_speakers, no_speakers_message, read_speaker_file
+from .speakers import check_speakers, folder_speaker_file, no_speakers_message, read_speaker_file
 from .talker import Qwen2_5OmniTalkerForConditionalGeneration
 from .thinker import Qwen2_5OmniThinkerForConditionalGeneration, as_numpy
 from .token2wav import Qwen2_5OmniToken2WavModel
@@ -65,8 +65,9 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         model.name_or_path = folder.path
         model.thinker_max_new_tokens = bundled.thinker_max_new_tokens(folder.path)
         model.talker_max_new_tokens = bundled.talker_max_new_tokens(folder.path)
-        if enable_audio_output:
-            model.speakers = load_speakers(folder.path)
+        speaker_file = folder_speaker_file(folder.path) if enable_audio_output else None
+        if speaker_file:
+            model.load_speakers(speaker_file)  # checked against the Token2Wav's sizes
         model.set_train(False)
         return model
 

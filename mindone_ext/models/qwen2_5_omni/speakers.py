@@ -173,14 +173,13 @@ def check_speakers(speakers, cond_dim, mel_dim, source):
     return speakers
 
 
-def load_speakers(folder):
-    """Speakers of a checkpoint folder, from the first usable file (see the module's docstring);
-    none when there is none (text-only use needs none)."""
+def folder_speaker_file(folder):
+    """The first usable speaker file of a checkpoint folder (see the module's docstring), or None."""
     for name in (SAFE_NAME, ZIP_NAME, NUMPY_NAME, TORCH_NAME):
         path = os.path.join(folder, name)
         if os.path.isfile(path) and (name != TORCH_NAME or importlib.util.find_spec("torch") is not None):
-            return read_speaker_file(path)
-    return {}
+            return path
+    return None
 
 
 def no_speakers_message(folder):
