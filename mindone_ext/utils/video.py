@@ -34,8 +34,10 @@ def read_frames(source, plan, what="video"):
     if isinstance(data, io.BytesIO):
         data.seek(0)
     with open_container(data, source, what) as container:
+        stream = _video_stream(container, where)
+        stream.thread_type = "AUTO"  # FFmpeg's own threads decode ahead while frames are resized here
         try:
-            for index, frame in enumerate(container.decode(_video_stream(container, where))):
+            for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
                     pixels = transform(frame.to_ndarray(format="rgb24"))
                     if frames is None:

@@ -135,7 +135,17 @@ def fetch_video(source, item):
         else:
             frames = read_frames(source, plan)
         rate = sampled["rate"]
-    return frames.transpose(0, 3, 1, 2).astype(np.float32), rate
+    return channels_first(frames), rate
+
+
+def channels_first(frames):
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32, the reference's layout, frame by frame: the
+    whole video's transposing cast ran ~30x slower (4.5 s against 0.16 s for 120 frames of
+    560 x 1008: its reads fall out of the cache)."""
+    out = np.empty((len(frames), frames.shape[3]) + frames.shape[1:3], np.float32)
+    for t, frame in enumerate(frames):
+        out[t] = frame.transpose(2, 0, 1)
+    return out
 
 
 def _media_items(conversations):

@@ -50,21 +50,29 @@ class PatchPreprocessor:
                              f"got shape {frames.shape}")
         if frames.shape[1] == 3 and frames.shape[-1] != 3:
             frames = frames.transpose(0, 2, 3, 1)
-        if frames.dtype != np.uint8:
-            frames = frames.astype(np.float32)
         factor = self.patch_size * self.merge_size
         height, width = smart_resize(frames.shape[1], frames.shape[2], factor, self.min_pixels, self.max_pixels)
-        if (height, width) != frames.shape[1:3]:
-            frames = resize(frames, height, width)
-        x = (frames.astype(np.float32) - self.mean) / self.std
-        x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)
-        if len(x) % self.temporal_patch_size:
-            x = np.concatenate([x, np.repeat(x[-1:], self.temporal_patch_size - len(x) % self.temporal_patch_size, 0)])
-        t, c = len(x) // self.temporal_patch_size, x.shape[1]
+        tp, c = self.temporal_patch_size, frames.shape[-1]
+        t = -(-len(frames) // tp)  # temporal patches, the last one padded with the last frame
         gh, gw, m, p = height // self.patch_size, width // self.patch_size, self.merge_size, self.patch_size
-        x = x.reshape(t, self.temporal_patch_size, c, gh // m, m, p, gw // m, m, p)
-        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return x.reshape(t * gh * gw, c * self.temporal_patch_size * p * p), np.array([t, gh, gw])
+        patches = np.empty((t, gh * gw, c * tp * p * p), np.float32)
+        # One temporal patch at a time: over a whole video at once the transposed reads fall out of
+        # the cache (5.7 s against 0.5 s for 120 frames of 560 x 1008), and memory holds the
+        # patches and one step's temporaries
+        for step in range(t):
+            x = np.stack([self._normalized(frames[min(i, len(frames) - 1)], height, width)
+                          for i in range(step * tp, (step + 1) * tp)])  # (tp, H, W, C)
+            x = x.reshape(tp, gh // m, m, p, gw // m, m, p, c).transpose(1, 4, 2, 5, 7, 0, 3, 6)
+            patches[step].reshape(x.shape)[...] = x  # merge groups, their patches, channels, time, rows
+        return patches.reshape(t * gh * gw, -1), np.array([t, gh, gw])
+
+    def _normalized(self, frame, height, width):
+        """A frame (H, W, C) at height x width, rescaled and normalised (float32)."""
+        if frame.dtype != np.uint8:
+            frame = frame.astype(np.float32, copy=False)
+        if (height, width) != frame.shape[:2]:
+            frame = resize(frame, height, width)
+        return (frame.astype(np.float32, copy=False) - self.mean) / self.std
 
     def batch(self, items):
         """Several images or videos -> (their patches, concatenated; their grids (n, 3))."""
