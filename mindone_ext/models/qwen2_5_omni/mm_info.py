@@ -20,6 +20,7 @@ import numpy as np
 from ...utils.audio import load_audio
 from ...utils.media import MediaError, load_image
 from ...utils.resize import resize_rounded
+from ...utils.small_pages import on_small_pages
 from ...utils.video import read_frames
 from .sizing import smart_resize
 
@@ -101,6 +102,7 @@ def frame_size(item, n, height, width):
     return smart_resize(height, width, FACTOR, min_pixels, min(item.get("max_pixels", budget), budget), utils=True)
 
 
+@on_small_pages
 def fetch_video(source, item):
     """(float32 frames (T, 3, H, W), their rate)."""
     if isinstance(source, (list, tuple)):  # images, each sized as an image with the item's options

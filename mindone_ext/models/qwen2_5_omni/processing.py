@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from ...utils.batch_feature import BatchFeature, check_tensor_type
 from ...utils.resize import resize
+from ...utils.small_pages import on_small_pages
 from .audio_features import window_features
 from .rope_index import chunk_bounds
 from .sizing import smart_resize
@@ -41,6 +42,7 @@ class PatchPreprocessor:
         self.mean = np.asarray(self.image_mean, np.float32) * np.float32(1.0 / self.rescale_factor)
         self.std = np.asarray(self.image_std, np.float32) * np.float32(1.0 / self.rescale_factor)
 
+    @on_small_pages
     def __call__(self, frames):
         frames = np.asarray(frames)
         if frames.ndim == 3:
