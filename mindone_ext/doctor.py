@@ -89,11 +89,15 @@ def inputs(config):
     mask[1, :7] = 0  # left padding: rows no key is visible to
     vision = config.thinker_config.vision_config
     grid = np.array([[1, 12, 16]])  # several attention windows, full and windowed blocks
+    # a frame past the scores budget (nn/attention.py SCORES_AT_ONCE): its full-attention blocks
+    # run op by op, on flash attention without a mask
+    large_grid = np.array([[1, 72, 72]])
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     return dict(
         mel=rng.standard_normal((config.thinker_config.audio_config.num_mel_bins, 230)).astype(np.float32),
         mel_lengths=np.array([130, 100]),  # two clips, each over several encoder windows
         pixels=rng.standard_normal((int(grid.prod()), patch)).astype(np.float32), grid=grid,
+        large_pixels=rng.standard_normal((int(large_grid.prod()), patch)).astype(np.float32), large_grid=large_grid,
         ids=ids, mask=mask, next_ids=rng.integers(0, 256, size=(6, 2, 1)),
         talker_embeds=rng.standard_normal((1, 24, config.talker_config.embedding_size)).astype(np.float32),
         talker_next=rng.standard_normal((4, 1, 1, config.talker_config.embedding_size)).astype(np.float32),
@@ -179,6 +183,7 @@ def lora_step(model, x):
 STAGES = {
     "audio encoder": lambda m, x: m.thinker.audio_tower(x["mel"], x["mel_lengths"]),
     "vision encoder": lambda m, x: m.thinker.visual(x["pixels"], x["grid"]),
+    "vision, large frame": lambda m, x: m.thinker.visual(x["large_pixels"], x["large_grid"]),
     "thinker prefill": lambda m, x: thinker(m, x, decode=False),
     "thinker prefill+decode": lambda m, x: thinker(m, x, decode=True),
     "talker": talker,
@@ -188,8 +193,8 @@ STAGES = {
     "LoRA step": lora_step,
 }
 # the stages with attention, which flash attention changes
-ATTENTION_STAGES = ("audio encoder", "vision encoder", "thinker prefill", "thinker prefill+decode", "talker",
-                    "LoRA step")
+ATTENTION_STAGES = ("audio encoder", "vision encoder", "vision, large frame", "thinker prefill",
+                    "thinker prefill+decode", "talker", "LoRA step")
 
 
 def run_stages(dtype, attn_implementation, names):

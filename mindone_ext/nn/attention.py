@@ -87,12 +87,14 @@ def exact_attention_backward(q, k, v, out, mask, scale, d_out):
 
 
 def ascend_attention(q, k, v, mask, scale):
+    """`mask` None: every key allowed (the kernel gets no mask at all)."""
     b, h, t, d = q.shape
     # The kernel's polarity is 1 = discard. A query with no key to attend (a left-padding row)
     # would get a result the kernel leaves undefined, and a NaN there reaches real rows in the next
     # layer (probability 0 x NaN value): such a row attends to every key instead, a finite result
     # nothing reads, as the exact path's uniform row is.
-    discard = ops.logical_and(ops.logical_not(mask), mask.any(-1, keep_dims=True)).astype(ms.uint8)
+    discard = None if mask is None else \
+        ops.logical_and(ops.logical_not(mask), mask.any(-1, keep_dims=True)).astype(ms.uint8)
     out = ops.flash_attention_score(q, k, v, h, attn_mask=discard, scalar_value=float(scale), input_layout="BNSD")
     return out.swapaxes(1, 2).reshape(b, t, h * d)
 
@@ -120,7 +122,8 @@ def segment_layout(lengths, segments=None, longest=None, rows=None, keys_only=Fa
     A compiled graph takes them padded to fixed sizes: `segments` segments (the extra ones empty),
     `longest` slots each (those past a segment's length masked) and `rows` output rows (those past
     N read token 0's). `keys_only`: the mask (segments, 1, 1, longest), the same for every query
-    (exact attention only; segmented_attention then takes the query rows in chunks)."""
+    (op by op only: segmented_attention then takes exact attention's query rows in chunks, and
+    gives the flash kernel no mask where no slot is padding)."""
     lengths = np.asarray(lengths, np.int64)
     segments, longest = segments or len(lengths), longest or int(lengths.max())
     lengths = np.pad(lengths, (0, segments - len(lengths)))
@@ -146,12 +149,17 @@ def segmented_attention(q, k, v, layout, scale, flash=False):
         return ops.gather(x, gather, 0).reshape(s, longest, h, d).swapaxes(1, 2)
 
     q, k, v = batch(q), batch(k), batch(v)
-    if mask.shape[2] == 1:  # a keys-only mask: at most SCORES_AT_ONCE scores at a time
-        step = max(1, SCORES_AT_ONCE // (s * h * longest))
+    if mask.shape[2] == 1:  # a keys-only mask (long segments, op by op)
         # No padding (a picture, a video's frames of one size): no mask to apply, which op by op is
         # the costliest step (a `where` broadcast over the rows: 97 ms of a 230 ms chunk, measured)
         keys = None if bool(mask.all()) else mask
-        out = ops.cat([exact_attention(q[:, :, i:i + step], k, v, keys, scale) for i in range(0, longest, step)], 1)
+        if flash:  # the kernel holds no scores; it takes a full mask or none (a 12 MP photo's: ~4 GB)
+            full = None if keys is None else ops.broadcast_to(keys, (s, 1, longest, longest))
+            out = ascend_attention(q, k, v, full, scale)
+        else:  # at most SCORES_AT_ONCE scores at a time
+            step = max(1, SCORES_AT_ONCE // (s * h * longest))
+            out = ops.cat([exact_attention(q[:, :, i:i + step], k, v, keys, scale)
+                           for i in range(0, longest, step)], 1)
     else:
         out = attention(q, k, v, mask, scale, flash)
     return ops.gather(out.reshape(s * longest, h * d), scatter, 0)

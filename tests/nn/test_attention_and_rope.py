@@ -278,3 +278,26 @@ def test_a_keys_only_layout_attends_in_row_chunks_as_the_full_mask_does(step, le
     got = segmented_attention(q, k, v, segment_layout(lengths, keys_only=True), 0.35).asnumpy()
     assert calls == [(min(step, 12 - i), lengths == [12, 12]) for i in range(0, 12, step)]
     np.testing.assert_allclose(got, whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [[16, 9], [16, 16]], ids=["padded", "no padding"])
+def test_a_keys_only_layout_on_the_flash_kernel_gives_it_no_mask_without_padding(lengths, ascend_kernels, monkeypatch):
+    """Long segments on the flash path (op by op, keys-only layout): the kernel gets no mask at all
+    when no slot is padding (a large frame's (patches x patches) mask was ~4 GB for a 12 MP photo),
+    the full one built from the keys' when some are; its rows equal exact attention's on the same
+    rounded inputs (float16: the CPU has no bfloat16 gather for the stand-ins' run)."""
+    from mindspore import ops
+
+    from mindone_ext.nn.attention import segment_layout, segmented_attention
+
+    dtype = ms.float16
+    masks, kernel = [], ops.flash_attention_score
+    monkeypatch.setattr(ops, "flash_attention_score", lambda *a, attn_mask=None, **kw: masks.append(
+        None if attn_mask is None else tuple(attn_mask.shape)) or kernel(*a, attn_mask=attn_mask, **kw))
+    q, k, v = (Tensor(np.random.default_rng(i).standard_normal((sum(lengths), 2, 16)).astype(np.float32)).astype(dtype)
+               for i in range(3))
+    got = segmented_attention(q, k, v, segment_layout(lengths, keys_only=True), 0.25, flash=True)
+    want = segmented_attention(*(x.astype(ms.float32) for x in (q, k, v)), segment_layout(lengths), 0.25)
+    assert masks == [None if lengths == [16, 16] else (2, 1, 16, 16)], (masks, ascend_kernels)
+    np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), want.asnumpy(), **KERNEL_TOLERANCE[str(dtype)],
+                               err_msg=ascend_kernels)

@@ -15,9 +15,10 @@ and the segmented attention ~6x slower on the CPU (window blocks 124 ms against 
 Training, and blocks wrapped by LoRA adapters, run op by op through the cells. A frame too large
 for a block's scores to be held at once (nn/attention.py SCORES_AT_ONCE, over all its segments: an
 image of more than ~4096 patches on the tiny checkpoint, ~1448 on the 7B, and as many video frames
-of half that as make the same) attends op by op, its query rows in chunks, without a (patches x
-patches) mask: a 1920 x 1080 picture's generate on the tiny checkpoint peaked
-at 20.4 GB in the graph, 1.6 GB so (46 s then, 3.4 s now).
+of half that as make the same) attends op by op, without a (patches x patches) mask: exact
+attention takes its query rows in chunks (a 1920 x 1080 picture's generate on the tiny checkpoint
+peaked at 20.4 GB in the graph, 1.6 GB so: 46 s then, 3.4 s now), and the flash kernel, which
+holds no scores, gets no mask at all (a frame's patches are one segment, without padding).
 """
 import numpy as np
 import mindspore as ms
@@ -207,10 +208,12 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         layouts, apart = {}, set()
         for lengths in segments:
             count, longest = 1 << (len(lengths) - 1).bit_length(), bucket(max(lengths), 16)
-            if not self.flash and count * self.heads * longest * longest > SCORES_AT_ONCE:
-                # Segments this large attend op by op, their query rows in chunks: in the graph
-                # their scores would all be held at once, and kept with the graph (memory bounded
-                # by construction, the graphs' too: only layouts within the budget go in)
+            if count * self.heads * longest * longest > SCORES_AT_ONCE:
+                # Segments this large attend op by op at their own lengths: in the graph their
+                # scores (exact attention) or their (segments x patches x patches) mask (flash)
+                # would all be held at once, and kept with the graph. Op by op, exact attention
+                # takes the query rows in chunks, and flash gets no mask where no slot is padding
+                # (memory bounded by construction, the graphs' too: only layouts within the budget go in)
                 apart.add(id(lengths))
                 layouts[id(lengths)] = segment_layout(lengths, rows=width, keys_only=True)
             else:  # mutable: graph inputs, not constants compiled in
@@ -222,7 +225,7 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
                 # Tensor(p): the Parameter's storage, read by the graph (no copy)
                 weights = tuple(Tensor(w) for part in block.weights() for w in part)
                 if id(lengths) in apart:
-                    x = vision_block(x, cos, sin, layouts[id(lengths)], weights, self.heads, self.act, False)
+                    x = vision_block(x, cos, sin, layouts[id(lengths)], weights, self.heads, self.act, self.flash)
                 else:
                     x = self._block_graph(x, cos, sin, layouts[id(lengths)], ms.mutable(weights))
         return x[:n]
