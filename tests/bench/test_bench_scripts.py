@@ -165,5 +165,10 @@ def test_media_bench_output_form(reference_env):
     assert [r.get("impl") for r in lines] == ["mindone_ext", "qwen_omni_utils", None]
     assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in lines[:2])
     assert lines[0]["frames"] == lines[1]["frames"] == [12, 3, 252, 448]  # 6 s at 2 fps, up to 128 tokens
+    assert all(r["processor_seconds"] > 0 for r in lines[:2])
+    assert lines[0]["grid"] == lines[1]["grid"] == [6, 18, 32]
     summary = lines[-1]
     assert summary["same_shape"] and summary["same_sample_fps"] and summary["max_level_difference"] <= 1
+    # the patches follow the frames: one level is 1 / (255 * std) ~ 0.015
+    assert summary["same_grid"] and summary["patches_max_difference"] <= 0.02
+    assert summary["ratio_processor_seconds"] == round(lines[0]["processor_seconds"] / lines[1]["processor_seconds"], 2)
