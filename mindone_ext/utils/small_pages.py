@@ -12,7 +12,10 @@ import functools
 import os
 import threading
 
-from numpy.core import multiarray
+try:  # numpy 2 moved it; this project pins numpy 1 (requirements.txt), users' installs may differ
+    from numpy._core import multiarray
+except ImportError:
+    from numpy.core import multiarray
 
 _lock = threading.Lock()
 _state = {"inside": 0, "before": True}

@@ -5,10 +5,9 @@ import threading
 
 import numpy as np
 import pytest
-from numpy.core import multiarray
 
 from mindone_ext.models.qwen2_5_omni import mm_info, processing
-from mindone_ext.utils.small_pages import on_small_pages
+from mindone_ext.utils.small_pages import multiarray, on_small_pages
 
 
 @pytest.fixture(autouse=True)
