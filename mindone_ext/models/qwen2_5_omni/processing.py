@@ -66,7 +66,7 @@ class PatchPreprocessor:
                           for i in range(step * tp, (step + 1) * tp)])  # (tp, H, W, C)
             x = x.reshape(tp, gh // m, m, p, gw // m, m, p, c).transpose(1, 4, 2, 5, 7, 0, 3, 6)
             patches[step].reshape(x.shape)[...] = x  # merge groups, their patches, channels, time, rows
-        return patches.reshape(t * gh * gw, -1), np.array([t, gh, gw])
+        return patches.reshape(t * gh * gw, c * tp * p * p), np.array([t, gh, gw])
 
     def _normalized(self, frame, height, width):
         """A frame (H, W, C) at height x width, rescaled and normalised (float32)."""
