@@ -42,9 +42,11 @@ def test_resize_equals_torchvision_at_every_size_near_the_input_and_down_to_one(
     assert done.returncode == 0, done.stderr[-3000:]
     want = np.load(tmp_path / "out.npz")
     floats = frame.astype(np.float32)
-    assert done.stdout.split() == ["uint8", "1", "1", "num_channels"] + done.stdout.split()[4:]  # torch fails there alone
+    # torch 2.14's uint8 kernel fails an internal assert at 1 x 1, and nowhere else
+    assert {key for key in (f"{kind}_{h}_{w}" for kind in ("uint8", "float") for h, w in sizes)} - set(want.files) \
+        <= {"uint8_1_1"}, done.stdout
     for h, w in sizes:
-        if (h, w) != (1, 1):
+        if f"uint8_{h}_{w}" in want.files:
             np.testing.assert_array_equal(resize(frame, h, w), want[f"uint8_{h}_{w}"], err_msg=f"uint8 {h} x {w}")
         got, expected = resize(floats, h, w), want[f"float_{h}_{w}"]
         assert got.shape == expected.shape == (h, w, 3) and got.dtype == np.float32, (h, w, got.shape)
