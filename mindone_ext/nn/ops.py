@@ -87,6 +87,17 @@ def silu(x):
 # ---------------------------------------------------------------- linear
 
 _times_transposed = ops.MatMul(transpose_b=True)
+_times = ops.MatMul()
+
+# Where the CPU's MatMul is faster as (weight @ x.T).T than as x @ weight.T (bench/linear_layouts.py,
+# MindSpore 2.7.1): 16-192 rows against a weight of 1M elements or more, 1.2-5x (a 7B-shaped audio
+# layer's 5120 -> 1280 projection on 100 rows: 15.3 -> 9.0 ms; its 32 layers on 2 s of audio
+# 1.6 -> 1.3 s). Elsewhere it is as fast or slower: 2-12 rows up to 3x slower, 256 rows and more
+# even, small weights even, and an output much wider than the input (a vocabulary's head from 64
+# features: 2-4x slower) spends what it saves on transposing the output back.
+FLIPPED_ROWS = (16, 192)
+FLIPPED_MIN_WEIGHT = 1 << 20
+FLIPPED_MAX_WIDENING = 8  # output features per input feature
 
 
 def ascend_linear(x, weight, bias=None):
@@ -98,8 +109,21 @@ def exact_linear(x, weight, bias=None):
     # MindSpore has no Dense kernel and expands it at each compile, reshapes sized at run time by a
     # ShapeCalc node; here the shapes are constants. A loaded graph of 40 linears: first call
     # 30 -> 13 ms, later calls 2.3 -> 1.3 ms (measured, bench/cold_start.py's graphs likewise)
-    out = _times_transposed(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[:-1] + (weight.shape[0],))
+    rows = x.reshape(-1, x.shape[-1])
+    if flipped(rows.shape[0], weight.shape):
+        out = _times(weight, rows.T).T
+    else:
+        out = _times_transposed(rows, weight)
+    out = out.reshape(x.shape[:-1] + (weight.shape[0],))
     return out if bias is None else out + bias
+
+
+def flipped(rows, weight_shape):
+    """Whether `exact_linear` computes (weight @ x.T).T for `rows` rows and a weight of
+    `weight_shape` (out, in) (see FLIPPED_ROWS)."""
+    out, into = weight_shape
+    return (FLIPPED_ROWS[0] <= rows <= FLIPPED_ROWS[1] and out * into >= FLIPPED_MIN_WEIGHT
+            and out <= FLIPPED_MAX_WIDENING * into)
 
 
 def linear(x, weight, bias=None):

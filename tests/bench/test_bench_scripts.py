@@ -37,6 +37,17 @@ def test_encoders_bench_output_form():
     assert lines[-1]["max_abs_diff_audio"] <= 1e-4 and lines[-1]["max_abs_diff_vision"] <= 1e-4
 
 
+def test_linear_layouts_bench_output_form():
+    lines = run_bench("linear_layouts.py", "--quick", "--repeats", "1")
+    records, summary = lines[:-1], lines[-1]
+    assert len(records) == 6 and {r["rows"] for r in records} == {4, 16, 100}
+    for record in records:
+        assert record["flipped"] == (record["rows"] != 4)
+        assert min(record["transposed_ms"], record["flipped_ms"], record["torch_ms"]) > 0
+    assert summary["ratio_flipped_vs_transposed_where_flipped_median"] > 0
+    assert summary["ratio_flipped_vs_transposed_where_not_min"] > 0
+
+
 def test_speech_bench_output_form():
     lines = run_bench("speech.py", "--tiny", "--repeats", "1", "--seconds", "1", "--talker_tokens", "6")
     assert [r.get("impl") for r in lines] == ["mindone_ext", "torch", None]
