@@ -31,7 +31,9 @@ from .atomic_file import written_atomically
 from .graph_cache import cache_folder
 
 ENV = "MINDONE_EXT_NATIVE_KERNELS"
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthread", "-fopenmp-simd")  # simd: the marked reductions
+# -fopenmp-simd: the marked loops; -fno-trapping-math: loops with a comparison (a clamp) vectorise
+# (no kernel relies on floating-point traps; results are the same)
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthread", "-fopenmp-simd", "-fno-trapping-math")
 
 
 def source(name):

@@ -14,6 +14,7 @@ from mindspore import Tensor, nn, ops
 
 from ...nn import ops as P
 from ...nn.attention import attention, use_flash
+from ...nn.encoder_kernels import EncoderKernels, act_bias, bias_residual, layer_norm
 from ...nn.layers import Conv1d, Embedding, LayerNorm, Linear
 from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
@@ -45,17 +46,20 @@ def output_lengths(feature_lens):
     return cnn, (cnn - 2) // 2 + 1
 
 
-def audio_layer(x, mask, weights, heads, act, flash):
+def audio_layer(x, mask, weights, heads, act, flash, act_name=None, kernels=EncoderKernels()):
     """One encoder layer as a pure function of its weights (`AudioEncoderLayer.weights`): x
-    (windows, tokens, d), `mask` (windows, 1, tokens, tokens) the real keys of each window."""
+    (windows, tokens, d), `mask` (windows, 1, tokens, tokens) the real keys of each window.
+    `kernels`: native ones for its element-wise steps (`act_name` says which activation `act` is)."""
     ln1_w, ln1_b, q_w, q_b, k_w, v_w, v_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b = weights
     linear = P.linear
     s, t, d = x.shape
-    h = P.layer_norm(x, ln1_w, ln1_b, 1e-5)
+    h = layer_norm(x, ln1_w, ln1_b, 1e-5, kernels.layer_norm)
     q, k, v = (linear(h, w, b).reshape(s, t, heads, d // heads).swapaxes(1, 2)
                for w, b in ((q_w, q_b), (k_w, None), (v_w, v_b)))
-    x = x + linear(attention(q, k, v, mask, (d // heads) ** -0.5, flash), o_w, o_b)
-    x = x + linear(act(linear(P.layer_norm(x, ln2_w, ln2_b, 1e-5), fc1_w, fc1_b)), fc2_w, fc2_b)
+    x = bias_residual(x, linear(attention(q, k, v, mask, (d // heads) ** -0.5, flash), o_w), o_b, kernels.bias_residual)
+    h = layer_norm(x, ln2_w, ln2_b, 1e-5, kernels.layer_norm)
+    h = act_bias(linear(h, fc1_w), fc1_b, act, act_name, kernels.gelu_bias)
+    x = bias_residual(x, linear(h, fc2_w), fc2_b, kernels.bias_residual)
     if x.dtype == ms.float16:  # as the reference: keep fp16 activations finite
         x = ops.clip(x, -64504.0, 64504.0)
     return x
@@ -128,8 +132,10 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
             x = P.gelu(conv1.apply(x, conv1_w, conv1_b)) * valid
             return P.gelu(conv2.apply(x, conv2_w, conv2_b)).swapaxes(1, 2) + positions
 
+        kernels, act_name = EncoderKernels.build(dtype), config.activation_function
+
         def layer(h, m, w):
-            return audio_layer(h, m, w, heads, act, flash)
+            return audio_layer(h, m, w, heads, act, flash, act_name, kernels)
 
         def head(x, first, second, ln_w, ln_b, proj_w, proj_b):
             x = x.reshape(-1, x.shape[-1])
@@ -138,7 +144,7 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
 
         # graphs per power of two of windows, the layer's shared by all layers; stored once per machine
         self._stem_graph = StoredGraph("audio_stem", stem, ())
-        self._layer_graph = StoredGraph("audio_layer", layer, (heads, config.activation_function, flash))
+        self._layer_graph = StoredGraph("audio_layer", layer, (heads, act_name, flash, kernels.libraries))
         self._head_graph = StoredGraph("audio_head", head, ())
         self._windows = set()  # window counts it has run
 

@@ -27,6 +27,7 @@ from mindspore import Tensor, nn, ops
 from ...generation.decode import bucket
 from ...nn import ops as P
 from ...nn.attention import SCORES_AT_ONCE, segment_layout, segmented_attention, use_flash
+from ...nn.encoder_kernels import EncoderKernels, bias_residual, rms_norm
 from ...nn.layers import GELU, Linear, RMSNorm, empty_parameter
 from ...nn.mlp import GatedMLP
 from ...nn.rotary import rope_inv_freq, rotate_half
@@ -71,33 +72,35 @@ def rotate(x, cos, sin):
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-def block_to_attention(x, cos, sin, weights, heads):
+def block_to_attention(x, cos, sin, weights, heads, kernels=EncoderKernels()):
     """A block's norm and rotated q, k, v (N, heads, head_dim), as a pure function of its weights
     (`VisionBlock.weights()[0]`)."""
     norm, q_w, q_b, k_w, k_b, v_w, v_b = weights
-    h = P.rms_norm(x, norm, 1e-6)
+    h = rms_norm(x, norm, 1e-6, kernels.rms_norm)
     n, d = x.shape
     q, k, v = (P.linear(h, w, b).reshape(n, heads, d // heads)
                for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
-def block_after_attention(x, attended, weights, act):
-    """The rest of a block (`VisionBlock.weights()[1]`): projection and residual, norm, gated MLP."""
+def block_after_attention(x, attended, weights, act, kernels=EncoderKernels()):
+    """The rest of a block (`VisionBlock.weights()[1]`): projection and residual, norm, gated MLP.
+    `kernels`: native ones for its norm and residuals."""
     proj_w, proj_b, norm, gate_w, gate_b, up_w, up_b, down_w, down_b = weights
     linear = P.linear
-    x = x + linear(attended, proj_w, proj_b)
-    h = P.rms_norm(x, norm, 1e-6)
-    return x + linear(act(linear(h, gate_w, gate_b)) * linear(h, up_w, up_b), down_w, down_b)
+    x = bias_residual(x, linear(attended, proj_w), proj_b, kernels.bias_residual)
+    h = rms_norm(x, norm, 1e-6, kernels.rms_norm)
+    h = act(linear(h, gate_w, gate_b)) * linear(h, up_w, up_b)
+    return bias_residual(x, linear(h, down_w), down_b, kernels.bias_residual)
 
 
-def vision_block(x, cos, sin, layout, weights, heads, act, flash):
+def vision_block(x, cos, sin, layout, weights, heads, act, flash, kernels=EncoderKernels()):
     """A whole block as a pure function of its weights (`VisionBlock.weights()`, joined), attending
     within the segments of `layout` (segment_layout, padded to x's rows)."""
     before, after = weights[:7], weights[7:]
-    q, k, v = block_to_attention(x, cos, sin, before, heads)
+    q, k, v = block_to_attention(x, cos, sin, before, heads, kernels)
     attended = segmented_attention(q, k, v, layout, (x.shape[1] // heads) ** -0.5, flash)
-    return block_after_attention(x, attended, after, act)
+    return block_after_attention(x, attended, after, act, kernels)
 
 
 class VisionAttention(nn.Cell):
@@ -180,13 +183,14 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
         self.heads, self.act, self.flash = config.num_heads, P.activation(config.hidden_act), flash
-        heads, act = self.heads, self.act
+        self.kernels = EncoderKernels.build(dtype)
+        heads, act, kernels = self.heads, self.act, self.kernels
 
         def block(x, cos, sin, layout, weights):
-            return vision_block(x, cos, sin, layout, weights, heads, act, flash)
+            return vision_block(x, cos, sin, layout, weights, heads, act, flash, kernels)
 
         # the block graph shared by all blocks, stored once per machine
-        self._block_graph = StoredGraph("vision_block", block, (heads, config.hidden_act, flash))
+        self._block_graph = StoredGraph("vision_block", block, (heads, config.hidden_act, flash, kernels.libraries))
         self._shapes = set()  # (width, layout shapes) it has run
 
     @property
@@ -225,7 +229,8 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
                 # Tensor(p): the Parameter's storage, read by the graph (no copy)
                 weights = tuple(Tensor(w) for part in block.weights() for w in part)
                 if id(lengths) in apart:
-                    x = vision_block(x, cos, sin, layouts[id(lengths)], weights, self.heads, self.act, self.flash)
+                    x = vision_block(x, cos, sin, layouts[id(lengths)], weights, self.heads, self.act, self.flash,
+                                     self.kernels)
                 else:
                     x = self._block_graph(x, cos, sin, layouts[id(lengths)], ms.mutable(weights))
         return x[:n]
