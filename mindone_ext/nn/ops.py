@@ -90,12 +90,13 @@ _times_transposed = ops.MatMul(transpose_b=True)
 _times = ops.MatMul()
 
 # Where the CPU's MatMul is faster as (weight @ x.T).T than as x @ weight.T (bench/linear_layouts.py,
-# MindSpore 2.7.1): 16-192 rows against a weight of 1M elements or more, 1.2-5x (a 7B-shaped audio
-# layer's 5120 -> 1280 projection on 100 rows: 15.3 -> 9.0 ms; its 32 layers on 2 s of audio
-# 1.6 -> 1.3 s). Elsewhere it is as fast or slower: 2-12 rows up to 3x slower, 256 rows and more
-# even, small weights even, and an output much wider than the input (a vocabulary's head from 64
-# features: 2-4x slower) spends what it saves on transposing the output back.
-FLIPPED_ROWS = (16, 192)
+# MindSpore 2.7.1): 16-128 rows against a weight of 1M elements or more, 1.2-5x (medians over the
+# encoders' and decoders' shapes 0.48-0.84 of the time; a 7B-shaped audio layer's 5120 -> 1280
+# projection on 100 rows: 15.3 -> 9.0 ms; its 32 layers on 2 s of audio 1.6 -> 1.3 s). Elsewhere it
+# is as fast or slower: 2-12 rows up to 3x slower, 192 rows and more about even but up to 2x slower
+# on some shapes, small weights even, and an output much wider than the input (a vocabulary's head
+# from 64 features: 2-4x slower) spends what it saves on transposing the output back.
+FLIPPED_ROWS = (16, 128)
 FLIPPED_MIN_WEIGHT = 1 << 20
 FLIPPED_MAX_WIDENING = 8  # output features per input feature
 
