@@ -9,23 +9,14 @@
 
 #include "attention.h"
 #include "parallel.h"
+#include "tensors.h"
 
 namespace {
 
 const int64_t VALUES_PER_THREAD = 1 << 16;  // below this a thread costs more than it saves
 
-// Whether the first `n` inputs are float32 (a kernel given another dtype fails rather than misread it).
-bool float32(const char **dtypes, int n) {
-  for (int i = 0; i < n; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  return true;
-}
-
-int64_t count(int ndims, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndims; ++i) n *= shape[i];
-  return n;
-}
+using native::count;
+using native::float32;
 
 }  // namespace
 

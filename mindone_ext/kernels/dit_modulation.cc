@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "parallel.h"
+#include "tensors.h"
 
 namespace {
 
@@ -32,12 +33,8 @@ extern "C" int ModulatedNorm(int nparam, void **params, int *ndims, int64_t **sh
       const float *xr = x + r * dim;
       const int64_t b = shared ? 0 : r / frames;
       const float *sc = scale + b * dim, *sh = shift + b * dim;
-      double sum = 0.0;
-      for (int64_t d = 0; d < dim; ++d) sum += xr[d];
-      const double mean = sum / dim;
-      double squares = 0.0;
-      for (int64_t d = 0; d < dim; ++d) squares += (xr[d] - mean) * (xr[d] - mean);
-      const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(squares / dim + EPS));
+      float m, inv;
+      native::row_moments(xr, dim, EPS, &m, &inv);
       float *o = out + r * dim;
       for (int64_t d = 0; d < dim; ++d) o[d] = (xr[d] - m) * inv * (1.f + sc[d]) + sh[d];
     }
@@ -79,8 +76,7 @@ extern "C" int GeluTanh(int nparam, void **params, int *ndims, int64_t **shapes,
   const float *bias = static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[2]);
   const int64_t dim = shapes[1][0];
-  int64_t n = 1;
-  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const int64_t n = native::count(ndims[0], shapes[0]);
   const double c = 2.0 * std::sqrt(2.0 / M_PI);
   const float scale = static_cast<float>(c), cubic = static_cast<float>(c * 0.044715);
   auto run = [&](int64_t first, int64_t last) {  // rows first..last
