@@ -2,8 +2,8 @@
 // affine layer norm, GELU (erf) of x + bias, and the residual x + (y + bias). The biases are those
 // of the projections before them, which the graphs then compute without. MindSpore ran 3, 2 and 2
 // kernels for these, each a pass over the tokens (in the graph of a 7B-shaped audio layer on 100
-// tokens: a layer norm 0.94 ms, here 0.29 ms; GELU 3.3 ms, here 0.50 ms; a 7B-shaped vision
-// block's residuals on 1024 patches: 4.5 ms, here 0.7 ms).
+// tokens: a layer norm 0.94 ms, here 0.29 ms; GELU 3.3 ms, here 0.50 ms; a biased residual over
+// 1024 x 3420 values: 4.5 ms, here 0.7 ms).
 #include <cmath>
 #include <cstdint>
 

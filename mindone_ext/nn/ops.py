@@ -106,10 +106,11 @@ def ascend_linear(x, weight, bias=None):
 
 
 def exact_linear(x, weight, bias=None):
-    # x @ weight.T: in a graph, the same kernels mint's linear runs on the CPU (bit for bit), where
-    # MindSpore has no Dense kernel and expands it at each compile, reshapes sized at run time by a
-    # ShapeCalc node; here the shapes are constants. A loaded graph of 40 linears: first call
-    # 30 -> 13 ms, later calls 2.3 -> 1.3 ms (measured, bench/cold_start.py's graphs likewise)
+    # x @ weight.T, or (weight @ x.T).T where that is faster (FLIPPED_ROWS). The first is, in a
+    # graph, the same kernels mint's linear runs on the CPU (bit for bit), where MindSpore has no
+    # Dense kernel and expands it at each compile, reshapes sized at run time by a ShapeCalc node;
+    # here the shapes are constants. A loaded graph of 40 linears: first call 30 -> 13 ms, later
+    # calls 2.3 -> 1.3 ms (measured, bench/cold_start.py's graphs likewise)
     rows = x.reshape(-1, x.shape[-1])
     if flipped(rows.shape[0], weight.shape):
         out = _times(weight, rows.T).T
