@@ -15,7 +15,7 @@ from ..utils import native_kernels
 from . import ops as P
 
 SOURCE = native_kernels.source("encoder_layer.cc")
-DECODER_SOURCE = native_kernels.source("decoder_step.cc")  # its RMSNorm
+DECODER_SOURCE = native_kernels.source("decoder_step.cc")  # its RMSNorm (decoder_kernels.rms_norm calls it)
 
 
 class EncoderKernels(NamedTuple):
@@ -48,12 +48,6 @@ def layer_norm(x, weight, bias, eps, native=None):
     return native(x, weight, bias, _eps(eps))
 
 
-def rms_norm(x, weight, eps, native=None):
-    if native is None:
-        return P.rms_norm(x, weight, eps)
-    return native(x, weight, _eps(eps))
-
-
 def act_bias(x, bias, act, name, native=None):
     """act(x + bias), `native` (EncoderKernels.gelu_bias) serving the erf GELU ("gelu") only."""
     if native is not None and name == "gelu":
@@ -66,4 +60,3 @@ def bias_residual(x, y, bias, native=None):
     if native is None:
         return x + (y + bias)
     return native(x, y, bias)
-

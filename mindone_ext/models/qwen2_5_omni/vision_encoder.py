@@ -27,7 +27,8 @@ from mindspore import Tensor, nn, ops
 from ...generation.decode import bucket
 from ...nn import ops as P
 from ...nn.attention import SCORES_AT_ONCE, segment_layout, segmented_attention, use_flash
-from ...nn.encoder_kernels import EncoderKernels, bias_residual, rms_norm
+from ...nn.decoder_kernels import rms_norm
+from ...nn.encoder_kernels import EncoderKernels, bias_residual
 from ...nn.layers import GELU, Linear, RMSNorm, empty_parameter
 from ...nn.mlp import GatedMLP
 from ...nn.rotary import rope_inv_freq, rotate_half
