@@ -15,11 +15,15 @@ from aiohttp import WSMsgType
 
 from ..models.qwen2_5_omni.session import ConversationFull, ConversationSession
 from ..models.qwen2_5_omni.streaming import SAMPLE_RATE, AudioChunk, TextDelta
+from ..utils.audio import Pieces
 from .engine import Busy, Failed, Finished, Started, Stopped, error_id
 from .options import AUDIO_IN_RATE, AnswerSettings, BadSetting, wants_audio
 from .vad import SpeechStarted, SpeechStopped, TurnDetector
 
 AUDIO_FORMAT = "pcm_s16le"
+# audio goes to the model thread in pieces of at least 0.1 s (what the voice page sends): a client
+# may send any frame size, and each piece is a call on the model thread, which every conversation shares
+FEED_SAMPLES = AUDIO_IN_RATE // 10
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +47,7 @@ class VoiceConversation:
         self.turn_mark = 0  # cache length before the open turn: where a dropped turn rewinds to
         self.discarding = False  # the turn grew too long: its audio is dropped until it ends
         self.turn_samples = 0
+        self.unfed = Pieces()  # the open turn's audio not yet given to the session
         self.turns = 0
         self.answer = None  # (generation, forwarding task) while an answer streams
         self.send_lock = asyncio.Lock()
@@ -202,17 +207,23 @@ class VoiceConversation:
         session = await self.conversation()
         self.turn_mark = session.cache.length
         await self.engine.call_steps(session.begin_audio_steps)
-        self.turn_open, self.discarding, self.turn_samples = True, False, 0
+        self.turn_open, self.discarding, self.turn_samples, self.unfed = True, False, 0, Pieces()
 
     async def feed(self, samples):
         if self.discarding or not self.turn_open:
             return
         self.turn_samples += len(samples)
         if self.turn_samples > self.options.max_audio_seconds * AUDIO_IN_RATE:
-            self.discarding = True
+            self.discarding, self.unfed = True, Pieces()
             await self.engine.call(self.session.rewind, self.turn_mark)
             raise ClientError("audio_too_long", f"a turn holds at most {self.options.max_audio_seconds:g} s of audio: "
                                                 "this one was dropped (its audio is ignored until it ends)")
+        self.unfed.add(samples)
+        if self.unfed.count >= FEED_SAMPLES:
+            await self.feed_unfed()
+
+    async def feed_unfed(self):
+        samples, self.unfed = self.unfed.joined(), Pieces()
         await self.engine.call_steps(self.session.feed_audio_steps, samples)
 
     async def end_turn(self):
@@ -221,8 +232,10 @@ class VoiceConversation:
         self.turn_open = False
         self.detector = TurnDetector()  # an explicit end also ends what the detector heard
         if self.discarding:
-            self.discarding = False
+            self.discarding, self.unfed = False, Pieces()
             return
+        if self.unfed.count:
+            await self.feed_unfed()
         await self.engine.call_steps(self.session.end_audio_steps)
         await self.answer_turn(self.turn_mark)
 

@@ -11,6 +11,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from mindone_ext.utils.audio import speech_like
 from tests.hostile_media import flac_silence, png_declaring, wav_declaring
 from tests.serve.conftest import API_KEY, LIMITS
 from tests.serve.test_voice_service import chat
@@ -194,6 +195,28 @@ async def _turns_that_fail(server, processor):
 
 def test_a_failed_turn_is_dropped_and_the_conversation_goes_on(server, processor):
     asyncio.run(_turns_that_fail(server, processor))
+
+
+async def _turn_in_frames(server, samples, frame):
+    """The greedy text answer to one spoken turn sent in binary frames of `frame` samples."""
+    client = await VoiceClient.connect(server)
+    await client.send({"type": "config", "vad": False, "modalities": ["text"], "temperature": 0, "max_new_tokens": 4})
+    await client.until("config.done")
+    data = pcm16(samples)
+    for i in range(0, len(data), 2 * frame):
+        await client.send(data[i:i + 2 * frame])
+    await client.send({"type": "end"})
+    done = (await client.until("response.done"))[-1]
+    await client.close()
+    return done["text"]
+
+
+@pytest.mark.parametrize("frame", [1, 1601])
+def test_a_turn_in_frames_of_any_size_is_answered_as_the_turn_sent_whole(server, frame):
+    """A client may send 1-sample frames (19200 for this turn): they reach the model thread in
+    pieces of at least 0.1 s, and the turn's answer is the one of the same audio in one frame."""
+    samples = speech_like(1.2, 16000, seed=7)
+    assert asyncio.run(_turn_in_frames(server, samples, frame)) == asyncio.run(_turn_in_frames(server, samples, len(samples)))
 
 
 async def _abandoned(server):

@@ -3,6 +3,7 @@ clip; turns stay in the cache; answers equal generate() on the same conversation
 import numpy as np
 import pytest
 
+from mindone_ext.models.qwen2_5_omni.audio_encoder import output_lengths
 from mindone_ext.models.qwen2_5_omni.session import SYSTEM_PROMPT, ConversationSession
 from mindone_ext.models.qwen2_5_omni.streaming import AudioChunk, TextDelta
 from tests.conftest import max_abs_diff, snr_db
@@ -169,3 +170,54 @@ def test_every_audio_length_near_the_encoder_windows_equals_the_one_shot_prefill
             np.testing.assert_array_equal(session.ids, inputs["input_ids"], err_msg=f"{n} samples, pieces of {piece}")
             assert max_abs_diff(session.logits, want) <= 1e-4, f"{n} samples, pieces of {piece}"
             session.close()
+
+
+def test_a_turn_in_tiny_pieces_computes_its_features_once_per_window(our_model, processor, monkeypatch):
+    """A client may send tiny pieces, from one buffer it refills: the features (of the whole turn
+    so far) are computed when a new encoder window's frames are final and at the turn's end, not
+    at every piece; the turn equals the one-shot prefill, the louder end's moved clamp re-doing
+    the quiet windows as before."""
+    import mindone_ext.models.qwen2_5_omni.session as module
+
+    calls, features = [], module.clip_features
+    monkeypatch.setattr(module, "clip_features", lambda extractor, samples: calls.append(len(samples))
+                        or features(extractor, samples))
+    wave = crescendo(0.5, seed=4)
+    hop = processor.feature_extractor.hop_length
+    windows = len(wave) // (2 * our_model.config.thinker_config.audio_config.n_window * hop)
+    session = ConversationSession(our_model, processor)
+    session.begin_audio()
+    buffer = np.empty(7, np.float32)  # one buffer, refilled for every piece (as a microphone's callback may)
+    for i in range(0, len(wave), len(buffer)):
+        piece = wave[i:i + len(buffer)]
+        buffer[:len(piece)] = piece
+        session.feed_audio(buffer[:len(piece)])
+    session.end_audio()
+    inputs, want = one_shot(our_model, processor, spoken_prompt(processor), [wave])
+    np.testing.assert_array_equal(session.ids, inputs["input_ids"])
+    assert max_abs_diff(session.logits, want) <= 1e-4
+    assert session.rewinds > 0
+    assert len(calls) <= windows + 1 and calls[-1] == len(wave), (windows, calls)
+
+
+@pytest.mark.parametrize("offset", [-2, -1, 0, 1, 2])
+def test_a_window_is_prefilled_as_soon_as_its_last_frame_is_final(our_model, processor, offset):
+    """Window k's last frame is final once (k * window frames - 1) * hop + n_fft / 2 samples are in:
+    fed up to a few samples either side of that count, the window is prefilled exactly from it
+    on, and the rest of the turn then equals the one-shot prefill."""
+    extractor = processor.feature_extractor
+    frames = 2 * our_model.config.thinker_config.audio_config.n_window
+    final = (2 * frames - 1) * extractor.hop_length + extractor.n_fft // 2  # the second window's
+    wave = (0.2 * np.random.default_rng(5).standard_normal(final + 3000)).astype(np.float32)
+    session = ConversationSession(our_model, processor)
+    session.begin_audio()
+    start = session.cache.length
+    session.feed_audio(wave[:final + offset])
+    windows = 2 if offset >= 0 else 1
+    assert session.audio.pieces[-1][1] == windows
+    assert session.cache.length - start == int(output_lengths([windows * frames])[1][0])  # its tokens, no more
+    session.feed_audio(wave[final + offset:])
+    session.end_audio()
+    inputs, want = one_shot(our_model, processor, spoken_prompt(processor), [wave])
+    np.testing.assert_array_equal(session.ids, inputs["input_ids"])
+    assert max_abs_diff(session.logits, want) <= 1e-4
