@@ -44,8 +44,9 @@ HELP = {
                        "(e.g. https://app.example.com)",
     "stall_timeout": "seconds one model step (a round of answers, a prefill) may take before GET /health/live "
                      "answers 503, so that a load balancer takes the process out",
-    "cache_memory_mb": "memory the KV caches may take: the server refuses to start when its limits (conversations, "
-                       "answers, context tokens) could need more (default: no check; the bound is printed)",
+    "cache_memory_mb": "memory the KV caches and conversations' states may take: the server refuses to start when "
+                       "its limits (conversations, answers, context tokens) could need more (default: no check; "
+                       "the bound is printed)",
 }
 NO_WARMUP_HELP = ("serve at once, without first answering spoken turns (1, 2, 4, ... at once, up to --max_active) "
                   "through the model: its first clients then wait for its graphs' first calls")
@@ -186,8 +187,8 @@ def main(argv=None):
         bound = check_cache_memory(model, options)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(f"KV caches: at most {bound / MB:.0f} MB ({options.max_sessions} conversations, {options.max_active} answers, "
-          f"{context_tokens(model, options)} tokens each)", flush=True)
+    print(f"KV caches and conversation states: at most {bound / MB:.0f} MB ({options.max_sessions} conversations, "
+          f"{options.max_active} answers, {context_tokens(model, options)} tokens each)", flush=True)
     # MindSpore writes a compile failure's analysis (rank_0/om/analyze_fail.ir) into the working
     # directory; the server's is a folder of its own, removed at exit (paths were resolved above).
     with tempfile.TemporaryDirectory(prefix="mindone-serve-") as workdir:

@@ -1,10 +1,12 @@
-"""The KV caches' memory bound (serve/memory.py) against the buffers a conversation at the limit
-really grows, the start-up check against --cache_memory_mb, and --max_active 0 (answers by memory)."""
+"""The memory bound of the KV caches and conversation states (serve/memory.py) against the buffers
+and states a conversation at the limit really grows, the start-up check against --cache_memory_mb,
+and --max_active 0 (answers by memory)."""
 from dataclasses import replace
 
 import pytest
 
-from mindone_ext.serve.memory import MB, cache_bound, cache_pools, check_cache_memory, fit_to_memory
+from mindone_ext.serve.memory import (MB, cache_bound, cache_pools, check_cache_memory, fit_to_memory, memory_bound,
+                                      state_bound)
 from mindone_ext.serve.options import ServeOptions
 
 OPTIONS = dict(max_sessions=2, max_active=1, max_context_tokens=600, talker_max_new_tokens=100)
@@ -39,30 +41,36 @@ def test_a_conversation_at_the_limit_grows_the_caches_to_the_bound_and_no_furthe
     bound = cache_bound(model, options)
     assert thinker.pool.nbytes + talker.pool.nbytes == bound
     assert _caches_in_use(model) == (2, round(bound / MB, 1))  # what /health reports
+    # beside its cache row, the conversation's embeddings and hidden states: one share of the
+    # states' bound (a row per conversation and per answer) at the context's length, byte for byte
+    states = sum(x.nbytes for x in session.embeds + session.hidden)
+    share = state_bound(model, options) / (options.max_sessions + options.max_active)
+    assert states == share * session.cache.length / options.max_context_tokens
+    assert memory_bound(model, options) == bound + state_bound(model, options)
     speech.release()
     session.close()
 
 
 def test_limits_whose_caches_exceed_the_budget_are_refused_at_start(our_model):
-    bound = cache_bound(our_model, ServeOptions(**OPTIONS))
+    bound = memory_bound(our_model, ServeOptions(**OPTIONS))
     assert check_cache_memory(our_model, ServeOptions(**OPTIONS, cache_memory_mb=bound / MB)) == bound
-    with pytest.raises(ValueError, match=r"2 conversations and 1 answers at 600 tokens each can take \d+ MB, "
+    with pytest.raises(ValueError, match=r"states of 2 conversations and 1 answers at 600 tokens each can take \d+ MB, "
                                          r"more than --cache_memory_mb .*lower --max_context_tokens"):
         check_cache_memory(our_model, ServeOptions(**OPTIONS, cache_memory_mb=bound / MB - 0.01))
     # the bound grows with every limit it depends on
     for more in ({"max_sessions": 3}, {"max_active": 2}, {"max_context_tokens": 1100}, {"talker_max_new_tokens": 500}):
-        assert cache_bound(our_model, ServeOptions(**{**OPTIONS, **more})) > bound, more
+        assert memory_bound(our_model, ServeOptions(**{**OPTIONS, **more})) > bound, more
 
 
 def test_max_active_0_runs_as_many_answers_as_the_cache_memory_holds(our_model):
     options = ServeOptions(**{**OPTIONS, "max_active": 0})
-    one, two = (cache_bound(our_model, ServeOptions(**{**OPTIONS, "max_active": n})) for n in (1, 2))
+    one, two = (memory_bound(our_model, ServeOptions(**{**OPTIONS, "max_active": n})) for n in (1, 2))
     each = two - one
     for budget, answers in ((one, 1), (one + 3 * each - 1, 3), (one + 3 * each, 4)):
         fitted = fit_to_memory(our_model, replace(options, cache_memory_mb=budget / MB))
         assert fitted.max_active == answers
-        assert cache_bound(our_model, fitted) <= budget < cache_bound(our_model, replace(fitted, max_active=answers + 1))
-    with pytest.raises(ValueError, match=r"holds no answer's KV caches next to 2 conversations at 600 tokens"):
+        assert memory_bound(our_model, fitted) <= budget < memory_bound(our_model, replace(fitted, max_active=answers + 1))
+    with pytest.raises(ValueError, match=r"holds no answer's KV caches and states next to 2 conversations at 600 tokens"):
         fit_to_memory(our_model, replace(options, cache_memory_mb=(one - 1) / MB))
     with pytest.raises(ValueError, match="--max_active 0 .* needs --cache_memory_mb"):
         fit_to_memory(our_model, options)
