@@ -82,7 +82,8 @@ async def _engine(app):
     for runner, rows, _ in cache_pools(model, options):
         runner.use_pool(rows, model.cache_dtype)
     app[ENGINE] = Engine(options.max_active, options.max_queue, options.engine == "batched")
-    # Requests are decoded and tokenized on one thread with a processor of its own: a fast tokenizer
+    # Requests (and voice conversations' texts) are decoded and tokenized on one thread with a
+    # processor of its own, not on the model's thread, which every conversation shares: a fast tokenizer
     # used from two threads at once fails ("Already borrowed"); the model thread keeps the original.
     state["preprocess"] = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
     state["request_processor"] = copy.deepcopy(state["processor"])
@@ -223,7 +224,8 @@ async def _voice(request):
     state["sessions"] += 1
     state["sockets"].add(ws)
     try:
-        await VoiceConversation(ws, request.app[ENGINE], state["model"], state["processor"], options).run()
+        await VoiceConversation(ws, request.app[ENGINE], state["model"], state["processor"], options,
+                                (state["preprocess"], state["request_processor"].tokenizer)).run()
     except (ConnectionError, Stopped):  # the client went away mid-send, or the server is stopping
         pass
     finally:

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 from aiohttp import WSMsgType
 
-from ..models.qwen2_5_omni.session import ConversationFull, ConversationSession
+from ..models.qwen2_5_omni.session import ConversationFull, ConversationSession, system_turn, typed_turn
 from ..models.qwen2_5_omni.streaming import SAMPLE_RATE, AudioChunk, TextDelta
 from ..utils.audio import Pieces
 from .engine import Busy, Failed, Finished, Started, Stopped, error_id
@@ -34,8 +34,11 @@ class ClientError(Exception):
 
 
 class VoiceConversation:
-    def __init__(self, ws, engine, model, processor, options):
+    """`preprocess`: (executor, tokenizer) that tokenize the conversation's texts off the model's thread."""
+
+    def __init__(self, ws, engine, model, processor, options, preprocess):
         self.ws, self.engine, self.model, self.processor, self.options = ws, engine, model, processor, options
+        self.preprocess = preprocess
         self.settings = AnswerSettings.defaults(options)
         if not model.has_talker:
             self.settings.audio = False
@@ -117,9 +120,15 @@ class VoiceConversation:
         if self.turn_open and self.session is not None and self.session.audio is None:
             self.discarding = True
 
+    async def tokens(self, text):
+        """`text`'s tokens, made on the preprocessing thread: the model's thread is every conversation's."""
+        executor, tokenizer = self.preprocess
+        return await asyncio.get_running_loop().run_in_executor(executor, lambda: tokenizer(text)["input_ids"])
+
     async def conversation(self):
         if self.session is None:
-            kwargs = {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
+            kwargs = {} if self.system_prompt is None else {
+                "system_prompt": self.system_prompt, "system_ids": await self.tokens(system_turn(self.system_prompt))}
             self.session = await self.engine.call(lambda: ConversationSession(
                 self.model, self.processor, max_tokens=self.options.max_context_tokens,
                 answer_room=self.settings.max_new_tokens, **kwargs))
@@ -146,7 +155,7 @@ class VoiceConversation:
             await self.stop_answer("barge_in")
             session = await self.conversation()
             mark = session.cache.length
-            await self.engine.call_steps(session.ask_steps, text)
+            await self.engine.call_steps(session.ask_steps, text, await self.tokens(typed_turn(text)))
             await self.answer_turn(mark)
         elif kind == "end":
             await self.end_turn()

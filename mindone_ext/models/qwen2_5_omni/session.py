@@ -55,11 +55,24 @@ class _AudioTurn:
         self.pieces = []  # per prefilled piece: (first window, last window + 1, cache slot it starts at, features)
 
 
+def system_turn(prompt):
+    """The system turn a conversation begins with, as the chat template writes it."""
+    return f"<|im_start|>system\n{prompt}<|im_end|>\n"
+
+
+def typed_turn(text):
+    """A typed user turn and the assistant's opening, as the chat template writes them."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
 class ConversationSession:
     """`max_tokens`: the conversation's limit (default and at most the Thinker's context);
-    `answer_room`: tokens a turn must leave free for its answer (an answer's max_new_tokens)."""
+    `answer_room`: tokens a turn must leave free for its answer (an answer's max_new_tokens);
+    `system_ids`: the tokens of system_turn(system_prompt) when the caller made them already (a
+    server tokenizes off the model's thread, as it does a typed turn's: see ask_steps)."""
 
-    def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT, max_tokens=None, answer_room=0):
+    def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT, max_tokens=None, answer_room=0,
+                 system_ids=None):
         self.model, self.processor = model, processor
         config = model.config.thinker_config
         context = config.text_config.max_position_embeddings
@@ -79,7 +92,7 @@ class ConversationSession:
         self.audio = None
         self.rewinds = 0  # prefilled audio pieces re-done because a louder frame moved the clamp
         self.turn_start = 0  # cache slot where the current user turn began: a failed turn rewinds here
-        self.add_text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n", "the system prompt")
+        prefill_now(self._add_text(system_turn(system_prompt), "the system prompt", ids=system_ids))
 
     # ------------------------------------------------------------------ prefilling
 
@@ -129,8 +142,8 @@ class ConversationSession:
     def add_text(self, text, what="this turn", answer=True):
         prefill_now(self._add_text(text, what, answer))
 
-    def _add_text(self, text, what="this turn", answer=True):
-        ids = self.processor.tokenizer(text)["input_ids"]
+    def _add_text(self, text, what="this turn", answer=True, ids=None):
+        ids = self.processor.tokenizer(text)["input_ids"] if ids is None else list(ids)
         if ids:
             self._check_room(len(ids), what, answer)
             yield from self._append(ids, self.model.thinker.embed(np.asarray(ids)[None]))
@@ -153,9 +166,12 @@ class ConversationSession:
         """A text question as the user's turn."""
         prefill_now(self.ask_steps(text))
 
-    def ask_steps(self, text):
+    def ask_steps(self, text, ids=None):
+        """`ids`: the tokens of typed_turn(text) when the caller made them already: a server's
+        text message may be up to 1 MiB, ~0.8 s to tokenize, which on the model's thread would
+        stall every conversation's answer."""
         with self._turn(begins=True):
-            yield from self._add_text(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+            yield from self._add_text(typed_turn(text), ids=ids)
 
     # ------------------------------------------------------------------ audio
 

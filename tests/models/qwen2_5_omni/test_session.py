@@ -221,3 +221,25 @@ def test_a_window_is_prefilled_as_soon_as_its_last_frame_is_final(our_model, pro
     inputs, want = one_shot(our_model, processor, spoken_prompt(processor), [wave])
     np.testing.assert_array_equal(session.ids, inputs["input_ids"])
     assert max_abs_diff(session.logits, want) <= 1e-4
+
+
+def test_texts_tokenized_by_the_caller_make_the_same_conversation_without_tokenizing_again(our_model, processor,
+                                                                                          monkeypatch):
+    """A server tokenizes a conversation's system prompt and typed turns on its preprocessing
+    thread (a 1 MiB text: ~0.8 s, which on the model's thread would stall every answer): given
+    those tokens, the session tokenizes nothing and holds what it holds when it tokenizes itself."""
+    from mindone_ext.models.qwen2_5_omni.prefills import prefill_now
+    from mindone_ext.models.qwen2_5_omni.session import system_turn, typed_turn
+
+    prompt, text = "You are terse.", "What is 2 + 2? Grüße, 你好"
+    own = ConversationSession(our_model, processor, system_prompt=prompt)
+    own.ask(text)
+    system_ids = processor.tokenizer(system_turn(prompt))["input_ids"]
+    turn_ids = processor.tokenizer(typed_turn(text))["input_ids"]
+    monkeypatch.setattr(processor, "tokenizer", None)  # tokenizing now fails
+    given = ConversationSession(our_model, processor, system_prompt=prompt, system_ids=system_ids)
+    prefill_now(given.ask_steps(text, turn_ids))
+    np.testing.assert_array_equal(given.ids, own.ids)
+    np.testing.assert_array_equal(given.logits, own.logits)
+    own.close()
+    given.close()
