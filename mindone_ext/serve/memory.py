@@ -78,7 +78,7 @@ def fit_to_memory(model, options):
     answers = int((budget - without) // each)
     if answers < 1:
         raise ValueError(
-            f"--cache_memory_mb {options.cache_memory_mb:g} holds no answer's KV caches and states next to {options.max_sessions} "
-            f"conversations at {context_tokens(model, options)} tokens each ({(without + each) / MB:.0f} MB for one "
-            f"answer): lower --max_context_tokens or --max_sessions")
+            f"--cache_memory_mb {options.cache_memory_mb:g} holds no answer's KV caches and states next to "
+            f"{options.max_sessions} conversations at {context_tokens(model, options)} tokens each "
+            f"({(without + each) / MB:.0f} MB for one answer): lower --max_context_tokens or --max_sessions")
     return replace(options, max_active=answers)

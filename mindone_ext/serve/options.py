@@ -27,7 +27,8 @@ class ServeOptions:
     api_key: Optional[str] = None
     allowed_origins: str = ""  # web pages (besides this server's own) that may call it: comma-separated origins
     stall_timeout: float = 600.0  # seconds one model step may take before /health/live answers 503
-    cache_memory_mb: Optional[float] = None  # the KV caches' and states' memory the limits above may need, at most (checked at start)
+    # the memory the limits above may need for KV caches and conversations' states, at most (checked at start)
+    cache_memory_mb: Optional[float] = None
     warmup: bool = True  # spoken turns through the model before serving (warmup.py): the first client's is warm
 
     def __post_init__(self):
