@@ -18,6 +18,11 @@ from .dit import Qwen2_5OmniToken2WavDiTModel, block_matrices, dit_layer, split_
 from .vocoder import Vocoder
 
 ONE_GRAPH_BYTES = 256 << 20  # see Qwen2_5OmniToken2WavModel.one_graph
+# What an RK4 step's graph may keep (see solve_rows): it saves a few ms of calls per step, which
+# matter when the step's work is small: one streamed window of the tiny checkpoint, not 16 (whose
+# step graphs kept ~180 MB more in a voice server, for no gain measured), never the released DiT
+STEP_GRAPH_BYTES = 32 << 20
+RK4_EVALUATIONS = 4  # the DiT's evaluations in one RK4 step (its graph keeps the activations of each)
 ACTIVATIONS_PER_LAYER = 16  # (frames x hidden)-sized tensors a DiT block's graph keeps, roughly
 NOISE_FRAMES = 30000  # the reference draws this much noise once and uses its first frames
 VOICES_KEPT = 8  # speakers whose ECAPA embedding is kept (see speaker_voice)
@@ -54,21 +59,29 @@ RK4_GRAPHS = tuple(StoredGraph(f"rk4{fn.__name__}", fn, ()) for fn in
                    (_second_point, _third_point, _fourth_point, _next_value))
 
 
-def rk4_integrate(f, y0, times):
-    """The reference's fixed-grid RK4 (3/8-rule variant): y at the last time. Scalars are
-    float32 and applied in the reference's order, so both round alike."""
-    second_point, third_point, fourth_point, next_value = RK4_GRAPHS
+def rk4_step(f, y, times, h, third, points=(_second_point, _third_point, _fourth_point, _next_value)):
+    """One step of the reference's RK4 (3/8-rule variant) from y: `times` its four evaluation
+    times, `points` the stage combinations (outside a graph: RK4_GRAPHS)."""
+    second_point, third_point, fourth_point, next_value = points
+    k1 = f(times[0], y)
+    k2 = f(times[1], second_point(y, k1, h, third))
+    k3 = f(times[2], third_point(y, k1, k2, h, third))
+    k4 = f(times[3], fourth_point(y, k1, k2, k3, h))
+    return next_value(y, k1, k2, k3, k4, h)
+
+
+def rk4_integrate(f, y0, times, step=None):
+    """The reference's fixed-grid RK4: y at the last time. Scalars are float32 and applied in the
+    reference's order, so both round alike. `step(y, times, h, third)`: a whole step as one
+    compiled graph (rk4_step inside it), instead of f's evaluations and the compiled stage
+    combinations called one by one (8 calls a step)."""
     one_third, two_thirds = np.float32(1 / 3), np.float32(2 / 3)
-    one_third_t = Tensor(one_third)
+    third = Tensor(one_third)
+    step = step or (lambda y, times, h, third: rk4_step(f, y, times, h, third, RK4_GRAPHS))
     y = y0
     for t0, t1 in zip(times[:-1], times[1:]):
         h = np.float32(t1 - t0)
-        h_t = Tensor(h)
-        k1 = f(t0, y)
-        k2 = f(t0 + h * one_third, second_point(y, k1, h_t, one_third_t))
-        k3 = f(t0 + h * two_thirds, third_point(y, k1, k2, h_t, one_third_t))
-        k4 = f(t1, fourth_point(y, k1, k2, k3, h_t))
-        y = next_value(y, k1, k2, k3, k4, h_t)
+        y = step(y, (t0, t0 + h * one_third, t0 + h * two_thirds, t1), Tensor(h), third)
     return y
 
 
@@ -95,18 +108,19 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         self.transposed = not on_ascend()
         self._copies = {}  # index in weights() -> (the Tensor over the Parameter's storage, its (in, out) copy)
 
-    def one_graph(self, frames):
+    def one_graph(self, frames, budget=None):
         """Whether one velocity evaluation over `frames` (all rows') runs as a single graph of the whole DiT:
-        yes while the activations it keeps allocated (see `dit_layer`) stay small; the released
-        DiT at a streaming window's size would keep ~0.8 GB, the tiny checkpoint's 4 MB."""
+        yes while the activations it keeps allocated (see `dit_layer`) stay within `budget` (default
+        ONE_GRAPH_BYTES); the released DiT at a streaming window's size would keep ~0.8 GB, the tiny
+        checkpoint's 4 MB."""
         dit = self.code2wav_dit_model
         hidden, layers = dit.proj_out.in_features, len(dit.transformer_blocks)
-        return 2 * frames * hidden * layers * ACTIVATIONS_PER_LAYER * 4 <= ONE_GRAPH_BYTES
+        return 2 * frames * hidden * layers * ACTIVATIONS_PER_LAYER * 4 <= (budget or ONE_GRAPH_BYTES)
 
     def _graphs(self, apply_cfg):
         """The compiled pieces of one velocity evaluation, with or without guidance: the whole DiT
         as one graph, or its input embedding, one DiT block shared by all blocks and its output,
-        each with the guidance. All take the weights as inputs, so each is stored once per machine
+        each with the guidance; and a whole RK4 step (four evaluations of the whole DiT). All take the weights as inputs, so each is stored once per machine
         (utils/graph_cache.py) and compiles once per frame count."""
         if apply_cfg not in self._compiled:
             dit = self.code2wav_dit_model
@@ -134,9 +148,14 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             def output(x, t_emb, guidance_scale, weights):
                 return guide(dit.output(x, t_emb, weights), guidance_scale)
 
+            def step(y, t0, t_a, t_b, t1, h, third, cond, code, voice, cos, sin, masks, guidance_scale, weights):
+                def f(t, x):
+                    return whole(x, cond, code, t, voice, cos, sin, masks, guidance_scale, weights)
+                return rk4_step(f, y, (t0, t_a, t_b, t1), h, third)
+
             self._compiled[apply_cfg] = tuple(StoredGraph(f"dit_{name}", function, constants) for name, function in
                                               (("whole", whole), ("embed", embed), ("block", block),
-                                               ("output", output)))
+                                               ("output", output), ("rk4_step", step)))
         return self._compiled[apply_cfg]
 
     def velocity(self, x, cond, code, t, cos, sin, masks, guidance_scale, voice, weights=None):
@@ -145,7 +164,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         for that scale (`speaker_voice`; rows of several speakers stacked as solve_rows does).
         `weights`: `graph_weights()`, made once for the many evaluations of one solve."""
         dit = self.code2wav_dit_model
-        whole, embed, layer, output = self._graphs(guidance_scale >= 1e-5)
+        whole, embed, layer, output, _ = self._graphs(guidance_scale >= 1e-5)
         scale = Tensor(np.float32(guidance_scale))
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
@@ -235,7 +254,20 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             return self.velocity(x, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice,
                                  weights)
 
-        return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient))[:count]
+        step = None
+        if self.one_graph(RK4_EVALUATIONS * len(rows) * length, STEP_GRAPH_BYTES):
+            # one call a step, not 8: on the CPU each graph call costs ~1 ms beyond its work, a
+            # third of a streamed window's solve on the tiny checkpoint (1 x 48 frames: 102 -> 71 ms)
+            step_graph, scale = self._graphs(apply_cfg)[4], Tensor(np.float32(guidance_scale))
+            new = None if (len(rows), length, "step") in self._shapes else f"the DiT for {length} mel frames"
+            self._shapes.add((len(rows), length, "step"))
+
+            def step(y, times, h, third):
+                with compiling(new):
+                    return step_graph(y, *(Tensor(t, ms.float32) for t in times), h, third, cond, code_t, voice, cos,
+                                      sin, ms.mutable(masks), scale, ms.mutable(weights))
+
+        return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient), step)[:count]
 
     def graph_weights(self):
         """The DiT's weights as its graphs take them. Tensor(p): the Parameter's storage, read by

@@ -258,6 +258,35 @@ def test_the_dit_as_one_graph_or_block_by_block_gives_the_same_velocity(our_mode
     released = SimpleNamespace(code2wav_dit_model=SimpleNamespace(proj_out=SimpleNamespace(in_features=1024),
                                                                   transformer_blocks=[None] * 22))
     assert not type(t2w).one_graph(released, 264)
+    # nor its RK4 step as one graph, even on one DiT block's frames
+    assert not type(t2w).one_graph(released, token2wav_module.RK4_EVALUATIONS * dit.block_size,
+                                   token2wav_module.STEP_GRAPH_BYTES)
+
+
+@pytest.mark.parametrize("rows,length", [(1, 48), (3, 96)])
+def test_an_ode_step_as_one_graph_equals_its_evaluations_one_by_one(our_model, monkeypatch, rows, length):
+    """The tiny DiT's RK4 steps on small windows run as one graph each (four evaluations and the
+    stage combinations); where four evaluations would keep too much they run one by one: both
+    give the same mel, with guidance and without."""
+    from mindone_ext.models.qwen2_5_omni import token2wav as token2wav_module
+    from mindone_ext.models.qwen2_5_omni.token2wav import OdeRow
+    from mindone_ext.nn.device import on_ascend
+
+    t2w = our_model.token2wav
+    speaker = our_model.speakers["Ethan"]
+    assert t2w.one_graph(token2wav_module.RK4_EVALUATIONS * rows * length, token2wav_module.STEP_GRAPH_BYTES)
+    for scale in (0.5, 0.0):
+        voice = t2w.speaker_voice(speaker.ref_mel, scale)
+        ode_rows = [OdeRow(rng.integers(0, 8193, length // 2 - 3 * i), rng.standard_normal((length - 6 * i, 80)).astype(
+            np.float32), np.asarray(speaker.cond, np.float32), voice) for i in range(rows)]
+        stepped = t2w.solve_rows(ode_rows, length, guidance_scale=scale).asnumpy()
+        monkeypatch.setattr(token2wav_module, "RK4_EVALUATIONS", 1 << 40)  # four evaluations never fit
+        evaluated = t2w.solve_rows(ode_rows, length, guidance_scale=scale).asnumpy()
+        monkeypatch.undo()
+        if on_ascend():  # a graph may fuse the stage combinations' operations: a rounding at most per operation
+            np.testing.assert_allclose(stepped, evaluated, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(stepped, evaluated)
 
 
 def test_the_graphs_use_weights_loaded_after_a_solve(our_model):
