@@ -262,10 +262,11 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             new = None if (len(rows), length, "step") in self._shapes else f"the DiT for {length} mel frames"
             self._shapes.add((len(rows), length, "step"))
 
-            def step(y, times, h, third):
+            def whole_step(y, times, h, third):
                 with compiling(new):
                     return step_graph(y, *(Tensor(t, ms.float32) for t in times), h, third, cond, code_t, voice, cos,
                                       sin, ms.mutable(masks), scale, ms.mutable(weights))
+            step = whole_step
 
         return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient), step)[:count]
 
