@@ -118,6 +118,8 @@ class Vocoder:
         """BigVGAN on each of `mels` (T, mel_dim) as if it were the whole input -> waveforms.
         Op by op, mels of equal length run as one batch (rows are independent: a row's samples
         are what it gets alone); compiled, each runs through the graph of `width` frames."""
+        if not mels:  # (a stream asks at every codec token)
+            return []
         if self.compiled:
             weights = ms.mutable(self.bigvgan.graph_weights())  # ~300 views: 2.5 ms, made once for the mels
             return [self._compiled_window(mel, weights) for mel in mels]
