@@ -95,7 +95,7 @@ def test_cold_start_bench_output_form():
     graphs, summary = lines[:-1], lines[-1]
     assert summary["summary"] is True and summary["graphs"] == len(graphs) >= 10
     names = {g["graph"] for g in graphs}
-    assert {"thinker_step", "talker_step", "dit_whole", "bigvgan", "audio_stem"} <= names
+    assert {"thinker_step", "talker_step", "dit_rk4_step", "bigvgan", "audio_stem"} <= names
     assert [g["extra_ms"] for g in graphs] == sorted((g["extra_ms"] for g in graphs), reverse=True)
     assert all(g["calls"] >= 1 and g["first_ms"] > 0 and len(g["input"]) >= 1 for g in graphs)
     assert summary["cold_s"] > 0 and summary["warm_s"] > 0
