@@ -120,8 +120,9 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
     def _graphs(self, apply_cfg):
         """The compiled pieces of one velocity evaluation, with or without guidance: the whole DiT
         as one graph, or its input embedding, one DiT block shared by all blocks and its output,
-        each with the guidance; and a whole RK4 step (four evaluations of the whole DiT). All take the weights as inputs, so each is stored once per machine
-        (utils/graph_cache.py) and compiles once per frame count."""
+        each with the guidance; and a whole RK4 step (four evaluations of the whole DiT). All take
+        the weights as inputs, so each is stored once per machine (utils/graph_cache.py) and
+        compiles once per frame count."""
         if apply_cfg not in self._compiled:
             dit = self.code2wav_dit_model
             heads, head_dim = dit.transformer_blocks[0].heads, dit.head_dim
@@ -256,7 +257,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
 
         step = None
         if self.one_graph(RK4_EVALUATIONS * len(rows) * length, STEP_GRAPH_BYTES):
-            # one call a step, not 8: on the CPU each graph call costs ~1 ms beyond its work, a
+            # one call a step, not 8: on the CPU each graph call costs ~0.5 ms beyond its work, a
             # third of a streamed window's solve on the tiny checkpoint (1 x 48 frames: 102 -> 71 ms)
             step_graph, scale = self._graphs(apply_cfg)[4], Tensor(np.float32(guidance_scale))
             new = None if (len(rows), length, "step") in self._shapes else f"the DiT for {length} mel frames"
