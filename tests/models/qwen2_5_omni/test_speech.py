@@ -263,7 +263,7 @@ def test_the_dit_as_one_graph_or_block_by_block_gives_the_same_velocity(our_mode
                                    token2wav_module.STEP_GRAPH_BYTES)
 
 
-@pytest.mark.parametrize("rows,length", [(1, 48), (3, 96)])
+@pytest.mark.parametrize("rows,length", [(1, 48), (2, 48)])
 def test_an_ode_step_as_one_graph_equals_its_evaluations_one_by_one(our_model, monkeypatch, rows, length):
     """The tiny DiT's RK4 steps on small windows run as one graph each (four evaluations and the
     stage combinations); where four evaluations would keep too much they run one by one: both
