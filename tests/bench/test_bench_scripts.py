@@ -132,15 +132,17 @@ def test_serve_load_bench_answers_every_turn_and_frees_the_server():
     assert result["answered"] == 12 and result["busy_refusals"] > 0  # 3 clients, 4 rounds
     assert (result["hung"], result["mismatched"], result["refused"]) == (0, 0, 0)
     assert (result["sessions_after"], result["caches_after"]) == (0, 0)
-    # a round that meets a shape first compiles (or loads) a graph, which stays allocated: up to
-    # ~15 MB each (which round meets which shapes depends on how its turns interleave and on what
-    # the run's store holds: CI runs saw -0 +87 0 MB; graphs loaded in each of 3 rounds, +3 +8 +3;
-    # 10 graphs compiled in the first round, +148 MB). A leak adds in every round, those that met
-    # no new graph too, which must add nothing; a round adds at most 24 MB a graph it met
+    # a round that meets a shape first compiles (or loads) a graph, which stays allocated (which
+    # round meets which shapes depends on how its turns interleave and on what the run's store
+    # holds: CI runs saw -0 +87 0 MB; graphs loaded in each of 3 rounds, +3 +8 +3; 10 graphs
+    # compiled in the first round, +148 MB; 2 compiled, +122 MB). Compiled from source in a fresh
+    # store, one graph added up to 270 MB (BigVGAN's), a 4-row Thinker prefill 146 MB, an RK4 step
+    # ~50 MB (measured in the server). A leak adds in every round, those that met no new graph
+    # too, which must add nothing; a round that met graphs adds at most what they hold
     rss = [result["rss_before_mb"]] + result["rss_after_mb"]
     graphs = [result["graphs_before"]] + result["graphs_after"]
     rounds = [(b - a, g - f) for a, b, f, g in zip(rss, rss[1:], graphs, graphs[1:])]
-    assert all(added < 16 + 24 * compiled for added, compiled in rounds), rounds
+    assert all(added < 16 + 300 * compiled for added, compiled in rounds), rounds
     assert result["first_audio_p50_s"] > 0
 
 

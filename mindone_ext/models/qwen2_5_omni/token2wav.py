@@ -264,10 +264,11 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             # one call a step, not 8: on the CPU each graph call costs ~0.5 ms beyond its work, a
             # third of a streamed window's solve on the tiny checkpoint (1 x 48 frames: 102 -> 71 ms)
             step_graph, scale = self._graphs(apply_cfg)[4], Tensor(np.float32(guidance_scale))
-            new = None if (len(rows), length, "step") in self._shapes else f"the DiT for {length} mel frames"
-            self._shapes.add((len(rows), length, "step"))
+            shape = (len(rows), length, "step")
 
             def whole_step(y, times, h, third):
+                new = None if shape in self._shapes else f"the DiT for {length} mel frames"  # (its first step only)
+                self._shapes.add(shape)
                 with compiling(new):
                     return step_graph(y, *(Tensor(t, ms.float32) for t in times), h, third, cond, code_t, voice, cos,
                                       sin, ms.mutable(masks), scale, ms.mutable(weights))
