@@ -18,13 +18,15 @@ from .dit import Qwen2_5OmniToken2WavDiTModel, block_matrices, dit_layer, split_
 from .vocoder import Vocoder
 
 ONE_GRAPH_BYTES = 256 << 20  # see Qwen2_5OmniToken2WavModel.one_graph
-# What an RK4 step's graph may keep (see solve_rows). It saves ~30 ms of graph calls per solve,
-# but its first call in a process costs ~100 ms more than the graphs it replaces, once per window
-# length: so only the short windows (the tiny checkpoint's streamed first chunks, up to 128 frames
-# of one row: the first audio) take it; a longer one, where 30 ms is a smaller share, and a 16-row
-# batch (its step graphs kept ~180 MB more in a voice server) do not, nor does the released DiT.
-# Measured in alternating processes against 32 MB: a whole answer's cold call 1.02-1.07 s against
-# 1.08-1.13, a process's first streamed answer 1.79-1.84 s against 1.97-2.08, later streams alike
+# What an RK4 step's graph may keep of activations, as one_graph estimates them (see solve_rows;
+# a server that compiled them from source grew 6-52 MB per step graph, compiling included). It
+# saves ~30 ms of graph calls per solve, but its first call in a process costs ~100 ms more than
+# the graphs it replaces, once per window length: so only the short windows (the tiny checkpoint's
+# streamed first chunks, up to 128 frames of one row: the first audio) take it; a longer one, where
+# 30 ms is a smaller share, and a 16-row batch (its step graphs kept ~180 MB more in a voice
+# server) do not, nor does the released DiT. Measured in alternating processes against 32 MB: a
+# whole answer's cold call 1.02-1.07 s against 1.08-1.13, a process's first streamed answer
+# 1.79-1.84 s against 1.97-2.08, later streams alike
 STEP_GRAPH_BYTES = 8 << 20
 RK4_EVALUATIONS = 4  # the DiT's evaluations in one RK4 step (its graph keeps the activations of each)
 ACTIVATIONS_PER_LAYER = 16  # (frames x hidden)-sized tensors a DiT block's graph keeps, roughly
