@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ..utils import native_kernels
+from . import native_linear
 from . import ops as P
 from .kv_cache import write_step
 
@@ -40,6 +41,7 @@ class DecoderKernels(NamedTuple):
         """Built for float32 on the CPU when a compiler is there (native_kernels.library), else ops."""
         if dtype != ms.float32:
             return cls()
+        native_linear.enable()  # (its large linears too: nn/native_linear.py)
         library = native_kernels.library(SOURCE)
         if library is None:
             return cls()

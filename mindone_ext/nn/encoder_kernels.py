@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ..utils import native_kernels
+from . import native_linear
 from . import ops as P
 
 SOURCE = native_kernels.source("encoder_layer.cc")
@@ -31,6 +32,7 @@ class EncoderKernels(NamedTuple):
         """Built for float32 on the CPU when a compiler is there (native_kernels.library), else ops."""
         if dtype != ms.float32:
             return cls()
+        native_linear.enable()  # (its large linears too: nn/native_linear.py)
         library, decoder = native_kernels.library(SOURCE), native_kernels.library(DECODER_SOURCE)
         if library is None or decoder is None:
             return cls()

@@ -9,6 +9,7 @@ import math
 import mindspore as ms
 from mindspore import mint, ops
 
+from . import native_linear
 from .device import on_ascend
 
 # ---------------------------------------------------------------- normalisation
@@ -87,18 +88,6 @@ def silu(x):
 # ---------------------------------------------------------------- linear
 
 _times_transposed = ops.MatMul(transpose_b=True)
-_times = ops.MatMul()
-
-# Where the CPU's MatMul is faster as (weight @ x.T).T than as x @ weight.T (bench/linear_layouts.py,
-# MindSpore 2.7.1): 16-128 rows against a weight of 1M elements or more, 1.2-5x (medians over the
-# encoders' and decoders' shapes 0.48-0.84 of the time; a 7B-shaped audio layer's 5120 -> 1280
-# projection on 100 rows: 15.3 -> 9.0 ms; its 32 layers on 2 s of audio 1.6 -> 1.3 s). Elsewhere it
-# is as fast or slower: 2-12 rows up to 3x slower, 192 rows and more about even but up to 2x slower
-# on some shapes, small weights even, and an output much wider than the input (a vocabulary's head
-# from 64 features: 2-4x slower) spends what it saves on transposing the output back.
-FLIPPED_ROWS = (16, 128)
-FLIPPED_MIN_WEIGHT = 1 << 20
-FLIPPED_MAX_WIDENING = 8  # output features per input feature
 
 
 def ascend_linear(x, weight, bias=None):
@@ -106,26 +95,19 @@ def ascend_linear(x, weight, bias=None):
 
 
 def exact_linear(x, weight, bias=None):
-    # x @ weight.T, or (weight @ x.T).T where that is faster (FLIPPED_ROWS). The first is, in a
-    # graph, the same kernels mint's linear runs on the CPU (bit for bit), where MindSpore has no
-    # Dense kernel and expands it at each compile, reshapes sized at run time by a ShapeCalc node;
-    # here the shapes are constants. A loaded graph of 40 linears: first call 30 -> 13 ms, later
-    # calls 2.3 -> 1.3 ms (measured, bench/cold_start.py's graphs likewise)
+    # x @ weight.T: a large float32 weight through the native kernel (nn/native_linear.py), others
+    # through MatMul, in a graph the same kernels mint's linear runs on the CPU (bit for bit),
+    # where MindSpore has no Dense kernel and expands it at each compile, reshapes sized at run
+    # time by a ShapeCalc node; here the shapes are constants. A loaded graph of 40 linears: first
+    # call 30 -> 13 ms, later calls 2.3 -> 1.3 ms (measured, bench/cold_start.py's graphs likewise)
     rows = x.reshape(-1, x.shape[-1])
-    if flipped(rows.shape[0], weight.shape):
-        out = _times(weight, rows.T).T
-    else:
-        out = _times_transposed(rows, weight)
-    out = out.reshape(x.shape[:-1] + (weight.shape[0],))
+    shape = x.shape[:-1] + (weight.shape[0],)
+    if native_linear.takes(weight, x.dtype):
+        kernels = native_linear.KERNELS
+        out = kernels.plain(rows, weight) if bias is None else kernels.biased(rows, weight, bias)
+        return out.reshape(shape)
+    out = _times_transposed(rows, weight).reshape(shape)
     return out if bias is None else out + bias
-
-
-def flipped(rows, weight_shape):
-    """Whether `exact_linear` computes (weight @ x.T).T for `rows` rows and a weight of
-    `weight_shape` (out, in) (see FLIPPED_ROWS)."""
-    out, into = weight_shape
-    return (FLIPPED_ROWS[0] <= rows <= FLIPPED_ROWS[1] and out * into >= FLIPPED_MIN_WEIGHT
-            and out <= FLIPPED_MAX_WIDENING * into)
 
 
 def linear(x, weight, bias=None):

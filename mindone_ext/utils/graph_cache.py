@@ -136,8 +136,10 @@ class StoredGraph:
         return self._jits[counts]
 
     def key(self, inputs):
+        from ..nn import native_linear  # (it builds through this package's utils)
+
         parts = (self.name, repr(self.constants), repr(signature(inputs)), source_hash(), ms.__version__,
-                 ms.get_context("device_target"))
+                 ms.get_context("device_target"), repr(native_linear.library()))
         return f"{self.name}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def _load(self, folder, key, spread, counts):

@@ -51,9 +51,10 @@ def compiler():
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def library(source):
+def library(source, links=()):
     """The path of `source` (a .cc file) built as a shared library, built if need be; None when
-    native kernels are off or it cannot be built (warned once per source and reason)."""
+    native kernels are off or it cannot be built (warned once per source and reason). `links`:
+    the linker's arguments for the libraries it calls (part of what the file is built from)."""
     if not enabled():
         return None
     cxx = compiler()
@@ -61,7 +62,7 @@ def library(source):
         _warn_once(f"no C++ compiler found (set CXX or install g++): {os.path.basename(source)} runs as "
                    f"MindSpore ops, which is slower; {ENV}=off silences this")
         return None
-    return _build(source, _code(source), cxx, cache_folder())
+    return _build(source, _code(source), cxx, cache_folder(), tuple(links))
 
 
 def _code(source):
@@ -76,19 +77,20 @@ def _code(source):
 
 
 @lru_cache(maxsize=None)
-def _build(source, code, cxx, folder):
+def _build(source, code, cxx, folder, links=()):
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, timeout=60).stdout
     except OSError as error:
         _warn_once(f"the C++ compiler {cxx} does not run ({error}): {os.path.basename(source)} runs as MindSpore ops")
         return None
-    digest = hashlib.sha256(b"\0".join([code, cxx.encode(), " ".join(FLAGS).encode(), version])).hexdigest()[:16]
+    flags = " ".join(FLAGS + links).encode()
+    digest = hashlib.sha256(b"\0".join([code, cxx.encode(), flags, version])).hexdigest()[:16]
     name = f"{os.path.splitext(os.path.basename(source))[0]}-{digest}.so"
     for place in ([os.path.join(folder, "kernels")] if folder else []) + [None]:
         try:
             target = os.path.join(place or _process_folder(), name)
             if not os.path.exists(target):
-                _compile(cxx, source, target)
+                _compile(cxx, source, target, links)
             return target
         except OSError:
             continue  # a folder that cannot be written: this process's temporary one
@@ -100,9 +102,9 @@ def _build(source, code, cxx, folder):
     return None
 
 
-def _compile(cxx, source, target):
+def _compile(cxx, source, target, links=()):
     with written_atomically(target) as temporary:
-        subprocess.run([cxx, *FLAGS, source, "-o", temporary], check=True, capture_output=True, timeout=600)
+        subprocess.run([cxx, *FLAGS, source, "-o", temporary, *links], check=True, capture_output=True, timeout=600)
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ...nn import ops as P
+from ...nn import native_linear, ops as P
 from ...nn.layers import Embedding, Linear
 from ...nn.rotary import rope_inv_freq
 from ...utils import native_kernels
@@ -165,6 +165,7 @@ class DiTKernels(NamedTuple):
         """Built for float32 on the CPU when a compiler is there (native_kernels.library), else ops."""
         if dtype != ms.float32:
             return cls()
+        native_linear.enable()  # (its large linears too: nn/native_linear.py)
         attention, modulation = native_kernels.library(ATTENTION_SOURCE), native_kernels.library(MODULATION_SOURCE)
         element_wise = [native_kernels.custom_op(modulation, name) for name in ("ModulatedNorm", "GatedResidual",
                                                                                  "GeluTanh")]
