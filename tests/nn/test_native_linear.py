@@ -139,3 +139,42 @@ def test_a_wide_audio_encoder_through_the_kernel_equals_the_reference(windows):
     assert native_linear.takes(ours.layers[0].fc1.weight, ms.float32)
     assert got.shape == want.shape and np.abs(want.numpy()).mean() > 0.1
     assert max_abs_diff(got, want.numpy()) <= 1e-4
+
+
+def test_a_wide_dit_through_the_kernel_equals_the_reference():
+    """A DiT block as wide as the 7B's (1024: its projections are the kernel's, in the checkpoint's
+    layout), its compiled guided velocity against the reference's forward on the same weights."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as reference
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniToken2WavConfig
+
+    from bench.common import copy_weights
+    from mindone_ext.models.qwen2_5_omni.token2wav import Qwen2_5OmniToken2WavModel
+
+    config = Qwen2_5OmniToken2WavConfig(
+        dit_config=dict(hidden_size=SIDE, num_hidden_layers=1, num_attention_heads=16, head_dim=64,
+                        look_ahead_layers=[0], look_backward_layers=[0], enc_emb_dim=16, enc_dim=32,
+                        enc_channels=[32, 32, 32, 32, 96], enc_attention_channels=16, enc_se_channels=16),
+        bigvgan_config=dict(upsample_initial_channel=128, resblock_kernel_sizes=[3, 7],
+                            resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]]))
+    torch.manual_seed(5)
+    theirs = reference.Qwen2_5OmniToken2WavModel._from_config(config).eval().float()
+    ours = Qwen2_5OmniToken2WavModel(config)
+    copy_weights(theirs, ours)
+    dit = ours.code2wav_dit_model
+    assert native_linear.takes(dit.transformer_blocks[0].attn.to_q.weight, ms.float32)
+    rng = np.random.default_rng(5)
+    frames, scale = 62, 0.5  # a partial last block
+    x = rng.standard_normal((1, frames, 80)).astype(np.float32)
+    mel = rng.standard_normal((1, 40, 80)).astype(np.float32)
+    cond = rng.standard_normal((1, frames, 16)).astype(np.float32)
+    code = rng.integers(0, 8193, size=(1, frames // 2))
+    cos, sin, masks = dit.frame_inputs(frames, ms.float32)
+    voice = ours.speaker_voice(mel, scale)
+    got = ours.velocity(Tensor(x), Tensor(cond), Tensor(code, ms.int32), Tensor(np.float32(0.37)), cos, sin, masks,
+                        scale, voice).asnumpy()
+    with torch.no_grad():
+        out = theirs.code2wav_dit_model(torch.tensor(x), torch.tensor(mel), torch.tensor(cond), torch.tensor(code),
+                                        torch.tensor(0.37), apply_cfg=True).numpy()
+    guided, null = np.split(out, 2)
+    want = guided + (guided - null) * scale
+    assert np.abs(want).mean() > 0.1 and max_abs_diff(got, want) <= 1e-4

@@ -245,46 +245,32 @@ def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, 
     return P.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
 
 
-def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed=False, kernels=DiTKernels()):
+def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, kernels=DiTKernels()):
     """One DiT block as a pure function of its weights (see `DiTDecoderLayer.weights`): AdaLN-zero
     modulation by the time embedding, windowed attention with rotary on the first head, GELU-tanh
     MLP. Written over weights rather than a cell so that one compiled graph serves every layer:
     MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
     (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared.
-    `transposed`: the projections' matrices (BLOCK_MATRICES) come as (in, out), see `dense`;
-    `kernels`: the native CPU kernels to use (`DiTKernels`; default none: MindSpore ops)."""
+    `kernels`: the native CPU kernels to use (`DiTKernels`; default none: MindSpore ops). On the
+    CPU the 7B's projections run through the native linear (nn/native_linear.py) in the
+    checkpoint's layout: it took 0.57-0.91x the time of MatMul on (in, out) copies of the matrices,
+    which the graphs had taken before (+0.7 GB, measured then; 4 evaluations of 1 x 48 frames 1.22-1.26 s ->
+    0.82-0.84 s, 144 frames 3.1-3.6 s -> 2.06-2.18 s, 456 frames 7.2-7.7 s -> 6.45-6.53 s)."""
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
     linear = P.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)
     # each projection's bias is added by what follows it (on the CPU, inside its native kernel)
     h = modulated_norm(x, scale_msa, shift_msa, kernels.modulated_norm)
-    q, k, v = (dense(h, w, transposed) for w in (q_w, k_w, v_w))
+    q, k, v = (linear(h, w) for w in (q_w, k_w, v_w))
     # rotary on the first head only (see rotation_tables)
     attended = rotary_window_attention(q, k, v, (q_b, k_b, v_b), cos, sin, window, heads, head_dim, kernels.attention)
-    x = gated_residual(x, gate_msa, dense(attended, o_w, transposed), o_b, kernels.gated_residual)
+    x = gated_residual(x, gate_msa, linear(attended, o_w), o_b, kernels.gated_residual)
     h = modulated_norm(x, scale_mlp, shift_mlp, kernels.modulated_norm)
-    up = gelu_tanh(dense(h, up_w, transposed), up_b, kernels.gelu_tanh)
-    return gated_residual(x, gate_mlp, dense(up, down_w, transposed), down_b, kernels.gated_residual)
-
-
-def dense(x, weight, transposed):
-    """x (B, T, in) @ weight.T (no bias), `weight` (out, in) as the checkpoint stores it; with
-    `transposed`, `weight` is given as (in, out). The CPU's MatMul with a transposed right operand
-    took 1.5-2x as long at the few hundred rows of a streaming window (7B DiT, 144 rows x 1024 x
-    1024: ~3.5 ms against ~2 ms; equal at 2064 rows; measured), so on the CPU the graphs take
-    copies laid out (in, out) (Qwen2_5OmniToken2WavModel.graph_weights)."""
-    if not transposed:
-        return P.linear(x, weight)
-    return ops.matmul(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[0], x.shape[1], -1)
+    up = gelu_tanh(linear(h, up_w), up_b, kernels.gelu_tanh)
+    return gated_residual(x, gate_mlp, linear(up, down_w), down_b, kernels.gated_residual)
 
 
 EMBED_WEIGHTS, BLOCK_WEIGHTS, OUTPUT_WEIGHTS = 7, 14, 4  # their counts in the DiT's `weights()`
-BLOCK_MATRICES = (2, 4, 6, 8, 10, 12)  # the projections' matrices among a block's weights (q, k, v, out, up, down)
-
-
-def block_matrices(blocks):
-    """Where the projection matrices of `blocks` blocks sit in the DiT's `weights()`."""
-    return [EMBED_WEIGHTS + BLOCK_WEIGHTS * i + j for i in range(blocks) for j in BLOCK_MATRICES]
 
 
 def split_weights(weights, blocks):
@@ -420,19 +406,16 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         return linear(modulated_norm(x, scale, shift, self.kernels.modulated_norm), proj_w, proj_b)
 
     def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None,
-            transposed=False):
+            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None):
         """The forward on prepared frame inputs (see `frame_inputs`) and `weights` (default this
-        model's own, see `weights()`; with `transposed`, the blocks' projection matrices (in, out),
-        see `dense`); Token2Wav compiles it whole, or its `embed`, `dit_layer` per block and
-        `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
+        model's own, see `weights()`); Token2Wav compiles it whole, or its `embed`, `dit_layer` per
+        block and `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
         embed, blocks, output = split_weights(self.weights() if weights is None else weights,
                                               len(self.transformer_blocks))
         x, t_emb = self.embed(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
                               drop_audio_conditioning, drop_code, apply_cfg, voice, embed)
         for i, block in enumerate(self.transformer_blocks):
-            x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim, transposed,
-                          self.kernels)
+            x = dit_layer(x, t_emb, cos, sin, masks[i], blocks[i], block.heads, block.head_dim, self.kernels)
         return self.output(x, t_emb, output)
 
     def construct(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,

@@ -9,12 +9,11 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ...generation.decode import bucket
-from ...nn.device import on_ascend
 from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
 from ...utils.stored_values import stored_value
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
-from .dit import Qwen2_5OmniToken2WavDiTModel, block_matrices, dit_layer, split_weights
+from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer, split_weights
 from .vocoder import Vocoder
 
 ONE_GRAPH_BYTES = 256 << 20  # see Qwen2_5OmniToken2WavModel.one_graph
@@ -110,9 +109,6 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         self._compiled, self._shapes = {}, set()  # (graphs) per guidance on/off; x shapes run
         self._voices = []  # (reference mel, with guidance, its speaker_voice), newest first
         self.vocoder = Vocoder(self.code2wav_bigvgan_model)
-        # the graphs take the blocks' projection matrices as (in, out) copies on the CPU (dit.dense)
-        self.transposed = not on_ascend()
-        self._copies = {}  # index in weights() -> (the Tensor over the Parameter's storage, its (in, out) copy)
 
     def one_graph(self, frames, budget=None):
         """Whether one velocity evaluation over `frames` (all rows') runs as a single graph of the whole DiT:
@@ -132,9 +128,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         if apply_cfg not in self._compiled:
             dit = self.code2wav_dit_model
             heads, head_dim = dit.transformer_blocks[0].heads, dit.head_dim
-            transposed = self.transposed
-            constants = (heads, head_dim, dit.repeats, dit.time_embed.freq_dim, apply_cfg, transposed,
-                         dit.kernels.libraries)
+            constants = (heads, head_dim, dit.repeats, dit.time_embed.freq_dim, apply_cfg, dit.kernels.libraries)
 
             def guide(out, guidance_scale):
                 if not apply_cfg:
@@ -144,13 +138,13 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
 
             def whole(x, cond, code, t, voice, cos, sin, masks, guidance_scale, weights):
                 return guide(dit.run(x, None, cond, code, t, cos, sin, masks, apply_cfg=apply_cfg, voice=voice,
-                                     weights=weights, transposed=transposed), guidance_scale)
+                                     weights=weights), guidance_scale)
 
             def embed(x, cond, code, t, voice, weights):
                 return dit.embed(x, None, cond, code, t, apply_cfg=apply_cfg, voice=voice, weights=weights)
 
             def block(x, t_emb, cos, sin, window, weights):
-                return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, transposed, dit.kernels)
+                return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, dit.kernels)
 
             def output(x, t_emb, guidance_scale, weights):
                 return guide(dit.output(x, t_emb, weights), guidance_scale)
@@ -280,21 +274,9 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
 
     def graph_weights(self):
         """The DiT's weights as its graphs take them. Tensor(p): the Parameter's storage, read by
-        the graph (no copy); made per solve, not per evaluation (~70 tensors: ~2 ms a call). On
-        the CPU the blocks' projection matrices are (in, out) copies (dit.dense; the 7B's DiT:
-        +0.7 GB), made on the first solve and again for a matrix whose Parameter has new storage
-        (a checkpoint loaded by set_data): each copy keeps the Tensor it was made from, which
-        holds the old storage, so a new one can never have its address. A matrix changed in
-        place (ops.assign) would not be seen: nothing here trains the DiT."""
-        weights = [Tensor(w) for w in self.code2wav_dit_model.weights()]
-        if self.transposed:
-            for i in block_matrices(len(self.code2wav_dit_model.transformer_blocks)):
-                source, copy = self._copies.get(i, (None, None))
-                if source is None or source.data_ptr() != weights[i].data_ptr():
-                    source, copy = weights[i], Tensor(np.ascontiguousarray(weights[i].asnumpy().T))
-                    self._copies[i] = source, copy
-                weights[i] = copy
-        return tuple(weights)
+        the graph (no copy), so weights loaded after a solve (set_data) reach the next one; made
+        per solve, not per evaluation (~70 tensors: ~2 ms a call)."""
+        return tuple(Tensor(w) for w in self.code2wav_dit_model.weights())
 
     def sample_mel(self, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
                    noise=None, seed=None):

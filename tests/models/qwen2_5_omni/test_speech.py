@@ -290,13 +290,10 @@ def test_an_ode_step_as_one_graph_equals_its_evaluations_one_by_one(our_model, m
 
 
 def test_the_graphs_use_weights_loaded_after_a_solve(our_model):
-    """On the CPU the DiT's graphs take (in, out) copies of the blocks' projection matrices
-    (dit.dense), kept between solves: weights set afterwards (as a checkpoint is loaded) must reach
-    the next evaluation. The graphs' guided velocity against the op-by-op DiT (the checkpoint's
-    layout) before and after the blocks' matrices change, twice (a freed buffer's address comes
-    back on the second change)."""
-    from mindone_ext.models.qwen2_5_omni.dit import block_matrices
-
+    """The DiT's graphs take its weights as inputs, made per solve (graph_weights): weights set
+    afterwards (as a checkpoint is loaded) must reach the next evaluation. The graphs' guided
+    velocity against the op-by-op DiT before and after the blocks' matrices change, twice (a freed
+    buffer's address comes back on the second change)."""
     t2w = our_model.token2wav
     dit = t2w.code2wav_dit_model
     speaker = our_model.speakers["Chelsie"]
@@ -313,8 +310,7 @@ def test_the_graphs_use_weights_loaded_after_a_solve(our_model):
         guided, null = np.split(dit(x, Tensor(speaker.ref_mel), cond, code, t, apply_cfg=True).asnumpy(), 2)
         return graph, guided + (guided - null) * scale
 
-    weights = dit.weights()
-    matrices = [weights[i] for i in block_matrices(len(dit.transformer_blocks))]
+    matrices = [w for block in dit.transformer_blocks for w in block.weights() if w.ndim == 2]
     saved = [m.asnumpy() for m in matrices]
     outputs = []
     try:
