@@ -27,7 +27,7 @@ from common import emit, median_seconds  # noqa: E402
 SHAPES = [(1280, 1280), (1280, 5120), (5120, 1280), (1280, 3420), (3420, 1280), (896, 896), (896, 4864),
           (4864, 896), (3584, 3584), (3584, 18944), (18944, 3584), (1024, 1024), (896, 8448), (64, 151936),
           (896, 151936), (512, 512), (256, 256)]
-ROWS = [1, 4, 8, 16, 32, 64, 100, 128, 256, 512, 1024, 2064]
+ROWS = [1, 4, 8, 15, 16, 32, 64, 100, 128, 256, 512, 1024, 2064]
 PAIRS = 3
 
 
@@ -105,7 +105,7 @@ def time_shape(into, out, rows_list, repeats):
         tx, tw, tw2 = (torch.from_numpy(a) for a in (x, w, w2))
         mx, mw, mw2 = (Tensor(a) for a in (x, w, w2))
         record = dict(bench="linear", in_features=into, out_features=out, rows=rows,
-                      native=native_linear.takes(mw, ms.float32))
+                      native=native_linear.takes(rows, mw, ms.float32))
         for name, fn in (("matmul_ms", lambda: matmul(mx, mw, mw2).asnumpy()),
                          ("native_ms", lambda: native(mx, mw, mw2).asnumpy()),
                          ("torch_ms", lambda: by_torch(tx, tw, tw2))):

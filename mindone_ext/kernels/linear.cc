@@ -1,16 +1,9 @@
 // The CPU's large linear layers, x @ weight^T (+ bias), through oneDNN's sgemm: the library
 // MindSpore's CPU backend ships (mindspore/lib/libdnnl.so.2) and its MatMul runs, called here
-// directly on column slices of the output, one per core (nn/native_linear.py). MindSpore's MatMul
-// took 1.1-2.3x as long on the same products (7B encoders' and 0.5B decoders' shapes, 1-2064 rows;
-// bench/linear.py), and its flipped form, which had been faster at 16-128 rows on an earlier
-// machine, was slower on the next one.
-//
-// The slices depend only on the weight's shape and the cores, never on the rows: a row's result is
-// the same whatever rows it comes with (an answer alone and in a batch), and small products run
-// the same slices one after the other on the calling thread.
+// directly on column slices of the output, one per core (nn/native_linear.py says where it is
+// used and what it measured). The slices depend only on the weight's shape and the cores.
 #include <algorithm>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #include "parallel.h"
@@ -21,8 +14,7 @@ extern "C" int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_
 
 namespace {
 
-const int64_t SLICE_ALIGN = 16;             // columns: one AVX-512 register of float32
-const int64_t PRODUCTS_PER_THREAD = 1 << 21;  // multiply-adds below which a thread costs more than it saves
+const int64_t SLICE_ALIGN = 16;  // columns: one AVX-512 register of float32
 
 // Inputs: x (rows, in), weight (out, in)[, bias (out,)]; output (rows, out).
 int linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool biased) {
@@ -48,7 +40,7 @@ int linear(int nparam, void **params, int *ndims, int64_t **shapes, const char *
           for (int64_t c = lo; c < hi; ++c) out[r * outs + c] += bias[c];
     }
   };
-  native::parallel_ranges(slices, rows * in * outs, PRODUCTS_PER_THREAD, run);
+  native::parallel_ranges(slices, slices, 1, run);  // a slice per thread
   return std::any_of(status.begin(), status.end(), [](int s) { return s != 0; }) ? 1 : 0;
 }
 

@@ -1,11 +1,15 @@
 """The CPU's large linear layers as one native kernel (kernels/linear.cc): x @ weight^T (+ bias)
 through oneDNN's sgemm, which MindSpore ships and its own MatMul runs, on column slices of the
-output, one per core. `nn/ops.exact_linear` takes it for float32 weights of MIN_WEIGHT elements or
-more once a model part has called `enable` (the kernels' builders do, for float32 on the CPU).
+output, one per core. `nn/ops.exact_linear` takes it for MIN_ROWS rows or more against float32
+weights of MIN_WEIGHT elements or more, once a model part has called `enable` (the kernels'
+builders do, for float32 on the CPU).
 
-Why: MindSpore's MatMul took 1.1-2.3x as long as this on the encoders', decoders' and DiT's
-products (bench/linear.py); below MIN_WEIGHT the kernel's call costs more than it saves.
-Its gradient is MatMul's (`_gradient`): adapters train through it."""
+Why: MindSpore's MatMul ran the encoders', a prompt's and the DiT's products slower (the 7B's
+audio encoder on 2 s: 789-818 ms against 573-600 ms; bench/linear.py). Below MIN_WEIGHT the
+kernel's call costs more than it saves, and so it does for a decode step's few rows: among a
+step's many small kernels the 0.5B thinker decoded 8.9-9.1 tokens/s with it against 10.1-10.4
+with MatMul (its prefill 534-575 ms against 687-702). Its gradient is MatMul's (`_gradient`):
+adapters train through it."""
 import os
 from typing import Any, NamedTuple
 
@@ -14,6 +18,7 @@ from mindspore import ops
 
 ONEDNN = "libdnnl.so.2"
 MIN_WEIGHT = 1 << 20  # elements (a 1024 x 1024 weight)
+MIN_ROWS = 16
 
 
 class LinearKernels(NamedTuple):
@@ -63,9 +68,9 @@ def enable():
     KERNELS = LinearKernels(*made, library)
 
 
-def takes(weight, dtype):
-    """Whether exact_linear runs `weight` (out, in) on inputs of `dtype` through the kernel."""
-    return (KERNELS is not None and dtype == ms.float32 and weight.dtype == ms.float32
+def takes(rows, weight, dtype):
+    """Whether exact_linear runs `weight` (out, in) on `rows` rows of `dtype` through the kernel."""
+    return (KERNELS is not None and rows >= MIN_ROWS and dtype == ms.float32 and weight.dtype == ms.float32
             and weight.shape[0] * weight.shape[1] >= MIN_WEIGHT)
 
 

@@ -95,14 +95,14 @@ def ascend_linear(x, weight, bias=None):
 
 
 def exact_linear(x, weight, bias=None):
-    # x @ weight.T: a large float32 weight through the native kernel (nn/native_linear.py), others
+    # x @ weight.T: many rows of a large float32 weight through the native kernel (nn/native_linear.py), others
     # through MatMul, in a graph the same kernels mint's linear runs on the CPU (bit for bit),
     # where MindSpore has no Dense kernel and expands it at each compile, reshapes sized at run
     # time by a ShapeCalc node; here the shapes are constants. A loaded graph of 40 linears: first
     # call 30 -> 13 ms, later calls 2.3 -> 1.3 ms (measured, bench/cold_start.py's graphs likewise)
     rows = x.reshape(-1, x.shape[-1])
     shape = x.shape[:-1] + (weight.shape[0],)
-    if native_linear.takes(weight, x.dtype):
+    if native_linear.takes(rows.shape[0], weight, x.dtype):
         kernels = native_linear.KERNELS
         out = kernels.plain(rows, weight) if bias is None else kernels.biased(rows, weight, bias)
         return out.reshape(shape)

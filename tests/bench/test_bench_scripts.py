@@ -42,7 +42,7 @@ def test_linear_bench_output_form():
     records, summary = lines[:-1], lines[-1]
     assert len(records) == 6 and {r["rows"] for r in records} == {4, 16, 100}
     for record in records:
-        assert record["native"] is True  # both quick shapes are large enough for the kernel
+        assert record["native"] == (record["rows"] >= 16)  # both quick shapes are large enough for it
         assert min(record["matmul_ms"], record["native_ms"], record["torch_ms"]) > 0
     assert summary["ratio_native_vs_matmul_median"] > 0 and summary["ratio_native_vs_torch_max"] > 0
 

@@ -1,8 +1,7 @@
 """The CPU's large linear layers through the native kernel (nn/native_linear.py, kernels/linear.cc:
-oneDNN's sgemm on column slices of the output, one per core). Each side of its size bound, row
-counts around the thread bound, output widths around the slices' alignment: the product (float64
-numpy), compiled and op by op; its gradient is MatMul's; a model whose projections take it equals
-the reference."""
+oneDNN's sgemm on column slices of the output, one per core). Each side of its size and row
+bounds, output widths around the slices' alignment: the product (float64 numpy), compiled and op
+by op; its gradient is MatMul's; models whose projections take it equal the reference."""
 import numpy as np
 import pytest
 import torch
@@ -18,10 +17,7 @@ pytestmark = pytest.mark.skipif(on_ascend(), reason="a CPU kernel (Ascend runs i
 
 SIDE = 1 << 10  # a SIDE x SIDE weight is the smallest the kernel takes (MIN_WEIGHT)
 ALIGN = 16  # the kernel's slices are multiples of 16 columns
-# around the thread bound (2^21 products a thread): up to 3 rows of a SIDE x SIDE weight run every
-# slice on the calling thread, 4 and more a slice per thread (2 cores); and the rows of a streamed
-# window, an encoder's, a long prompt's piece
-ROWS = [1, 2, 3, 4, 5, 17, 100, 2049]
+ROWS = [1, 15, 16, 17, 100, 2049]  # each side of MIN_ROWS; an encoder's rows, a long prompt's piece's
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,14 +34,15 @@ def _plain(x, w):
     return P.exact_linear(x, w)
 
 
-def test_the_kernel_takes_float32_weights_of_min_weight_elements_and_more():
-    assert SIDE * SIDE == native_linear.MIN_WEIGHT
+def test_the_kernel_takes_min_rows_of_float32_weights_of_min_weight_elements_and_more():
+    assert SIDE * SIDE == native_linear.MIN_WEIGHT and native_linear.MIN_ROWS == 16
     for shape, taken in (((SIDE, SIDE), True), ((SIDE, SIDE - 1), False), ((SIDE // 2, 2 * SIDE), True),
                          ((1, 1 << 20), True), ((64, 64), False)):
-        assert native_linear.takes(Tensor(np.zeros(shape, np.float32)), ms.float32) == taken, shape
+        assert native_linear.takes(16, Tensor(np.zeros(shape, np.float32)), ms.float32) == taken, shape
     big = np.zeros((SIDE, SIDE), np.float32)
-    assert not native_linear.takes(Tensor(big, ms.float16), ms.float16)
-    assert not native_linear.takes(Tensor(big), ms.float16)
+    assert not native_linear.takes(15, Tensor(big), ms.float32)
+    assert not native_linear.takes(16, Tensor(big, ms.float16), ms.float16)
+    assert not native_linear.takes(16, Tensor(big), ms.float16)
 
 
 @pytest.mark.parametrize("out_features", [SIDE - 1, SIDE, SIDE + ALIGN + 1])  # below the bound, at it, past it
@@ -68,12 +65,12 @@ def test_linear_equals_the_product_on_each_side_of_each_bound(out_features):
 
 @pytest.mark.parametrize("out_features", [1, ALIGN - 1, ALIGN, ALIGN + 1, 2 * ALIGN + 3])
 def test_narrow_outputs_over_a_long_input_fill_every_column(out_features):
-    """Fewer columns than a slice per core: the slices still cover each column once."""
+    """Fewer columns than a slice per core (one thread, or two): the slices cover each column once."""
     into = native_linear.MIN_WEIGHT  # the smallest input that takes the kernel with one output
     rng = np.random.default_rng(out_features)
     w = (rng.standard_normal((out_features, into)) / 1024).astype(np.float32)
     b = rng.standard_normal(out_features).astype(np.float32)
-    x = rng.standard_normal((3, into)).astype(np.float32)
+    x = rng.standard_normal((native_linear.MIN_ROWS, into)).astype(np.float32)
     want = x.astype(np.float64) @ w.T.astype(np.float64) + b
     assert max_abs_diff(P.exact_linear(Tensor(x), Tensor(w), Tensor(b)).asnumpy(), want) <= 1e-4
 
@@ -90,7 +87,7 @@ def _matmul_loss(x, w, b):
 def test_its_gradients_are_matmuls(compiled):
     """Adapters train through it: x's, the weight's and the bias's gradients as MatMul's."""
     rng = np.random.default_rng(3)
-    x = Tensor(rng.standard_normal((2, 5, SIDE)).astype(np.float32))
+    x = Tensor(rng.standard_normal((2, 9, SIDE)).astype(np.float32))
     w = Tensor((rng.standard_normal((SIDE + 3, SIDE)) / 32).astype(np.float32))
     b = Tensor(rng.standard_normal(SIDE + 3).astype(np.float32))
     grad = ms.grad(_loss, (0, 1, 2))
@@ -105,10 +102,10 @@ def test_without_the_kernel_linear_runs_matmul(monkeypatch):
     """Native kernels off (or no compiler, no oneDNN): the same product through MatMul, bit for bit
     what mint's linear gives in a graph."""
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((5, SIDE)).astype(np.float32)
+    x = rng.standard_normal((20, SIDE)).astype(np.float32)
     w = (rng.standard_normal((SIDE, SIDE)) / 32).astype(np.float32)
     monkeypatch.setattr(native_linear, "KERNELS", None)
-    assert not native_linear.takes(Tensor(w), ms.float32) and native_linear.library() is None
+    assert not native_linear.takes(20, Tensor(w), ms.float32) and native_linear.library() is None
     got = P.exact_linear(Tensor(x), Tensor(w)).asnumpy()
     np.testing.assert_array_equal(got, ops.MatMul(transpose_b=True)(Tensor(x), Tensor(w)).asnumpy())
 
@@ -136,7 +133,7 @@ def test_a_wide_audio_encoder_through_the_kernel_equals_the_reference(windows):
         cnn, _ = theirs._get_feat_extract_output_lengths(torch.tensor(lens))
         want = theirs(torch.tensor(feats), feature_lens=torch.tensor(lens), aftercnn_lens=cnn).last_hidden_state
     assert ours._windows == {1 << (windows - 1).bit_length()}
-    assert native_linear.takes(ours.layers[0].fc1.weight, ms.float32)
+    assert native_linear.takes(50, ours.layers[0].fc1.weight, ms.float32)
     assert got.shape == want.shape and np.abs(want.numpy()).mean() > 0.1
     assert max_abs_diff(got, want.numpy()) <= 1e-4
 
@@ -161,7 +158,7 @@ def test_a_wide_dit_through_the_kernel_equals_the_reference():
     ours = Qwen2_5OmniToken2WavModel(config)
     copy_weights(theirs, ours)
     dit = ours.code2wav_dit_model
-    assert native_linear.takes(dit.transformer_blocks[0].attn.to_q.weight, ms.float32)
+    assert native_linear.takes(2 * 62, dit.transformer_blocks[0].attn.to_q.weight, ms.float32)  # with guidance
     rng = np.random.default_rng(5)
     frames, scale = 62, 0.5  # a partial last block
     x = rng.standard_normal((1, frames, 80)).astype(np.float32)
