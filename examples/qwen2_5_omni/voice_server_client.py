@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import wave
 
@@ -181,6 +182,8 @@ def main():
         _, audio = asyncio.run(converse(url, read_pcm16(audio_path), config, args.api_key,
                                         on_text=lambda delta: print(printable(delta), end="", flush=True)))
     except (ServerError, ConnectionError, aiohttp.ClientError, av.error.FFmpegError) as e:
+        if INTERRUPTED:  # Ctrl-C reached the server it started too: its connection ended first
+            raise KeyboardInterrupt from None
         print()
         sys.exit(f"error: {e}")
     finally:
@@ -191,7 +194,19 @@ def main():
     print(f"speech: {len(audio) / OUT_RATE:.2f} s at {OUT_RATE} Hz -> {args.output}")
 
 
+INTERRUPTED = []  # a Ctrl-C came (see interrupt)
+
+
+def interrupt(signum, frame):
+    """Ctrl-C: noted, then raised as Python does. asyncio.run's own handler would cancel the turn
+    instead, and a connection that ended first (a server this client started, in the same
+    terminal group, got the Ctrl-C too) would be reported as an error."""
+    INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupt)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: one line, as a shell expects (a server it started is stopped)
