@@ -7,8 +7,9 @@ and against torch's linear.
 
 Each weight shape is timed in its own process. Prints one JSON line per (weight shape, rows):
 milliseconds per product (best of `--repeats`; compiled, PAIRS products there and back in one
-graph, as a layer runs them) of MatMul (`matmul_ms`), of the kernel (`native_ms`), of torch (`torch_ms`), whether `exact_linear` takes the kernel there (`native`), and a summary line:
-where it does, the median and the worst ratio native / MatMul and native / torch (below 1: faster).
+graph, as a layer runs them) of MatMul (`matmul_ms`), of the kernel (`native_ms`), of torch
+(`torch_ms`), whether `exact_linear` takes the kernel there (`native`), and a summary line: where
+it does, the median and the worst ratio native / MatMul and native / torch (below 1: faster).
 """
 import argparse
 import json

@@ -60,7 +60,8 @@ def enable():
     folder = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
     if not os.path.exists(os.path.join(folder, ONEDNN)):
         return
-    library = native_kernels.library(native_kernels.source("linear.cc"), ("-L" + folder, "-l:" + ONEDNN, "-Wl,-rpath," + folder))
+    links = ("-L" + folder, "-l:" + ONEDNN, "-Wl,-rpath," + folder)  # MindSpore's own copy, found where it lies
+    library = native_kernels.library(native_kernels.source("linear.cc"), links)
     if library is None:
         return
     made = [ops.Custom(f"{library}:{name}", out_shape=_out_shape, out_dtype=_out_dtype, func_type="aot", bprop=bprop)
