@@ -155,6 +155,17 @@ async def listening(url):
         return False
 
 
+INTERRUPTED = []  # a Ctrl-C came (see interrupt)
+
+
+def interrupt(signum, frame):
+    """Ctrl-C: noted, then raised as Python does. asyncio.run's own handler would cancel the turn
+    instead, and a connection that ended first (a server this client started, in the same
+    terminal group, got the Ctrl-C too) would be reported as an error."""
+    INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help=f"the server's voice endpoint (default: {DEFAULT_URL}, or a "
@@ -192,17 +203,6 @@ def main():
     print()
     write_wav(args.output, audio)
     print(f"speech: {len(audio) / OUT_RATE:.2f} s at {OUT_RATE} Hz -> {args.output}")
-
-
-INTERRUPTED = []  # a Ctrl-C came (see interrupt)
-
-
-def interrupt(signum, frame):
-    """Ctrl-C: noted, then raised as Python does. asyncio.run's own handler would cancel the turn
-    instead, and a connection that ended first (a server this client started, in the same
-    terminal group, got the Ctrl-C too) would be reported as an error."""
-    INTERRUPTED.append(signum)
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ..nn import native_linear
 from ..nn.device import pin_runtime_threads
 from .atomic_file import written_atomically
 
@@ -136,8 +137,6 @@ class StoredGraph:
         return self._jits[counts]
 
     def key(self, inputs):
-        from ..nn import native_linear  # (it builds through this package's utils)
-
         parts = (self.name, repr(self.constants), repr(signature(inputs)), source_hash(), ms.__version__,
                  ms.get_context("device_target"), repr(native_linear.library()))
         return f"{self.name}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
