@@ -156,7 +156,7 @@ class PatchEmbed(nn.Cell):
 
     def construct(self, x):
         w = self.proj.weight
-        return ops.matmul(x.astype(w.dtype), w.reshape(w.shape[0], -1).T)
+        return P.linear(x.astype(w.dtype), w.reshape(w.shape[0], -1))  # (no transposed copy of w)
 
 
 class PatchMerger(nn.Cell):
