@@ -25,6 +25,7 @@ class EncoderKernels(NamedTuple):
     rms_norm: Any = None
     gelu_bias: Any = None
     bias_residual: Any = None
+    segment_attention: Any = None  # kernels/segment_attention.cc: the vision blocks' rotary attention
     libraries: tuple = ()
 
     @classmethod
@@ -37,7 +38,9 @@ class EncoderKernels(NamedTuple):
         if library is None or decoder is None:
             return cls()
         ops = [native_kernels.custom_op(library, name) for name in ("LayerNorm", "GeluBias", "BiasResidual")]
-        return cls(ops[0], native_kernels.custom_op(decoder, "RMSNorm"), *ops[1:], (library, decoder))
+        attention = native_linear.onednn_library("segment_attention.cc")  # (None without oneDNN: the ops attend)
+        return cls(ops[0], native_kernels.custom_op(decoder, "RMSNorm"), *ops[1:],
+                   native_kernels.custom_op(attention, "SegmentAttention"), (library, decoder, attention))
 
 
 def _eps(eps):

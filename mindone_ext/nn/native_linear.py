@@ -57,16 +57,24 @@ def enable():
     global KERNELS
     if KERNELS is not None or not native_kernels.enabled():
         return
-    folder = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
-    if not os.path.exists(os.path.join(folder, ONEDNN)):
-        return
-    links = ("-L" + folder, "-l:" + ONEDNN, "-Wl,-rpath," + folder)  # MindSpore's own copy, found where it lies
-    library = native_kernels.library(native_kernels.source("linear.cc"), links)
+    library = onednn_library("linear.cc")
     if library is None:
         return
     made = [ops.Custom(f"{library}:{name}", out_shape=_out_shape, out_dtype=_out_dtype, func_type="aot", bprop=bprop)
             for name, bprop in (("Linear", _gradient), ("LinearBias", _biased_gradient))]
     KERNELS = LinearKernels(*made, library)
+
+
+def onednn_library(name):
+    """The kernel source `name` built against MindSpore's own oneDNN (found where it lies), or None
+    (native kernels off, no oneDNN beside MindSpore, no compiler)."""
+    from ..utils import native_kernels
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
+    if not os.path.exists(os.path.join(folder, ONEDNN)):
+        return None
+    links = ("-L" + folder, "-l:" + ONEDNN, "-Wl,-rpath," + folder)
+    return native_kernels.library(native_kernels.source(name), links)
 
 
 def takes(rows, weight, dtype):

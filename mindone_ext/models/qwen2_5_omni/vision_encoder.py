@@ -95,13 +95,35 @@ def block_after_attention(x, attended, weights, act, kernels=EncoderKernels()):
     return bias_residual(x, linear(h, down_w), down_b, kernels.bias_residual)
 
 
+def native_attention(x, cos, sin, lengths, weights, heads, kernels):
+    """`block_to_attention` and `segmented_attention` through the native kernel
+    (kernels.segment_attention): the projections, then their rotation and attention within the
+    segments of `lengths` (int32, in token order; rows past them give zeros) in one pass."""
+    norm, q_w, q_b, k_w, k_b, v_w, v_b = weights
+    h = rms_norm(x, norm, 1e-6, kernels.rms_norm)
+    q, k, v = (P.linear(h, w, b) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
+    scale = Tensor(np.array([(x.shape[1] // heads) ** -0.5], np.float32))
+    return kernels.segment_attention(q, k, v, cos, sin, lengths, scale)
+
+
 def vision_block(x, cos, sin, layout, weights, heads, act, flash, kernels=EncoderKernels()):
     """A whole block as a pure function of its weights (`VisionBlock.weights()`, joined), attending
-    within the segments of `layout` (segment_layout, padded to x's rows)."""
+    within the segments of `layout`: segment_layout padded to x's rows, or with the native kernel
+    the segments' lengths (`segment_lengths`)."""
     before, after = weights[:7], weights[7:]
-    q, k, v = block_to_attention(x, cos, sin, before, heads, kernels)
-    attended = segmented_attention(q, k, v, layout, (x.shape[1] // heads) ** -0.5, flash)
+    if kernels.segment_attention is not None:
+        attended = native_attention(x, cos, sin, layout, before, heads, kernels)
+    else:
+        q, k, v = block_to_attention(x, cos, sin, before, heads, kernels)
+        attended = segmented_attention(q, k, v, layout, (x.shape[1] // heads) ** -0.5, flash)
     return block_after_attention(x, attended, after, act, kernels)
+
+
+def segment_lengths(lengths):
+    """The native kernel's layout: the segments' lengths, their count padded to a power of two
+    (empty segments) so that one graph serves images of similar sizes."""
+    count = 1 << (len(lengths) - 1).bit_length()
+    return Tensor(np.pad(np.asarray(lengths, np.int32), (0, count - len(lengths))))
 
 
 class VisionAttention(nn.Cell):
@@ -184,14 +206,19 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         self.blocks = nn.CellList([VisionBlock(config, dtype, flash) for _ in range(config.depth)])
         self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge, dtype)
         self.heads, self.act, self.flash = config.num_heads, P.activation(config.hidden_act), flash
-        self.kernels = EncoderKernels.build(dtype)
-        heads, act, kernels = self.heads, self.act, self.kernels
+        self.hidden_act = config.hidden_act
+        self.use_kernels(EncoderKernels.build(dtype))
+
+    def use_kernels(self, kernels):
+        """Run the blocks with `kernels` (EncoderKernels; tests take the ops' attention this way)."""
+        heads, act, flash = self.heads, self.act, self.flash
+        self.kernels = kernels
 
         def block(x, cos, sin, layout, weights):
             return vision_block(x, cos, sin, layout, weights, heads, act, flash, kernels)
 
         # the block graph shared by all blocks, stored once per machine
-        self._block_graph = StoredGraph("vision_block", block, (heads, config.hidden_act, flash, kernels.libraries))
+        self._block_graph = StoredGraph("vision_block", block, (heads, self.hidden_act, flash, kernels.libraries))
         self._shapes = set()  # (width, layout shapes) it has run
 
     @property
@@ -210,6 +237,27 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         n = x.shape[0]
         width = bucket(n, 16)
         x, cos, sin = (ops.pad(a, (0, 0) * (a.ndim - 1) + (0, width - n)) for a in (x, cos, sin))
+        if self.kernels.segment_attention is not None:  # it holds a chunk of queries' scores at a time
+            layouts, apart = {id(lengths): segment_lengths(lengths) for lengths in segments}, set()
+        else:
+            layouts, apart = self._padded_layouts(segments, width)
+        shapes = (width,) + tuple(sorted(tuple(layout.shape if isinstance(layout, Tensor) else layout[2].shape)
+                                         for key, layout in layouts.items() if key not in apart))
+        with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
+            self._shapes.add(shapes)
+            for block, lengths in zip(self.blocks, segments):
+                # Tensor(p): the Parameter's storage, read by the graph (no copy)
+                weights = tuple(Tensor(w) for part in block.weights() for w in part)
+                if id(lengths) in apart:
+                    x = vision_block(x, cos, sin, layouts[id(lengths)], weights, self.heads, self.act, self.flash,
+                                     self.kernels)
+                else:
+                    x = self._block_graph(x, cos, sin, layouts[id(lengths)], ms.mutable(weights))
+        return x[:n]
+
+    def _padded_layouts(self, segments, width):
+        """The ops' attention layouts (segment_layout) of each of `segments`, and which of them attend
+        apart, op by op (their ids)."""
         layouts, apart = {}, set()
         for lengths in segments:
             count, longest = 1 << (len(lengths) - 1).bit_length(), bucket(max(lengths), 16)
@@ -223,18 +271,7 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
                 layouts[id(lengths)] = segment_layout(lengths, rows=width, keys_only=True)
             else:  # mutable: graph inputs, not constants compiled in
                 layouts[id(lengths)] = ms.mutable(segment_layout(lengths, count, longest, width))
-        shapes = (width,) + tuple(sorted(tuple(layouts[key][2].shape) for key in layouts if key not in apart))
-        with compiling(None if shapes in self._shapes else f"the vision encoder for {width} patches"):
-            self._shapes.add(shapes)
-            for block, lengths in zip(self.blocks, segments):
-                # Tensor(p): the Parameter's storage, read by the graph (no copy)
-                weights = tuple(Tensor(w) for part in block.weights() for w in part)
-                if id(lengths) in apart:
-                    x = vision_block(x, cos, sin, layouts[id(lengths)], weights, self.heads, self.act, self.flash,
-                                     self.kernels)
-                else:
-                    x = self._block_graph(x, cos, sin, layouts[id(lengths)], ms.mutable(weights))
-        return x[:n]
+        return layouts, apart
 
     def encode_clips(self, clips):
         """Each of `clips` ((pixel rows, (t, h, w)): an image, a video, or whole frames of one) ->

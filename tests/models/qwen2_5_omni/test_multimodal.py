@@ -1,5 +1,7 @@
 """Hearing and seeing against the PyTorch reference: encoders, TMRoPE position ids, merged
 prompts, and generation after a multimodal prompt."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,27 @@ def run_op_by_op(encoder, *inputs):
         return encoder(*inputs).asnumpy()
     finally:
         encoder.set_train(False)
+
+
+@contextlib.contextmanager
+def attention_through(encoder, path):
+    """The vision encoder with its blocks' attention through the native kernel ("native", the CPU's
+    default) or through the ops ("ops": Ascend's path, and the CPU's with native kernels off)."""
+    kernels = encoder.kernels
+    if path == "native" and kernels.segment_attention is None:
+        pytest.skip("the native kernel is the CPU target's")
+    if path == "ops":  # (the stored graphs told apart by the libraries they call)
+        encoder.use_kernels(kernels._replace(segment_attention=None, libraries=kernels.libraries[:2]))
+    try:
+        yield encoder
+    finally:
+        encoder.use_kernels(kernels)
+
+
+@pytest.fixture(params=["native", "ops"])
+def visual(our_model, request):
+    with attention_through(our_model.thinker.visual, request.param) as encoder:
+        yield encoder
 
 
 def test_audio_encoder_several_windows_two_lengths(our_model, reference_model):
@@ -79,10 +102,9 @@ def test_audio_clips_encoded_together_equal_each_alone(our_model, monkeypatch):
 
 @pytest.mark.parametrize("grid", [[[1, 4, 4]], [[1, 2, 10]], [[1, 4, 8]], [[1, 6, 6]], [[1, 2, 24]], [[1, 10, 10]],
                                   [[2, 6, 10]], [[1, 4, 4], [1, 2, 2]]], ids=lambda g: "+".join("x".join(map(str, i)) for i in g))
-def test_vision_encoder_patch_counts_around_the_compiled_graphs(our_model, reference_model, grid):
+def test_vision_encoder_patch_counts_around_the_compiled_graphs(visual, reference_model, grid):
     """The compiled blocks (patches padded to one of 8 sizes per power of two) against the
     reference and against the blocks run op by op (training mode), 16..128 patches."""
-    visual = our_model.thinker.visual
     grid = np.asarray(grid)
     pixels = np.random.default_rng(int(grid.prod(1).sum())).standard_normal((int(grid.prod(1).sum()), 1176))
     pixels = pixels.astype(np.float32)
@@ -93,18 +115,20 @@ def test_vision_encoder_patch_counts_around_the_compiled_graphs(our_model, refer
     assert got.shape == want.shape
     assert max_abs_diff(got, want) <= 1e-4 and max_abs_diff(got, op_by_op) <= 1e-5
     assert -(-int(grid.prod(1).sum()) // 16) * 16 in visual._widths <= {16, 32, 48, 64, 80, 96, 112, 128}  # it ran
-    # the attention's segments padded too: a power of two of them, each a bucketed length
+    # the attention's segments padded too: a power of two of them (the kernel's lengths), each a
+    # bucketed length (the ops' layouts)
     segments = {layout for shapes in visual._shapes for layout in shapes[1:]}
-    assert all(s & (s - 1) == 0 and longest % 16 == 0 for s, _, longest, _ in segments), segments
+    assert all(layout[0] & (layout[0] - 1) == 0 for layout in segments), segments
+    assert visual.kernels.segment_attention is not None or all(layout[2] % 16 == 0 for layout in segments)
 
 
 @pytest.mark.parametrize("grid", [[[1, 6, 10]], [[4, 8, 6]], [[1, 4, 4], [2, 6, 8]]], ids=["image", "video", "both"])
-def test_vision_encoder_window_and_full_attention(our_model, reference_model, grid):
+def test_vision_encoder_window_and_full_attention(visual, reference_model, grid):
     config = reference_model.config.thinker_config.vision_config
     assert set(config.fullatt_block_indexes) and len(config.fullatt_block_indexes) < config.depth
     grid = np.asarray(grid)
     pixels = np.random.default_rng(4).standard_normal((int(grid.prod(1).sum()), 1176)).astype(np.float32)
-    got = our_model.thinker.visual(pixels, grid).asnumpy()
+    got = visual(pixels, grid).asnumpy()
     with torch.no_grad():
         want = reference_model.thinker.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).numpy()
     assert np.abs(want).mean() > 0.1
@@ -119,7 +143,8 @@ def test_vision_encoder_large_frames_attend_op_by_op_in_row_chunks(our_model, re
     """Frames past the scores budget: their full-attention blocks run op by op, `step` query rows
     at a time (the budget lowered so small frames take that path, their windows of 16 patches not:
     16 windows x 2 heads x 16 x 16 scores = 8192 within it; chunk sizes around half and all of a
-    frame's length; smaller chunks: tests/nn), equal to the reference."""
+    frame's length; smaller chunks: tests/nn), equal to the reference. The ops' path: the native
+    kernel holds a chunk of queries' scores at a time, and takes every frame in the graph."""
     import sys
 
     from mindone_ext.models.qwen2_5_omni import vision_encoder
@@ -129,15 +154,16 @@ def test_vision_encoder_large_frames_attend_op_by_op_in_row_chunks(our_model, re
     longest, frames = int((grid[:, 1] * grid[:, 2]).max()), int(grid[:, 0].sum())
     monkeypatch.setattr(attention, "SCORES_AT_ONCE", step * frames * 2 * longest)  # 2 heads: `step` rows a chunk
     monkeypatch.setattr(vision_encoder, "SCORES_AT_ONCE", step * frames * 2 * longest)
-    visual = our_model.thinker.visual
     pixels = np.random.default_rng(step).standard_normal((int(grid.prod(1).sum()), 1176)).astype(np.float32)
-    got = visual(pixels, grid).asnumpy()
+    with attention_through(our_model.thinker.visual, "ops") as visual:
+        got = visual(pixels, grid).asnumpy()
+        shapes = visual._shapes
     with torch.no_grad():
         want = reference_model.thinker.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).numpy()
     assert max_abs_diff(got, want) <= 1e-4
     width = -(-int(grid.prod(1).sum()) // 16) * 16
     # the graph ran at this width with the windows' layout alone (16 patches each): the frames went op by op
-    assert any(s[0] == width and all(layout[-1] == 16 for layout in s[1:]) for s in visual._shapes), visual._shapes
+    assert any(s[0] == width and all(layout[-1] == 16 for layout in s[1:]) for s in shapes), shapes
 
 
 def test_a_full_hd_picture_is_encoded_in_bounded_memory(tmp_path):
