@@ -1,10 +1,10 @@
-// The vision encoder's attention within segments (an image's windows, or its frames), its queries
-// and keys rotated (2D rotary, rotate_half form), as one CPU kernel (nn/encoder_kernels.py says
-// where it runs and what it measured). Per (segment, head): the keys rotated once, then the queries
-// in chunks of QUERY_ROWS: their scores over the segment's keys and the weighted values as two
-// oneDNN sgemm calls (the library linear.cc calls), the softmax between them in float32. It reads
-// q, k, v where the projections wrote them and writes each head's output in place: none of the
-// ops' gathers into padded segments, head transposes, key mask or scatter back.
+// The encoders' attention within segments (an image's windows or frames, with the queries and keys
+// rotated: 2D rotary, rotate_half form; an audio clip's windows, without) as one CPU kernel
+// (nn/encoder_kernels.py says where it runs and what it measured). Per (segment, head): the keys
+// rotated once, then the queries in chunks of QUERY_ROWS: their scores over the segment's keys and
+// the weighted values as two oneDNN sgemm calls (the library linear.cc calls), the softmax between
+// them in float32. It reads q, k, v where the projections wrote them and writes each head's output
+// in place: none of the ops' gathers into padded segments, head transposes, key mask or scatter back.
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
@@ -75,59 +75,79 @@ void rotate_rows(const float *x, int64_t stride, const float *cos, const float *
   }
 }
 
-}  // namespace
-
-// MindSpore's AOT custom-op entry. Inputs: q, k, v (N, H * D) float32 as projected (biases
-// included), q and k not yet rotated; cos, sin (N, 1, D) float32; lengths (S,) int32, the
-// segments' lengths in token order (zeros allowed: padding of the segment count), summing to at
-// most N; scale (1,) float32. Output (N, H * D): rows past the segments are zeros.
-extern "C" int SegmentAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
-  if (nparam != 8 || ndims[0] != 2 || ndims[3] != 3 || ndims[5] != 1 || !native::float32(dtypes, 5) ||
-      std::strcmp(dtypes[5], "int32") != 0)
+// q, k, v (N, H, D) as projected (biases included); with `rotary`, q and k are rotated by cos and
+// sin (N, 1, D). segments (S, 2) int32: (first row, length) of each, in row order, not
+// overlapping (lengths of 0 allowed: padding of the count); rows in no segment come out zero.
+int segment_attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool rotary) {
+  const int at = rotary ? 5 : 3;  // the segments' input; the scale after it, the output after that
+  if (nparam != at + 3 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[at] != 2 ||
+      shapes[at][1] != 2 || !native::float32(dtypes, at) || std::strcmp(dtypes[at], "int32") != 0 ||
+      std::strcmp(dtypes[at + 1], "float32") != 0 || (rotary && (ndims[3] != 3 || shapes[3][0] != shapes[0][0])))
     return 1;
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
-  const float *cos = static_cast<const float *>(params[3]);
-  const float *sin = static_cast<const float *>(params[4]);
-  const int32_t *lengths = static_cast<const int32_t *>(params[5]);
-  const float scale = *static_cast<const float *>(params[6]);
-  float *out = static_cast<float *>(params[7]);
-  const int64_t tokens = shapes[0][0], stride = shapes[0][1], dim = shapes[3][2], segments = shapes[5][0];
-  if (dim % 2 != 0 || stride % dim != 0 || shapes[3][0] != tokens) return 1;
-  const int64_t heads = stride / dim;
-  std::vector<int64_t> starts(segments + 1, 0);
-  int64_t longest = 0, work = 0;
+  const float *cos = rotary ? static_cast<const float *>(params[3]) : nullptr;
+  const float *sin = rotary ? static_cast<const float *>(params[4]) : nullptr;
+  const int32_t *pairs = static_cast<const int32_t *>(params[at]);
+  const float scale = *static_cast<const float *>(params[at + 1]);
+  float *out = static_cast<float *>(params[at + 2]);
+  const int64_t tokens = shapes[0][0], heads = shapes[0][1], dim = shapes[0][2], segments = shapes[at][0];
+  const int64_t stride = heads * dim;  // a row's values in q, k, v and out
+  if (rotary && (dim % 2 != 0 || shapes[3][2] != dim)) return 1;
+  int64_t longest = 0, work = 0, end = 0;
   for (int64_t s = 0; s < segments; ++s) {
-    if (lengths[s] < 0) return 1;
-    starts[s + 1] = starts[s] + lengths[s];
-    longest = std::max<int64_t>(longest, lengths[s]);
-    work += static_cast<int64_t>(lengths[s]) * lengths[s] * heads;
+    const int64_t start = pairs[2 * s], length = pairs[2 * s + 1];
+    if (start < end || length < 0 || start + length > tokens) return 1;
+    std::fill(out + end * stride, out + start * stride, 0.f);  // the rows before it, in no segment
+    end = start + length;
+    longest = std::max(longest, length);
+    work += length * length * heads;
   }
-  if (starts[segments] > tokens) return 1;
-  std::fill(out + starts[segments] * stride, out + tokens * stride, 0.f);
+  std::fill(out + end * stride, out + tokens * stride, 0.f);
   std::vector<int> status(segments * heads, 0);
   auto run = [&](int64_t first, int64_t last) {  // (segment, head) pairs first..last
-    std::vector<float> keys(longest * dim), queries(std::min(QUERY_ROWS, longest) * dim),
-        scores(std::min(QUERY_ROWS, longest) * longest);
+    const int64_t chunk = std::min(QUERY_ROWS, longest);
+    std::vector<float> keys(rotary ? longest * dim : 0), queries(rotary ? chunk * dim : 0), scores(chunk * longest);
     for (int64_t pair = first; pair < last; ++pair) {
-      const int64_t s = pair / heads, h = pair % heads, start = starts[s], length = lengths[s];
+      const int64_t s = pair / heads, h = pair % heads, start = pairs[2 * s], length = pairs[2 * s + 1];
       if (length == 0) continue;
-      rotate_rows(k + start * stride + h * dim, stride, cos + start * dim, sin + start * dim, length, dim,
-                  keys.data());
+      const int64_t origin = start * stride + h * dim;  // the segment's first row of this head
+      const float *key_rows = k + origin, *query_rows = q + origin;
+      int64_t key_stride = stride, query_stride = stride;
+      if (rotary) {
+        rotate_rows(k + origin, stride, cos + start * dim, sin + start * dim, length, dim, keys.data());
+        key_rows = keys.data(), key_stride = dim, query_stride = dim;
+      }
       for (int64_t i = 0; i < length; i += QUERY_ROWS) {
-        const int64_t rows = std::min(QUERY_ROWS, length - i), at = (start + i) * stride + h * dim;
-        rotate_rows(q + at, stride, cos + (start + i) * dim, sin + (start + i) * dim, rows, dim, queries.data());
-        int failed = dnnl_sgemm('N', 'T', rows, length, dim, scale, queries.data(), dim, keys.data(), dim, 0.f,
-                                scores.data(), length);
+        const int64_t rows = std::min(QUERY_ROWS, length - i);
+        if (rotary)
+          rotate_rows(q + origin + i * stride, stride, cos + (start + i) * dim, sin + (start + i) * dim, rows, dim,
+                      queries.data());
+        const float *chunk_rows = rotary ? queries.data() : query_rows + i * stride;
+        int failed = dnnl_sgemm('N', 'T', rows, length, dim, scale, chunk_rows, query_stride, key_rows, key_stride,
+                                0.f, scores.data(), length);
         softmax_rows(scores.data(), rows, length);
-        failed |= dnnl_sgemm('N', 'N', rows, dim, length, 1.f, scores.data(), length, v + start * stride + h * dim,
-                             stride, 0.f, out + at, stride);
+        failed |= dnnl_sgemm('N', 'N', rows, dim, length, 1.f, scores.data(), length, v + origin, stride, 0.f,
+                             out + origin + i * stride, stride);
         status[pair] |= failed;
       }
     }
   };
   native::parallel_ranges(segments * heads, work * dim, WORK_PER_THREAD, run);
   return std::any_of(status.begin(), status.end(), [](int s) { return s != 0; }) ? 1 : 0;
+}
+
+}  // namespace
+
+// MindSpore's AOT custom-op entries. Inputs: q, k, v (N, H, D) float32; [cos, sin (N, 1, D) float32;]
+// segments (S, 2) int32; scale (1,) float32. Output (N, H, D).
+extern "C" int RotarySegmentAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  return segment_attention(nparam, params, ndims, shapes, dtypes, true);
+}
+
+extern "C" int SegmentAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  return segment_attention(nparam, params, ndims, shapes, dtypes, false);
 }

@@ -25,7 +25,8 @@ class EncoderKernels(NamedTuple):
     rms_norm: Any = None
     gelu_bias: Any = None
     bias_residual: Any = None
-    segment_attention: Any = None  # kernels/segment_attention.cc: the vision blocks' rotary attention
+    segment_attention: Any = None  # kernels/segment_attention.cc: attention within segments (audio)
+    rotary_attention: Any = None  # the same with q and k rotated (vision)
     libraries: tuple = ()
 
     @classmethod
@@ -40,7 +41,23 @@ class EncoderKernels(NamedTuple):
         ops = [native_kernels.custom_op(library, name) for name in ("LayerNorm", "GeluBias", "BiasResidual")]
         attention = native_linear.onednn_library("segment_attention.cc")  # (None without oneDNN: the ops attend)
         return cls(ops[0], native_kernels.custom_op(decoder, "RMSNorm"), *ops[1:],
-                   native_kernels.custom_op(attention, "SegmentAttention"), (library, decoder, attention))
+                   native_kernels.custom_op(attention, "SegmentAttention"),
+                   native_kernels.custom_op(attention, "RotarySegmentAttention"), (library, decoder, attention))
+
+    def ops_attention(self):
+        """These kernels with the ops' attention (graphs stored apart: `libraries` differ)."""
+        return self._replace(segment_attention=None, rotary_attention=None, libraries=self.libraries[:2])
+
+
+def segment_table(lengths, starts=None, count=None):
+    """The attention kernels' segments: (first row, length) of each, int32, the count padded to
+    `count` (empty segments at the end); first rows consecutive unless `starts` gives them."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if starts is None else np.asarray(starts, np.int64)
+    table = np.stack([starts, lengths], 1)
+    end = int(starts[-1] + lengths[-1]) if len(lengths) else 0
+    padding = np.tile([[end, 0]], ((count or len(lengths)) - len(lengths), 1))
+    return Tensor(np.concatenate([table, padding]).astype(np.int32))
 
 
 def _eps(eps):

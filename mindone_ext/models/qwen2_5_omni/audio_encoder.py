@@ -14,7 +14,7 @@ from mindspore import Tensor, nn, ops
 
 from ...nn import ops as P
 from ...nn.attention import attention, use_flash
-from ...nn.encoder_kernels import EncoderKernels, act_bias, bias_residual, layer_norm
+from ...nn.encoder_kernels import EncoderKernels, act_bias, bias_residual, layer_norm, segment_table
 from ...nn.layers import Conv1d, Embedding, LayerNorm, Linear
 from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
@@ -48,15 +48,23 @@ def output_lengths(feature_lens):
 
 def audio_layer(x, mask, weights, heads, act, flash, act_name=None, kernels=EncoderKernels()):
     """One encoder layer as a pure function of its weights (`AudioEncoderLayer.weights`): x
-    (windows, tokens, d), `mask` (windows, 1, tokens, tokens) the real keys of each window.
-    `kernels`: native ones for its element-wise steps (`act_name` says which activation `act` is)."""
+    (windows, tokens, d), `mask` (windows, 1, tokens, tokens) the real keys of each window, or with
+    the native attention (kernels.segment_attention) its real tokens' rows (segment_table; the
+    other rows attend nothing). `kernels`: native ones for its element-wise steps and attention
+    (`act_name` says which activation `act` is)."""
     ln1_w, ln1_b, q_w, q_b, k_w, v_w, v_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b = weights
     linear = P.linear
     s, t, d = x.shape
     h = layer_norm(x, ln1_w, ln1_b, 1e-5, kernels.layer_norm)
-    q, k, v = (linear(h, w, b).reshape(s, t, heads, d // heads).swapaxes(1, 2)
-               for w, b in ((q_w, q_b), (k_w, None), (v_w, v_b)))
-    x = bias_residual(x, linear(attention(q, k, v, mask, (d // heads) ** -0.5, flash), o_w), o_b, kernels.bias_residual)
+    projections = ((q_w, q_b), (k_w, None), (v_w, v_b))
+    if kernels.segment_attention is not None:
+        q, k, v = (linear(h, w, b).reshape(s * t, heads, d // heads) for w, b in projections)
+        scale = Tensor(np.array([(d // heads) ** -0.5], np.float32))
+        attended = kernels.segment_attention(q, k, v, mask, scale).reshape(s, t, d)
+    else:
+        q, k, v = (linear(h, w, b).reshape(s, t, heads, d // heads).swapaxes(1, 2) for w, b in projections)
+        attended = attention(q, k, v, mask, (d // heads) ** -0.5, flash)
+    x = bias_residual(x, linear(attended, o_w), o_b, kernels.bias_residual)
     h = layer_norm(x, ln2_w, ln2_b, 1e-5, kernels.layer_norm)
     h = act_bias(linear(h, fc1_w), fc1_b, act, act_name, kernels.gelu_bias)
     x = bias_residual(x, linear(h, fc2_w), fc2_b, kernels.bias_residual)
@@ -132,11 +140,6 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
             x = P.gelu(conv1.apply(x, conv1_w, conv1_b)) * valid
             return P.gelu(conv2.apply(x, conv2_w, conv2_b)).swapaxes(1, 2) + positions
 
-        kernels, act_name = EncoderKernels.build(dtype), config.activation_function
-
-        def layer(h, m, w):
-            return audio_layer(h, m, w, heads, act, flash, act_name, kernels)
-
         def head(x, first, second, ln_w, ln_b, proj_w, proj_b):
             x = x.reshape(-1, x.shape[-1])
             pooled = (ops.gather(x, first, 0) + ops.gather(x, second, 0)) / 2
@@ -144,8 +147,19 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
 
         # graphs per power of two of windows, the layer's shared by all layers; stored once per machine
         self._stem_graph = StoredGraph("audio_stem", stem, ())
-        self._layer_graph = StoredGraph("audio_layer", layer, (heads, act_name, flash, kernels.libraries))
         self._head_graph = StoredGraph("audio_head", head, ())
+        self.heads, self.act, self.act_name, self.flash = heads, act, config.activation_function, flash
+        self.use_kernels(EncoderKernels.build(dtype))
+
+    def use_kernels(self, kernels):
+        """Run the layers with `kernels` (EncoderKernels; tests take the ops' attention this way)."""
+        heads, act, act_name, flash = self.heads, self.act, self.act_name, self.flash
+        self.kernels = kernels
+
+        def layer(h, m, w):
+            return audio_layer(h, m, w, heads, act, flash, act_name, kernels)
+
+        self._layer_graph = StoredGraph("audio_layer", layer, (heads, act_name, flash, kernels.libraries))
         self._windows = set()  # window counts it has run
 
     def compiled(self):
@@ -210,8 +224,12 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         x[:windows] = np.where(frame_valid[:windows, None, :], features[:, index].swapaxes(0, 1), 0)
         token_valid = np.zeros((padded, width), bool)
         token_valid[:windows] = np.arange(width)[None, :] < tokens[:, None]
-        mask = np.zeros((padded, 1, width, width), bool)
-        mask[:, 0] = token_valid[:, None, :]
+        if self.kernels.segment_attention is not None:  # each window's real tokens
+            mask = segment_table(token_valid.sum(1), starts=np.arange(padded) * width)
+        else:
+            mask = np.zeros((padded, 1, width, width), bool)
+            mask[:, 0] = token_valid[:, None, :]
+            mask = Tensor(mask)
         # the pooled pairs as positions among the padded windows' tokens, padded to a fixed count
         at = np.flatnonzero(token_valid).astype(np.int32)
         pairs = np.zeros((2, padded * width // 2), np.int32)
@@ -223,7 +241,6 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
             x = self._stem_graph(Tensor(x, dtype), Tensor(frame_valid[:, None, :], dtype), Tensor(self.conv1.weight),
                                  Tensor(self.conv1.bias), Tensor(self.conv2.weight), Tensor(self.conv2.bias),
                                  self.positions[:width].astype(dtype))
-            mask = Tensor(mask)
             for layer in self.layers:
                 x = self._layer_graph(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))
             out = self._head_graph(x, Tensor(pairs[0]), Tensor(pairs[1]), Tensor(self.ln_post.weight),

@@ -28,7 +28,7 @@ from ...generation.decode import bucket
 from ...nn import ops as P
 from ...nn.attention import SCORES_AT_ONCE, segment_layout, segmented_attention, use_flash
 from ...nn.decoder_kernels import rms_norm
-from ...nn.encoder_kernels import EncoderKernels, bias_residual
+from ...nn.encoder_kernels import EncoderKernels, bias_residual, segment_table
 from ...nn.layers import GELU, Linear, RMSNorm, empty_parameter
 from ...nn.mlp import GatedMLP
 from ...nn.rotary import rope_inv_freq, rotate_half
@@ -95,35 +95,29 @@ def block_after_attention(x, attended, weights, act, kernels=EncoderKernels()):
     return bias_residual(x, linear(h, down_w), down_b, kernels.bias_residual)
 
 
-def native_attention(x, cos, sin, lengths, weights, heads, kernels):
+def native_attention(x, cos, sin, segments, weights, heads, kernels):
     """`block_to_attention` and `segmented_attention` through the native kernel
-    (kernels.segment_attention): the projections, then their rotation and attention within the
-    segments of `lengths` (int32, in token order; rows past them give zeros) in one pass."""
+    (kernels.rotary_attention): the projections, then their rotation and attention within
+    `segments` (segment_table; rows in none give zeros) in one pass."""
     norm, q_w, q_b, k_w, k_b, v_w, v_b = weights
     h = rms_norm(x, norm, 1e-6, kernels.rms_norm)
-    q, k, v = (P.linear(h, w, b) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
-    scale = Tensor(np.array([(x.shape[1] // heads) ** -0.5], np.float32))
-    return kernels.segment_attention(q, k, v, cos, sin, lengths, scale)
+    n, d = x.shape
+    q, k, v = (P.linear(h, w, b).reshape(n, heads, d // heads) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
+    scale = Tensor(np.array([(d // heads) ** -0.5], np.float32))
+    return kernels.rotary_attention(q, k, v, cos, sin, segments, scale).reshape(n, d)
 
 
 def vision_block(x, cos, sin, layout, weights, heads, act, flash, kernels=EncoderKernels()):
     """A whole block as a pure function of its weights (`VisionBlock.weights()`, joined), attending
     within the segments of `layout`: segment_layout padded to x's rows, or with the native kernel
-    the segments' lengths (`segment_lengths`)."""
+    segment_table's."""
     before, after = weights[:7], weights[7:]
-    if kernels.segment_attention is not None:
+    if kernels.rotary_attention is not None:
         attended = native_attention(x, cos, sin, layout, before, heads, kernels)
     else:
         q, k, v = block_to_attention(x, cos, sin, before, heads, kernels)
         attended = segmented_attention(q, k, v, layout, (x.shape[1] // heads) ** -0.5, flash)
     return block_after_attention(x, attended, after, act, kernels)
-
-
-def segment_lengths(lengths):
-    """The native kernel's layout: the segments' lengths, their count padded to a power of two
-    (empty segments) so that one graph serves images of similar sizes."""
-    count = 1 << (len(lengths) - 1).bit_length()
-    return Tensor(np.pad(np.asarray(lengths, np.int32), (0, count - len(lengths))))
 
 
 class VisionAttention(nn.Cell):
@@ -237,8 +231,11 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         n = x.shape[0]
         width = bucket(n, 16)
         x, cos, sin = (ops.pad(a, (0, 0) * (a.ndim - 1) + (0, width - n)) for a in (x, cos, sin))
-        if self.kernels.segment_attention is not None:  # it holds a chunk of queries' scores at a time
-            layouts, apart = {id(lengths): segment_lengths(lengths) for lengths in segments}, set()
+        if self.kernels.rotary_attention is not None:  # it holds a chunk of queries' scores at a time
+            # the count padded to a power of two, so that one graph serves images of similar sizes
+            layouts = {id(lengths): segment_table(lengths, count=1 << (len(lengths) - 1).bit_length())
+                       for lengths in segments}
+            apart = set()
         else:
             layouts, apart = self._padded_layouts(segments, width)
         shapes = (width,) + tuple(sorted(tuple(layout.shape if isinstance(layout, Tensor) else layout[2].shape)

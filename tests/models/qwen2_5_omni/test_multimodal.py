@@ -29,13 +29,13 @@ def run_op_by_op(encoder, *inputs):
 
 @contextlib.contextmanager
 def attention_through(encoder, path):
-    """The vision encoder with its blocks' attention through the native kernel ("native", the CPU's
+    """An encoder with its layers' attention through the native kernels ("native", the CPU's
     default) or through the ops ("ops": Ascend's path, and the CPU's with native kernels off)."""
     kernels = encoder.kernels
     if path == "native" and kernels.segment_attention is None:
-        pytest.skip("the native kernel is the CPU target's")
+        pytest.skip("the native kernels are the CPU target's")
     if path == "ops":  # (the stored graphs told apart by the libraries they call)
-        encoder.use_kernels(kernels._replace(segment_attention=None, libraries=kernels.libraries[:2]))
+        encoder.use_kernels(kernels.ops_attention())
     try:
         yield encoder
     finally:
@@ -64,13 +64,16 @@ def test_audio_encoder_several_windows_two_lengths(our_model, reference_model):
 
 @pytest.mark.parametrize("lens", [[20], [21], [39, 3], [80], [41, 19, 20], [99], [100, 4], [160], [160, 5]],
                          ids=lambda lens: "+".join(map(str, lens)))
-def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, reference_model, lens):
+@pytest.mark.parametrize("path", ["native", "ops"])
+def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, reference_model, lens, path):
     """The compiled layers (one graph per power of two of windows, windows padded to a whole one)
-    against the reference and against the layers run op by op (training mode), 1..9 windows."""
-    tower = our_model.thinker.audio_tower
+    against the reference and against the layers run op by op (training mode), 1..9 windows; their
+    attention through the native kernel and through the ops."""
     lens = np.array(lens)
     feats = np.random.default_rng(int(lens.sum())).standard_normal((128, lens.sum())).astype(np.float32)
-    got = tower(feats, lens).asnumpy()
+    with attention_through(our_model.thinker.audio_tower, path) as tower:
+        got = tower(feats, lens).asnumpy()
+        windows_run = set(tower._windows)
     op_by_op = run_op_by_op(tower, feats, lens)
     reference = reference_model.thinker.audio_tower
     with torch.no_grad():
@@ -79,7 +82,7 @@ def test_audio_encoder_window_counts_around_the_compiled_graphs(our_model, refer
     assert got.shape == want.shape
     assert max_abs_diff(got, want.numpy()) <= 1e-4 and max_abs_diff(got, op_by_op) <= 1e-5
     windows = int(np.ceil(lens / 20).sum())  # the tiny encoder's windows are 20 frames
-    assert 1 << (windows - 1).bit_length() in tower._windows <= {1, 2, 4, 8, 16}  # its compiled graph ran
+    assert 1 << (windows - 1).bit_length() in windows_run <= {1, 2, 4, 8, 16}  # its compiled graph ran
 
 
 def test_audio_clips_encoded_together_equal_each_alone(our_model, monkeypatch):
@@ -119,7 +122,7 @@ def test_vision_encoder_patch_counts_around_the_compiled_graphs(visual, referenc
     # bucketed length (the ops' layouts)
     segments = {layout for shapes in visual._shapes for layout in shapes[1:]}
     assert all(layout[0] & (layout[0] - 1) == 0 for layout in segments), segments
-    assert visual.kernels.segment_attention is not None or all(layout[2] % 16 == 0 for layout in segments)
+    assert visual.kernels.rotary_attention is not None or all(layout[2] % 16 == 0 for layout in segments)
 
 
 @pytest.mark.parametrize("grid", [[[1, 6, 10]], [[4, 8, 6]], [[1, 4, 4], [2, 6, 8]]], ids=["image", "video", "both"])
