@@ -1,10 +1,13 @@
-"""The audio and vision encoders' element-wise native CPU kernels (kernels/encoder_layer.cc, and
-the RMS norm of kernels/decoder_step.cc) and the functions that use them or, without them (Ascend,
-another dtype, no compiler), the ops.
+"""The audio and vision encoders' native CPU kernels: element-wise steps (kernels/encoder_layer.cc,
+and the RMS norm of kernels/decoder_step.cc), attention within segments (kernels/segment_attention.cc),
+and the functions that use them or, without them (Ascend, another dtype, no compiler), the ops.
 
 Why: around the matrix products of an encoder layer MindSpore's CPU kernels each take a pass over
 the tokens, slowly (in a graph, a 7B-shaped audio layer on 100 tokens: 38 ms a layer with the ops,
-32 ms with these; a vision block on 1024 patches: 291 ms, 248 ms; medians of alternating calls)."""
+32 ms with these; a vision block on 1024 patches: 291 ms, 248 ms; medians of alternating calls).
+Its attention likewise: rotating q and k and attending in 16 windows of 64 patches took 20-33 ms
+as ops, 4 ms as the kernel; over one frame of 1024 patches 84-140 ms, 36-52 ms; an audio layer's
+over 100 tokens ~1.5 ms (the 7B's audio encoder on 2 s: 698 ms -> 626 ms)."""
 from typing import Any, NamedTuple
 
 import numpy as np

@@ -8,17 +8,23 @@ attention wants each window contiguous, so the sequence is permuted by `window_i
 merge groups) before the blocks and put back after the merger, as in the reference.
 
 For inference each block runs as one compiled graph shared by every block (the weights its
-inputs, `vision_block`), over the patches padded to one of 8 sizes per power of two and the
-attention's segments (each image's windows, or frames) padded to a power of two of segments of a
-bucketed length: a handful of graphs serve every image size. Op by op, the projections ran ~1.5x
-and the segmented attention ~6x slower on the CPU (window blocks 124 ms against 19 ms at 448x448).
-Training, and blocks wrapped by LoRA adapters, run op by op through the cells. A frame too large
-for a block's scores to be held at once (nn/attention.py SCORES_AT_ONCE, over all its segments: an
-image of more than ~4096 patches on the tiny checkpoint, ~1448 on the 7B, and as many video frames
-of half that as make the same) attends op by op, without a (patches x patches) mask: exact
-attention takes its query rows in chunks (a 1920 x 1080 picture's generate on the tiny checkpoint
-peaked at 20.4 GB in the graph, 1.6 GB so: 46 s then, 3.4 s now), and the flash kernel, which
-holds no scores, gets no mask at all (a frame's patches are one segment, without padding).
+inputs, `vision_block`), over the patches padded to one of 8 sizes per power of two: a handful of
+graphs serve every image size. Op by op, the projections ran ~1.5x and the segmented attention ~6x
+slower on the CPU (window blocks 124 ms against 19 ms at 448x448). Training, and blocks wrapped by
+LoRA adapters, run op by op through the cells.
+
+The attention's segments (each image's windows, or frames): on the CPU in float32 the native
+kernel (EncoderKernels.rotary_attention) rotates and attends within them where q, k, v lie, given
+each segment's first row and length (segment_table, the count padded to a power of two), holding
+one chunk of queries' scores at a time, so every image goes through the graph (the 7B's encoder on
+448x448: 5.71 s with the ops, 4.81 s so). Otherwise (Ascend, the ops) they are gathered into a
+power of two of segments of a bucketed length with a key mask, and a frame too large for a block's
+scores to be held at once (nn/attention.py SCORES_AT_ONCE, over all its segments: an image of more
+than ~4096 patches on the tiny checkpoint, ~1448 on the 7B, and as many video frames of half that
+as make the same) attends op by op, without a (patches x patches) mask: exact attention takes its
+query rows in chunks (a 1920 x 1080 picture's generate on the tiny checkpoint peaked at 20.4 GB in
+the graph, 1.6 GB so), and the flash kernel, which holds no scores, gets no mask at all (a frame's
+patches are one segment, without padding).
 """
 import numpy as np
 import mindspore as ms
