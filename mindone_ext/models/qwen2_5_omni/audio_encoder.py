@@ -46,6 +46,19 @@ def output_lengths(feature_lens):
     return cnn, (cnn - 2) // 2 + 1
 
 
+def frames_conv(x, weight, bias, stride, padding):
+    """torch's conv1d on x laid out (B, frames, C_in), channels last, giving (B, frames', C_out):
+    each output frame's taps side by side, then one product with the weight as (C_out, C_in * K),
+    its own layout (no copy; on the CPU the native linear runs it). MindSpore's CPU convolutions
+    took the 7B's stem on a window 20 ms, the reference's 7 ms."""
+    b, frames, _ = x.shape
+    k = weight.shape[-1]
+    out = (frames + 2 * padding - k) // stride + 1
+    x = ops.pad(x, (0, 0, padding, padding))
+    taps = ops.stack([x[:, j:j + (out - 1) * stride + 1:stride] for j in range(k)], -1)  # (B, out, C_in, K)
+    return P.linear(taps.reshape(b, out, -1), weight.reshape(weight.shape[0], -1), bias)
+
+
 def audio_layer(x, mask, weights, heads, act, flash, act_name=None, kernels=EncoderKernels()):
     """One encoder layer as a pure function of its weights (`AudioEncoderLayer.weights`): x
     (windows, tokens, d), `mask` (windows, 1, tokens, tokens) the real keys of each window, or with
@@ -134,11 +147,11 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         self.proj = Linear(d, config.output_dim, True, dtype)
         heads, act = config.encoder_attention_heads, P.activation(config.activation_function)
 
-        conv1, conv2 = self.conv1, self.conv2  # (the graph closes over these cells, not the encoder)
+        strides = ((self.conv1.stride, self.conv1.padding), (self.conv2.stride, self.conv2.padding))
 
         def stem(x, valid, conv1_w, conv1_b, conv2_w, conv2_b, positions):
-            x = P.gelu(conv1.apply(x, conv1_w, conv1_b)) * valid
-            return P.gelu(conv2.apply(x, conv2_w, conv2_b)).swapaxes(1, 2) + positions
+            x = P.gelu(frames_conv(x, conv1_w, conv1_b, *strides[0])) * valid
+            return P.gelu(frames_conv(x, conv2_w, conv2_b, *strides[1])) + positions
 
         def head(x, first, second, ln_w, ln_b, proj_w, proj_b):
             x = x.reshape(-1, x.shape[-1])
@@ -220,8 +233,8 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         frame_valid = np.zeros((padded, frames), bool)
         frame_valid[:windows] = np.arange(frames)[None, :] < flat[:, None]
         index = np.minimum(starts[:, None] + np.arange(frames)[None, :], len(features[0]) - 1)
-        x = np.zeros((padded, features.shape[0], frames), np.float32)
-        x[:windows] = np.where(frame_valid[:windows, None, :], features[:, index].swapaxes(0, 1), 0)
+        x = np.zeros((padded, frames, features.shape[0]), np.float32)  # channels last (frames_conv)
+        x[:windows] = np.where(frame_valid[:windows, :, None], features[:, index].transpose(1, 2, 0), 0)
         token_valid = np.zeros((padded, width), bool)
         token_valid[:windows] = np.arange(width)[None, :] < tokens[:, None]
         if self.kernels.segment_attention is not None:  # each window's real tokens
@@ -238,7 +251,7 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         with compiling(None if padded in self._windows else f"the audio encoder for {padded} windows"):
             self._windows.add(padded)
             # Tensor(p): the Parameter's storage, read by the graph (no copy)
-            x = self._stem_graph(Tensor(x, dtype), Tensor(frame_valid[:, None, :], dtype), Tensor(self.conv1.weight),
+            x = self._stem_graph(Tensor(x, dtype), Tensor(frame_valid[:, :, None], dtype), Tensor(self.conv1.weight),
                                  Tensor(self.conv1.bias), Tensor(self.conv2.weight), Tensor(self.conv2.bias),
                                  self.positions[:width].astype(dtype))
             for layer in self.layers:
