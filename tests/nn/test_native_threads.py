@@ -1,0 +1,88 @@
+"""The native kernels' threads (kernels/parallel.h): a pool started once per process. Called at
+once from several threads (the pool taken: a call starts its own threads), and in a forked child
+(the parent's workers do not exist there: the child starts its own pool), a kernel gives what it
+gives alone, bit for bit. The kernel is called through its C entry (ctypes releases the GIL, so
+the calls overlap for real), the linear one: its two column slices are the pool's work."""
+import ctypes
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from mindone_ext.nn import native_linear
+from mindone_ext.nn.device import on_ascend
+
+pytestmark = pytest.mark.skipif(on_ascend(), reason="the native kernels are the CPU target's")
+ROWS, IN, OUT = 64, 256, 512  # two slices of 256 columns: both threads have work
+
+
+@pytest.fixture(scope="module")
+def linear():
+    native_linear.enable()
+    assert native_linear.KERNELS is not None, "this machine builds the native kernel (CI installs g++)"
+    entry = ctypes.CDLL(native_linear.KERNELS.library).Linear
+    entry.restype = ctypes.c_int
+
+    def call(x, weight):
+        out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+        arrays = (x, weight, out)
+        shapes = [(ctypes.c_int64 * 2)(*a.shape) for a in arrays]
+        status = entry(3, (ctypes.c_void_p * 3)(*(a.ctypes.data for a in arrays)), (ctypes.c_int * 3)(2, 2, 2),
+                       (ctypes.POINTER(ctypes.c_int64) * 3)(*(ctypes.cast(s, ctypes.POINTER(ctypes.c_int64))
+                                                              for s in shapes)),
+                       (ctypes.c_char_p * 3)(b"float32", b"float32", b"float32"), None, None)
+        assert status == 0
+        return out
+
+    return call
+
+
+def problem(seed):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((ROWS, IN)).astype(np.float32), rng.standard_normal((OUT, IN)).astype(np.float32)
+
+
+def test_calls_from_several_threads_at_once_equal_each_alone(linear):
+    problems = [problem(seed) for seed in range(4)]
+    alone = [linear(*p) for p in problems]
+    for want, (x, weight) in zip(alone, problems):
+        assert np.abs(want - x.astype(np.float64) @ weight.T.astype(np.float64)).max() <= 1e-3
+    failures = []
+
+    def caller(index):
+        for _ in range(100):
+            got = linear(*problems[index])
+            if not np.array_equal(got, alone[index]):
+                failures.append(index)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(problems))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a call never returned"
+    assert not failures
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_starts_its_own_pool(linear):
+    x, weight = problem(7)
+    want = linear(x, weight)  # the parent's pool exists from here on
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: a call that waited for the parent's workers would never return
+        try:
+            os.write(write, b"1" if np.array_equal(linear(x, weight), want) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready = []
+    reader = threading.Thread(target=lambda: ready.append(os.read(read, 1)))
+    reader.start()
+    reader.join(timeout=60)
+    if reader.is_alive():
+        os.kill(child, 9)
+    os.waitpid(child, 0)
+    os.close(read)
+    assert ready == [b"1"], "the forked child's call hung or differed"
