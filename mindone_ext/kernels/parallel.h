@@ -14,13 +14,12 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
+#include <unistd.h>  // getpid (Pool::get)
 #ifdef __linux__
 #include <sched.h>
-#include <unistd.h>
 #endif
 
 namespace native {
