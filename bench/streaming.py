@@ -7,9 +7,8 @@ Same model, same random weights, same greedy settings: `generate(return_audio=Tr
 answer: text, then codec tokens, then Token2Wav) against `generate_stream` (Thinker and Talker in
 lockstep, Token2Wav chunk by chunk). "First audio" is when the first waveform samples are in hand:
 the end of `generate` for the whole answer, the first AudioChunk when streaming. One timed run of
-each after a warm-up that compiles the decoders at the timed answer's cache sizes (`warm_up`;
-Token2Wav's graphs compile inside the timed runs, a few seconds each, unless an earlier run
-stored them). The talker and thinker never stop early (no stop tokens), so the answer
+each after a warm-up that compiles the graphs the timed answer runs (`warm_up`: the decoders
+at the timed answer's cache sizes, Token2Wav at its frame counts), as a server's warm-up does. The talker and thinker never stop early (no stop tokens), so the answer
 is exactly `--seconds` long. Each mode runs in its own process (same seeded weights): the compiled
 graphs of both at the 7B's size do not fit in 24 GB together.
 """
@@ -65,16 +64,30 @@ def build_model(tiny):
     return model
 
 
-def warm_up(model, settings, text_tokens=4):
-    """Compile the Thinker's and Talker's steps for the answer `settings` ask for: the Talker's
-    cache is sized by its max_new_tokens (a warm-up answer of a few codes compiled a 256-slot step,
-    and the timed 10 s answer then compiled its 1024-slot one, ~30 s at the 7B's shape, measured).
-    A streamed answer with the same settings, closed after its first text tokens: by then the
-    Talker has prefilled and taken its first steps, and Token2Wav has run nothing."""
+def warm_up(model, settings, mode, codes, text_tokens=4):
+    """Compile the graphs the timed answer of `mode` runs, as a server's warm-up has before its
+    first client. The decoders' steps: the Talker's cache is sized by its max_new_tokens (a
+    warm-up answer of a few codes compiled a 256-slot step, and the timed 10 s answer then
+    compiled its 1024-slot one, ~30 s at the 7B's shape, measured), so a streamed answer with the
+    same settings, closed after its first text tokens (the Talker has prefilled and taken its
+    first steps). Token2Wav's: its graphs depend on the frames solved, not on the ODE's steps, so
+    `codes` random codec tokens go through the mode's path (the whole answer's one solve, or the
+    stream's windows with the codes arriving one by one) with a single RK4 step."""
+    from mindone_ext.models.qwen2_5_omni.token2wav_stream import Token2WavStream
+
     events = model.generate_stream(**settings)
     for _ in zip(range(text_tokens), events):
         pass
     events.close()
+    voice, token2wav = model.speakers[settings["spk"]], model.token2wav
+    random_codes = np.random.default_rng(3).integers(0, token2wav.code2wav_dit_model.num_embeds - 1, size=codes)
+    if mode == "whole":
+        token2wav(random_codes[None], voice.cond, voice.ref_mel, num_steps=2, seed=0)
+    else:
+        wave = Token2WavStream(token2wav, voice.cond, voice.ref_mel, num_steps=2, seed=0)
+        for code in random_codes:
+            wave.push([code])
+        wave.finish()
 
 
 def run_mode(args):
@@ -90,7 +103,7 @@ def run_mode(args):
         return dict(input_ids=ids, spk="Bench", max_new_tokens=args.text_tokens, eos_token_id=[], seed=0,
                     talker_do_sample=False, talker_eos_token_id=[], talker_max_new_tokens=n_codes + 1)
 
-    warm_up(model, settings(codes))
+    warm_up(model, settings(codes), args.mode, codes)
     start, first, chunks = time.perf_counter(), None, []
     if args.mode == "whole":
         _, wav = model.generate(**settings(codes))
