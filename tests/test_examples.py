@@ -178,6 +178,29 @@ def test_ctrl_c_ends_the_voice_client_and_the_server_it_started(tmp_path):
     assert in_session(process.pid) == []  # the server is gone too
 
 
+CUT_SHORT_TURN = """
+import asyncio, runpy, sys
+client = runpy.run_path(sys.argv[1])
+
+def cut_short():  # Ctrl-C after a turn's coroutine was made, while asyncio.run built its loop
+    global turn, loop
+    turn = client["converse"]("ws://127.0.0.1:9/v1/voice", None, {})
+    loop = object.__new__(asyncio.SelectorEventLoop)
+    raise KeyboardInterrupt
+
+client["end_on_interrupt"](cut_short)
+"""
+
+
+def test_ctrl_c_cutting_the_voice_clients_turn_short_prints_one_line():
+    """The moment above at its worst, made deterministic (a CI run of the test above met it): what
+    the Ctrl-C left half done (a coroutine never awaited, an event loop half built) must not
+    complain after the line."""
+    client = os.path.join(ROOT, "examples/qwen2_5_omni/voice_server_client.py")
+    out = subprocess.run([sys.executable, "-c", CUT_SHORT_TURN, client], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130 and out.stderr.strip() == "interrupted", out.stderr[-3000:]
+
+
 def test_text_only_generation_reports_a_bad_model_path_in_one_line():
     done = run_without_torch("examples/qwen2_5_omni/text_only_generation.py", "--model_path", "/no/such/folder")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]

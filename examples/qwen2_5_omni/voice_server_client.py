@@ -205,10 +205,20 @@ def main():
     print(f"speech: {len(audio) / OUT_RATE:.2f} s at {OUT_RATE} Hz -> {args.output}")
 
 
-if __name__ == "__main__":
+def end_on_interrupt(main):
+    """Run `main`; Ctrl-C ends it with one line, as a shell expects (a server it started is
+    stopped by main's own cleanup), and exit status 130 at once: at the interpreter's teardown
+    what the Ctrl-C cut short (an event loop caught half built, a turn's coroutine not yet
+    started) would print its finalisers' complaints after that line."""
     signal.signal(signal.SIGINT, interrupt)
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: one line, as a shell expects (a server it started is stopped)
+    except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
+if __name__ == "__main__":
+    end_on_interrupt(main)
