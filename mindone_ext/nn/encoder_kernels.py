@@ -47,10 +47,6 @@ class EncoderKernels(NamedTuple):
                    native_kernels.custom_op(attention, "SegmentAttention"),
                    native_kernels.custom_op(attention, "RotarySegmentAttention"), (library, decoder, attention))
 
-    def ops_attention(self):
-        """These kernels with the ops' attention (graphs stored apart: `libraries` differ)."""
-        return self._replace(segment_attention=None, rotary_attention=None, libraries=self.libraries[:2])
-
 
 def segment_table(lengths, starts=None, count=None):
     """The attention kernels' segments: (first row, length) of each, int32, the count padded to

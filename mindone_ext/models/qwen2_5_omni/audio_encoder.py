@@ -46,17 +46,19 @@ def output_lengths(feature_lens):
     return cnn, (cnn - 2) // 2 + 1
 
 
-def frames_conv(x, weight, bias, stride, padding):
-    """torch's conv1d on x laid out (B, frames, C_in), channels last, giving (B, frames', C_out):
-    each output frame's taps side by side, then one product with the weight as (C_out, C_in * K),
-    its own layout (no copy; on the CPU the native linear runs it). MindSpore's CPU convolutions
-    took the 7B's stem on a window 20 ms, the reference's 7 ms."""
-    b, frames, _ = x.shape
-    k = weight.shape[-1]
-    out = (frames + 2 * padding - k) // stride + 1
-    x = ops.pad(x, (0, 0, padding, padding))
-    taps = ops.stack([x[:, j:j + (out - 1) * stride + 1:stride] for j in range(k)], -1)  # (B, out, C_in, K)
-    return P.linear(taps.reshape(b, out, -1), weight.reshape(weight.shape[0], -1), bias)
+def frames_conv(x, weight, taps, stride, padding):
+    """torch's conv1d, without its bias, on x laid out (B, frames, C_in), channels last, giving
+    (B, frames', C_out): each output frame's taps side by side, then one product with the weight
+    given as (C_out, C_in * taps) (the (C_out, C_in, taps) Parameter viewed flat before the graph:
+    no copy; on the CPU the native linear runs it). MindSpore's CPU convolutions took the 7B's
+    stem on a window 20 ms, the reference's 7 ms."""
+    b, frames, channels = x.shape
+    out = (frames + 2 * padding - taps) // stride + 1
+    if padding:  # zero frames joined on: MindSpore's CPU pad kernel took ~2.5 ms on a 7B window, this ~0.2
+        edge = ops.zeros((b, padding, channels), x.dtype)
+        x = ops.cat((edge, x, edge), 1)
+    columns = ops.stack([x[:, j:j + (out - 1) * stride + 1:stride] for j in range(taps)], -1)  # (B, out, C_in, taps)
+    return P.linear(columns.reshape(b, out, -1), weight)
 
 
 def audio_layer(x, mask, weights, heads, act, flash, act_name=None, kernels=EncoderKernels()):
@@ -147,33 +149,39 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         self.proj = Linear(d, config.output_dim, True, dtype)
         heads, act = config.encoder_attention_heads, P.activation(config.activation_function)
 
-        strides = ((self.conv1.stride, self.conv1.padding), (self.conv2.stride, self.conv2.padding))
-
-        def stem(x, valid, conv1_w, conv1_b, conv2_w, conv2_b, positions):
-            x = P.gelu(frames_conv(x, conv1_w, conv1_b, *strides[0])) * valid
-            return P.gelu(frames_conv(x, conv2_w, conv2_b, *strides[1])) + positions
-
         def head(x, first, second, ln_w, ln_b, proj_w, proj_b):
             x = x.reshape(-1, x.shape[-1])
             pooled = (ops.gather(x, first, 0) + ops.gather(x, second, 0)) / 2
             return P.linear(P.layer_norm(pooled, ln_w, ln_b, 1e-5), proj_w, proj_b)
 
         # graphs per power of two of windows, the layer's shared by all layers; stored once per machine
-        self._stem_graph = StoredGraph("audio_stem", stem, ())
         self._head_graph = StoredGraph("audio_head", head, ())
         self.heads, self.act, self.act_name, self.flash = heads, act, config.activation_function, flash
         self.use_kernels(EncoderKernels.build(dtype))
 
     def use_kernels(self, kernels):
-        """Run the layers with `kernels` (EncoderKernels; tests take the ops' attention this way)."""
+        """Run the stem and layers with `kernels` (EncoderKernels; tests run the ops alone this way)."""
         heads, act, act_name, flash = self.heads, self.act, self.act_name, self.flash
         self.kernels = kernels
+        convs = tuple((conv.weight.shape[-1], conv.stride, conv.padding) for conv in (self.conv1, self.conv2))
+
+        def stem(x, valid, conv1_w, conv1_b, conv2_w, conv2_b, positions):
+            # the reference's exact GELU, with each convolution's bias added in its kernel
+            x = act_bias(frames_conv(x, conv1_w, *convs[0]), conv1_b, P.gelu, "gelu", kernels.gelu_bias) * valid
+            return act_bias(frames_conv(x, conv2_w, *convs[1]), conv2_b, P.gelu, "gelu", kernels.gelu_bias) + positions
 
         def layer(h, m, w):
             return audio_layer(h, m, w, heads, act, flash, act_name, kernels)
 
+        self._stem_graph = StoredGraph("audio_stem", stem, (convs, kernels.libraries))
         self._layer_graph = StoredGraph("audio_layer", layer, (heads, act_name, flash, kernels.libraries))
         self._windows = set()  # window counts it has run
+
+    def _conv_weights(self):
+        """The convolutions' weights as the stem takes them: each (C_out, C_in * taps), a view of
+        the Parameter's storage (read by the graph, no copy), then its bias."""
+        return tuple(t for conv in (self.conv1, self.conv2)
+                     for t in (Tensor(conv.weight).reshape(conv.weight.shape[0], -1), Tensor(conv.bias)))
 
     def compiled(self):
         """Whether inference runs through the graphs: not training, and no adapter wraps a layer
@@ -251,8 +259,7 @@ class Qwen2_5OmniAudioEncoder(nn.Cell):
         with compiling(None if padded in self._windows else f"the audio encoder for {padded} windows"):
             self._windows.add(padded)
             # Tensor(p): the Parameter's storage, read by the graph (no copy)
-            x = self._stem_graph(Tensor(x, dtype), Tensor(frame_valid[:, :, None], dtype), Tensor(self.conv1.weight),
-                                 Tensor(self.conv1.bias), Tensor(self.conv2.weight), Tensor(self.conv2.bias),
+            x = self._stem_graph(Tensor(x, dtype), Tensor(frame_valid[:, :, None], dtype), *self._conv_weights(),
                                  self.positions[:width].astype(dtype))
             for layer in self.layers:
                 x = self._layer_graph(x, mask, ms.mutable(tuple(Tensor(w) for w in layer.weights())))

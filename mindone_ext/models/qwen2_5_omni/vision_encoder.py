@@ -210,7 +210,7 @@ class Qwen2_5OmniVisionEncoder(nn.Cell):
         self.use_kernels(EncoderKernels.build(dtype))
 
     def use_kernels(self, kernels):
-        """Run the blocks with `kernels` (EncoderKernels; tests take the ops' attention this way)."""
+        """Run the blocks with `kernels` (EncoderKernels; tests run the ops alone this way)."""
         heads, act, flash = self.heads, self.act, self.flash
         self.kernels = kernels
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mindone_ext.models.qwen2_5_omni.audio_encoder import output_lengths
+from mindone_ext.nn.encoder_kernels import EncoderKernels
 from tests.conftest import max_abs_diff
 from tests.models.qwen2_5_omni.multimodal_inputs import CASES, case
 
@@ -29,13 +30,13 @@ def run_op_by_op(encoder, *inputs):
 
 @contextlib.contextmanager
 def attention_through(encoder, path):
-    """An encoder with its layers' attention through the native kernels ("native", the CPU's
-    default) or through the ops ("ops": Ascend's path, and the CPU's with native kernels off)."""
+    """An encoder through its native kernels ("native", the CPU's default) or through MindSpore's
+    ops alone ("ops": Ascend's path, and the CPU's with native kernels off)."""
     kernels = encoder.kernels
     if path == "native" and kernels.segment_attention is None:
         pytest.skip("the native kernels are the CPU target's")
     if path == "ops":  # (the stored graphs told apart by the libraries they call)
-        encoder.use_kernels(kernels.ops_attention())
+        encoder.use_kernels(EncoderKernels())
     try:
         yield encoder
     finally:
