@@ -15,6 +15,22 @@ def median_seconds(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+def alternating_medians(fns, repeats, warmup=1):
+    """{name: median seconds} of `fns` ({name: fn}) timed in turns, one run of each per round, so
+    that a machine whose speed drifts during the run (this one's moves by 10-30% within minutes)
+    slows them alike and their ratio stays fair."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def emit(record):
     print(json.dumps(record), flush=True)
 

@@ -3,8 +3,9 @@
     python bench/encoders.py           # the 7B's encoder configs: 30 s of audio, one 448x448 image
     python bench/encoders.py --tiny    # a few-second smoke run
 
-Prints one JSON line per implementation (audio_ms, vision_ms, median of repeats after a warm-up)
-and a summary line with ratios ours / reference (below 1 = faster).
+Prints one JSON line per implementation (audio_ms, vision_ms: medians of repeats after a warm-up,
+ours and the reference timed in turns) and a summary line with ratios ours / reference (below 1 =
+faster).
 """
 import argparse
 import os
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_weights, emit, median_seconds  # noqa: E402
+from common import alternating_medians, copy_weights, emit  # noqa: E402
 
 
 def configs(tiny):
@@ -78,10 +79,11 @@ def main():
     common = dict(config="tiny" if args.tiny else "qwen2.5-omni-7b", audio_seconds=args.seconds,
                   image=f"{args.image_size}x{args.image_size}", dtype="float32", device="CPU",
                   torch_threads=torch.get_num_threads())
-    results = {}
-    for impl, (audio, vision) in runs.items():
-        results[impl] = dict(audio_ms=round(median_seconds(audio, args.repeats) * 1e3, 1),
-                             vision_ms=round(median_seconds(vision, args.repeats) * 1e3, 1))
+    results = {impl: {} for impl in runs}
+    for part, index in (("audio_ms", 0), ("vision_ms", 1)):  # ours and the reference in turns
+        for impl, seconds in alternating_medians({impl: fns[index] for impl, fns in runs.items()}, args.repeats).items():
+            results[impl][part] = round(seconds * 1e3, 1)
+    for impl in runs:
         emit(dict(bench="encoders", impl=impl, **results[impl], **common))
     emit(dict(bench="encoders", ratio_audio_ms=round(results["mindone_ext"]["audio_ms"] / results["torch"]["audio_ms"], 3),
               ratio_vision_ms=round(results["mindone_ext"]["vision_ms"] / results["torch"]["vision_ms"], 3),
