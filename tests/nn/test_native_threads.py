@@ -65,55 +65,14 @@ def test_calls_from_several_threads_at_once_equal_each_alone(linear):
     assert not failures
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_a_forked_child_starts_its_own_pool(linear):
-    x, weight = problem(7)
-    want = linear(x, weight)  # the parent's pool exists from here on
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: a call that waited for the parent's workers would never return
-        try:
-            os.write(write, b"1" if np.array_equal(linear(x, weight), want) else b"0")
-        finally:
-            os._exit(0)
-    os.close(write)
-    ready = []
-    reader = threading.Thread(target=lambda: ready.append(os.read(read, 1)))
-    reader.start()
-    reader.join(timeout=60)
-    if reader.is_alive():
-        os.kill(child, 9)
-    os.waitpid(child, 0)
-    os.close(read)
-    assert ready == [b"1"], "the forked child's call hung or differed"
-
-
-@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
-                    reason="Linux with two cores or more")
-def test_a_caller_pinned_to_one_core_gets_workers_on_every_core(linear):
-    """MindSpore's pool threads may be pinned to a core each (nn/device.py); a kernel they run must
-    still spread over the process's cores: its pool's workers are allowed on all of them. In a
-    forked child, whose pool the pinned thread's call starts."""
-    x, weight = problem(8)
-    want = linear(x, weight)
+def in_forked_child(check):
+    """check() run in a forked child -> True, False, or None when it did not answer within a
+    minute (a call waiting for threads that do not exist there never returns: the child is killed)."""
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
         try:
-            cores, before = os.sched_getaffinity(0), set(os.listdir("/proc/self/task"))
-            same, caller_id = [], []
-
-            def pinned_caller():
-                os.sched_setaffinity(0, {min(cores)})  # this thread only
-                caller_id.append(str(threading.get_native_id()))
-                same.append(np.array_equal(linear(x, weight), want))
-
-            caller = threading.Thread(target=pinned_caller)
-            caller.start()
-            caller.join()
-            workers = set(os.listdir("/proc/self/task")) - before - set(caller_id)  # (it may not have exited yet)
-            spread = bool(workers) and all(os.sched_getaffinity(int(tid)) == cores for tid in workers)
-            os.write(write, b"1" if same == [True] and spread else b"0")
+            os.write(write, b"1" if check() else b"0")
         finally:
             os._exit(0)
     os.close(write)
@@ -125,4 +84,38 @@ def test_a_caller_pinned_to_one_core_gets_workers_on_every_core(linear):
         os.kill(child, 9)
     os.waitpid(child, 0)
     os.close(read)
-    assert answer == [b"1"], "the pinned caller's kernel had no workers on the process's cores, or differed"
+    return {b"1": True, b"0": False}.get(answer[0]) if answer else None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_starts_its_own_pool(linear):
+    x, weight = problem(7)
+    want = linear(x, weight)  # the parent's pool exists from here on; the child's call must not wait for it
+    assert in_forked_child(lambda: np.array_equal(linear(x, weight), want)), "the forked child's call hung or differed"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="Linux with two cores or more")
+def test_a_caller_pinned_to_one_core_gets_workers_on_every_core(linear):
+    """MindSpore's pool threads may be pinned to a core each (nn/device.py); a kernel they run must
+    still spread over the process's cores: its pool's workers are allowed on all of them. In a
+    forked child, whose pool the pinned thread's call starts."""
+    x, weight = problem(8)
+    want = linear(x, weight)
+
+    def check():
+        cores, before = os.sched_getaffinity(0), set(os.listdir("/proc/self/task"))
+        same, caller_id = [], []
+
+        def pinned_caller():
+            os.sched_setaffinity(0, {min(cores)})  # this thread only
+            caller_id.append(str(threading.get_native_id()))
+            same.append(np.array_equal(linear(x, weight), want))
+
+        caller = threading.Thread(target=pinned_caller)
+        caller.start()
+        caller.join()
+        workers = set(os.listdir("/proc/self/task")) - before - set(caller_id)  # (it may not have exited yet)
+        return same == [True] and bool(workers) and all(os.sched_getaffinity(int(tid)) == cores for tid in workers)
+
+    assert in_forked_child(check), "the pinned caller's kernel had no workers on the process's cores, or differed"
