@@ -81,7 +81,8 @@ def main():
                   torch_threads=torch.get_num_threads())
     results = {impl: {} for impl in runs}
     for part, index in (("audio_ms", 0), ("vision_ms", 1)):  # ours and the reference in turns
-        for impl, seconds in alternating_medians({impl: fns[index] for impl, fns in runs.items()}, args.repeats).items():
+        medians = alternating_medians({impl: fns[index] for impl, fns in runs.items()}, args.repeats)
+        for impl, seconds in medians.items():
             results[impl][part] = round(seconds * 1e3, 1)
     for impl in runs:
         emit(dict(bench="encoders", impl=impl, **results[impl], **common))

@@ -7,10 +7,11 @@ Same model, same random weights, same greedy settings: `generate(return_audio=Tr
 answer: text, then codec tokens, then Token2Wav) against `generate_stream` (Thinker and Talker in
 lockstep, Token2Wav chunk by chunk). "First audio" is when the first waveform samples are in hand:
 the end of `generate` for the whole answer, the first AudioChunk when streaming. One timed run of
-each after a warm-up that compiles the graphs the timed answer runs (`warm_up`: the decoders
-at the timed answer's cache sizes, Token2Wav at its frame counts), as a server's warm-up does. The talker and thinker never stop early (no stop tokens), so the answer
-is exactly `--seconds` long. Each mode runs in its own process (same seeded weights): the compiled
-graphs of both at the 7B's size do not fit in 24 GB together.
+each after a warm-up that compiles the graphs the timed answer runs (`warm_up`: the decoders at
+the timed answer's cache sizes, Token2Wav at its frame counts), as a server's warm-up does. The
+talker and thinker never stop early (no stop tokens), so the answer is exactly `--seconds` long.
+Each mode runs in its own process (same seeded weights): the compiled graphs of both at the 7B's
+size do not fit in 24 GB together.
 """
 import argparse
 import json
