@@ -201,6 +201,49 @@ def test_ctrl_c_cutting_the_voice_clients_turn_short_prints_one_line():
     assert out.returncode == 130 and out.stderr.strip() == "interrupted", out.stderr[-3000:]
 
 
+CTRL_C_WHILE_COMPILING = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import common
+import numpy as np
+import mindspore as ms
+
+class Interrupting:
+    sent = False
+
+    @property
+    def scale(self):  # MindSpore's parser reads it while it compiles `twice`
+        if not Interrupting.sent:
+            Interrupting.sent = True
+            for _ in range(int(sys.argv[2])):
+                os.kill(os.getpid(), signal.SIGINT)
+        return 2.0
+
+knob = Interrupting()
+
+@ms.jit
+def twice(x):
+    return x * knob.scale
+
+common.run_script(lambda: print(twice(ms.Tensor(np.ones(3, np.float32)))))
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
+def test_ctrl_c_while_a_graph_compiles_ends_in_one_line_and_writes_nothing(signals, tmp_path):
+    """A KeyboardInterrupt raised in the Python MindSpore's compiler calls back was logged as its
+    ERROR with a trace and its analysis written into the working directory (rank_0/om/); the
+    interrupt now waits for the compile to return, or ends the program at a second Ctrl-C."""
+    script, work = tmp_path / "compiling.py", tmp_path / "work"  # MindSpore compiles from source files only
+    script.write_text(CTRL_C_WHILE_COMPILING)
+    work.mkdir()
+    out = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "examples/qwen2_5_omni"), str(signals)],
+                         capture_output=True, text=True, timeout=300, cwd=work)
+    assert out.returncode == 130 and out.stderr.strip().splitlines()[-1] == "interrupted", out.stderr[-3000:]
+    assert "ERROR" not in out.stderr and "analyze_fail" not in out.stderr, out.stderr[-3000:]
+    assert list(work.iterdir()) == []
+
+
 def test_text_only_generation_reports_a_bad_model_path_in_one_line():
     done = run_without_torch("examples/qwen2_5_omni/text_only_generation.py", "--model_path", "/no/such/folder")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]

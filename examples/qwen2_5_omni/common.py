@@ -66,11 +66,37 @@ def end_quietly_on_interrupt():
 
 
 _signalled = []
+_COMPILER = os.path.join("mindspore", "common", "api.py")  # where every compile passes (jit, a loaded graph, an export)
+COMPILE_POLL_SECONDS = 0.02
 
 
 def _raise_interrupt(signum, frame):
+    """KeyboardInterrupt where the signal lands, except inside MindSpore's compiler: an exception
+    raised in the Python it calls back is reported as its own error (a trace on stderr) and its
+    analysis written into the working directory (rank_0/om/analyze_fail.ir). There it is raised as
+    soon as the compile returns; a second signal meanwhile ends the program at once."""
     _signalled.append(signum)
+    if not _compiling(frame):
+        raise KeyboardInterrupt
+    if len(_signalled) > 1:
+        _end_interrupted()
+    _raise_after_compile(signal.SIGALRM, frame)
+
+
+def _raise_after_compile(signum, frame):
+    if _compiling(frame):  # looked at again every COMPILE_POLL_SECONDS
+        signal.signal(signal.SIGALRM, _raise_after_compile)
+        signal.setitimer(signal.ITIMER_REAL, COMPILE_POLL_SECONDS)
+        return
     raise KeyboardInterrupt
+
+
+def _compiling(frame):
+    while frame is not None:
+        if frame.f_code.co_name == "compile" and frame.f_code.co_filename.endswith(_COMPILER):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _report_uncaught(kind, value, traceback):
@@ -78,7 +104,10 @@ def _report_uncaught(kind, value, traceback):
         return sys.__excepthook__(kind, value, traceback)
     if os.environ.get("MINDONE_TRACEBACK"):
         sys.__excepthook__(kind, value, traceback)
-    note = str(value) if issubclass(kind, KeyboardInterrupt) else ""
+    _end_interrupted(str(value) if issubclass(kind, KeyboardInterrupt) else "")
+
+
+def _end_interrupted(note=""):
     print(f"interrupted: {note}" if note else "interrupted", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -103,11 +132,14 @@ def run(main, *args):
     transformers_without_torch()
     end_quietly_on_interrupt()
     try:
-        return main(*args)
+        result = main(*args)
     except (ValueError, OSError) as e:  # MediaError, CheckpointError, DatasetError, ... are ValueErrors
         if os.environ.get("MINDONE_TRACEBACK") or _signalled:
             raise
         sys.exit(f"error: {e}")
+    if _signalled:  # a signal held back while a compile finished, and main ended before it was raised
+        raise KeyboardInterrupt
+    return result
 
 
 def run_script(main):
