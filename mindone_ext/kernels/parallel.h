@@ -27,10 +27,14 @@ namespace native {
 // The cores are the process's (its main thread's affinity), not the calling thread's: a kernel may
 // run on one of MindSpore's pool threads pinned to a single core (nn/device.py), and counting that
 // thread's one core ran every kernel on one thread (a 7B-shaped DiT evaluation took 370 ms, 240 since).
+#ifdef __linux__
+inline bool process_cores(cpu_set_t *set) { return sched_getaffinity(getpid(), sizeof(*set), set) == 0; }
+#endif
+
 inline int usable_cores() {
 #ifdef __linux__
   cpu_set_t set;
-  if (sched_getaffinity(getpid(), sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  if (process_cores(&set)) return std::max(1, CPU_COUNT(&set));
 #endif
   return std::max(1u, std::thread::hardware_concurrency());
 }
@@ -40,7 +44,7 @@ inline int usable_cores() {
 inline void use_process_cores() {
 #ifdef __linux__
   cpu_set_t set;
-  if (sched_getaffinity(getpid(), sizeof(set), &set) == 0) sched_setaffinity(0, sizeof(set), &set);
+  if (process_cores(&set)) sched_setaffinity(0, sizeof(set), &set);
 #endif
 }
 
