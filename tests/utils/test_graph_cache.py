@@ -1,6 +1,7 @@
 """Graphs stored on disk (utils/graph_cache.py): a new process loads what another compiled, in any
 order (where MindSpore 2.7.1's own cache returns another graph's results), keys that tell graphs
 apart, and the ways a stored graph can be wrong refused or repaired."""
+import gc
 import json
 import os
 import subprocess
@@ -182,8 +183,6 @@ def test_storing_and_loading_skip_mindspores_full_collection(monkeypatch, tmp_pa
     """MindSpore runs gc.collect() before compiling a Cell's graph (0.2-0.3 s each in a process
     holding a model): storing and a loaded graph's first call skip it, and the module's gc is
     MindSpore's own again afterwards. (Storing off, `mindspore.jit` never collects.)"""
-    import gc
-
     import mindspore.common.api as api
 
     monkeypatch.setenv(ENV, str(tmp_path))
@@ -195,6 +194,39 @@ def test_storing_and_loading_skip_mindspores_full_collection(monkeypatch, tmp_pa
     assert collections == [] and api.gc is gc
     nn.GraphCell(ms.load(str(next(tmp_path.iterdir()))))(x)  # without the shim, the same first call collects
     assert len(collections) == 1
+
+
+def matmul_chain(x, weights):
+    for w in weights:
+        x = ops.matmul(x, w)
+    return x
+
+
+def parameters_alive():
+    return sum(isinstance(o, Parameter) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("large", [True, False], ids=["large", "small"])
+def test_an_export_leaves_no_copy_of_large_parameter_inputs(monkeypatch, tmp_path, large):
+    """mindspore.export copies each Parameter input into a new Parameter, a reference cycle that
+    lived until a full collection: a process exporting a 7B-shaped Talker's graphs held a copy of
+    its weights per graph (killed at 24 GB). Inputs of EXPORT_COPIES_COLLECTED bytes or more are
+    collected after the export; smaller ones are left to Python's collector (the small case shows
+    the copies this counts)."""
+    monkeypatch.setenv(ENV, str(tmp_path))
+    weights = tuple(Parameter(Tensor(np.eye(64, dtype=np.float32) * (i + 1)), name=f"copied_{i}") for i in range(3))
+    monkeypatch.setattr(graph_cache, "EXPORT_COPIES_COLLECTED", sum(w.nbytes for w in weights) + (0 if large else 1))
+    x = Tensor(np.ones((2, 64), np.float32))
+    gc.collect()
+    gc.disable()
+    try:
+        before = parameters_alive()
+        out = StoredGraph("export_copies", matmul_chain, ())(x, weights)
+        left = parameters_alive() - before
+    finally:
+        gc.enable()
+    assert out.asnumpy().tolist() == np.full((2, 64), 6.0).tolist()
+    assert left == (0 if large else len(weights))
 
 
 def first_of_each(pairs, x):
