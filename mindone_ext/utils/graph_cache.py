@@ -161,9 +161,12 @@ class StoredGraph:
                 with without_full_collections():
                     ms.export(Exported(flat_function(self.function, counts)), *spread, file_name=temporary,
                               file_format="MINDIR")
-            except ValueError as error:  # export takes no Parameter but its Cell's own: one the function closes over
+            except ValueError as error:
+                # export takes no Parameter but its Cell's own: one the function closes over is named
                 named = re.search(r"parameter name is: (\S+?)\.?$", str(error), re.MULTILINE)
-                raise self._holds_parameters(named.group(1) if named else str(error).splitlines()[0]) from None
+                if named is None:
+                    raise
+                raise self._holds_parameters(named.group(1)) from None
             cell = self._graph_cell(temporary)
         return cell
 
