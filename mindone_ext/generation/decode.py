@@ -23,7 +23,7 @@ from mindspore import Parameter, Tensor, ops
 
 from ..nn import ops as P
 from ..nn.decoder import head_dim_of
-from ..nn.decoder_kernels import DecoderKernels, rms_norm
+from ..nn.decoder_kernels import DecoderKernels, cached_attention_kernel, rms_norm
 from ..nn.decoder_weights import decoder_layer, layer_parts, layer_width, project, projection_parts, projection_width
 from ..nn.kv_cache import step_mask
 from ..utils.graph_cache import StoredGraph
@@ -141,12 +141,11 @@ class CompiledDecoder:
             if proj_kind is not None:
                 embeds = project(embeds, weights[:bounds[0]], proj_kind)
             cos, sin = rotary(position_ids, embeds.dtype)
-            decoding = embeds.shape[1] == 1
-            span = view[2] if decoding else mask.shape[-1]
-            # ops read a whole pool's rows in order without a gather; the native decode attention
-            # reads every row where it lies, so it is given the rows either way
-            native_rows = decoding and kernels.decode_attention is not None
-            where = (None if whole and not native_rows else rows, view, span, pick, slots)
+            span = view[2] if embeds.shape[1] == 1 else mask.shape[-1]
+            # ops read a whole pool's rows in order without a gather; the native attention reads
+            # every row where it lies, so it is given the rows either way
+            native = cached_attention_kernel(kernels, embeds.shape[1], mask.shape[-1], layer_kinds[0][:3])
+            where = (None if whole and native is None else rows, view, span, pick, slots)
             hidden, layers = embeds, len(layer_kinds)
             for n in range(layers):
                 past = (buffers[n], buffers[layers + n])

@@ -1,7 +1,8 @@
 // A Qwen2 decoder step's chains of small ops as CPU kernels (nn/decoder_kernels.py): the RMS norm,
-// the SiLU-gated unit, and a decode step's attention with its rotary embedding. On the tiny
-// checkpoint a decode step's graph is bound by its kernel count (~15 us each to launch, ~2 us to
-// compute): these take 6, 3 and ~30 MindSpore kernels to 1 each.
+// the SiLU-gated unit, and a cached step's attention with its rotary embedding (a decode step's,
+// a prompt piece's). On the tiny checkpoint a step's graph is bound by its kernel count (~15 us
+// each to launch, ~2 us to compute; a loaded graph's first call ~0.3 ms each to build): these
+// take 6, 3 and ~30 MindSpore kernels to 1 each.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +18,15 @@ const int64_t VALUES_PER_THREAD = 1 << 16;  // below this a thread costs more th
 
 using native::count;
 using native::float32;
+
+// x + bias rotated: (x + bias) cos + rotate_half(x + bias) sin, rotate_half(y) = (-y2, y1)
+void rotate_biased(const float *x, const float *bias, const float *c, const float *s, int64_t dim, float *to) {
+  const int64_t half = dim / 2;
+  for (int64_t d = 0; d < dim; ++d) {
+    const float turned = d < half ? -(x[d + half] + bias[d + half]) : x[d - half] + bias[d - half];
+    to[d] = (x[d] + bias[d]) * c[d] + turned * s[d];
+  }
+}
 
 }  // namespace
 
@@ -96,19 +106,12 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   float *v_new = static_cast<float *>(params[16]);
   const int64_t batch = shapes[0][0], dim = shapes[6][2];
   const int64_t heads = shapes[0][2] / dim, kv_heads = shapes[1][2] / dim, group = heads / kv_heads;
-  const int64_t span = shapes[11][3] - 1, half = dim / 2;
-  // x + bias rotated: (x + bias) cos + rotate_half(x + bias) sin
-  auto rotate = [&](const float *x, const float *bias, const float *c, const float *s, float *to) {
-    for (int64_t d = 0; d < dim; ++d) {
-      const float turned = d < half ? -(x[d + half] + bias[d + half]) : x[d - half] + bias[d - half];
-      to[d] = (x[d] + bias[d]) * c[d] + turned * s[d];
-    }
-  };
+  const int64_t span = shapes[11][3] - 1;
   // the new keys and values first: each pair below reads its own as the last key
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t g = 0; g < kv_heads; ++g) {
       const int64_t at = (b * kv_heads + g) * dim;
-      rotate(k + at, k_bias + g * dim, cos + b * dim, sin + b * dim, k_new + at);
+      rotate_biased(k + at, k_bias + g * dim, cos + b * dim, sin + b * dim, dim, k_new + at);
       for (int64_t d = 0; d < dim; ++d) v_new[at + d] = v[at + d] + v_bias[g * dim + d];
     }
   auto run = [&](int64_t first, int64_t last) {  // (batch row, KV head) pairs first..last
@@ -121,7 +124,7 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
       const float *kn = k_new + pair * dim, *vn = v_new + pair * dim;
       for (int64_t r = 0; r < group; ++r) {
         const int64_t h = g * group + r;
-        rotate(q + (b * heads + h) * dim, q_bias + h * dim, cos + b * dim, sin + b * dim, qr.data());
+        rotate_biased(q + (b * heads + h) * dim, q_bias + h * dim, cos + b * dim, sin + b * dim, dim, qr.data());
         native::attend_query(
             qr.data(), dim, span + 1, seen, scale, [&](int64_t j) { return j < span ? kp + j * dim : kn; },
             [&](int64_t j) { return j < span ? vp + j * dim : vn; }, p.data(), out + (b * heads + h) * dim);
@@ -130,5 +133,78 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   };
   const int64_t pairs = batch * kv_heads;
   native::parallel_ranges(pairs, pairs * group * (span + 1) * dim, VALUES_PER_THREAD, run);
+  return 0;
+}
+
+// A prompt piece's attention (nn/decoder.py's attend with a cache, T tokens per row), as
+// DecodeAttention does a decode step's: the biases added, queries and new keys rotated, each query
+// head's scores over its row's slots 0..span-1 read where they lie, except the slots the piece
+// writes (start..start+T-1), which hold its own new keys and values (the write comes after this
+// reads the buffers). A row's start is its first new key's slot in the write plan. Inputs: q (B,
+// T, H * D), k and v (B, T, KV * D) as projected, without their biases; the biases of q (H * D,), k
+// and v (KV * D,); cos, sin (B, T, D); the layer's key and value buffers (rows x KV x slots, D);
+// rows (B,) int32, the buffer row of each batch row; written (B * KV * T,) int32, the flat buffer
+// slot of each (row, KV head, token), the step's write plan; mask (B, 1, T, span) bool, the slots
+// each query sees (its own and earlier ones); scale (1,) float32; slots (1,) int32, the buffer's
+// slots per row. Outputs: (B, T, H * D), and the new keys (biased and rotated) and values (biased)
+// as (B * KV * T, D) in (row, KV head, token) order, which the step writes after this.
+extern "C" int PieceAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  if (nparam != 18 || ndims[0] != 3 || ndims[6] != 3 || ndims[8] != 2 || ndims[12] != 4 || !float32(dtypes, 10)) {
+    return 1;
+  }
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *q_bias = static_cast<const float *>(params[3]);
+  const float *k_bias = static_cast<const float *>(params[4]);
+  const float *v_bias = static_cast<const float *>(params[5]);
+  const float *cos = static_cast<const float *>(params[6]);
+  const float *sin = static_cast<const float *>(params[7]);
+  const float *keys = static_cast<const float *>(params[8]);
+  const float *values = static_cast<const float *>(params[9]);
+  const int32_t *rows = static_cast<const int32_t *>(params[10]);
+  const int32_t *written = static_cast<const int32_t *>(params[11]);
+  const bool *mask = static_cast<const bool *>(params[12]);
+  const float scale = *static_cast<const float *>(params[13]);
+  const int64_t slots = *static_cast<const int32_t *>(params[14]);
+  float *out = static_cast<float *>(params[15]);
+  float *k_new = static_cast<float *>(params[16]);
+  float *v_new = static_cast<float *>(params[17]);
+  const int64_t batch = shapes[0][0], tokens = shapes[0][1], dim = shapes[6][2];
+  const int64_t heads = shapes[0][2] / dim, kv_heads = shapes[1][2] / dim, group = heads / kv_heads;
+  const int64_t span = shapes[12][3];
+  std::vector<int64_t> starts(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    starts[b] = written[b * kv_heads * tokens] - static_cast<int64_t>(rows[b]) * kv_heads * slots;
+  }
+  // the new keys and values first, in (row, KV head, token) order
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t g = 0; g < kv_heads; ++g)
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t from = (b * tokens + t) * kv_heads * dim + g * dim, to = ((b * kv_heads + g) * tokens + t) * dim;
+        rotate_biased(k + from, k_bias + g * dim, cos + (b * tokens + t) * dim, sin + (b * tokens + t) * dim, dim,
+                      k_new + to);
+        for (int64_t d = 0; d < dim; ++d) v_new[to + d] = v[from + d] + v_bias[g * dim + d];
+      }
+  auto run = [&](int64_t first, int64_t last) {  // queries (batch row, head, token) first..last
+    std::vector<float> p(span), qr(dim);
+    for (int64_t query = first; query < last; ++query) {
+      const int64_t b = query / (heads * tokens), h = query / tokens % heads, t = query % tokens, g = h / group;
+      const int64_t start = starts[b], base = (static_cast<int64_t>(rows[b]) * kv_heads + g) * slots * dim;
+      const float *kp = keys + base, *vp = values + base;
+      const float *kn = k_new + (b * kv_heads + g) * tokens * dim, *vn = v_new + (b * kv_heads + g) * tokens * dim;
+      const int64_t at = (b * tokens + t) * dim;
+      rotate_biased(q + (b * tokens + t) * heads * dim + h * dim, q_bias + h * dim, cos + at, sin + at, dim, qr.data());
+      auto mine = [&](int64_t j) { return j >= start && j - start < tokens; };
+      native::attend_query(
+          qr.data(), dim, span, mask + (b * tokens + t) * span, scale,
+          [&](int64_t j) { return mine(j) ? kn + (j - start) * dim : kp + j * dim; },
+          [&](int64_t j) { return mine(j) ? vn + (j - start) * dim : vp + j * dim; }, p.data(),
+          out + (b * tokens + t) * heads * dim + h * dim);
+    }
+  };
+  const int64_t queries = batch * heads * tokens;
+  native::parallel_ranges(queries, queries * span * dim, VALUES_PER_THREAD, run);
   return 0;
 }

@@ -3,9 +3,13 @@ and the functions that use them or, without them (Ascend, another dtype, no comp
 
 Why: on the CPU a decode step of a small decoder is bound by its kernel count (the tiny Talker's
 step was 137 kernels, ~15 us each to launch against ~2 us of work), and each of these replaces a
-chain: the RMS norm (6 kernels), the SiLU-gated unit (3) and a decode step's attention with its
-rotary embedding, reading the cache where it lies (~30 per layer: rotations, the past's gather,
-the two score and value products, mask, softmax). They are not used for training (no gradient)."""
+chain: the RMS norm (6 kernels), the SiLU-gated unit (3) and a cached step's attention with its
+rotary embedding, a decode step's or a prompt piece's, reading the cache where it lies (~30 per
+layer: rotations, the past's gather, the two score and value products, mask, softmax). A loaded
+graph's first call in a process also builds each of its kernels: the tiny checkpoint's prefill
+graphs with the piece kernel build in ~28 ms, ~44 ms without (bench/cold_start.py). They are not
+used for training (no gradient).
+"""
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,14 +19,21 @@ from mindspore import Tensor, ops
 from ..utils import native_kernels
 from . import native_linear
 from . import ops as P
-from .kv_cache import write_step
+from .kv_cache import write_new, write_step
 
 SOURCE = native_kernels.source("decoder_step.cc")
+# A piece's attention natively only up to this many multiply-adds of its scores (tokens x slots x
+# heads x head size): the kernel reads every key once per query (no tiling), so beyond it
+# MindSpore's batched products are faster (a piece of 128 tokens in a compiled graph, ms native /
+# ops: 4 x 16 heads over 256 slots, the tiny Thinker's, 1.6 / 2.4; 14 x 64 over 256, the 0.5B's,
+# 6.2 / 5.9; over 512, 11.5 / 8.4; 12 x 128 over 256, 10.5 / 8.1). Below it a piece's cost is its
+# kernels' launches, and a loaded graph's first call builds each kernel (~30 fewer a layer).
+PIECE_MACS = 1 << 25
 
 
 def _attention_shapes(q, k, v, q_bias, k_bias, v_bias, cos, *_):
-    new = [k[0] * k[2] // cos[2], cos[2]]
-    return [q[0], 1, q[2]], new, new
+    new = [k[0] * k[1] * k[2] // cos[2], cos[2]]
+    return list(q), new, new
 
 
 def _attention_dtypes(q, *_):
@@ -34,6 +45,7 @@ class DecoderKernels(NamedTuple):
     rms_norm: Any = None
     silu_gate: Any = None
     decode_attention: Any = None
+    piece_attention: Any = None
     libraries: tuple = ()
 
     @classmethod
@@ -47,7 +59,16 @@ class DecoderKernels(NamedTuple):
             return cls()
         return cls(native_kernels.custom_op(library, "RMSNorm"), native_kernels.custom_op(library, "SiluGate"),
                    native_kernels.custom_op(library, "DecodeAttention", _attention_shapes, _attention_dtypes),
+                   native_kernels.custom_op(library, "PieceAttention", _attention_shapes, _attention_dtypes),
                    (library,))
+
+
+def cached_attention_kernel(kernels, tokens, span, heads):
+    """The native kernel for a cached step's attention of `tokens` per row over `span` slots with
+    `heads` (H, KV, D, ...), or None (MindSpore ops)."""
+    if tokens == 1:
+        return kernels.decode_attention
+    return kernels.piece_attention if tokens * span * heads[0] * heads[2] <= PIECE_MACS else None
 
 
 def rms_norm(x, weight, eps, native=None):
@@ -64,14 +85,19 @@ def gated_unit(gate, up, act, native=None):
     return P.activation(act)(gate) * up
 
 
-def decode_attention(q, k, v, biases, cos, sin, mask, heads, past, step, native):
-    """nn/decoder.py's `attend` for a decode step (one token per row, `past` the layer's buffers)
-    as one native kernel: q (B, 1, H * D), k and v (B, 1, KV * D) as projected, without their
-    `biases` (q's, k's, v's), which the kernel adds; `step` as for kv_cache, its rows those of the
-    buffers (also for a pool stepped whole). The new keys and values are written after the kernel
-    has read the past. Returns (B, 1, H * D)."""
-    rows, view = step[0], step[1]
-    out, keys, values = native(q, k, v, *biases, cos, sin, past[0], past[1], rows, mask,
-                               Tensor(np.array([heads[2] ** -0.5], np.float32)), Tensor(np.array([view[2]], np.int32)))
-    out = ops.depend(out, write_step(past[0], keys, step))
-    return ops.depend(out, write_step(past[1], values, step))
+def cached_attention(q, k, v, biases, cos, sin, mask, heads, past, step, native):
+    """nn/decoder.py's `attend` with a cache (`past` the layer's buffers) as one native kernel
+    (`cached_attention_kernel`'s): q (B, T, H * D), k and v (B, T, KV * D) as projected, without
+    their `biases` (q's, k's, v's), which the kernel adds; `step` as for kv_cache, its rows those
+    of the buffers (also for a pool stepped whole). The new keys and values are written after the
+    kernel has read the past. Returns (B, T, H * D)."""
+    rows, view, _, _, slots = step
+    scale, per_row = Tensor(np.array([heads[2] ** -0.5], np.float32)), Tensor(np.array([view[2]], np.int32))
+    if q.shape[1] == 1:  # one new vector per (row, KV head): written as they come
+        out, keys, values = native(q, k, v, *biases, cos, sin, past[0], past[1], rows, mask, scale, per_row)
+        write = write_step
+    else:  # the piece's start in each row from the write plan's slots
+        out, keys, values = native(q, k, v, *biases, cos, sin, past[0], past[1], rows, slots, mask, scale, per_row)
+        write = write_new
+    out = ops.depend(out, write(past[0], keys, step))
+    return ops.depend(out, write(past[1], values, step))

@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from .decoder import Qwen2DecoderLayer, attend
-from .decoder_kernels import DecoderKernels, decode_attention, gated_unit, rms_norm
+from .decoder_kernels import DecoderKernels, cached_attention, cached_attention_kernel, gated_unit, rms_norm
 from .layers import Linear
 from .ops import linear
 from .lora import LoraLinear
@@ -112,12 +112,12 @@ def decoder_layer(x, cos, sin, mask, weights, kind, past=None, step=None, kernel
     proj = kind.projections
     heads = (kind.heads, kind.kv_heads, kind.head_dim, kind.flash)
     a = rms_norm(x, norm1, kind.eps, kernels.rms_norm)
-    if kernels.decode_attention is not None and past is not None and x.shape[1] == 1:
-        # the kernel adds the projections' biases itself
+    native = None if past is None else cached_attention_kernel(kernels, x.shape[1], mask.shape[-1], heads)
+    if native is not None:  # the kernel adds the projections' biases itself
         q, k, v = (project(a, w[0], proj[0], False), project(a, w[1], proj[1], False),
                    project(a, w[2], proj[2], False))
-        o = decode_attention(q, k, v, (bias_of(w[0], proj[0]), bias_of(w[1], proj[1]), bias_of(w[2], proj[2])),
-                             cos, sin, mask, heads, past, step, kernels.decode_attention)
+        o = cached_attention(q, k, v, (bias_of(w[0], proj[0]), bias_of(w[1], proj[1]), bias_of(w[2], proj[2])),
+                             cos, sin, mask, heads, past, step, native)
     else:
         q, k, v = project(a, w[0], proj[0]), project(a, w[1], proj[1]), project(a, w[2], proj[2])
         o = attend(q, k, v, cos, sin, mask, heads, past, step)

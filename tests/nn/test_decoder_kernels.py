@@ -1,19 +1,23 @@
 """The decoder step's native CPU kernels (kernels/decoder_step.cc) against the same functions as
 MindSpore ops, which are Ascend's path and were held to the reference before the kernels came (the
 decoders' reference tests, e.g. tests/generation, now run the kernels on the CPU). The RMS norm and
-the SiLU-gated unit over widths and magnitudes; a decode step's attention over grouped-query
-shapes, rows read out of order, a padding row, every start near a row's first and last slot, and
-the keys and values it writes; op by op and inside a compiled graph; then a compiled decoder's
-prefills and decode steps with the kernels and with ops, in a shared pool and a whole one."""
+the SiLU-gated unit over widths and magnitudes; a decode step's and a prompt piece's attention over
+grouped-query shapes, rows read out of order, a padding row, every start near a row's first and
+last slot (a piece also running past the last), and the keys and values they write; op by op and
+inside a compiled graph; then a compiled decoder's prefills and decode steps with the kernels and
+with ops, in a shared pool and a whole one."""
 import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor
 
-from mindone_ext.generation.decode import CompiledDecoder
+from types import SimpleNamespace
+
+from mindone_ext.generation.decode import CachePool, CompiledDecoder
 from mindone_ext.nn import ops as P
 from mindone_ext.nn.decoder import attend
-from mindone_ext.nn.decoder_kernels import DecoderKernels, decode_attention, gated_unit, rms_norm
+from mindone_ext.nn.decoder_kernels import (PIECE_MACS, DecoderKernels, cached_attention, cached_attention_kernel,
+                                            gated_unit, rms_norm)
 from mindone_ext.nn.device import on_ascend
 from mindone_ext.nn.kv_cache import step_mask
 from tests.conftest import max_abs_diff
@@ -62,7 +66,7 @@ def test_a_kernel_given_another_dtype_fails_rather_than_misreads_it(kernels):
     half = tuple(Parameter(Tensor(b.astype(np.float16)), name=f"h{i}", requires_grad=False)
                  for i, b in enumerate(buffers))
     with pytest.raises(RuntimeError, match="DecodeAttention"):
-        decode_attention(q, k, v, biases, cos, sin, mask, (2, 1, 16, False), half, step,
+        cached_attention(q, k, v, biases, cos, sin, mask, (2, 1, 16, False), half, step,
                          kernels.decode_attention).asnumpy()
     with pytest.raises(RuntimeError, match="RMSNorm"):
         rms_norm(Tensor(np.ones((2, 8), np.float16)), Tensor(np.ones(8, np.float16)), 1e-6, kernels.rms_norm).asnumpy()
@@ -101,29 +105,71 @@ def decode_case(heads, kv_heads, dim):
     return inputs, biases, buffers, step, slots
 
 
+def piece_case(heads, kv_heads, dim, tokens):
+    """Inputs of one prompt piece of `tokens` per row over a pool of 7 rows (the last the spare
+    one), its rows and starts those of ROWS: as decode_case, the plan CachePool.run makes (a piece
+    attends to the slots up to its longest row's end, at most the buffer's)."""
+    b, total = len(ROWS), 7
+    rows = np.array([r for r, _ in ROWS], np.int32)
+    starts = np.array([s for _, s in ROWS])
+    valid = (rng.random((total, SLOTS)) < 0.6).astype(np.int32)
+    valid[6] = 0
+    for r, s in ROWS:  # the piece's own slots hold real tokens
+        valid[r, s:s + tokens] = 1
+    angles = rng.uniform(-50, 50, (b, tokens, dim)).astype(np.float32)
+    inputs = [Tensor(rng.standard_normal((b, tokens, n * dim)).astype(np.float32)) for n in (heads, kv_heads, kv_heads)]
+    inputs += [Tensor(np.cos(angles)), Tensor(np.sin(angles)), Tensor(step_mask(valid[rows], starts, tokens))]
+    biases = tuple(Tensor(rng.standard_normal(n * dim).astype(np.float32)) for n in (heads, kv_heads, kv_heads))
+    buffers = [rng.standard_normal((total * kv_heads * SLOTS, dim)).astype(np.float32) for _ in range(2)]
+    pool = SimpleNamespace(slots=SLOTS, runner=SimpleNamespace(kv_heads=kv_heads))
+    pick, slots = CachePool._write_plan(pool, rows, starts, tokens)
+    step = (Tensor(rows), (total, kv_heads, SLOTS, dim), SLOTS, Tensor(pick), Tensor(slots))
+    return inputs, biases, buffers, step, slots
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim", [(2, 1, 16), (4, 2, 16), (3, 3, 64), (7, 1, 128)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_decode_attention(kernels, heads, kv_heads, dim, compiled):
-    inputs, biases, buffers, step, written = decode_case(heads, kv_heads, dim)
+def test_cached_attention(kernels, heads, kv_heads, dim, tokens, compiled):
+    """A decode step (one token a row) and prompt pieces of 2-5 tokens, every start of ROWS: the
+    last ones run past the buffer's last slot (tokens beyond it repeat the last written one)."""
+    case = decode_case if tokens == 1 else lambda *a: piece_case(*a, tokens)
+    inputs, biases, buffers, step, written = case(heads, kv_heads, dim)
     shape = (heads, kv_heads, dim, False)
+    native = cached_attention_kernel(kernels, tokens, SLOTS, shape)
+    assert native is (kernels.decode_attention if tokens == 1 else kernels.piece_attention) and native is not None
     results = []
-    for native in (kernels.decode_attention, None):
+    for kernel in (native, None):
         past = tuple(Parameter(Tensor(b.copy()), name=f"p{i}", requires_grad=False) for i, b in enumerate(buffers))
 
         def run(q, k, v, cos, sin, mask, biases, keys, values):
-            if native is None:
+            if kernel is None:
                 return attend(q + biases[0], k + biases[1], v + biases[2], cos, sin, mask, shape, (keys, values), step)
-            return decode_attention(q, k, v, biases, cos, sin, mask, shape, (keys, values), step, native)
+            return cached_attention(q, k, v, biases, cos, sin, mask, shape, (keys, values), step, kernel)
 
         out = (ms.jit(run) if compiled else run)(*inputs, biases, *past)
         results.append((out.asnumpy(), past[0].asnumpy(), past[1].asnumpy()))
     (got, got_keys, got_values), (want, want_keys, want_values) = results
-    assert got.shape == want.shape == (len(ROWS), 1, heads * dim)
-    assert max_abs_diff(got, want) <= 1e-5
+    assert got.shape == want.shape == (len(ROWS), tokens, heads * dim)
+    # a piece's padding row (the last) differs: nothing reads it (its start is past the buffer)
+    real = len(ROWS) - (tokens > 1)
+    assert max_abs_diff(got[:real], want[:real]) <= 1e-5
     # the biased rotated new keys and the biased values land in the same slots; no other slot moves
     assert max_abs_diff(got_keys, want_keys) <= 1e-6 and max_abs_diff(got_values, want_values) == 0
     for after, before in ((want_keys, buffers[0]), (want_values, buffers[1])):
         assert set(np.flatnonzero(np.abs(after - before).max(-1) > 0)) == set(written)
+
+
+def test_long_pieces_attend_with_ops():
+    """The piece kernel reads every key once per query (no tiling): beyond PIECE_MACS a large
+    model's prompt runs MindSpore's batched products."""
+    built = DecoderKernels(piece_attention="piece", decode_attention="decode")
+    assert cached_attention_kernel(built, 128, PIECE_MACS // 128 // 64, (4, 2, 16)) == "piece"
+    assert cached_attention_kernel(built, 128, PIECE_MACS // 128 // 64 + 1, (4, 2, 16)) is None
+    assert cached_attention_kernel(built, 128, 256, (14, 2, 64)) == "piece"  # the 0.5B's first pieces
+    assert cached_attention_kernel(built, 128, 512, (14, 2, 64)) is None
+    assert cached_attention_kernel(built, 1, 1 << 20, (4, 2, 16)) == "decode"
+    assert cached_attention_kernel(DecoderKernels(), 2, 8, (4, 2, 16)) is None
 
 
 def conversations(model, runner, lengths, seed):
