@@ -31,6 +31,7 @@ from mindspore import Tensor, nn
 from ..nn import native_linear
 from ..nn.device import pin_runtime_threads
 from .atomic_file import written_atomically
+from .interrupts import interrupts_held
 
 ENV = "MINDONE_EXT_GRAPH_CACHE"
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,11 +126,15 @@ class StoredGraph:
         spread, counts = flatten(inputs)
         # found by folder and signature: the key's sha256 is computed once per graph, not per call
         found = (folder, signature(inputs))
-        if found not in self._cells:
+        if found in self._cells:
+            return self._run(self._cells[found], counts, spread)
+        with interrupts_held():  # a first call compiles (and stores): a Ctrl-C waits for it
             pin_runtime_threads()
             self._cells[found] = None if folder is None else self._load(folder, self.key(inputs), spread, counts)
             StoredGraph.held += 1
-        cell = self._cells[found]
+            return self._run(self._cells[found], counts, spread)
+
+    def _run(self, cell, counts, spread):
         return self._jit(counts)(*spread) if cell is None else cell(*spread)
 
     def _jit(self, counts):
@@ -215,7 +220,7 @@ class LoadedGraph:
         bound = tuple(id(x) for x in inputs if isinstance(x, ms.Parameter))
         phase = self.phases.get(bound)
         if phase is None or _executor is None:
-            with without_full_collections():
+            with without_full_collections(), interrupts_held():  # compiles for these Parameters
                 out = self.cell(*inputs)
             self.phases[bound] = getattr(self.cell, "compile_phase", None)
             return out
