@@ -1,5 +1,6 @@
 """Parameter-holding layers whose attribute names match the Hugging Face checkpoints
 (`weight`, `bias`), so weights load by name."""
+import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Zero
@@ -41,12 +42,21 @@ class Conv1d(nn.Cell):
         """This convolution with the given weights (a graph that takes weights as inputs calls it)."""
         return P.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def apply_rows(self, x, weight, bias=None):
+    def apply_rows(self, x, weight, bias=None, same=None):
         """`apply` (stride 1, groups 1) on rows laid out (B, C, 1, L): the CPU's convolutions are 2-D,
-        so a stack of them keeps this layout instead of reshaping around each (P.cpu_conv_rows)."""
+        so a stack of them keeps this layout instead of reshaping around each (P.cpu_conv_rows).
+        `same`: a native kernel (x, weight, dilation) of a "same"-padded convolution to run instead
+        (bigvgan.py's SameConvolution), for a layer so padded."""
         if self.stride != 1 or self.groups != 1:
             raise ValueError(f"apply_rows takes stride 1 and groups 1, this layer has {self.stride} and {self.groups}")
-        out = P.cpu_conv_rows(x, weight, self.padding, self.dilation)
+        if same is None:
+            out = P.cpu_conv_rows(x, weight, self.padding, self.dilation)
+        elif 2 * self.padding == self.dilation * (weight.shape[-1] - 1):
+            weight = weight if weight.ndim == 4 else weight.expand_dims(2)
+            out = same(x, weight, Tensor(np.array([self.dilation], np.int32)))
+        else:
+            raise ValueError(f"a native same-padded convolution takes padding dilation * (K - 1) / 2, this layer has "
+                             f"{self.padding}")
         return out if bias is None else ops.bias_add(out, bias)
 
 

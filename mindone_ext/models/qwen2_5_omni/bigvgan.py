@@ -19,7 +19,8 @@ vocoder 2-4x faster, and its compiled graph keeps far less memory. There the voc
 rows 4-D, (B, C, 1, n), from its first convolution to its last (the CPU's convolutions are 2-D: no
 reshapes around each), and the residual units' biases and sums are added inside the kernels:
 a compiled graph of the tiny checkpoint's vocoder has ~220 kernels instead of 479, and a graph's
-first call in a process costs about in proportion to its kernels (building them)."""
+first call in a process costs about in proportion to its kernels (building them). Convolutions
+of few channels run natively too (`NARROW_CHANNELS`)."""
 import math
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
@@ -51,17 +52,32 @@ def kaiser_sinc_filter(cutoff, half_width, kernel_size):
     return (taps / taps.sum()).astype(np.float32)
 
 
+# Convolutions of at most this many input channels run as the native SameConvolution (the tiny
+# vocoder's last four stages and its last convolution; the released one has none): MindSpore's
+# convolution keeps an unrolled copy of its input for the graph's life (kernels/anti_aliased_snake.cc),
+# and at a few channels the native sum is faster (ms a call in a compiled graph, native / MindSpore,
+# the tiny vocoder's shapes at 256 frames: 16 channels 0.81 / 1.20, 8: 0.47 / 0.80, 2: 0.17 / 0.44;
+# 32: 1.56 / 0.55, 64: 2.37 / 1.22).
+NARROW_CHANNELS = 16
+
+
 class SnakeKernels(NamedTuple):
-    """The native activation kernels (float32, CPU): the activation alone; of x + bias; and of a
-    residual sum x + y + bias, which it also returns; the residual sum alone."""
+    """The native kernels of the vocoder (float32, CPU): the activation alone; of x + bias; and
+    of a residual sum x + y + bias, which it also returns; the residual sum alone; a narrow
+    "same"-padded convolution (see Conv1d.apply_rows)."""
     activation: Any
     biased: Any
     residual: Any
     biased_residual: Any
+    same_convolution: Any
 
 
 def _pair(first, *_):
     return [first, first]
+
+
+def _convolved(x, weight, *_):
+    return [x[0], weight[0], 1, x[3]]
 
 
 @lru_cache(maxsize=None)
@@ -71,7 +87,13 @@ def snake_kernels(path):
         return None
     op = partial(native_kernels.custom_op, path)
     return SnakeKernels(op("AntiAliasedSnake"), op("BiasedAntiAliasedSnake"),
-                        op("ResidualAntiAliasedSnake", _pair, _pair), op("BiasedResidual"))
+                        op("ResidualAntiAliasedSnake", _pair, _pair), op("BiasedResidual"),
+                        op("SameConvolution", _convolved))
+
+
+def narrow_convolution(kernels, channels):
+    """The native convolution for `channels` input channels, or None (MindSpore's)."""
+    return kernels.same_convolution if kernels is not None and channels <= NARROW_CHANNELS else None
 
 
 def whole_row(x, valid):
@@ -178,8 +200,10 @@ class AMPBlock(nn.Cell):
                                          for _ in range(2 * len(dilations))])
         self.weight_count = 8 * len(dilations)
         # `apply_rows`'s kernels, each a cell attribute (what a compiled graph can read)
-        kernels = snake_kernels(native if dtype == ms.float32 else None) or SnakeKernels(None, None, None, None)
-        self.snake, self.biased_snake, self.residual_snake, self.biased_residual = kernels
+        kernels = snake_kernels(native if dtype == ms.float32 else None)
+        self.snake, self.biased_snake, self.residual_snake, self.biased_residual, _ = \
+            kernels or SnakeKernels(None, None, None, None, None)
+        self.convolution = narrow_convolution(kernels, channels)
 
     def weights(self):
         """Per dilation: the first activation's 2, the first conv's 2, the second's 2 and 2."""
@@ -209,8 +233,8 @@ class AMPBlock(nn.Cell):
         h = self.snake(x, valid, weights[0], weights[1], taps)
         for i in range(last + 1):
             _, _, w1, c1, a2, b2, w2, c2 = weights[8 * i:8 * i + 8]
-            h = self.convs1[i].apply_rows(h, w1)
-            h = self.convs2[i].apply_rows(self.biased_snake(h, c1, valid, a2, b2, taps), w2)
+            h = self.convs1[i].apply_rows(h, w1, same=self.convolution)
+            h = self.convs2[i].apply_rows(self.biased_snake(h, c1, valid, a2, b2, taps), w2, same=self.convolution)
             if i < last:
                 x, h = self.residual_snake(x, h, c2, valid, weights[8 * i + 8], weights[8 * i + 9], taps)
             else:
@@ -260,6 +284,7 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         last = c0 // 2**len(config.upsample_rates)
         self.activation_post = AntiAliasedActivation(last, dtype, self.native)
         self.conv_post = Conv1d(last, 1, 7, 1, 3, bias=False, dtype=dtype)
+        self.post_convolution = narrow_convolution(self.kernels, last)
 
     @staticmethod
     def normalise_mel(mel):
@@ -317,5 +342,8 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
                 total = y if total is None else total + y
             x = total / self.num_kernels
         x = self.activation_post.apply(x, valid, weights[at], weights[at + 1])
-        x = (self.conv_post.apply_rows if rows else self.conv_post.apply)(x, weights[at + 2], None)
+        if rows:
+            x = self.conv_post.apply_rows(x, weights[at + 2], same=self.post_convolution)
+        else:
+            x = self.conv_post.apply(x, weights[at + 2], None)
         return ops.clamp(x, -1.0, 1.0).squeeze()

@@ -3,7 +3,8 @@
 both ways). BigVGAN's anti-aliased activation: every row length and real length near the edges of
 the filters' padding, rows of a padded window, inputs large enough to need the sine's range
 reduction; its variants that add a convolution's bias first, or a residual sum (which they also
-return), on rows laid out (B, C, n) and (B, C, 1, n). The DiT's rotary window attention: every frame count near the block boundaries, padded
+return), on rows laid out (B, C, n) and (B, C, 1, n); its narrow "same"-padded convolution at every
+row length near the padding and block edges. The DiT's rotary window attention: every frame count near the block boundaries, padded
 lengths, a frame count per row, each layer's window shape; its modulated norm and gated residual:
 per-row and shared modulation, the tiny and the released widths, rows far from zero; its GELU.
 Op by op and inside a compiled graph."""
@@ -12,11 +13,13 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_ext.models.qwen2_5_omni.bigvgan import KERNEL_SOURCE, AntiAliasedActivation, snake_kernels
+from mindone_ext.models.qwen2_5_omni.bigvgan import (KERNEL_SOURCE, NARROW_CHANNELS, AntiAliasedActivation,
+                                                     narrow_convolution, snake_kernels)
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
                                                  gated_residual, gelu_tanh, modulated_norm, rotary_window_attention,
                                                  rotation_tables)
 from mindone_ext.nn.device import on_ascend
+from mindone_ext.nn.layers import Conv1d
 from mindone_ext.utils import native_kernels
 from tests.conftest import max_abs_diff
 
@@ -102,6 +105,41 @@ def test_inside_a_compiled_graph(activations):
     assert max_abs_diff(got[..., :250], want[..., :250]) <= TOLERANCE and not got[..., 250:].any()
 
 
+@pytest.mark.parametrize("inputs, outputs, taps, dilation", [(2, 1, 7, 1), (1, 3, 3, 1), (4, 4, 3, 5), (8, 8, 7, 3),
+                                                             (3, 5, 11, 5)])
+def test_same_convolution_at_every_length_near_the_padding_and_block_edges(inputs, outputs, taps, dilation):
+    """SameConvolution against MindSpore's convolution (the ops, at parity with the reference
+    through test_speech.py): rows shorter than the padding (every output sums fewer taps), every
+    length around twice the padding, and around the kernel's 2048-sample blocks; 2 rows a batch."""
+    same = snake_kernels(native_kernels.library(KERNEL_SOURCE)).same_convolution
+    pad = dilation * (taps - 1) // 2
+    layer = Conv1d(inputs, outputs, taps, 1, pad, dilation)
+    weight = Tensor(rng.standard_normal((outputs, inputs, 1, taps)).astype(np.float32))
+    lengths = sorted(set(range(1, 2 * pad + 4)) | {2047, 2048, 2049, 4096 + pad, 4097 + pad})
+    for n in lengths:
+        x = Tensor(rng.standard_normal((2, inputs, 1, n)).astype(np.float32))
+        got = layer.apply_rows(x, weight, same=same).asnumpy()
+        want = layer.apply_rows(x, weight).asnumpy()
+        assert got.shape == want.shape == (2, outputs, 1, n)
+        assert max_abs_diff(got, want) <= 1e-5 * max(1.0, float(np.abs(want).max())), f"length {n}"
+    x = Tensor(rng.standard_normal((2, inputs, 1, 300)).astype(np.float32))
+
+    @ms.jit
+    def compiled(x, weight):
+        return layer.apply_rows(x, weight, same=same)
+
+    np.testing.assert_array_equal(compiled(x, weight).asnumpy(), layer.apply_rows(x, weight, same=same).asnumpy())
+
+
+def test_only_narrow_same_padded_convolutions_run_natively():
+    kernels = snake_kernels(native_kernels.library(KERNEL_SOURCE))
+    assert narrow_convolution(kernels, NARROW_CHANNELS) is kernels.same_convolution
+    assert narrow_convolution(kernels, NARROW_CHANNELS + 1) is None and narrow_convolution(None, 2) is None
+    x, weight = Tensor(np.ones((1, 2, 1, 9), np.float32)), Tensor(np.ones((2, 2, 1, 3), np.float32))
+    with pytest.raises(ValueError, match="padding"):
+        Conv1d(2, 2, 3, 1, 0, 1).apply_rows(x, weight, same=kernels.same_convolution)
+
+
 def test_bias_and_residual_variants_are_the_activation_of_their_sums(activations):
     """BiasedAntiAliasedSnake(x, b): the activation of x + b; ResidualAntiAliasedSnake(x, y, b):
     (x + y + b, its activation); BiasedResidual(x, y, b): x + y + b; b per channel. The sums in the
@@ -109,7 +147,7 @@ def test_bias_and_residual_variants_are_the_activation_of_their_sums(activations
     (which the tests above hold to the ops and the reference), past `valid` too, in both layouts."""
     native, _, alpha, beta = activations
     # each kernel by itself: a compiled graph cannot read a named tuple's fields
-    _, biased, residual, biased_residual = snake_kernels(native_kernels.library(KERNEL_SOURCE))
+    _, biased, residual, biased_residual, _ = snake_kernels(native_kernels.library(KERNEL_SOURCE))
     taps = native.taps
     for n, valid in [(6, 5), (9, 5), (40, 40), (241, 238)]:
         x, y = ((rng.standard_normal((2, CHANNELS, n)) * 2).astype(np.float32) for _ in range(2))
