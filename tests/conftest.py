@@ -92,6 +92,25 @@ def padded_batch():
     return ids, mask
 
 
+# A script's `knob.scale`, read by MindSpore's parser while it compiles a function that uses it:
+# its first read sends the process `signals` SIGINTs (a Ctrl-C landing inside the compile, every
+# time). The script defines `signals` before it and runs from a file (MindSpore reads the source).
+INTERRUPTING_KNOB = """
+class Interrupting:
+    sent = False
+
+    @property
+    def scale(self):
+        if not Interrupting.sent:
+            Interrupting.sent = True
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return 2.0
+
+knob = Interrupting()
+"""
+
+
 def max_abs_diff(a, b):
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 

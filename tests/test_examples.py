@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, SHIPPED_CHECKPOINT
+from tests.conftest import INTERRUPTING_KNOB, ROOT, SHIPPED_CHECKPOINT
 
 HIDE_TORCH = os.path.join(ROOT, "tests", "hide_torch.py")
 
@@ -207,20 +207,8 @@ sys.path.insert(0, sys.argv[1])
 import common
 import numpy as np
 import mindspore as ms
-
-class Interrupting:
-    sent = False
-
-    @property
-    def scale(self):  # MindSpore's parser reads it while it compiles `twice`
-        if not Interrupting.sent:
-            Interrupting.sent = True
-            for _ in range(int(sys.argv[2])):
-                os.kill(os.getpid(), signal.SIGINT)
-        return 2.0
-
-knob = Interrupting()
-
+signals = int(sys.argv[2])
+""" + INTERRUPTING_KNOB + """
 @ms.jit
 def twice(x):
     return x * knob.scale

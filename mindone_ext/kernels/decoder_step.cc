@@ -28,6 +28,18 @@ void rotate_biased(const float *x, const float *bias, const float *c, const floa
   }
 }
 
+// The inputs both cached-attention kernels take first: q, k and v as projected, their biases,
+// cos, sin, the layer's key and value buffers, and the buffer row of each batch row.
+struct StepInputs {
+  const float *q, *k, *v, *q_bias, *k_bias, *v_bias, *cos, *sin, *keys, *values;
+  const int32_t *rows;
+  explicit StepInputs(void **params) {
+    const float **floats[] = {&q, &k, &v, &q_bias, &k_bias, &v_bias, &cos, &sin, &keys, &values};
+    for (int i = 0; i < 10; ++i) *floats[i] = static_cast<const float *>(params[i]);
+    rows = static_cast<const int32_t *>(params[10]);
+  }
+};
+
 }  // namespace
 
 // Qwen2RMSNorm in float32: weight * (x / sqrt(mean(x^2) + eps)). Inputs: x (..., E), weight (E,),
@@ -87,17 +99,7 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   if (nparam != 17 || ndims[0] != 3 || ndims[6] != 3 || ndims[8] != 2 || ndims[11] != 4 || !float32(dtypes, 10)) {
     return 1;
   }
-  const float *q = static_cast<const float *>(params[0]);
-  const float *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  const float *q_bias = static_cast<const float *>(params[3]);
-  const float *k_bias = static_cast<const float *>(params[4]);
-  const float *v_bias = static_cast<const float *>(params[5]);
-  const float *cos = static_cast<const float *>(params[6]);
-  const float *sin = static_cast<const float *>(params[7]);
-  const float *keys = static_cast<const float *>(params[8]);
-  const float *values = static_cast<const float *>(params[9]);
-  const int32_t *rows = static_cast<const int32_t *>(params[10]);
+  const StepInputs in(params);
   const bool *mask = static_cast<const bool *>(params[11]);
   const float scale = *static_cast<const float *>(params[12]);
   const int64_t slots = *static_cast<const int32_t *>(params[13]);
@@ -111,20 +113,21 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t g = 0; g < kv_heads; ++g) {
       const int64_t at = (b * kv_heads + g) * dim;
-      rotate_biased(k + at, k_bias + g * dim, cos + b * dim, sin + b * dim, dim, k_new + at);
-      for (int64_t d = 0; d < dim; ++d) v_new[at + d] = v[at + d] + v_bias[g * dim + d];
+      rotate_biased(in.k + at, in.k_bias + g * dim, in.cos + b * dim, in.sin + b * dim, dim, k_new + at);
+      for (int64_t d = 0; d < dim; ++d) v_new[at + d] = in.v[at + d] + in.v_bias[g * dim + d];
     }
   auto run = [&](int64_t first, int64_t last) {  // (batch row, KV head) pairs first..last
     std::vector<float> p(span + 1), qr(dim);
     for (int64_t pair = first; pair < last; ++pair) {
       const int64_t b = pair / kv_heads, g = pair % kv_heads;
       const bool *seen = mask + b * (span + 1);
-      const int64_t base = (static_cast<int64_t>(rows[b]) * kv_heads + g) * slots * dim;
-      const float *kp = keys + base, *vp = values + base;
+      const int64_t base = (static_cast<int64_t>(in.rows[b]) * kv_heads + g) * slots * dim;
+      const float *kp = in.keys + base, *vp = in.values + base;
       const float *kn = k_new + pair * dim, *vn = v_new + pair * dim;
       for (int64_t r = 0; r < group; ++r) {
         const int64_t h = g * group + r;
-        rotate_biased(q + (b * heads + h) * dim, q_bias + h * dim, cos + b * dim, sin + b * dim, dim, qr.data());
+        rotate_biased(in.q + (b * heads + h) * dim, in.q_bias + h * dim, in.cos + b * dim, in.sin + b * dim, dim,
+                      qr.data());
         native::attend_query(
             qr.data(), dim, span + 1, seen, scale, [&](int64_t j) { return j < span ? kp + j * dim : kn; },
             [&](int64_t j) { return j < span ? vp + j * dim : vn; }, p.data(), out + (b * heads + h) * dim);
@@ -153,17 +156,7 @@ extern "C" int PieceAttention(int nparam, void **params, int *ndims, int64_t **s
   if (nparam != 18 || ndims[0] != 3 || ndims[6] != 3 || ndims[8] != 2 || ndims[12] != 4 || !float32(dtypes, 10)) {
     return 1;
   }
-  const float *q = static_cast<const float *>(params[0]);
-  const float *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  const float *q_bias = static_cast<const float *>(params[3]);
-  const float *k_bias = static_cast<const float *>(params[4]);
-  const float *v_bias = static_cast<const float *>(params[5]);
-  const float *cos = static_cast<const float *>(params[6]);
-  const float *sin = static_cast<const float *>(params[7]);
-  const float *keys = static_cast<const float *>(params[8]);
-  const float *values = static_cast<const float *>(params[9]);
-  const int32_t *rows = static_cast<const int32_t *>(params[10]);
+  const StepInputs in(params);
   const int32_t *written = static_cast<const int32_t *>(params[11]);
   const bool *mask = static_cast<const bool *>(params[12]);
   const float scale = *static_cast<const float *>(params[13]);
@@ -176,26 +169,27 @@ extern "C" int PieceAttention(int nparam, void **params, int *ndims, int64_t **s
   const int64_t span = shapes[12][3];
   std::vector<int64_t> starts(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    starts[b] = written[b * kv_heads * tokens] - static_cast<int64_t>(rows[b]) * kv_heads * slots;
+    starts[b] = written[b * kv_heads * tokens] - static_cast<int64_t>(in.rows[b]) * kv_heads * slots;
   }
   // the new keys and values first, in (row, KV head, token) order
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t g = 0; g < kv_heads; ++g)
       for (int64_t t = 0; t < tokens; ++t) {
         const int64_t from = (b * tokens + t) * kv_heads * dim + g * dim, to = ((b * kv_heads + g) * tokens + t) * dim;
-        rotate_biased(k + from, k_bias + g * dim, cos + (b * tokens + t) * dim, sin + (b * tokens + t) * dim, dim,
-                      k_new + to);
-        for (int64_t d = 0; d < dim; ++d) v_new[to + d] = v[from + d] + v_bias[g * dim + d];
+        const int64_t at = (b * tokens + t) * dim;
+        rotate_biased(in.k + from, in.k_bias + g * dim, in.cos + at, in.sin + at, dim, k_new + to);
+        for (int64_t d = 0; d < dim; ++d) v_new[to + d] = in.v[from + d] + in.v_bias[g * dim + d];
       }
   auto run = [&](int64_t first, int64_t last) {  // queries (batch row, head, token) first..last
     std::vector<float> p(span), qr(dim);
     for (int64_t query = first; query < last; ++query) {
       const int64_t b = query / (heads * tokens), h = query / tokens % heads, t = query % tokens, g = h / group;
-      const int64_t start = starts[b], base = (static_cast<int64_t>(rows[b]) * kv_heads + g) * slots * dim;
-      const float *kp = keys + base, *vp = values + base;
+      const int64_t start = starts[b], base = (static_cast<int64_t>(in.rows[b]) * kv_heads + g) * slots * dim;
+      const float *kp = in.keys + base, *vp = in.values + base;
       const float *kn = k_new + (b * kv_heads + g) * tokens * dim, *vn = v_new + (b * kv_heads + g) * tokens * dim;
       const int64_t at = (b * tokens + t) * dim;
-      rotate_biased(q + (b * tokens + t) * heads * dim + h * dim, q_bias + h * dim, cos + at, sin + at, dim, qr.data());
+      rotate_biased(in.q + (b * tokens + t) * heads * dim + h * dim, in.q_bias + h * dim, in.cos + at, in.sin + at, dim,
+                    qr.data());
       auto mine = [&](int64_t j) { return j >= start && j - start < tokens; };
       native::attend_query(
           qr.data(), dim, span, mask + (b * tokens + t) * span, scale,

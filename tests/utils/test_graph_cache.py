@@ -14,6 +14,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from mindone_ext.utils import graph_cache
 from mindone_ext.utils.graph_cache import ENV, StoredGraph
+from tests.conftest import INTERRUPTING_KNOB
 
 CHILD = """
 import json, sys
@@ -266,20 +267,8 @@ import os, signal, sys
 import numpy as np
 import mindspore as ms
 from mindone_ext.utils.graph_cache import StoredGraph
-
-class Interrupting:
-    sent = False
-
-    @property
-    def scale(self):  # MindSpore's parser reads it while it compiles `twice`
-        if not Interrupting.sent:
-            Interrupting.sent = True
-            for _ in range(int(sys.argv[1])):
-                os.kill(os.getpid(), signal.SIGINT)
-        return 2.0
-
-knob = Interrupting()
-
+signals = int(sys.argv[1])
+""" + INTERRUPTING_KNOB + """
 def twice(x):
     return x * knob.scale
 
