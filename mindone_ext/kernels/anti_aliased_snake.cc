@@ -168,17 +168,18 @@ extern "C" int BiasedResidual(int nparam, void **params, int *ndims, int64_t **s
 
 // SameConvolution: x (B, C_in, 1, L), weight (C_out, C_in, 1, K), dilation (1,) int32 -> (B, C_out,
 // 1, L), torch's conv1d with stride 1, no bias and "same" zero padding, dilation * (K - 1) / 2 on
-// each side (K odd), BigVGAN's residual units' and last convolution. MindSpore's CPU convolution
+// each side, BigVGAN's residual units' and last convolution. MindSpore's CPU convolution
 // unrolls its input (K copies of each input row) into a buffer it keeps for the graph's life (the
 // tiny vocoder's 74 made ~200 MB of page faults at its graph's first call in a process), and at a
 // few channels is slower than this direct sum: per output row and block of samples, each input
 // row and tap added in turn, the block staying in the cache.
 extern "C" int SameConvolution(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 4 || ndims[0] != 4 || ndims[1] != 4 || shapes[1][3] % 2 == 0) return 1;
+  if (nparam != 4 || ndims[0] != 4 || ndims[1] != 4) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *weight = static_cast<const float *>(params[1]);
   const int64_t dilation = *static_cast<const int32_t *>(params[2]);
+  if (dilation * (shapes[1][3] - 1) % 2 != 0) return 1;  // no padding the same on both sides
   float *out = static_cast<float *>(params[3]);
   const int64_t batch = shapes[0][0], inputs = shapes[0][1], n = shapes[0][3];
   const int64_t outputs = shapes[1][0], taps = shapes[1][3], pad = dilation * (taps - 1) / 2;

@@ -106,7 +106,7 @@ def test_inside_a_compiled_graph(activations):
 
 
 @pytest.mark.parametrize("inputs, outputs, taps, dilation", [(2, 1, 7, 1), (1, 3, 3, 1), (4, 4, 3, 5), (8, 8, 7, 3),
-                                                             (3, 5, 11, 5)])
+                                                             (3, 5, 11, 5), (16, 2, 4, 2)])
 def test_same_convolution_at_every_length_near_the_padding_and_block_edges(inputs, outputs, taps, dilation):
     """SameConvolution against MindSpore's convolution (the ops, at parity with the reference
     through test_speech.py): rows shorter than the padding (every output sums fewer taps), every
