@@ -263,10 +263,12 @@ def check(args):
     import mindspore as ms
 
     from .nn.attention import use_flash
+    from .nn.device import keep_dtypes_exact
 
     want = exact_results()
     if args.device:
         ms.set_device(args.device)
+    precision = keep_dtypes_exact()
     rows = []
     for attn in ATTENTION:
         flash_here = use_flash(attn, getattr(ms, args.dtype), 16)  # the tiny config's head size
@@ -279,7 +281,7 @@ def check(args):
             error, problem = (None, failure) if failure else compare(got, want[name], TOLERANCE[args.dtype])
             rows.append(dict(stage=name, attention=attn, dtype=args.dtype, seconds=seconds, error=error,
                              verdict="ok" if problem is None else f"FAIL: {problem}"))
-    return dict(versions=versions(), tolerance=TOLERANCE[args.dtype], stages=rows,
+    return dict(versions=versions(), precision=precision, tolerance=TOLERANCE[args.dtype], stages=rows,
                 passed=all(r["verdict"] == "ok" or r["verdict"].startswith("not run") for r in rows))
 
 
@@ -287,6 +289,8 @@ def table(report):
     v = report["versions"]
     lines = [f"device {v['device']} | MindSpore {v['mindspore']} | CANN {v['cann'] or 'not found'} | "
              f"Python {v['python']} | numpy {v['numpy']}",
+             *([f"op precision: {', '.join(f'{k} {v}' for k, v in report['precision'].items())}"]
+               if report.get("precision") else []),
              f"each stage against the exact float32 path on the CPU; passes at max error <= "
              f"{report['tolerance']:.0e} x max |exact|", ""]
     header = f"{'stage':<22} {'attention':<18} {'dtype':<9} {'ms':>9} {'error':>9}  verdict"

@@ -30,6 +30,15 @@ def pytest_unconfigure(config):
         os.environ.pop(GRAPH_CACHE_ENV, None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ops_keep_their_dtype():
+    """On a card, float32 computes in float32 for every test, as from_pretrained makes it for a
+    user (the tests build most modules themselves); nothing to do on a CPU."""
+    from mindone_ext.nn.device import keep_dtypes_exact
+
+    keep_dtypes_exact()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A float32 tiny checkpoint, sharded into many files (the index path)."""

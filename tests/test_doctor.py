@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from mindone_ext import doctor
+from mindone_ext.nn.device import EXACT_PRECISION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +27,8 @@ def test_every_stage_passes_here_and_the_report_says_what_ran():
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["passed"] and report["versions"]["mindspore"]
+    # on a card every op computes in its own dtype (no float16 or HF32 stand-in for float32)
+    assert report["precision"] == (EXACT_PRECISION if report["versions"]["device"] == "Ascend" else None)
     rows = {(r["stage"], r["attention"]): r for r in report["stages"]}
     for stage in doctor.STAGES:
         row = rows[(stage, "eager")]

@@ -29,6 +29,45 @@ def storage_dtype(requested):
     return requested
 
 
+# What float32 (and float16) must mean on a card for the exact path to be exact: MindSpore's default on
+# the Atlas training series (the first Ascend 910) is "force_fp16", every op that has a float16
+# form computing in float16, and CANN computes float32 convolutions in HF32 (a shorter mantissa, as a
+# GPU's TF32) on the cards that have it (Atlas A2); a float32 matmul keeps float32 by default, set
+# here too so that a changed default cannot move it.
+EXACT_PRECISION = {"precision_mode": "must_keep_origin_dtype", "conv_allow_hf32": False, "matmul_allow_hf32": False}
+
+
+def keep_dtypes_exact():
+    """On Ascend, make each op compute in the dtype it is given (`EXACT_PRECISION`), for every
+    setting the user has not chosen (through `mindspore.device_context.ascend.op_precision` or
+    `set_context(ascend_config=...)`): a choice of theirs is kept, and MindSpore refuses a second
+    setting anyway. Called by `from_pretrained` and the doctor before a model is built; MindSpore
+    reads these when the card starts (its first op), so a script that runs ops before loading a
+    model calls this first. Returns the settings in effect on Ascend (None elsewhere: a CPU's
+    kernels compute in their dtype)."""
+    if not on_ascend():
+        return None
+    conf, op_precision, chosen = _ascend_precision()
+    for name, value in EXACT_PRECISION.items():
+        if name not in chosen and not getattr(conf, f"is_{name}_configured")():
+            getattr(op_precision, name)(value)
+    return {name: _as_setting(name, chosen.get(name, getattr(conf, name)())) for name in EXACT_PRECISION}
+
+
+def _as_setting(name, value):
+    """A setting as `EXACT_PRECISION` writes it (the configuration keeps the HF32 switches as "1"/"0")."""
+    return value if isinstance(EXACT_PRECISION[name], str) else value in (True, 1, "1")
+
+
+def _ascend_precision():
+    """MindSpore's Ascend op-precision configuration, the module that sets it, and the settings
+    given through the older `set_context(ascend_config=...)` (which that configuration does not see)."""
+    from mindspore._c_expression import AscendOpPrecisionConf
+    from mindspore.device_context.ascend import op_precision
+
+    return AscendOpPrecisionConf.get_instance(), op_precision, dict(ms.get_context("ascend_config") or {})
+
+
 _pinned = None  # not decided yet; then whether the pool's threads were pinned
 
 

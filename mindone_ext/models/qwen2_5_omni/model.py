@@ -8,6 +8,7 @@ from mindspore import nn
 from ... import bundled
 from ...generation import CompiledDecoder, SamplingConfig, TokenLookup, TokenLoop
 from ...nn.attention import check_attn_implementation
+from ...nn.device import keep_dtypes_exact
 from ...nn.lora import PEFT_PREFIX, adapter_tensor_names, load_adapter
 from ...utils.checkpoint import CheckpointFolder, load_into
 from ...utils.export import saved_dtype
@@ -51,6 +52,7 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         `use_safetensors` are accepted for snippets written for transformers and mindone and
         change nothing: MindSpore runs on its context's device (`mindspore.set_context(
         device_target=...)`), and weights are always read from safetensors."""
+        keep_dtypes_exact()  # before any weight is on the card
         folder = CheckpointFolder(path)
         config = load_config(folder)
         if mindspore_dtype is None or mindspore_dtype == "auto":
