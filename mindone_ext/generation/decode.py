@@ -146,17 +146,22 @@ class CompiledDecoder:
             # every row where it lies, so it is given the rows either way
             native = cached_attention_kernel(kernels, embeds.shape[1], mask.shape[-1], layer_kinds[0][:3])
             where = (None if whole and native is None else rows, view, span, pick, slots)
-            hidden, layers = embeds, len(layer_kinds)
+            # with the native attention the layers take their activations as (B * T, E) rows: no
+            # reshape around each projection (~20 kernels fewer a graph, each built at a loaded
+            # graph's first call in a process); the ops' attention takes (B, T, E)
+            layers = len(layer_kinds)
+            hidden = embeds if native is None else embeds.reshape(-1, embeds.shape[-1])
             for n in range(layers):
                 past = (buffers[n], buffers[layers + n])
                 hidden = decoder_layer(hidden, cos, sin, mask, weights[bounds[n]:bounds[n + 1]], layer_kinds[n], past,
                                        where, kernels)
             hidden = rms_norm(hidden, weights[bounds[-1]], eps, kernels.rms_norm)
-            # each row's last token (flat indices: rows of a batch end at different tokens)
-            last = ops.gather(hidden.reshape(-1, hidden.shape[-1]), last_index, 0).reshape(hidden.shape[0], 1, -1)
-            logits = project(last, weights[bounds[-1] + 1:], head_kind)
-            # (B, 1, V) -> (B, V) by reshape: CPU's StridedSlice copied the Talker's 8448 logits in 0.3 ms a step
-            logits = logits.reshape(logits.shape[0], -1).astype(ms.float32)
+            rows_of = hidden if hidden.ndim == 2 else hidden.reshape(-1, hidden.shape[-1])
+            # each row's last token (flat indices: rows of a batch end at different tokens) -> logits
+            # (B, V), as rows (CPU's StridedSlice copied the Talker's 8448 logits in 0.3 ms a step)
+            last = ops.gather(rows_of, last_index, 0)
+            logits = project(last, weights[bounds[-1] + 1:], head_kind).astype(ms.float32)
+            hidden = hidden.reshape(embeds.shape[:2] + (-1,))
             return (logits, hidden) if looked_up is None else (logits, hidden, embeds)
 
         return step

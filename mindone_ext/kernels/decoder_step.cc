@@ -29,14 +29,24 @@ void rotate_biased(const float *x, const float *bias, const float *c, const floa
 }
 
 // The inputs both cached-attention kernels take first: q, k and v as projected, their biases,
-// cos, sin, the layer's key and value buffers, and the buffer row of each batch row.
+// cos, sin, the layer's key and value buffers, and the buffer row of each batch row; and the sizes
+// they give. q, k and v come as (B, T, width) or as their (B * T, width) rows; cos (B, T, D) tells B
+// and T.
 struct StepInputs {
   const float *q, *k, *v, *q_bias, *k_bias, *v_bias, *cos, *sin, *keys, *values;
   const int32_t *rows;
-  explicit StepInputs(void **params) {
+  int64_t batch, tokens, dim, heads, kv_heads, group;
+  StepInputs(void **params, int *ndims, int64_t **shapes) {
     const float **floats[] = {&q, &k, &v, &q_bias, &k_bias, &v_bias, &cos, &sin, &keys, &values};
     for (int i = 0; i < 10; ++i) *floats[i] = static_cast<const float *>(params[i]);
     rows = static_cast<const int32_t *>(params[10]);
+    batch = shapes[6][0], tokens = shapes[6][1], dim = shapes[6][2];
+    heads = shapes[0][ndims[0] - 1] / dim, kv_heads = shapes[1][ndims[1] - 1] / dim, group = heads / kv_heads;
+  }
+  // q, k, v as (B, T, width) or as rows, and cos, sin and the buffers of the shapes above
+  static bool shaped(int *ndims) {
+    return (ndims[0] == 2 || ndims[0] == 3) && ndims[1] == ndims[0] && ndims[2] == ndims[0] && ndims[6] == 3 &&
+           ndims[8] == 2;
   }
 };
 
@@ -88,26 +98,25 @@ extern "C" int SiluGate(int nparam, void **params, int *ndims, int64_t **shapes,
 // query head's scores over its row's past
 // slots in the cache (read where they lie) and over the new key, masked slots at float32's lowest
 // value, the softmax and the weighted values. Grouped-query: head h reads KV head h / (H / KV).
-// Inputs: q (B, 1, H * D), k and v (B, 1, KV * D) as projected, without their biases; the biases
+// Inputs: q (B, 1, H * D) or its rows (B, H * D), k and v (B, 1, KV * D) or (B, KV * D) as
+// projected, without their biases; the biases
 // of q (H * D,), k and v (KV * D,); cos, sin (B, 1, D); the layer's key and value buffers (rows x
 // KV x slots, D); rows (B,) int32, the buffer row of each batch row; mask (B, 1, 1, span + 1) bool,
 // the past slots 0..span-1 a query sees, then the new key; scale (1,) float32; slots (1,) int32,
-// the buffer's slots per row. Outputs: (B, 1, H * D), and the new keys (biased and rotated) and
-// values (biased) as (B * KV, D), which the step writes into the buffers after this reads them.
+// the buffer's slots per row. Outputs: like q, and the new keys (biased and rotated) and values
+// (biased) as (B * KV, D), which the step writes into the buffers after this reads them.
 extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 17 || ndims[0] != 3 || ndims[6] != 3 || ndims[8] != 2 || ndims[11] != 4 || !float32(dtypes, 10)) {
-    return 1;
-  }
-  const StepInputs in(params);
+  if (nparam != 17 || !StepInputs::shaped(ndims) || ndims[11] != 4 || !float32(dtypes, 10)) return 1;
+  const StepInputs in(params, ndims, shapes);
+  if (in.tokens != 1) return 1;
   const bool *mask = static_cast<const bool *>(params[11]);
   const float scale = *static_cast<const float *>(params[12]);
   const int64_t slots = *static_cast<const int32_t *>(params[13]);
   float *out = static_cast<float *>(params[14]);
   float *k_new = static_cast<float *>(params[15]);
   float *v_new = static_cast<float *>(params[16]);
-  const int64_t batch = shapes[0][0], dim = shapes[6][2];
-  const int64_t heads = shapes[0][2] / dim, kv_heads = shapes[1][2] / dim, group = heads / kv_heads;
+  const int64_t batch = in.batch, dim = in.dim, heads = in.heads, kv_heads = in.kv_heads, group = in.group;
   const int64_t span = shapes[11][3] - 1;
   // the new keys and values first: each pair below reads its own as the last key
   for (int64_t b = 0; b < batch; ++b)
@@ -144,19 +153,18 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
 // head's scores over its row's slots 0..span-1 read where they lie, except the slots the piece
 // writes (start..start+T-1), which hold its own new keys and values (the write comes after this
 // reads the buffers). A row's start is its first new key's slot in the write plan. Inputs: q (B,
-// T, H * D), k and v (B, T, KV * D) as projected, without their biases; the biases of q (H * D,), k
+// T, H * D) or its rows (B * T, H * D), k and v (B, T, KV * D) or their rows as projected, without
+// their biases; the biases of q (H * D,), k
 // and v (KV * D,); cos, sin (B, T, D); the layer's key and value buffers (rows x KV x slots, D);
 // rows (B,) int32, the buffer row of each batch row; written (B * KV * T,) int32, the flat buffer
 // slot of each (row, KV head, token), the step's write plan; mask (B, 1, T, span) bool, the slots
 // each query sees (its own and earlier ones); scale (1,) float32; slots (1,) int32, the buffer's
-// slots per row. Outputs: (B, T, H * D), and the new keys (biased and rotated) and values (biased)
+// slots per row. Outputs: like q, and the new keys (biased and rotated) and values (biased)
 // as (B * KV * T, D) in (row, KV head, token) order, which the step writes after this.
 extern "C" int PieceAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  if (nparam != 18 || ndims[0] != 3 || ndims[6] != 3 || ndims[8] != 2 || ndims[12] != 4 || !float32(dtypes, 10)) {
-    return 1;
-  }
-  const StepInputs in(params);
+  if (nparam != 18 || !StepInputs::shaped(ndims) || ndims[12] != 4 || !float32(dtypes, 10)) return 1;
+  const StepInputs in(params, ndims, shapes);
   const int32_t *written = static_cast<const int32_t *>(params[11]);
   const bool *mask = static_cast<const bool *>(params[12]);
   const float scale = *static_cast<const float *>(params[13]);
@@ -164,9 +172,8 @@ extern "C" int PieceAttention(int nparam, void **params, int *ndims, int64_t **s
   float *out = static_cast<float *>(params[15]);
   float *k_new = static_cast<float *>(params[16]);
   float *v_new = static_cast<float *>(params[17]);
-  const int64_t batch = shapes[0][0], tokens = shapes[0][1], dim = shapes[6][2];
-  const int64_t heads = shapes[0][2] / dim, kv_heads = shapes[1][2] / dim, group = heads / kv_heads;
-  const int64_t span = shapes[12][3];
+  const int64_t batch = in.batch, tokens = in.tokens, dim = in.dim, heads = in.heads, kv_heads = in.kv_heads;
+  const int64_t group = in.group, span = shapes[12][3];
   std::vector<int64_t> starts(batch);
   for (int64_t b = 0; b < batch; ++b) {
     starts[b] = written[b * kv_heads * tokens] - static_cast<int64_t>(in.rows[b]) * kv_heads * slots;

@@ -32,7 +32,7 @@ PIECE_MACS = 1 << 25
 
 
 def _attention_shapes(q, k, v, q_bias, k_bias, v_bias, cos, *_):
-    new = [k[0] * k[1] * k[2] // cos[2], cos[2]]
+    new = [int(np.prod(k)) // cos[2], cos[2]]
     return list(q), new, new
 
 
@@ -87,13 +87,14 @@ def gated_unit(gate, up, act, native=None):
 
 def cached_attention(q, k, v, biases, cos, sin, mask, heads, past, step, native):
     """nn/decoder.py's `attend` with a cache (`past` the layer's buffers) as one native kernel
-    (`cached_attention_kernel`'s): q (B, T, H * D), k and v (B, T, KV * D) as projected, without
-    their `biases` (q's, k's, v's), which the kernel adds; `step` as for kv_cache, its rows those
-    of the buffers (also for a pool stepped whole). The new keys and values are written after the
-    kernel has read the past. Returns (B, T, H * D)."""
+    (`cached_attention_kernel`'s): q (B, T, H * D), k and v (B, T, KV * D) as projected, or their
+    (B * T, width) rows (cos, sin (B, T, D) tell B and T), without their `biases` (q's, k's, v's),
+    which the kernel adds; `step` as for kv_cache, its rows those of the buffers (also for a pool
+    stepped whole). The new keys and values are written after the kernel has read the past.
+    Returns q's shape."""
     rows, view, _, _, slots = step
     scale, per_row = Tensor(np.array([heads[2] ** -0.5], np.float32)), Tensor(np.array([view[2]], np.int32))
-    if q.shape[1] == 1:  # one new vector per (row, KV head): written as they come
+    if cos.shape[1] == 1:  # one new vector per (row, KV head): written as they come
         out, keys, values = native(q, k, v, *biases, cos, sin, past[0], past[1], rows, mask, scale, per_row)
         write = write_step
     else:  # the piece's start in each row from the write plan's slots

@@ -112,7 +112,8 @@ def decoder_layer(x, cos, sin, mask, weights, kind, past=None, step=None, kernel
     proj = kind.projections
     heads = (kind.heads, kind.kv_heads, kind.head_dim, kind.flash)
     a = rms_norm(x, norm1, kind.eps, kernels.rms_norm)
-    native = None if past is None else cached_attention_kernel(kernels, x.shape[1], mask.shape[-1], heads)
+    # x (B, T, E), or its rows with the native attention (cos (B, T, D) tells T)
+    native = None if past is None else cached_attention_kernel(kernels, cos.shape[1], mask.shape[-1], heads)
     if native is not None:  # the kernel adds the projections' biases itself
         q, k, v = (project(a, w[0], proj[0], False), project(a, w[1], proj[1], False),
                    project(a, w[2], proj[2], False))

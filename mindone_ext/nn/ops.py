@@ -100,14 +100,17 @@ def exact_linear(x, weight, bias=None):
     # where MindSpore has no Dense kernel and expands it at each compile, reshapes sized at run
     # time by a ShapeCalc node; here the shapes are constants. A loaded graph of 40 linears: first
     # call 30 -> 13 ms, later calls 2.3 -> 1.3 ms (measured, bench/cold_start.py's graphs likewise)
-    rows = x.reshape(-1, x.shape[-1])
+    # rows in, rows out with no reshape (a compiled decoder step keeps its activations as rows:
+    # a reshape is a kernel there, each ~0.3 ms to build at a loaded graph's first call)
+    rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     shape = x.shape[:-1] + (weight.shape[0],)
     if native_linear.takes(rows.shape[0], weight, x.dtype):
         kernels = native_linear.KERNELS
         out = kernels.plain(rows, weight) if bias is None else kernels.biased(rows, weight, bias)
-        return out.reshape(shape)
-    out = _times_transposed(rows, weight).reshape(shape)
-    return out if bias is None else out + bias
+    else:
+        out = _times_transposed(rows, weight)
+        out = out if bias is None else out + bias
+    return out if x.ndim == 2 else out.reshape(shape)
 
 
 def linear(x, weight, bias=None):

@@ -132,24 +132,30 @@ def piece_case(heads, kv_heads, dim, tokens):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cached_attention(kernels, heads, kv_heads, dim, tokens, compiled):
     """A decode step (one token a row) and prompt pieces of 2-5 tokens, every start of ROWS: the
-    last ones run past the buffer's last slot (tokens beyond it repeat the last written one)."""
+    last ones run past the buffer's last slot (tokens beyond it repeat the last written one). The
+    kernel given q, k, v as (B * T, width) rows (a compiled step's layers) gives the same, as rows."""
     case = decode_case if tokens == 1 else lambda *a: piece_case(*a, tokens)
     inputs, biases, buffers, step, written = case(heads, kv_heads, dim)
     shape = (heads, kv_heads, dim, False)
     native = cached_attention_kernel(kernels, tokens, SLOTS, shape)
     assert native is (kernels.decode_attention if tokens == 1 else kernels.piece_attention) and native is not None
     results = []
-    for kernel in (native, None):
+    for kernel, as_rows in ((native, False), (native, True), (None, False)):
         past = tuple(Parameter(Tensor(b.copy()), name=f"p{i}", requires_grad=False) for i, b in enumerate(buffers))
 
         def run(q, k, v, cos, sin, mask, biases, keys, values):
             if kernel is None:
                 return attend(q + biases[0], k + biases[1], v + biases[2], cos, sin, mask, shape, (keys, values), step)
+            if as_rows:
+                q, k, v = (x.reshape(-1, x.shape[-1]) for x in (q, k, v))
             return cached_attention(q, k, v, biases, cos, sin, mask, shape, (keys, values), step, kernel)
 
         out = (ms.jit(run) if compiled else run)(*inputs, biases, *past)
-        results.append((out.asnumpy(), past[0].asnumpy(), past[1].asnumpy()))
-    (got, got_keys, got_values), (want, want_keys, want_values) = results
+        assert out.ndim == 3 - as_rows
+        results.append((out.asnumpy().reshape(inputs[0].shape), past[0].asnumpy(), past[1].asnumpy()))
+    for got, as_rows in zip(results[0], results[1]):
+        np.testing.assert_array_equal(as_rows, got)
+    (got, got_keys, got_values), _, (want, want_keys, want_values) = results
     assert got.shape == want.shape == (len(ROWS), tokens, heads * dim)
     # a piece's padding row (the last) differs: nothing reads it (its start is past the buffer)
     real = len(ROWS) - (tokens > 1)
