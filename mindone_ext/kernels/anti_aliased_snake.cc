@@ -7,7 +7,7 @@
 // Rows are laid out (B, C, n) or (B, C, 1, n) (the vocoder's convolutions run over a height of 1).
 // Variants fold in what BigVGAN's residual units do around an activation, each one kernel instead
 // of two or three: the bias of the convolution before it, and the residual sum x + y + bias that
-// feeds the next unit's activation. Also the narrow stages' convolutions (SameConvolution).
+// feeds the next unit's activation.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -163,47 +163,5 @@ extern "C" int BiasedResidual(int nparam, void **params, int *ndims, int64_t **s
   float *out = static_cast<float *>(params[3]);
   // one thread: a sum is too little work per sample for a thread to pay for itself
   for (int64_t r = 0; r < rows; ++r) residual_row(x + r * n, y + r * n, bias[r % channels], n, out + r * n);
-  return 0;
-}
-
-// SameConvolution: x (B, C_in, 1, L), weight (C_out, C_in, 1, K), dilation (1,) int32 -> (B, C_out,
-// 1, L), torch's conv1d with stride 1, no bias and "same" zero padding, dilation * (K - 1) / 2 on
-// each side, BigVGAN's residual units' and last convolution. MindSpore's CPU convolution
-// unrolls its input (K copies of each input row) into a buffer it keeps for the graph's life (the
-// tiny vocoder's 74 made ~200 MB of page faults at its graph's first call in a process), and at a
-// few channels is slower than this direct sum: per output row and block of samples, each input
-// row and tap added in turn, the block staying in the cache.
-extern "C" int SameConvolution(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
-  if (nparam != 4 || ndims[0] != 4 || ndims[1] != 4) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  const int64_t dilation = *static_cast<const int32_t *>(params[2]);
-  if (dilation * (shapes[1][3] - 1) % 2 != 0) return 1;  // no padding the same on both sides
-  float *out = static_cast<float *>(params[3]);
-  const int64_t batch = shapes[0][0], inputs = shapes[0][1], n = shapes[0][3];
-  const int64_t outputs = shapes[1][0], taps = shapes[1][3], pad = dilation * (taps - 1) / 2;
-  const int64_t BLOCK = 2048;  // samples of an output row summed at a time (8 KB: stays in L1)
-  const int64_t blocks = (n + BLOCK - 1) / BLOCK, rows = batch * outputs;
-  auto run = [&](int64_t first, int64_t last) {
-    for (int64_t unit = first; unit < last; ++unit) {
-      const int64_t row = unit / blocks, start = unit % blocks * BLOCK, end = std::min(n, start + BLOCK);
-      const int64_t b = row / outputs, o = row % outputs;
-      float *y = out + row * n;
-      std::fill(y + start, y + end, 0.f);
-      for (int64_t i = 0; i < inputs; ++i) {
-        const float *xi = x + (b * inputs + i) * n, *wi = weight + (o * inputs + i) * taps;
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t shift = t * dilation - pad;  // y[l] += w * x[l + shift], x zero outside 0..n-1
-          const int64_t lo = std::max(start, -shift), hi = std::min(end, n - shift);
-          const float w = wi[t];
-          const float *from = xi + shift;
-#pragma omp simd
-          for (int64_t l = lo; l < hi; ++l) y[l] += w * from[l];
-        }
-      }
-    }
-  };
-  native::parallel_ranges(rows * blocks, rows * n * inputs * taps, 1 << 16, run);
   return 0;
 }

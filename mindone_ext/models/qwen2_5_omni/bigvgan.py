@@ -20,7 +20,7 @@ rows 4-D, (B, C, 1, n), from its first convolution to its last (the CPU's convol
 reshapes around each), and the residual units' biases and sums are added inside the kernels:
 a compiled graph of the tiny checkpoint's vocoder has ~220 kernels instead of 479, and a graph's
 first call in a process costs about in proportion to its kernels (building them). Convolutions
-of few channels run natively too (`NARROW_CHANNELS`)."""
+of up to `NATIVE_CONVOLUTION_CHANNELS` channels run natively too."""
 import math
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
@@ -29,7 +29,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ...nn import ops as P
+from ...nn import native_linear, ops as P
 from ...nn.layers import Conv1d, empty_parameter
 from ...utils import native_kernels
 
@@ -52,19 +52,21 @@ def kaiser_sinc_filter(cutoff, half_width, kernel_size):
     return (taps / taps.sum()).astype(np.float32)
 
 
-# Convolutions of at most this many input channels run as the native SameConvolution (the tiny
-# vocoder's last four stages and its last convolution; the released one has none): MindSpore's
-# convolution keeps an unrolled copy of its input for the graph's life (kernels/anti_aliased_snake.cc),
-# and at a few channels the native sum is faster (ms a call in a compiled graph, native / MindSpore,
-# the tiny vocoder's shapes at 256 frames: 16 channels 0.81 / 1.20, 8: 0.47 / 0.80, 2: 0.17 / 0.44;
-# 32: 1.56 / 0.55, 64: 2.37 / 1.22).
-NARROW_CHANNELS = 16
+# Same-padded convolutions of at most this many input channels run as the native SameConvolution
+# (kernels/convolution.cc; every one of the tiny vocoder's, none of the released one's): MindSpore's
+# convolution keeps an unrolled copy of its input for the graph's life, and the native one, blocks
+# of that unrolled through oneDNN's sgemm, is as fast up to here (ms a call over 3840 samples,
+# native / MindSpore in a compiled graph: 32 channels x 7 taps 0.62 / 1.05, 64 x 7 1.69 / 1.75, 64 x
+# 11 taps dilated 5 2.50 / 2.28; wider, MindSpore's is faster: 128 x 7 4.9 / 4.3, 512 x 3 over 960
+# 8.7 / 6.5).
+NATIVE_CONVOLUTION_CHANNELS = 64
+CONVOLUTION_SOURCE = "convolution.cc"
 
 
 class SnakeKernels(NamedTuple):
     """The native kernels of the vocoder (float32, CPU): the activation alone; of x + bias; and
-    of a residual sum x + y + bias, which it also returns; the residual sum alone; a narrow
-    "same"-padded convolution (see Conv1d.apply_rows)."""
+    of a residual sum x + y + bias, which it also returns; the residual sum alone; a "same"-padded
+    convolution (see Conv1d.apply_rows; None without oneDNN)."""
     activation: Any
     biased: Any
     residual: Any
@@ -82,18 +84,26 @@ def _convolved(x, weight, *_):
 
 @lru_cache(maxsize=None)
 def snake_kernels(path):
-    """The kernels of the built library at `path`, or None (no library: MindSpore ops)."""
+    """The kernels of the built activation library at `path` and of the convolution's, or None
+    (no library: MindSpore ops)."""
     if path is None:
         return None
     op = partial(native_kernels.custom_op, path)
     return SnakeKernels(op("AntiAliasedSnake"), op("BiasedAntiAliasedSnake"),
                         op("ResidualAntiAliasedSnake", _pair, _pair), op("BiasedResidual"),
-                        op("SameConvolution", _convolved))
+                        native_kernels.custom_op(convolution_library(), "SameConvolution", _convolved))
+
+
+def convolution_library():
+    """The path of the built convolution library (against MindSpore's oneDNN), or None."""
+    return native_linear.onednn_library(CONVOLUTION_SOURCE)
 
 
 def narrow_convolution(kernels, channels):
     """The native convolution for `channels` input channels, or None (MindSpore's)."""
-    return kernels.same_convolution if kernels is not None and channels <= NARROW_CHANNELS else None
+    if kernels is None or channels > NATIVE_CONVOLUTION_CHANNELS:
+        return None
+    return kernels.same_convolution
 
 
 def whole_row(x, valid):
@@ -273,7 +283,8 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         # what a compiled graph of this vocoder depends on besides its inputs' shapes
         self.structure = (config.mel_dim, c0, tuple(config.resblock_kernel_sizes),
                           tuple(map(tuple, config.resblock_dilation_sizes)), self.upsample_rates,
-                          tuple(config.upsample_kernel_sizes), self.native)
+                          tuple(config.upsample_kernel_sizes), self.native,
+                          self.native and convolution_library())
         self.conv_pre = Conv1d(config.mel_dim, c0, 7, 1, 3, dtype=dtype)
         self.ups = nn.CellList([
             nn.CellList([TransposedConv1d(c0 // 2**i, c0 // 2**(i + 1), k, s, (k - s) // 2, dtype)])

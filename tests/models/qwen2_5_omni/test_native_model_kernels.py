@@ -13,7 +13,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_ext.models.qwen2_5_omni.bigvgan import (KERNEL_SOURCE, NARROW_CHANNELS, AntiAliasedActivation,
+from mindone_ext.models.qwen2_5_omni.bigvgan import (KERNEL_SOURCE, NATIVE_CONVOLUTION_CHANNELS, AntiAliasedActivation,
                                                      narrow_convolution, snake_kernels)
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
                                                  gated_residual, gelu_tanh, modulated_norm, rotary_window_attention,
@@ -106,16 +106,20 @@ def test_inside_a_compiled_graph(activations):
 
 
 @pytest.mark.parametrize("inputs, outputs, taps, dilation", [(2, 1, 7, 1), (1, 3, 3, 1), (4, 4, 3, 5), (8, 8, 7, 3),
-                                                             (3, 5, 11, 5), (16, 2, 4, 2)])
+                                                             (3, 5, 11, 5), (16, 2, 4, 2), (32, 32, 7, 1),
+                                                             (64, 64, 11, 5)])
 def test_same_convolution_at_every_length_near_the_padding_and_block_edges(inputs, outputs, taps, dilation):
     """SameConvolution against MindSpore's convolution (the ops, at parity with the reference
     through test_speech.py): rows shorter than the padding (every output sums fewer taps), every
-    length around twice the padding, and around the kernel's 2048-sample blocks; 2 rows a batch."""
+    length around twice the padding, and around each block width the kernel may take (128, 256
+    or 512 samples, by the unrolled rows); 2 rows a batch."""
     same = snake_kernels(native_kernels.library(KERNEL_SOURCE)).same_convolution
+    assert same is not None, "this machine builds the native convolution (MindSpore ships oneDNN)"
     pad = dilation * (taps - 1) // 2
     layer = Conv1d(inputs, outputs, taps, 1, pad, dilation)
     weight = Tensor(rng.standard_normal((outputs, inputs, 1, taps)).astype(np.float32))
-    lengths = sorted(set(range(1, 2 * pad + 4)) | {2047, 2048, 2049, 4096 + pad, 4097 + pad})
+    edges = {m * block + d for block in (128, 256, 512) for m in (1, 2) for d in (-1, 0, 1)}
+    lengths = sorted(set(range(1, 2 * pad + 4)) | edges | {1024 + pad, 1025 + pad})
     for n in lengths:
         x = Tensor(rng.standard_normal((2, inputs, 1, n)).astype(np.float32))
         got = layer.apply_rows(x, weight, same=same).asnumpy()
@@ -133,8 +137,9 @@ def test_same_convolution_at_every_length_near_the_padding_and_block_edges(input
 
 def test_only_narrow_same_padded_convolutions_run_natively():
     kernels = snake_kernels(native_kernels.library(KERNEL_SOURCE))
-    assert narrow_convolution(kernels, NARROW_CHANNELS) is kernels.same_convolution
-    assert narrow_convolution(kernels, NARROW_CHANNELS + 1) is None and narrow_convolution(None, 2) is None
+    assert narrow_convolution(kernels, NATIVE_CONVOLUTION_CHANNELS) is kernels.same_convolution
+    assert narrow_convolution(kernels, NATIVE_CONVOLUTION_CHANNELS + 1) is None
+    assert narrow_convolution(None, 2) is None
     x, weight = Tensor(np.ones((1, 2, 1, 9), np.float32)), Tensor(np.ones((2, 2, 1, 3), np.float32))
     with pytest.raises(ValueError, match="padding"):
         Conv1d(2, 2, 3, 1, 0, 1).apply_rows(x, weight, same=kernels.same_convolution)
