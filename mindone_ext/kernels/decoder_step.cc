@@ -1,8 +1,9 @@
 // A Qwen2 decoder step's chains of small ops as CPU kernels (nn/decoder_kernels.py): the RMS norm,
 // the SiLU-gated unit, and a cached step's attention with its rotary embedding (a decode step's,
-// a prompt piece's). On the tiny checkpoint a step's graph is bound by its kernel count (~15 us
-// each to launch, ~2 us to compute; a loaded graph's first call ~0.3 ms each to build): these
-// take 6, 3 and ~30 MindSpore kernels to 1 each.
+// a prompt piece's), which also writes the step's keys and values into the cache. On the tiny
+// checkpoint a step's graph is bound by its kernel count (~15 us each to launch, ~2 us to compute;
+// a loaded graph's first call ~0.3 ms each to build): these take 6, 3 and ~35 MindSpore kernels to
+// 1 each.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,25 +29,48 @@ void rotate_biased(const float *x, const float *bias, const float *c, const floa
   }
 }
 
-// The inputs both cached-attention kernels take first: q, k and v as projected, their biases,
-// cos, sin, the layer's key and value buffers, and the buffer row of each batch row; and the sizes
-// they give. q, k and v come as (B, T, width) or as their (B * T, width) rows; cos (B, T, D) tells B
-// and T.
+// What both cached-attention kernels take: q (B, T, H * D) or its (B * T, H * D) rows, k and v (B,
+// T, KV * D) or their rows, as projected, without their biases; the biases of q (H * D,), k and v
+// (KV * D,); cos, sin (B, T, D) (which tell B and T); the layer's key and value buffers (rows x KV x
+// slots, D); rows (B,) int32, the buffer row of each batch row; the step's write plan (see
+// CachePool._write_plan): written and pick (B * KV * T,) int32, the flat buffer slot each new
+// (row, KV head, token) vector goes to and which one it is; mask (B, 1, T, span) bool for a piece,
+// (B, 1, 1, span + 1) for a decode step (the past slots, then the new key); scale (1,) float32;
+// slots (1,) int32, the buffer's slots per row. Output: like q.
 struct StepInputs {
-  const float *q, *k, *v, *q_bias, *k_bias, *v_bias, *cos, *sin, *keys, *values;
-  const int32_t *rows;
-  int64_t batch, tokens, dim, heads, kv_heads, group;
+  const float *q, *k, *v, *q_bias, *k_bias, *v_bias, *cos, *sin;
+  float *keys, *values;
+  const int32_t *rows, *written, *pick;
+  const bool *mask;
+  float scale;
+  int64_t batch, tokens, dim, heads, kv_heads, group, slots, plan;
+  float *out;
   StepInputs(void **params, int *ndims, int64_t **shapes) {
-    const float **floats[] = {&q, &k, &v, &q_bias, &k_bias, &v_bias, &cos, &sin, &keys, &values};
-    for (int i = 0; i < 10; ++i) *floats[i] = static_cast<const float *>(params[i]);
+    const float **floats[] = {&q, &k, &v, &q_bias, &k_bias, &v_bias, &cos, &sin};
+    for (int i = 0; i < 8; ++i) *floats[i] = static_cast<const float *>(params[i]);
+    keys = static_cast<float *>(params[8]), values = static_cast<float *>(params[9]);
     rows = static_cast<const int32_t *>(params[10]);
-    batch = shapes[6][0], tokens = shapes[6][1], dim = shapes[6][2];
+    written = static_cast<const int32_t *>(params[11]), pick = static_cast<const int32_t *>(params[12]);
+    mask = static_cast<const bool *>(params[13]);
+    scale = *static_cast<const float *>(params[14]);
+    slots = *static_cast<const int32_t *>(params[15]);
+    out = static_cast<float *>(params[16]);
+    batch = shapes[6][0], tokens = shapes[6][1], dim = shapes[6][2], plan = shapes[11][0];
     heads = shapes[0][ndims[0] - 1] / dim, kv_heads = shapes[1][ndims[1] - 1] / dim, group = heads / kv_heads;
   }
-  // q, k, v as (B, T, width) or as rows, and cos, sin and the buffers of the shapes above
-  static bool shaped(int *ndims) {
-    return (ndims[0] == 2 || ndims[0] == 3) && ndims[1] == ndims[0] && ndims[2] == ndims[0] && ndims[6] == 3 &&
-           ndims[8] == 2;
+  // the inputs' count and ranks as above
+  static bool shaped(int nparam, int *ndims) {
+    return nparam == 17 && (ndims[0] == 2 || ndims[0] == 3) && ndims[1] == ndims[0] && ndims[2] == ndims[0] &&
+           ndims[6] == 3 && ndims[8] == 2 && ndims[11] == 1 && ndims[12] == 1 && ndims[13] == 4;
+  }
+  // The new keys and values into the buffers, after every read of them: in place (the buffers are
+  // Parameters the step graph takes; MindSpore's ScatterUpdate and the gather feeding it were ~8
+  // kernels a layer, and their side effects ~30 more nodes for a loaded graph's first call to build).
+  void write(const std::vector<float> &k_new, const std::vector<float> &v_new) const {
+    for (int64_t i = 0; i < plan; ++i) {
+      std::memcpy(keys + static_cast<int64_t>(written[i]) * dim, k_new.data() + pick[i] * dim, dim * sizeof(float));
+      std::memcpy(values + static_cast<int64_t>(written[i]) * dim, v_new.data() + pick[i] * dim, dim * sizeof(float));
+    }
   }
 };
 
@@ -98,26 +122,20 @@ extern "C" int SiluGate(int nparam, void **params, int *ndims, int64_t **shapes,
 // query head's scores over its row's past
 // slots in the cache (read where they lie) and over the new key, masked slots at float32's lowest
 // value, the softmax and the weighted values. Grouped-query: head h reads KV head h / (H / KV).
-// Inputs: q (B, 1, H * D) or its rows (B, H * D), k and v (B, 1, KV * D) or (B, KV * D) as
-// projected, without their biases; the biases
-// of q (H * D,), k and v (KV * D,); cos, sin (B, 1, D); the layer's key and value buffers (rows x
-// KV x slots, D); rows (B,) int32, the buffer row of each batch row; mask (B, 1, 1, span + 1) bool,
-// the past slots 0..span-1 a query sees, then the new key; scale (1,) float32; slots (1,) int32,
-// the buffer's slots per row. Outputs: like q, and the new keys (biased and rotated) and values
-// (biased) as (B * KV, D), which the step writes into the buffers after this reads them.
+// Inputs as StepInputs, T = 1; the new (row, KV head) vectors in that order (pick: the identity).
 extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 17 || !StepInputs::shaped(ndims) || ndims[11] != 4 || !float32(dtypes, 10)) return 1;
+  if (!StepInputs::shaped(nparam, ndims) || !float32(dtypes, 10)) return 1;
   const StepInputs in(params, ndims, shapes);
-  if (in.tokens != 1) return 1;
-  const bool *mask = static_cast<const bool *>(params[11]);
-  const float scale = *static_cast<const float *>(params[12]);
-  const int64_t slots = *static_cast<const int32_t *>(params[13]);
-  float *out = static_cast<float *>(params[14]);
-  float *k_new = static_cast<float *>(params[15]);
-  float *v_new = static_cast<float *>(params[16]);
+  if (in.tokens != 1 || in.plan != in.batch * in.kv_heads) return 1;
+  const bool *mask = in.mask;
+  const float scale = in.scale;
+  const int64_t slots = in.slots;
+  float *out = in.out;
   const int64_t batch = in.batch, dim = in.dim, heads = in.heads, kv_heads = in.kv_heads, group = in.group;
-  const int64_t span = shapes[11][3] - 1;
+  const int64_t span = shapes[13][3] - 1;
+  std::vector<float> keys(batch * kv_heads * dim), values(keys.size());
+  float *k_new = keys.data(), *v_new = values.data();
   // the new keys and values first: each pair below reads its own as the last key
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t g = 0; g < kv_heads; ++g) {
@@ -145,6 +163,7 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   };
   const int64_t pairs = batch * kv_heads;
   native::parallel_ranges(pairs, pairs * group * (span + 1) * dim, VALUES_PER_THREAD, run);
+  in.write(keys, values);
   return 0;
 }
 
@@ -152,28 +171,22 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
 // DecodeAttention does a decode step's: the biases added, queries and new keys rotated, each query
 // head's scores over its row's slots 0..span-1 read where they lie, except the slots the piece
 // writes (start..start+T-1), which hold its own new keys and values (the write comes after this
-// reads the buffers). A row's start is its first new key's slot in the write plan. Inputs: q (B,
-// T, H * D) or its rows (B * T, H * D), k and v (B, T, KV * D) or their rows as projected, without
-// their biases; the biases of q (H * D,), k
-// and v (KV * D,); cos, sin (B, T, D); the layer's key and value buffers (rows x KV x slots, D);
-// rows (B,) int32, the buffer row of each batch row; written (B * KV * T,) int32, the flat buffer
-// slot of each (row, KV head, token), the step's write plan; mask (B, 1, T, span) bool, the slots
-// each query sees (its own and earlier ones); scale (1,) float32; slots (1,) int32, the buffer's
-// slots per row. Outputs: like q, and the new keys (biased and rotated) and values (biased)
-// as (B * KV * T, D) in (row, KV head, token) order, which the step writes after this.
+// reads the buffers). A row's start is its first new key's slot in the write plan. Inputs as
+// StepInputs; the new vectors in (row, KV head, token) order.
 extern "C" int PieceAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  if (nparam != 18 || !StepInputs::shaped(ndims) || ndims[12] != 4 || !float32(dtypes, 10)) return 1;
+  if (!StepInputs::shaped(nparam, ndims) || !float32(dtypes, 10)) return 1;
   const StepInputs in(params, ndims, shapes);
-  const int32_t *written = static_cast<const int32_t *>(params[11]);
-  const bool *mask = static_cast<const bool *>(params[12]);
-  const float scale = *static_cast<const float *>(params[13]);
-  const int64_t slots = *static_cast<const int32_t *>(params[14]);
-  float *out = static_cast<float *>(params[15]);
-  float *k_new = static_cast<float *>(params[16]);
-  float *v_new = static_cast<float *>(params[17]);
+  if (in.plan != in.batch * in.kv_heads * in.tokens) return 1;
+  const int32_t *written = in.written;
+  const bool *mask = in.mask;
+  const float scale = in.scale;
+  const int64_t slots = in.slots;
+  float *out = in.out;
   const int64_t batch = in.batch, tokens = in.tokens, dim = in.dim, heads = in.heads, kv_heads = in.kv_heads;
-  const int64_t group = in.group, span = shapes[12][3];
+  const int64_t group = in.group, span = shapes[13][3];
+  std::vector<float> keys(batch * kv_heads * tokens * dim), values(keys.size());
+  float *k_new = keys.data(), *v_new = values.data();
   std::vector<int64_t> starts(batch);
   for (int64_t b = 0; b < batch; ++b) {
     starts[b] = written[b * kv_heads * tokens] - static_cast<int64_t>(in.rows[b]) * kv_heads * slots;
@@ -207,5 +220,6 @@ extern "C" int PieceAttention(int nparam, void **params, int *ndims, int64_t **s
   };
   const int64_t queries = batch * heads * tokens;
   native::parallel_ranges(queries, queries * span * dim, VALUES_PER_THREAD, run);
+  in.write(keys, values);
   return 0;
 }

@@ -4,8 +4,9 @@ and the functions that use them or, without them (Ascend, another dtype, no comp
 Why: on the CPU a decode step of a small decoder is bound by its kernel count (the tiny Talker's
 step was 137 kernels, ~15 us each to launch against ~2 us of work), and each of these replaces a
 chain: the RMS norm (6 kernels), the SiLU-gated unit (3) and a cached step's attention with its
-rotary embedding, a decode step's or a prompt piece's, reading the cache where it lies (~30 per
-layer: rotations, the past's gather, the two score and value products, mask, softmax). A loaded
+rotary embedding, a decode step's or a prompt piece's, reading the cache where it lies and
+writing the step's keys and values into it (~35 per layer: rotations, the past's gather, the two
+score and value products, mask, softmax, the writes' gathers and scatters). A loaded
 graph's first call in a process also builds each of its kernels: the tiny checkpoint's prefill
 graphs with the piece kernel build in ~28 ms, ~44 ms without (bench/cold_start.py). They are not
 used for training (no gradient).
@@ -14,12 +15,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from ..utils import native_kernels
 from . import native_linear
 from . import ops as P
-from .kv_cache import write_new, write_step
 
 SOURCE = native_kernels.source("decoder_step.cc")
 # A piece's attention natively only up to this many multiply-adds of its scores (tokens x slots x
@@ -29,15 +29,6 @@ SOURCE = native_kernels.source("decoder_step.cc")
 # 6.2 / 5.9; over 512, 11.5 / 8.4; 12 x 128 over 256, 10.5 / 8.1). Below it a piece's cost is its
 # kernels' launches, and a loaded graph's first call builds each kernel (~30 fewer a layer).
 PIECE_MACS = 1 << 25
-
-
-def _attention_shapes(q, k, v, q_bias, k_bias, v_bias, cos, *_):
-    new = [int(np.prod(k)) // cos[2], cos[2]]
-    return list(q), new, new
-
-
-def _attention_dtypes(q, *_):
-    return q, q, q
 
 
 class DecoderKernels(NamedTuple):
@@ -58,8 +49,8 @@ class DecoderKernels(NamedTuple):
         if library is None:
             return cls()
         return cls(native_kernels.custom_op(library, "RMSNorm"), native_kernels.custom_op(library, "SiluGate"),
-                   native_kernels.custom_op(library, "DecodeAttention", _attention_shapes, _attention_dtypes),
-                   native_kernels.custom_op(library, "PieceAttention", _attention_shapes, _attention_dtypes),
+                   native_kernels.custom_op(library, "DecodeAttention"),
+                   native_kernels.custom_op(library, "PieceAttention"),
                    (library,))
 
 
@@ -90,15 +81,8 @@ def cached_attention(q, k, v, biases, cos, sin, mask, heads, past, step, native)
     (`cached_attention_kernel`'s): q (B, T, H * D), k and v (B, T, KV * D) as projected, or their
     (B * T, width) rows (cos, sin (B, T, D) tell B and T), without their `biases` (q's, k's, v's),
     which the kernel adds; `step` as for kv_cache, its rows those of the buffers (also for a pool
-    stepped whole). The new keys and values are written after the kernel has read the past.
-    Returns q's shape."""
-    rows, view, _, _, slots = step
+    stepped whole). The kernel writes the new keys and values into the buffers itself, by the
+    step's write plan, after it has read the past. Returns q's shape."""
+    rows, view, _, pick, slots = step
     scale, per_row = Tensor(np.array([heads[2] ** -0.5], np.float32)), Tensor(np.array([view[2]], np.int32))
-    if cos.shape[1] == 1:  # one new vector per (row, KV head): written as they come
-        out, keys, values = native(q, k, v, *biases, cos, sin, past[0], past[1], rows, mask, scale, per_row)
-        write = write_step
-    else:  # the piece's start in each row from the write plan's slots
-        out, keys, values = native(q, k, v, *biases, cos, sin, past[0], past[1], rows, slots, mask, scale, per_row)
-        write = write_new
-    out = ops.depend(out, write(past[0], keys, step))
-    return ops.depend(out, write(past[1], values, step))
+    return native(q, k, v, *biases, cos, sin, past[0], past[1], rows, slots, pick, mask, scale, per_row)

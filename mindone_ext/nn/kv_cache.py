@@ -14,6 +14,9 @@ at 8192 slots on the 0.5B shape). Reads go through a reshape (no copy). Two kind
   buffer copy is small beside the piece's own work, and attending to the past apart would keep
   a second set of (tokens x slots) scores per layer alive in the compiled graph (the CPU backend
   keeps a graph's intermediates: a 4096-token prompt on the 0.5B shape reached 24 GB that way).
+
+On the CPU target, float32, the native cached attention (nn/decoder_kernels.py) takes the same
+write plan and writes the new keys and values itself, after its reads: no scatter in the graph.
 """
 import numpy as np
 import mindspore as ms
