@@ -16,17 +16,24 @@ namespace {
 const int64_t VALUES_PER_THREAD = 1 << 16;  // below this a thread costs more than it saves
 const double EPS = 1e-6;                     // the reference's LayerNorm epsilon
 
+// The frames of each batch row when x (B, T, D), or its (B * T, D) rows, has `rows` rows and the
+// per-row values (scale, shift, gate) `per_row` (B, D) or (1, D), shared by all.
+int64_t frames_of(int64_t rows, int64_t **shapes, int per_row) {
+  return shapes[per_row][0] == 1 ? rows : rows / shapes[per_row][0];
+}
+
 }  // namespace
 
-// Inputs: x (B, T, D) float32, scale (B or 1, D), shift (B or 1, D); output (B, T, D).
+// Inputs: x (B, T, D) float32 or its rows (B * T, D), scale (B or 1, D), shift (B or 1, D); output like x.
 extern "C" int ModulatedNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if (nparam != 4 || ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  if (nparam != 4 || (ndims[0] != 2 && ndims[0] != 3) || ndims[1] != 2 || ndims[2] != 2) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *scale = static_cast<const float *>(params[1]);
   const float *shift = static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[3]);
-  const int64_t frames = shapes[0][1], dim = shapes[0][2], rows = shapes[0][0] * frames;
+  const int64_t dim = shapes[0][ndims[0] - 1], rows = native::count(ndims[0], shapes[0]) / dim;
+  const int64_t frames = frames_of(rows, shapes, 1);
   const bool shared = shapes[1][0] == 1;
   auto run = [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
@@ -43,17 +50,19 @@ extern "C" int ModulatedNorm(int nparam, void **params, int *ndims, int64_t **sh
   return 0;
 }
 
-// Inputs: x (B, T, D) float32, gate (B or 1, D), y (B, T, D), bias (D,), y's projection's bias (it
-// is added here, where the ops add it after the matmul: the same sum); output (B, T, D).
+// Inputs: x (B, T, D) float32 or its rows, gate (B or 1, D), y like x, bias (D,), y's projection's
+// bias (it is added here, where the ops add it after the matmul: the same sum); output like x.
 extern "C" int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 3 || ndims[3] != 1) return 1;
+  if (nparam != 5 || (ndims[0] != 2 && ndims[0] != 3) || ndims[1] != 2 || ndims[2] != ndims[0] || ndims[3] != 1)
+    return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *gate = static_cast<const float *>(params[1]);
   const float *y = static_cast<const float *>(params[2]);
   const float *bias = static_cast<const float *>(params[3]);
   float *out = static_cast<float *>(params[4]);
-  const int64_t frames = shapes[0][1], dim = shapes[0][2], rows = shapes[0][0] * frames;
+  const int64_t dim = shapes[0][ndims[0] - 1], rows = native::count(ndims[0], shapes[0]) / dim;
+  const int64_t frames = frames_of(rows, shapes, 1);
   const bool shared = shapes[1][0] == 1;
   auto run = [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {

@@ -8,6 +8,7 @@
 
 #include "attention.h"
 #include "parallel.h"
+#include "tensors.h"
 
 namespace {
 
@@ -21,15 +22,17 @@ void rotate(const float *x, const float *cos, const float *sin, int64_t dim, flo
 
 }  // namespace
 
-// MindSpore's AOT custom-op entry. Inputs: q, k, v (B, T, H * D) float32 as projected, without
-// their biases; the biases of q, k, v (H * D,); cos, sin
+// MindSpore's AOT custom-op entry. Inputs: q, k, v (B, T, H * D) float32 as projected, or their
+// (B * T, H * D) rows, without their biases; the biases of q, k, v (H * D,); cos, sin
 // (H, T, D) float32, each head's rotary table (dit.py's rotation_tables: the heads after the first
 // get cos 1, sin 0, which leave them as they are); keys (blocks * width,) int32, the key frame of
 // each window slot; valid ([B,] blocks, size, width) bool, which slots a query frame sees (per batch
-// row when 4-dimensional); scale (1,) float32. Output (B, T, H * D).
+// row when 4-dimensional); scale (1,) float32. Output like q.
 extern "C" int WindowAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 12 || ndims[0] != 3 || ndims[6] != 3 || (ndims[9] != 3 && ndims[9] != 4)) return 1;
+  if (nparam != 12 || (ndims[0] != 2 && ndims[0] != 3) || ndims[1] != ndims[0] || ndims[2] != ndims[0] ||
+      ndims[6] != 3 || (ndims[9] != 3 && ndims[9] != 4))
+    return 1;
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
@@ -42,7 +45,8 @@ extern "C" int WindowAttention(int nparam, void **params, int *ndims, int64_t **
   const bool *valid = static_cast<const bool *>(params[9]);
   const float scale = *static_cast<const float *>(params[10]);
   float *out = static_cast<float *>(params[11]);
-  const int64_t batch = shapes[0][0], frames = shapes[0][1], heads = shapes[6][0], dim = shapes[6][2];
+  const int64_t frames = shapes[6][1], heads = shapes[6][0], dim = shapes[6][2];
+  const int64_t batch = native::count(ndims[0], shapes[0]) / (frames * heads * dim);  // q may come as rows
   const int rank = ndims[9];
   const int64_t size = shapes[9][rank - 2], width = shapes[9][rank - 1];
   const int64_t row_mask = rank == 4 ? shapes[9][1] * size * width : 0;  // mask values per batch row

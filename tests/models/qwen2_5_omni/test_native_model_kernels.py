@@ -203,6 +203,10 @@ def test_window_attention_at_every_frame_count_near_the_block_boundaries(attenti
                 got = rotary_window_attention(*inputs, window, heads, dim, attention).asnumpy()
                 assert got.shape == want.shape == (rows, length, heads * dim)
                 assert max_abs_diff(got, want) <= 1e-5, (frames, length, counts)
+                # given q, k, v as (rows x frames, H * D) rows (the whole DiT's graph), the same rows
+                flat = [x.reshape(-1, x.shape[-1]) for x in inputs[:3]] + list(inputs[3:])
+                as_rows = rotary_window_attention(*flat, window, heads, dim, attention).asnumpy()
+                np.testing.assert_array_equal(as_rows, got.reshape(-1, heads * dim))
 
 
 def test_window_attention_inside_a_compiled_graph(attention):
@@ -227,7 +231,8 @@ def dit_kernels():
 @pytest.mark.parametrize("rows, shared", [(1, False), (2, True), (4, False)])
 def test_modulated_norm_and_gated_residual_equal_the_ops(dit_kernels, rows, shared):
     """Rows of a batch with their own modulation, or the two halves of a guided row sharing one;
-    frame counts 1 to past a block, the tiny DiT's width and the released one's."""
+    frame counts 1 to past a block, the tiny DiT's width and the released one's; the kernels given
+    the frames as (rows x frames, D) rows (the whole DiT's graph) give the same rows."""
     for frames in (1, 7, 62):
         for dim in (32, 1024):
             x = Tensor((rng.standard_normal((rows, frames, dim)) * 3 + rng.uniform(-50, 50)).astype(np.float32))
@@ -235,12 +240,17 @@ def test_modulated_norm_and_gated_residual_equal_the_ops(dit_kernels, rows, shar
             scale, shift, gate = (Tensor(rng.standard_normal((1 if shared else rows, dim)).astype(np.float32))
                                   for _ in range(3))
             bias = Tensor(rng.standard_normal(dim).astype(np.float32))
+            x_rows, y_rows = x.reshape(-1, dim), y.reshape(-1, dim)
             want = modulated_norm(x, scale, shift).asnumpy()
             got = modulated_norm(x, scale, shift, dit_kernels.modulated_norm).asnumpy()
             assert got.shape == want.shape and max_abs_diff(got, want) <= 1e-5 * max(1, np.abs(want).max())
+            as_rows = modulated_norm(x_rows, scale, shift, dit_kernels.modulated_norm).asnumpy()
+            np.testing.assert_array_equal(as_rows, got.reshape(-1, dim))
             want = gated_residual(x, gate, y, bias).asnumpy()
             got = gated_residual(x, gate, y, bias, dit_kernels.gated_residual).asnumpy()
             assert got.shape == want.shape and max_abs_diff(got, want) <= 1e-5 * max(1, np.abs(want).max())
+            as_rows = gated_residual(x_rows, gate, y_rows, bias, dit_kernels.gated_residual).asnumpy()
+            np.testing.assert_array_equal(as_rows, got.reshape(-1, dim))
 
 
 def test_gelu_tanh_equals_the_ops(dit_kernels):
