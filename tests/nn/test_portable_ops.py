@@ -181,3 +181,20 @@ def test_activations_by_config_name_match_transformers(name):
 
     want = ACT2FN[name](torch.tensor(X)).numpy()
     np.testing.assert_allclose(P.activation(name)(Tensor(X)).asnumpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [ms.float32, ms.float16], ids=str)
+def test_an_embeddings_host_lookup_is_its_gather(dtype):
+    """Embedding.lookup (host ids, outside a graph: a prompt's, the Talker's) gives what the cell
+    gives, to the bit, for ids of any shape; an id outside the table is refused by name."""
+    from mindone_ext.nn.layers import Embedding
+
+    table = Embedding(50, 8, dtype)
+    table.weight.set_data(Tensor(np.random.default_rng(0).standard_normal((50, 8)), dtype))
+    for ids in (np.array([[3, 0, 49, 3]]), np.array([7]), np.arange(50).reshape(5, 10), np.zeros((1, 0), np.int64)):
+        got, want = table.lookup(ids), table(Tensor(ids, ms.int32))
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.asnumpy(), want.asnumpy())
+    for bad in ([50], [-1]):
+        with pytest.raises(ValueError, match="token ids must lie in 0..49"):
+            table.lookup(np.array([bad]))

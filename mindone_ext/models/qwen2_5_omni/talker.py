@@ -25,7 +25,7 @@ class Qwen2_5OmniTalkerForConditionalGeneration(nn.Cell):
         self.text_pad_token = config.tts_text_pad_token_id
 
     def codec_embedding(self, ids):
-        return self.model.embed_tokens(Tensor(ids, ms.int32))
+        return self.model.embed_tokens.lookup(ids)
 
     def construct(self, inputs_embeds, position_ids, attention_mask):
         """Full-sequence forward on thinker-space embeddings (B, T, embedding_size); returns

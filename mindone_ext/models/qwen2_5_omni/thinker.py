@@ -140,7 +140,7 @@ class Qwen2_5OmniThinkerForConditionalGeneration(nn.Cell):
         return self.model.embed_tokens
 
     def embed(self, input_ids):
-        return self.model.embed_tokens(Tensor(as_numpy(input_ids, np.int32)))
+        return self.model.embed_tokens.lookup(as_numpy(input_ids, np.int32))
 
     # ------------------------------------------------------------------ encoders
 
