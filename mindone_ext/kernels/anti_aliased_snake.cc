@@ -7,13 +7,26 @@
 // Rows are laid out (B, C, n) or (B, C, 1, n) (the vocoder's convolutions run over a height of 1).
 // Variants fold in what BigVGAN's residual units do around an activation, each one kernel instead
 // of two or three: the bias of the convolution before it, and the residual sum x + y + bias that
-// feeds the next unit's activation.
+// feeds the next unit's activation; and the convolution after an activation, fused with it
+// (ActivatedConvolution and its variants: the activation never becomes a graph tensor).
+//
+// The convolutions ("same" padded, BigVGAN's residual units' and last one) run as blocks of their
+// unrolled input, each one oneDNN sgemm call (the library linear.cc calls; this file is built
+// against it). MindSpore's CPU convolution unrolls its whole input (K copies of each input row)
+// into a buffer it keeps for the graph's life: the tiny vocoder's convolutions made most of its
+// graph's ~100 MB of page faults at its first call in a process. Here a block of output samples at
+// a time is unrolled into a small buffer of the thread's, reused by the next block and call.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "parallel.h"
+#include "tensors.h"
+
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                          int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
 namespace {
 
@@ -77,6 +90,9 @@ inline void residual_row(const float *x, const float *y, float shift, int64_t n,
 }
 
 const int64_t SAMPLES_PER_THREAD = 1 << 15;  // below this a thread costs more than it saves
+// An activation fused with its convolution is written to a buffer of the calling thread's, kept for
+// its next call up to this many values (16 MB: the tiny vocoder's widest at 256 frames is 4 MB).
+const size_t KEPT_ACTIVATION = 1 << 22;
 
 // The rows of a (B, C, n) or (B, C, 1, n) input, or false for another shape.
 bool row_layout(int ndims, const int64_t *shape, int64_t *channels, int64_t *n, int64_t *rows) {
@@ -115,6 +131,75 @@ void activate(const float *x, const float *y, const float *bias, float *sum, con
     }
   };
   native::parallel_ranges(rows, rows * v, SAMPLES_PER_THREAD, run);
+}
+
+// Output samples per block: the unrolled block (input rows x taps x samples) near 128 KB, 128 to
+// 512 samples (measured at the tiny vocoder's shapes, 3840 samples: 64 channels x 7 taps fastest
+// at 128, 16 x 7 at 256, 2 x 7 at 512).
+int64_t block_for(int64_t depth) {
+  int64_t block = 128;
+  while (block < 512 && 2 * block * depth <= 32768) block *= 2;
+  return block;
+}
+
+// out (B, C_out, n) = the "same"-padded convolution of x (B, C_in, n) by weight (C_out, C_in, K):
+// per block of output samples, the block's input rows, each shifted by each tap, as rows of the
+// unrolled buffer (in the weight's (C_in, K) order, zeros past either end), then out[:, block] =
+// weight (C_out, C_in * K) x buffer (C_in * K, samples). Returns sgemm's failure, 0 for none.
+int same_convolution(const float *x, int64_t batch, int64_t inputs, int64_t n, const float *weight, int64_t outputs,
+                     int64_t taps, int64_t dilation, float *out) {
+  const int64_t pad = dilation * (taps - 1) / 2;
+  const int64_t depth = inputs * taps, block = block_for(depth), blocks = (n + block - 1) / block;
+  std::vector<int> status(batch * blocks, 0);
+  auto run = [&](int64_t first, int64_t last) {
+    thread_local std::vector<float> unrolled;
+    unrolled.resize(depth * block);
+    for (int64_t unit = first; unit < last; ++unit) {
+      const int64_t b = unit / blocks, start = unit % blocks * block, width = std::min(block, n - start);
+      for (int64_t i = 0; i < inputs; ++i) {
+        const float *row = x + (b * inputs + i) * n;
+        for (int64_t t = 0; t < taps; ++t) {
+          // to[j] = row[start + j + shift], zero where that lies outside 0..n-1
+          const int64_t shift = start + t * dilation - pad;
+          const int64_t lo = std::min(width, std::max<int64_t>(0, -shift));
+          const int64_t hi = std::max(lo, std::min(width, n - shift));
+          float *to = unrolled.data() + (i * taps + t) * width;
+          std::fill(to, to + lo, 0.f);
+          if (hi > lo) std::memcpy(to + lo, row + shift + lo, (hi - lo) * sizeof(float));
+          std::fill(to + hi, to + width, 0.f);
+        }
+      }
+      status[unit] = dnnl_sgemm('N', 'N', outputs, width, depth, 1.f, weight, depth, unrolled.data(), width, 0.f,
+                                out + b * outputs * n + start, n);
+    }
+  };
+  native::parallel_ranges(batch * blocks, batch * outputs * n * depth, 1 << 16, run);
+  return std::any_of(status.begin(), status.end(), [](int s) { return s != 0; }) ? 1 : 0;
+}
+
+// A convolution's weight, (C_out, C_in, 1, K) or (C_out, C_in, K), for x's rows, and its dilation:
+// false unless it takes x's channels and its padding is the same on both sides.
+bool convolution_shape(int64_t channels, int ndims, const int64_t *shape, int64_t dilation) {
+  return (ndims == 3 || (ndims == 4 && shape[2] == 1)) && shape[1] == channels &&
+         dilation * (shape[ndims - 1] - 1) % 2 == 0;
+}
+
+// The activation of x's rows ([y and] bias as `activate` takes them) into the calling thread's
+// buffer, then the convolution of that into out.
+int activated_convolution(const float *x, const float *y, const float *bias, float *sum, const void *valid,
+                          void **activation, int64_t batch, int64_t channels, int64_t n, void **convolution,
+                          int *ndims, int64_t **shapes, int weight_at, float *out) {
+  const int64_t dilation = *static_cast<const int32_t *>(convolution[1]);
+  if (!convolution_shape(channels, ndims[weight_at], shapes[weight_at], dilation)) return 1;
+  thread_local std::vector<float> activated;
+  activated.resize(batch * channels * n);
+  activate(x, y, bias, sum, valid, static_cast<const float *>(activation[0]), static_cast<const float *>(activation[1]),
+           static_cast<const float *>(activation[2]), activated.data(), channels, n, batch * channels);
+  const int64_t *weight = shapes[weight_at];
+  const int failed = same_convolution(activated.data(), batch, channels, n, static_cast<const float *>(convolution[0]),
+                                      weight[0], weight[ndims[weight_at] - 1], dilation, out);
+  if (activated.size() > KEPT_ACTIVATION) std::vector<float>().swap(activated);  // a long row's: not kept
+  return failed;
 }
 
 }  // namespace
@@ -164,4 +249,48 @@ extern "C" int BiasedResidual(int nparam, void **params, int *ndims, int64_t **s
   // one thread: a sum is too little work per sample for a thread to pay for itself
   for (int64_t r = 0; r < rows; ++r) residual_row(x + r * n, y + r * n, bias[r % channels], n, out + r * n);
   return 0;
+}
+
+// SameConvolution: x (B, C_in, 1, L), weight (C_out, C_in, [1,] K), dilation (1,) int32 -> (B, C_out,
+// 1, L), torch's conv1d with stride 1, no bias and "same" zero padding, dilation * (K - 1) / 2 on
+// each side.
+extern "C" int SameConvolution(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 4 || ndims[0] != 4 || !native::float32(dtypes, 2)) return 1;
+  const int64_t dilation = *static_cast<const int32_t *>(params[2]);
+  if (!convolution_shape(shapes[0][1], ndims[1], shapes[1], dilation)) return 1;
+  return same_convolution(static_cast<const float *>(params[0]), shapes[0][0], shapes[0][1], shapes[0][3],
+                          static_cast<const float *>(params[1]), shapes[1][0], shapes[1][ndims[1] - 1], dilation,
+                          static_cast<float *>(params[3]));
+}
+
+// ActivatedConvolution: x (B, C, 1, n), valid, alpha, beta, taps, weight (C_out, C, [1,] K), dilation ->
+// the convolution of x's activation, (B, C_out, 1, n).
+extern "C" int ActivatedConvolution(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  if (nparam != 8 || ndims[0] != 4 || shapes[0][2] != 1) return 1;
+  return activated_convolution(static_cast<const float *>(params[0]), nullptr, nullptr, nullptr, params[1], params + 2,
+                               shapes[0][0], shapes[0][1], shapes[0][3], params + 5, ndims, shapes, 5,
+                               static_cast<float *>(params[7]));
+}
+
+// BiasedActivatedConvolution: x, bias (C,), valid, alpha, beta, taps, weight, dilation -> the
+// convolution of the activation of x + bias.
+extern "C" int BiasedActivatedConvolution(int nparam, void **params, int *ndims, int64_t **shapes,
+                                          const char **dtypes, void *stream, void *extra) {
+  if (nparam != 9 || ndims[0] != 4 || shapes[0][2] != 1) return 1;
+  return activated_convolution(static_cast<const float *>(params[0]), nullptr, static_cast<const float *>(params[1]),
+                               nullptr, params[2], params + 3, shapes[0][0], shapes[0][1], shapes[0][3], params + 6,
+                               ndims, shapes, 6, static_cast<float *>(params[8]));
+}
+
+// ResidualActivatedConvolution: x, y, bias (C,), valid, alpha, beta, taps, weight, dilation ->
+// (x + y + bias, the convolution of its activation).
+extern "C" int ResidualActivatedConvolution(int nparam, void **params, int *ndims, int64_t **shapes,
+                                            const char **dtypes, void *stream, void *extra) {
+  if (nparam != 11 || ndims[0] != 4 || shapes[0][2] != 1 || ndims[1] != 4) return 1;
+  return activated_convolution(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                               static_cast<const float *>(params[2]), static_cast<float *>(params[9]), params[3],
+                               params + 4, shapes[0][0], shapes[0][1], shapes[0][3], params + 7, ndims, shapes, 7,
+                               static_cast<float *>(params[10]));
 }

@@ -22,6 +22,7 @@ a compiled graph of the tiny checkpoint's vocoder has ~220 kernels instead of 47
 first call in a process costs about in proportion to its kernels (building them). Convolutions
 of up to `NATIVE_CONVOLUTION_CHANNELS` channels run natively too."""
 import math
+import os
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
@@ -33,7 +34,7 @@ from ...nn import native_linear, ops as P
 from ...nn.layers import Conv1d, empty_parameter
 from ...utils import native_kernels
 
-KERNEL_SOURCE = native_kernels.source("anti_aliased_snake.cc")
+KERNEL_SOURCE = native_kernels.source("anti_aliased_snake.cc")  # built against MindSpore's oneDNN
 
 
 def kaiser_sinc_filter(cutoff, half_width, kernel_size):
@@ -52,26 +53,30 @@ def kaiser_sinc_filter(cutoff, half_width, kernel_size):
     return (taps / taps.sum()).astype(np.float32)
 
 
-# Same-padded convolutions of at most this many input channels run as the native SameConvolution
-# (kernels/convolution.cc; every one of the tiny vocoder's, none of the released one's): MindSpore's
+# Same-padded convolutions of at most this many input channels run natively (SameConvolution, or
+# fused with the activation before them; kernels/anti_aliased_snake.cc; every one of the tiny
+# vocoder's, the released one's last two stages' and its last one): MindSpore's
 # convolution keeps an unrolled copy of its input for the graph's life, and the native one, blocks
 # of that unrolled through oneDNN's sgemm, is as fast up to here (ms a call over 3840 samples,
 # native / MindSpore in a compiled graph: 32 channels x 7 taps 0.62 / 1.05, 64 x 7 1.69 / 1.75, 64 x
 # 11 taps dilated 5 2.50 / 2.28; wider, MindSpore's is faster: 128 x 7 4.9 / 4.3, 512 x 3 over 960
 # 8.7 / 6.5).
 NATIVE_CONVOLUTION_CHANNELS = 64
-CONVOLUTION_SOURCE = "convolution.cc"
 
 
 class SnakeKernels(NamedTuple):
     """The native kernels of the vocoder (float32, CPU): the activation alone; of x + bias; and
     of a residual sum x + y + bias, which it also returns; the residual sum alone; a "same"-padded
-    convolution (see Conv1d.apply_rows; None without oneDNN)."""
+    convolution (see Conv1d.apply_rows); and that convolution of the activation, of the biased
+    one, and of the residual one (which also returns the sum): the activation stays in the kernel."""
     activation: Any
     biased: Any
     residual: Any
     biased_residual: Any
     same_convolution: Any
+    activated_convolution: Any
+    biased_activated_convolution: Any
+    residual_activated_convolution: Any
 
 
 def _pair(first, *_):
@@ -82,21 +87,31 @@ def _convolved(x, weight, *_):
     return [x[0], weight[0], 1, x[3]]
 
 
+def _activated_convolved(x, *inputs):
+    return _convolved(x, inputs[-2])
+
+
+def _residual_convolved(x, *inputs):
+    return [x, _convolved(x, inputs[-2])]
+
+
+def vocoder_library():
+    """The path of the built kernels/anti_aliased_snake.cc, or None (MindSpore ops)."""
+    return native_linear.onednn_library(os.path.basename(KERNEL_SOURCE))
+
+
 @lru_cache(maxsize=None)
 def snake_kernels(path):
-    """The kernels of the built activation library at `path` and of the convolution's, or None
-    (no library: MindSpore ops)."""
+    """The kernels of the built library at `path` (`vocoder_library()`), or None (no library:
+    MindSpore ops)."""
     if path is None:
         return None
     op = partial(native_kernels.custom_op, path)
     return SnakeKernels(op("AntiAliasedSnake"), op("BiasedAntiAliasedSnake"),
                         op("ResidualAntiAliasedSnake", _pair, _pair), op("BiasedResidual"),
-                        native_kernels.custom_op(convolution_library(), "SameConvolution", _convolved))
-
-
-def convolution_library():
-    """The path of the built convolution library (against MindSpore's oneDNN), or None."""
-    return native_linear.onednn_library(CONVOLUTION_SOURCE)
+                        op("SameConvolution", _convolved), op("ActivatedConvolution", _activated_convolved),
+                        op("BiasedActivatedConvolution", _activated_convolved),
+                        op("ResidualActivatedConvolution", _residual_convolved, _pair))
 
 
 def narrow_convolution(kernels, channels):
@@ -210,10 +225,14 @@ class AMPBlock(nn.Cell):
                                          for _ in range(2 * len(dilations))])
         self.weight_count = 8 * len(dilations)
         # `apply_rows`'s kernels, each a cell attribute (what a compiled graph can read)
-        kernels = snake_kernels(native if dtype == ms.float32 else None)
-        self.snake, self.biased_snake, self.residual_snake, self.biased_residual, _ = \
-            kernels or SnakeKernels(None, None, None, None, None)
+        kernels = snake_kernels(native if dtype == ms.float32 else None) or SnakeKernels(*[None] * 8)
+        self.snake, self.biased_snake, self.residual_snake, self.biased_residual = kernels[:4]
         self.convolution = narrow_convolution(kernels, channels)
+        # with the native convolution, each runs fused with the activation before it
+        fused = kernels[5:] if self.convolution is not None else (None, None, None)
+        self.activated_convolution, self.biased_activated_convolution, self.residual_activated_convolution = fused
+        self.dilations = tuple(Tensor(np.array([conv.dilation], np.int32)) for conv in self.convs1)
+        self.second_dilation = Tensor(np.array([1], np.int32))
 
     def weights(self):
         """Per dilation: the first activation's 2, the first conv's 2, the second's 2 and 2."""
@@ -238,8 +257,11 @@ class AMPBlock(nn.Cell):
         """`apply` on rows laid out (B, C, 1, n), through the native kernels (SnakeKernels):
         per dilation the convolutions run without their biases, which the kernels after them add
         (the first's before the second activation; the second's with the residual sum, which also
-        feeds the next dilation's first activation): 6 graph kernels a dilation instead of ~13."""
+        feeds the next dilation's first activation): 4 graph kernels a dilation instead of ~13, 2
+        with the native convolution (each fused with the activation before it)."""
         taps, valid, last = self.activations[0].taps, whole_row(x, valid), len(self.convs1) - 1
+        if self.activated_convolution is not None:
+            return self._fused_rows(x, valid, weights, taps)
         h = self.snake(x, valid, weights[0], weights[1], taps)
         for i in range(last + 1):
             _, _, w1, c1, a2, b2, w2, c2 = weights[8 * i:8 * i + 8]
@@ -250,6 +272,20 @@ class AMPBlock(nn.Cell):
             else:
                 x = self.biased_residual(x, h, c2)
         return x
+
+    def _fused_rows(self, x, valid, weights, taps):
+        """`apply_rows` with each convolution fused with the activation before it: per unit, the
+        first convolution of the activation of x (after the first unit: of the last unit's residual
+        sum, with its second convolution's bias), the second of the activation of h + bias."""
+        second = self.second_dilation
+        h = self.activated_convolution(x, valid, weights[0], weights[1], taps, weights[2], self.dilations[0])
+        h = self.biased_activated_convolution(h, weights[3], valid, weights[4], weights[5], taps, weights[6], second)
+        for i in range(1, len(self.dilations)):
+            a1, b1, w1, c1, a2, b2, w2, _ = weights[8 * i:8 * i + 8]
+            x, h = self.residual_activated_convolution(x, h, weights[8 * i - 1], valid, a1, b1, taps, w1,
+                                                       self.dilations[i])
+            h = self.biased_activated_convolution(h, c1, valid, a2, b2, taps, w2, second)
+        return self.biased_residual(x, h, weights[-1])
 
 
 class TransposedConv1d(nn.Cell):
@@ -278,13 +314,12 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
         self.upsample_rates = tuple(config.upsample_rates)
         self.hop = int(np.prod(self.upsample_rates))  # samples per mel frame
         # the activations' C++ kernel on the CPU, for float32 (None: MindSpore ops)
-        self.native = native_kernels.library(KERNEL_SOURCE) if dtype == ms.float32 else None
+        self.native = vocoder_library() if dtype == ms.float32 else None
         self.kernels = snake_kernels(self.native)  # None: the ops, rows (B, C, n)
         # what a compiled graph of this vocoder depends on besides its inputs' shapes
         self.structure = (config.mel_dim, c0, tuple(config.resblock_kernel_sizes),
                           tuple(map(tuple, config.resblock_dilation_sizes)), self.upsample_rates,
-                          tuple(config.upsample_kernel_sizes), self.native,
-                          self.native and convolution_library())
+                          tuple(config.upsample_kernel_sizes), self.native)
         self.conv_pre = Conv1d(config.mel_dim, c0, 7, 1, 3, dtype=dtype)
         self.ups = nn.CellList([
             nn.CellList([TransposedConv1d(c0 // 2**i, c0 // 2**(i + 1), k, s, (k - s) // 2, dtype)])

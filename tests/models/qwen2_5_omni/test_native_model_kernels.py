@@ -13,8 +13,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_ext.models.qwen2_5_omni.bigvgan import (KERNEL_SOURCE, NATIVE_CONVOLUTION_CHANNELS, AntiAliasedActivation,
-                                                     narrow_convolution, snake_kernels)
+from mindone_ext.models.qwen2_5_omni.bigvgan import (NATIVE_CONVOLUTION_CHANNELS, AntiAliasedActivation,
+                                                     narrow_convolution, snake_kernels, vocoder_library)
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
                                                  gated_residual, gelu_tanh, modulated_norm, rotary_window_attention,
                                                  rotation_tables)
@@ -31,7 +31,7 @@ rng = np.random.default_rng(5)
 @pytest.fixture(scope="module")
 def activations():
     """(native, ops): the same activation with the same weights, through the kernel and through ops."""
-    library = native_kernels.library(KERNEL_SOURCE)
+    library = vocoder_library()
     assert library is not None, "this machine builds the native kernel (CI installs g++)"
     native, plain = AntiAliasedActivation(CHANNELS, ms.float32, library), AntiAliasedActivation(CHANNELS, ms.float32)
     assert native.fused is not None and plain.fused is None
@@ -113,7 +113,7 @@ def test_same_convolution_at_every_length_near_the_padding_and_block_edges(input
     through test_speech.py): rows shorter than the padding (every output sums fewer taps), every
     length around twice the padding, and around each block width the kernel may take (128, 256
     or 512 samples, by the unrolled rows); 2 rows a batch."""
-    same = snake_kernels(native_kernels.library(KERNEL_SOURCE)).same_convolution
+    same = snake_kernels(vocoder_library()).same_convolution
     assert same is not None, "this machine builds the native convolution (MindSpore ships oneDNN)"
     pad = dilation * (taps - 1) // 2
     layer = Conv1d(inputs, outputs, taps, 1, pad, dilation)
@@ -135,8 +135,34 @@ def test_same_convolution_at_every_length_near_the_padding_and_block_edges(input
     np.testing.assert_array_equal(compiled(x, weight).asnumpy(), layer.apply_rows(x, weight, same=same).asnumpy())
 
 
+@pytest.mark.parametrize("channels, outputs, taps, dilation", [(3, 3, 3, 3), (32, 32, 7, 1), (16, 5, 11, 5)])
+def test_a_convolution_fused_with_its_activation_is_the_two_kernels_in_turn(channels, outputs, taps, dilation):
+    """ActivatedConvolution, its biased and residual forms: the activation (of x, x + bias, x + y +
+    bias) kept inside the kernel, then the convolution, equal to AntiAliasedSnake's (or its
+    variant's) output through SameConvolution, to the bit; lengths around the convolution's block
+    widths, the real samples fewer than the row's and all of it; 2 rows a batch."""
+    k = snake_kernels(vocoder_library())
+    weight = Tensor(rng.standard_normal((outputs, channels, 1, taps)).astype(np.float32))
+    alpha, beta, bias = (Tensor(rng.uniform(-1, 1, channels).astype(np.float32)) for _ in range(3))
+    taps_filter, d = AntiAliasedActivation(channels, ms.float32).taps, Tensor(np.array([dilation], np.int32))
+    for n in (5, 127, 128, 129, 300, 513):
+        for real in sorted({n, max(1, n - 7)}):
+            x, y = (Tensor(rng.standard_normal((2, channels, 1, n)).astype(np.float32)) for _ in range(2))
+            valid = Tensor(np.array(real, np.int32))
+            want = k.same_convolution(k.activation(x, valid, alpha, beta, taps_filter), weight, d).asnumpy()
+            got = k.activated_convolution(x, valid, alpha, beta, taps_filter, weight, d).asnumpy()
+            np.testing.assert_array_equal(got, want)
+            want = k.same_convolution(k.biased(x, bias, valid, alpha, beta, taps_filter), weight, d).asnumpy()
+            got = k.biased_activated_convolution(x, bias, valid, alpha, beta, taps_filter, weight, d).asnumpy()
+            np.testing.assert_array_equal(got, want)
+            total, activated = k.residual(x, y, bias, valid, alpha, beta, taps_filter)
+            got_total, got = k.residual_activated_convolution(x, y, bias, valid, alpha, beta, taps_filter, weight, d)
+            np.testing.assert_array_equal(got_total.asnumpy(), total.asnumpy())
+            np.testing.assert_array_equal(got.asnumpy(), k.same_convolution(activated, weight, d).asnumpy())
+
+
 def test_only_narrow_same_padded_convolutions_run_natively():
-    kernels = snake_kernels(native_kernels.library(KERNEL_SOURCE))
+    kernels = snake_kernels(vocoder_library())
     assert narrow_convolution(kernels, NATIVE_CONVOLUTION_CHANNELS) is kernels.same_convolution
     assert narrow_convolution(kernels, NATIVE_CONVOLUTION_CHANNELS + 1) is None
     assert narrow_convolution(None, 2) is None
@@ -152,7 +178,7 @@ def test_bias_and_residual_variants_are_the_activation_of_their_sums(activations
     (which the tests above hold to the ops and the reference), past `valid` too, in both layouts."""
     native, _, alpha, beta = activations
     # each kernel by itself: a compiled graph cannot read a named tuple's fields
-    _, biased, residual, biased_residual, _ = snake_kernels(native_kernels.library(KERNEL_SOURCE))
+    _, biased, residual, biased_residual = snake_kernels(vocoder_library())[:4]
     taps = native.taps
     for n, valid in [(6, 5), (9, 5), (40, 40), (241, 238)]:
         x, y = ((rng.standard_normal((2, CHANNELS, n)) * 2).astype(np.float32) for _ in range(2))
