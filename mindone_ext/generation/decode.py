@@ -156,12 +156,12 @@ class CompiledDecoder:
                 hidden = decoder_layer(hidden, cos, sin, mask, weights[bounds[n]:bounds[n + 1]], layer_kinds[n], past,
                                        where, kernels)
             hidden = rms_norm(hidden, weights[bounds[-1]], eps, kernels.rms_norm)
-            rows_of = hidden if hidden.ndim == 2 else hidden.reshape(-1, hidden.shape[-1])
+            flat = hidden if hidden.ndim == 2 else hidden.reshape(-1, hidden.shape[-1])
             # each row's last token (flat indices: rows of a batch end at different tokens) -> logits
             # (B, V), as rows (CPU's StridedSlice copied the Talker's 8448 logits in 0.3 ms a step)
-            last = ops.gather(rows_of, last_index, 0)
-            logits = project(last, weights[bounds[-1] + 1:], head_kind).astype(ms.float32)
-            hidden = hidden.reshape(embeds.shape[:2] + (-1,))
+            logits = project(ops.gather(flat, last_index, 0), weights[bounds[-1] + 1:], head_kind).astype(ms.float32)
+            if hidden.ndim == 2:
+                hidden = hidden.reshape(embeds.shape[:2] + (-1,))
             return (logits, hidden) if looked_up is None else (logits, hidden, embeds)
 
         return step

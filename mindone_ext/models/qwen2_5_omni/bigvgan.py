@@ -257,8 +257,8 @@ class AMPBlock(nn.Cell):
         """`apply` on rows laid out (B, C, 1, n), through the native kernels (SnakeKernels):
         per dilation the convolutions run without their biases, which the kernels after them add
         (the first's before the second activation; the second's with the residual sum, which also
-        feeds the next dilation's first activation): 4 graph kernels a dilation instead of ~13, 2
-        with the native convolution (each fused with the activation before it)."""
+        feeds the next dilation's first activation): 6 graph kernels a dilation instead of ~13; 2
+        with the native convolution, each fused with the activation before it (`_fused_rows`)."""
         taps, valid, last = self.activations[0].taps, whole_row(x, valid), len(self.convs1) - 1
         if self.activated_convolution is not None:
             return self._fused_rows(x, valid, weights, taps)
