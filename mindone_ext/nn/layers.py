@@ -51,8 +51,7 @@ class Conv1d(nn.Cell):
             raise ValueError(f"apply_rows takes stride 1 and groups 1, this layer has {self.stride} and {self.groups}")
         if same is None:
             out = P.cpu_conv_rows(x, weight, self.padding, self.dilation)
-        elif 2 * self.padding == self.dilation * (weight.shape[-1] - 1):
-            weight = weight if weight.ndim == 4 else weight.expand_dims(2)
+        elif 2 * self.padding == self.dilation * (weight.shape[-1] - 1):  # (the kernel takes (A, B, [1,] K))
             out = same(x, weight, Tensor(np.array([self.dilation], np.int32)))
         else:
             raise ValueError(f"a native same-padded convolution takes padding dilation * (K - 1) / 2, this layer has "
