@@ -16,7 +16,12 @@ Prints a JSON line per engine: answered / busy refusals / hung / mismatched turn
 (answers per minute and codec tokens per second under load: audio seconds x 50 / wall time), p50
 and p95 of the time from "end" to the first audio chunk under load and alone, and the server's
 memory before and after; then a summary line with the batched engine's ratios (first audio under
-load vs alone, throughput vs the interleaved engine). The compiled graphs the server holds are
+load vs alone, throughput vs the interleaved engine) and the throughput ratio's ceiling on this
+machine: the interleaved engine's wall time per answer over the batched engine's Token2Wav seconds
+per answer (its ODE and vocoder batches: compute-bound on a CPU, a batch of 16 ODE windows costs
+~6x one window), the ratio the batched engine would reach if all its other work cost nothing and
+its Token2Wav batches stayed as this load made them. Each engine's line holds where its model thread's time went under the load (the
+server's `busy_seconds`, per answer). The compiled graphs the server holds are
 reported with the memory (a round that met a new shape compiled a graph, which stays allocated:
 memory that grows in a round that compiled nothing is a leak). Exits 1 when a turn hung or mismatched, or a
 server kept state.
@@ -124,7 +129,8 @@ async def run(server, args, engine):
                            for i in range(min(args.max_active, args.clients))))
     references = [await client(server.ws_url, s, args.turns, settings, args, stats) for s in range(args.scripts)]
     alone = [first for answers in references for _, _, first in answers if first is not None]
-    graphs_before = (await settle(server.url))["graphs"]
+    before = await settle(server.url)
+    graphs_before = before["graphs"]
     rss_before = server.rss_mb()
     start = time.perf_counter()
     results, rss_after, graphs_after = [], [], []
@@ -137,6 +143,8 @@ async def run(server, args, engine):
     wall = time.perf_counter() - start
     under_load = [first for answers in results for _, _, first in answers if first is not None]
     answered = sum(len(a) for a in results)
+    busy_ms = {kind: round(1000 * (after["busy_seconds"][kind] - seconds) / max(answered, 1), 1)
+               for kind, seconds in before["busy_seconds"].items()}
     codec_tokens = sum(len(audio) for answers in results for _, audio, _ in answers) / SAMPLES_PER_CODEC_TOKEN
     return {"bench": "serve_load", "impl": "mindone_ext", "engine": engine, "clients": args.clients,
             "turns": args.turns, "max_active": args.max_active, "max_queue": args.max_queue,
@@ -145,7 +153,8 @@ async def run(server, args, engine):
             "refused": stats["refused"], "hung": stats["hung"], "mismatched": stats["mismatched"],
             "first_audio_p50_s": percentile(under_load, 50), "first_audio_p95_s": percentile(under_load, 95),
             "alone_first_audio_p50_s": percentile(alone, 50), "alone_first_audio_p95_s": percentile(alone, 95),
-            "rounds": args.rounds, "wall_s": round(wall, 1), "rss_before_mb": round(rss_before, 1),
+            "busy_ms_per_answer": busy_ms, "rounds": args.rounds, "wall_s": round(wall, 1),
+            "rss_before_mb": round(rss_before, 1),
             "rss_after_mb": rss_after, "graphs_before": graphs_before, "graphs_after": graphs_after,
             "sessions_after": after["sessions"], "caches_after": after["caches"]}
 
@@ -180,7 +189,9 @@ def main():
                           "ratio_first_audio_p50_load_vs_alone": ratio(batched["first_audio_p50_s"],
                                                                        batched["alone_first_audio_p50_s"]),
                           "ratio_throughput_batched_vs_interleaved": ratio(batched["codec_tokens_per_s"],
-                                                                           interleaved["codec_tokens_per_s"])}),
+                                                                           interleaved["codec_tokens_per_s"]),
+                          "ratio_throughput_ceiling": ratio(60000 / interleaved["answers_per_min"],
+                                                            batched["busy_ms_per_answer"]["token2wav"])}),
               flush=True)
     failed = any(r["hung"] or r["mismatched"] or r["sessions_after"] or r["caches_after"] for r in results.values())
     sys.exit(1 if failed else 0)

@@ -1,7 +1,7 @@
 """The aiohttp application: the browser page, the voice WebSocket, OpenAI-style chat completions.
 
     GET  /                     the voice-chat page (static/)
-    GET  /health               {"status", "sessions", "active", "queued", "caches", "cache_mb", "graphs"}
+    GET  /health               {"status", "sessions", "active", "queued", "caches", "cache_mb", "graphs", "busy_seconds"}
     GET  /health/live          200, or 503 when the model's thread is gone or stuck (for a load balancer)
     GET  /v1/models            the one model, OpenAI-style (and /v1/models/{id})
     GET  /v1/voice             WebSocket: the voice conversation (docs/voice_service.md)
@@ -175,8 +175,9 @@ async def _page(request):
 async def _health(request):
     state, engine = request.app[STATE], request.app[ENGINE]
     caches, cache_mb = await engine.call(_caches_in_use, state["model"])
+    busy = {kind: round(seconds, 3) for kind, seconds in engine.busy_seconds.items()}
     return web.json_response({"status": "ok", "sessions": state["sessions"], **engine.load(), "caches": caches,
-                              "cache_mb": cache_mb, "graphs": StoredGraph.held})
+                              "cache_mb": cache_mb, "graphs": StoredGraph.held, "busy_seconds": busy})
 
 
 async def _live(request):

@@ -29,6 +29,7 @@ larger batches.
 """
 import asyncio
 import collections
+import contextlib
 import ctypes
 import logging
 import threading
@@ -44,6 +45,12 @@ from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
 # turns' tokens prefilled between two rounds of answers (at least one pass): one batched step's worth
 PREFILL_BUDGET = ROWS_TOGETHER * PREFILL_CHUNK
+# what the model thread's time is counted under (Engine.busy_seconds, GET /health): short calls
+# (opening a session, ...), prefills (turns', answers' prompts and endings, media encoded), the
+# batched engine's decode rounds (steps and the answers' work between them) and Token2Wav's batches,
+# the interleaved engine's answers (each event of one answer: its steps and its speech together;
+# with the batched engine, an answer's start)
+BUSY_KINDS = ("calls", "prefills", "decode", "token2wav", "answers")
 log = logging.getLogger(__name__)
 
 
@@ -116,6 +123,8 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.busy_since = None  # when the model thread began what it is doing (None: waiting for work)
+        self.busy_seconds = dict.fromkeys(BUSY_KINDS, 0.0)  # its keys never change: read from any thread
+        self._timing = False  # a block of the model thread is being counted (see _timed)
         self.thread = threading.Thread(target=self._run, name="model", daemon=True)
         self.thread.start()
 
@@ -214,7 +223,8 @@ class Engine:
                     continue
                 self.busy_since = time.monotonic()
                 try:
-                    result, error = fn(*args), None
+                    with self._timed("calls"):
+                        result, error = fn(*args), None
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
@@ -250,12 +260,29 @@ class Engine:
             if generation.answer is not None and not generation.done:
                 together.append(generation)
             elif not generation.joining:  # (an answer whose prompt is prefilling waits for it)
-                self._step(generation)
+                with self._timed("answers"):
+                    self._step(generation)
         if together:
-            self._decode_together(together)
-            self._synthesise_together(self._first_audio_first([g for g in together if not g.done and not g.answer.done
-                                                               and g.answer.wave is not None]))
+            with self._timed("decode"):
+                self._decode_together(together)
+            with self._timed("token2wav"):
+                self._synthesise_together(self._first_audio_first([g for g in together if not g.done
+                                                                   and not g.answer.done and g.answer.wave is not None]))
             self._finish_together([g for g in together if not g.done and g.answer.done])
+
+    @contextlib.contextmanager
+    def _timed(self, kind):
+        """Count the block's time under `kind`, unless it runs inside another counted block (an
+        answer's prefill that ends it prefills its ending): each second is counted once."""
+        if self._timing:
+            yield
+            return
+        self._timing, began = True, time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timing = False
+            self.busy_seconds[kind] += time.perf_counter() - began
 
     def _start_turns(self, calls):
         """`call_steps` calls: each generator runs to its first request, which joins
@@ -289,6 +316,10 @@ class Engine:
         parts of 20 tokens had stalled answers 2x as long as 4 prefill parts of 128, measured); one
         pass at least, what is left waits in `waiting`. A cache takes at most one prefill per batch:
         another waits for the next (a conversation's calls come one at a time, so this only guards)."""
+        with self._timed("prefills"):
+            self._prefill_within(waiting, budget)
+
+    def _prefill_within(self, waiting, budget):
         tokens = 0
         while waiting:
             batch, held, caches, clips, closed = {}, [], set(), {}, []

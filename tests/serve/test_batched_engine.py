@@ -48,7 +48,7 @@ def test_answers_decoded_together_equal_each_alone(model, processor):
     model.talker_runner().use_pool(3, model.cache_dtype)
 
     async def scenario():
-        engine = Engine(max_active=3, max_queue=4, batched=True)
+        engine, began = Engine(max_active=3, max_queue=4, batched=True), time.monotonic()
         try:
             # 3 at once, a 4th waits for a row and joins while the others decode; a 5th fails at
             # its start; a 6th is cancelled mid-answer
@@ -62,11 +62,11 @@ def test_answers_decoded_together_equal_each_alone(model, processor):
             await endless.events.get()
             await engine.cancel(endless)
             session = await talk_async(engine, model, processor)
-            return got, session
+            return got, session, dict(engine.busy_seconds), time.monotonic() - began
         finally:
             engine.stop()
 
-    got, session = asyncio.run(scenario())
+    got, session, busy, wall = asyncio.run(scenario())
     for i, events in enumerate(got[:4]):
         assert events[0] == Started() and events[-1] == Finished()
         assert_same(outcome(events[1:-1]), alone[i % 3])
@@ -75,6 +75,8 @@ def test_answers_decoded_together_equal_each_alone(model, processor):
     assert model.thinker_runner().pool.in_use == 0 and model.talker_runner().pool.in_use == 0
     for runner in (model.thinker_runner(), model.talker_runner()):  # steps did run batched, looking their inputs up
         assert {shape[0] for _, _, shape, looked_up in runner.graphs_run if looked_up and shape[1] == 1} >= {2, 4}
+    # the model thread's time, by what it did: each kind of work happened, no second counted twice
+    assert min(busy.values()) > 0 and sum(busy.values()) <= wall, (busy, wall)
 
 
 def talk(model, processor):

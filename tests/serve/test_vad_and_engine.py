@@ -2,11 +2,12 @@
 (no model): interleaving, the bounded queue, cancellation, errors."""
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from mindone_ext.serve.engine import Busy, Engine, Finished, Started
+from mindone_ext.serve.engine import BUSY_KINDS, Busy, Engine, Finished, Started
 from mindone_ext.serve.vad import SpeechStarted, SpeechStopped, TurnDetector
 from tests.serve.conftest import drain
 
@@ -78,6 +79,31 @@ async def _scheduling():
 
 def test_engine_interleaves_bounds_its_queue_and_cancels():
     asyncio.run(_scheduling())
+
+
+async def _busy_seconds():
+    engine = Engine()
+
+    def slow_answer():
+        for i in range(3):
+            time.sleep(0.1)
+            yield i
+
+    try:
+        began = time.monotonic()
+        await engine.call(time.sleep, 0.2)
+        assert await drain(engine.submit(slow_answer)) == [Started(), 0, 1, 2, Finished()]
+        busy, wall = dict(engine.busy_seconds), time.monotonic() - began
+    finally:
+        engine.stop()
+    assert set(busy) == set(BUSY_KINDS)
+    assert busy["calls"] >= 0.2 and busy["answers"] >= 0.3  # each under what it was
+    assert busy["decode"] == busy["token2wav"] == busy["prefills"] == 0  # (the interleaved engine, no turns)
+    assert sum(busy.values()) <= wall  # no second counted twice
+
+
+def test_the_model_threads_time_is_counted_by_what_it_did():
+    asyncio.run(_busy_seconds())
 
 
 async def _stalls():

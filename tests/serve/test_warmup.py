@@ -7,6 +7,7 @@ import urllib.request
 
 import pytest
 
+from mindone_ext.serve.engine import BUSY_KINDS
 from mindone_ext.serve.options import ServeOptions
 from mindone_ext.serve.warmup import warmup_rounds
 from tests.serve.conftest import API_KEY, LIMITS
@@ -58,6 +59,9 @@ def test_a_warmed_up_server_meets_no_graph_at_its_first_clients_turns(tiny_check
         assert "warmed up in " in log and ": 1 answers at once, " in log, log
         state = health(server)
         assert state["graphs"] > 0 and (state["sessions"], state["active"], state["caches"]) == (0, 0, 0), state
+        # the warm-up's turns, counted by what the model thread did (the default engine is batched)
+        busy = state["busy_seconds"]
+        assert set(busy) == set(BUSY_KINDS) and min(busy["prefills"], busy["decode"], busy["token2wav"]) > 0, busy
         # questions of one, two and three audio encoder windows, the first client's first
         assert [graphs_met(server, seconds) for seconds in (1.3, 3.0, 5.0)] == [0, 0, 0]
     with ServerProcess(tiny_checkpoint, "--api_key", API_KEY, "--no_warmup", *args) as server:
