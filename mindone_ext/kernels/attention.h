@@ -5,8 +5,9 @@
 #pragma once
 #include <algorithm>
 #include <cfloat>
-#include <cmath>
 #include <cstdint>
+
+#include "exp.h"
 
 namespace native {
 
@@ -27,7 +28,11 @@ void attend_query(const float *q, int64_t dim, int64_t count, const bool *seen, 
     top = std::max(top, score);
   }
   float sum = 0.f;
-  for (int64_t j = 0; j < count; ++j) sum += (scores[j] = std::exp(scores[j] - top));
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < count; ++j) {
+    scores[j] = exp_nonpositive(scores[j] - top);
+    sum += scores[j];
+  }
   std::fill(out, out + dim, 0.f);
   for (int64_t j = 0; j < count; ++j) {
     const float w = scores[j] / sum, *vj = value(j);

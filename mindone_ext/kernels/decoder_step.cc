@@ -111,7 +111,8 @@ extern "C" int SiluGate(int nparam, void **params, int *ndims, int64_t **shapes,
   float *out = static_cast<float *>(params[2]);
   const int64_t n = count(ndims[0], shapes[0]);
   auto run = [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) out[i] = gate[i] * (1.f / (1.f + std::exp(-gate[i]))) * up[i];
+#pragma omp simd
+    for (int64_t i = first; i < last; ++i) out[i] = gate[i] * native::sigmoid(gate[i]) * up[i];
   };
   native::parallel_ranges(n, n, VALUES_PER_THREAD, run);
   return 0;

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "exp.h"
 #include "parallel.h"
 #include "tensors.h"
 
@@ -21,25 +22,6 @@ namespace {
 
 const int64_t QUERY_ROWS = 256;  // a thread holds QUERY_ROWS x (a segment's length) scores at once
 const int64_t WORK_PER_THREAD = 1 << 16;  // query-key products below which a thread costs more than it saves
-
-// e^x for x <= 0 (a softmax's shifted scores): x = n ln2 + r, e^r by Cephes' expf polynomial
-// (relative error ~1e-7), 2^n put into the exponent's bits. No library call, so the compiler
-// vectorises the loop over a row (std::exp, one value at a time, was the row's costliest step).
-inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.f ? -87.f : x;  // e^-87 ~ 1.6e-38: the smallest normal float's order
-  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  const float shifted = clamped * 1.44269504088896341f + magic;
-  const float n = shifted - magic;
-  const float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;  // ln2 in two parts (Cody-Waite)
-  const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-                   1.6666665459e-1f) * r + 5.0000001201e-1f;
-  int32_t bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  bits = (bits - 0x4B400000 + 127) << 23;  // n + 127 in the exponent: 2^n
-  float power;
-  std::memcpy(&power, &bits, sizeof power);
-  return (p * r * r + r + 1.f) * power;
-}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -53,7 +35,7 @@ void softmax_rows(float *scores, int64_t rows, int64_t count) {
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < count; ++j) {
-      row[j] = exp_nonpositive(row[j] - top);
+      row[j] = native::exp_nonpositive(row[j] - top);
       sum += row[j];
     }
     const float inverse = 1.f / sum;
