@@ -19,10 +19,11 @@ memory before and after; then a summary line with the batched engine's ratios (f
 load vs alone, throughput vs the interleaved engine) and the throughput ratio's ceiling on this
 machine: the interleaved engine's wall time per answer over the batched engine's Token2Wav seconds
 per answer (its ODE and vocoder batches: compute-bound on a CPU, a batch of 16 ODE windows costs
-~6x one window), the ratio the batched engine would reach if all its other work cost nothing and
-its Token2Wav batches stayed as this load made them. Each engine's line holds where its model thread's time went under the load (the
-server's `busy_seconds`, per answer). The compiled graphs the server holds are
-reported with the memory (a round that met a new shape compiled a graph, which stays allocated:
+~5x one window), the ratio the batched engine would reach if all its other work cost nothing and
+its Token2Wav batches stayed as this load made them. Each engine's line holds where its model
+thread's time went under the load (the server's `busy_seconds`, per answer; `idle`: the rest of the
+wall time, waiting for the clients' turns and the engine's loop). The compiled graphs the server
+holds are reported with the memory (a round that met a new shape compiled a graph, which stays allocated:
 memory that grows in a round that compiled nothing is a leak). Exits 1 when a turn hung or mismatched, or a
 server kept state.
 """
@@ -145,6 +146,7 @@ async def run(server, args, engine):
     answered = sum(len(a) for a in results)
     busy_ms = {kind: round(1000 * (after["busy_seconds"][kind] - seconds) / max(answered, 1), 1)
                for kind, seconds in before["busy_seconds"].items()}
+    busy_ms["idle"] = round(1000 * wall / max(answered, 1) - sum(busy_ms.values()), 1)  # (and the loop between)
     codec_tokens = sum(len(audio) for answers in results for _, audio, _ in answers) / SAMPLES_PER_CODEC_TOKEN
     return {"bench": "serve_load", "impl": "mindone_ext", "engine": engine, "clients": args.clients,
             "turns": args.turns, "max_active": args.max_active, "max_queue": args.max_queue,

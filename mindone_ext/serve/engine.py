@@ -46,10 +46,10 @@ from ..models.qwen2_5_omni.token2wav_stream import synthesise
 # turns' tokens prefilled between two rounds of answers (at least one pass): one batched step's worth
 PREFILL_BUDGET = ROWS_TOGETHER * PREFILL_CHUNK
 # what the model thread's time is counted under (Engine.busy_seconds, GET /health): short calls
-# (opening a session, ...), prefills (turns', answers' prompts and endings, media encoded), the
-# batched engine's decode rounds (steps and the answers' work between them) and Token2Wav's batches,
-# the interleaved engine's answers (each event of one answer: its steps and its speech together;
-# with the batched engine, an answer's start)
+# (opening a session, ...), prefills (turns' features; turns', answers' prompts and endings
+# prefilled; media encoded), the batched engine's decode rounds (steps and the answers' work
+# between them) and Token2Wav's batches, the interleaved engine's answers (each event of one
+# answer: its steps and its speech together; with the batched engine, an answer's start)
 BUSY_KINDS = ("calls", "prefills", "decode", "token2wav", "answers")
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,8 @@ class Engine:
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            self._start_turns(together)
+            with self._timed("prefills"):
+                self._start_turns(together)
             if self.prefilling:
                 # while answers are being made, a round's worth of prefill at most between two of
                 # their steps: a long prompt does not stall them; with none, turns run to their end
