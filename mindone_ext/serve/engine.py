@@ -228,8 +228,9 @@ class Engine:
                 except Exception as e:  # noqa: BLE001  (handed to the caller)
                     result, error = None, e
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            with self._timed("prefills"):
-                self._start_turns(together)
+            if together:
+                with self._timed("prefills"):
+                    self._start_turns(together)
             if self.prefilling:
                 # while answers are being made, a round's worth of prefill at most between two of
                 # their steps: a long prompt does not stall them; with none, turns run to their end
