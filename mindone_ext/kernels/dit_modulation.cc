@@ -15,7 +15,7 @@
 namespace {
 
 // values below which a thread costs more than it saves: a gated residual's value is a multiply-add,
-// a normalised or GELU value several times that (the DiT's 16 guided rows of 48 frames, 49k values
+// a normalised or GELU value several times that (16 answers' 32 guided rows of 48 frames, 49k values
 // at the tiny checkpoint's width, ran its norms on one thread at 1 << 16)
 const int64_t SUM_VALUES_PER_THREAD = 1 << 16;
 const int64_t VALUES_PER_THREAD = 1 << 14;
