@@ -32,7 +32,12 @@ from ..utils.quiet import quiet_expected_recompiles
 
 PREFILL_CHUNK = 128  # tokens per prefill step
 SMALL_PIECE = 32  # a piece this short (a text turn, an audio window) runs in a graph of this width
-ROWS_TOGETHER = 4  # pieces of several caches prefilled as one step, in groups of this many rows
+# Pieces of several caches prefilled as one step: rows x graph width at most this many tokens (the
+# step's activations' bound; 4 pieces of PREFILL_CHUNK, 16 of SMALL_PIECE), the rows a power of two
+# from ROWS_TOGETHER. A turn's audio and text pieces are short: 16 in one step took 20 ms, in four
+# steps of 4 rows 33 ms (the tiny Thinker; a step's cost is mostly its kernels' launches)
+STEP_TOKENS = 512
+ROWS_TOGETHER = 4
 MIN_CACHE_SLOTS = 256
 
 
@@ -270,16 +275,21 @@ class CompiledDecoder:
     def extend_requests(self, requests):
         """`extend` of each of `requests` (ExtendRequests, at most one per cache) -> [(logits (1, V),
         hidden (1, T, H))]: pieces of at most PREFILL_CHUNK tokens into rows of this runner's shared
-        pool run in batched steps of ROWS_TOGETHER rows (several conversations' turns at once), the
-        others one by one. A batched step always has that many rows and attends to every slot of
-        the pool: one graph per piece width and pool size (each new shape compiles a graph, which
-        stays in memory; pieces of 2 to 16 rows and 3 attention spans made 16 new graphs in a
-        server's load, measured)."""
+        pool run in batched steps (several conversations' turns at once), pieces of one graph width
+        together, at most STEP_TOKENS // width of them a step; the others (and a piece left alone)
+        one by one. A batched step's rows are a power of two from ROWS_TOGETHER and it attends to
+        every slot of the pool: a graph per row count, piece width and pool size (each new shape
+        compiles a graph, which stays in memory; pieces of 2 to 16 rows and 3 attention spans had
+        made 16 new graphs in a server's load, measured)."""
         if len({id(r.cache) for r in requests}) < len(requests):
             raise ValueError("two pieces for one cache in one batch: the second must wait for the first")
         together = [r for r in requests if self.pool is not None and r.cache.pool is self.pool
                     and len(r.cache.rows) == 1 and 0 < r.embeds.shape[1] <= PREFILL_CHUNK]
-        groups = [together[i:i + ROWS_TOGETHER] for i in range(0, len(together), ROWS_TOGETHER)]
+        groups = []
+        for width in (SMALL_PIECE, PREFILL_CHUNK):
+            pieces = [r for r in together if piece_width(r.embeds.shape[1]) == width]
+            most = STEP_TOKENS // width
+            groups += [pieces[i:i + most] for i in range(0, len(pieces), most)]
         done = {id(r): out for group in groups if len(group) > 1 for r, out in zip(group, self._extend_rows(group))}
         return [done[id(r)] if id(r) in done else self.extend(r.cache, r.embeds, r.positions) for r in requests]
 
@@ -291,20 +301,21 @@ class CompiledDecoder:
             check_room(r.cache, t)
         total = sum(lengths)
         width = piece_width(max(lengths))
+        rows = max(ROWS_TOGETHER, 1 << (len(requests) - 1).bit_length())
         firsts = np.cumsum([0] + lengths[:-1])
-        # the pieces side by side and a zero vector after them, read into ROWS_TOGETHER rows by one
+        # the pieces side by side and a zero vector after them, read into the step's rows by one
         # gather (a handful of ops whatever the count: each op outside a graph can cost milliseconds here)
-        index = np.full((ROWS_TOGETHER, width), total, np.int32)
-        positions = np.zeros((3, ROWS_TOGETHER, width), np.int64)
+        index = np.full((rows, width), total, np.int32)
+        positions = np.zeros((3, rows, width), np.int64)
         for i, (r, t) in enumerate(zip(requests, lengths)):
             index[i, :t] = firsts[i] + np.arange(t)
             positions[:, i, :t] = r.positions[:, 0]
             r.cache.valid[:, r.cache.length:r.cache.length + t] = 1
         side_by_side = ops.cat([r.embeds for r in requests] + [ops.zeros_like(requests[0].embeds[:, :1])], 1)
-        embeds = ops.gather(side_by_side[0], Tensor(index.reshape(-1)), 0).reshape(ROWS_TOGETHER, width, -1)
+        embeds = ops.gather(side_by_side[0], Tensor(index.reshape(-1)), 0).reshape(rows, width, -1)
         logits, hidden = self.pool.run([r.cache.rows[0] for r in requests], embeds, positions,
                                        [r.cache.length for r in requests], [t - 1 for t in lengths],
-                                       padded_rows=ROWS_TOGETHER, span=self.pool.slots)
+                                       padded_rows=rows, span=self.pool.slots)
         for r, t in zip(requests, lengths):
             r.cache.length += t
         real = np.concatenate([i * width + np.arange(t) for i, t in enumerate(lengths)]).astype(np.int32)

@@ -37,14 +37,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..generation.decode import PREFILL_CHUNK, ROWS_TOGETHER
+from ..generation.decode import PREFILL_CHUNK, STEP_TOKENS
 from ..models.qwen2_5_omni.prefills import EncodeRequest
 from ..models.qwen2_5_omni.streaming import AudioChunk
 from ..models.qwen2_5_omni.token2wav_stream import synthesise
 
 
 # turns' tokens prefilled between two rounds of answers (at least one pass): one batched step's worth
-PREFILL_BUDGET = ROWS_TOGETHER * PREFILL_CHUNK
+PREFILL_BUDGET = STEP_TOKENS
 # what the model thread's time is counted under (Engine.busy_seconds, GET /health): short calls
 # (opening a session, ...), prefills (turns' features; turns', answers' prompts and endings
 # prefilled; media encoded), the batched engine's decode rounds (steps and the answers' work

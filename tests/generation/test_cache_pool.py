@@ -114,17 +114,31 @@ def test_a_cache_of_its_own_grows_into_a_kept_pool_and_pools_are_reused(our_mode
     assert own.caches_in_use() == 0
 
 
+def steps_run(runner):
+    """A list that receives (rows, width) of each prefill step `runner`'s shared pool runs."""
+    steps, run = [], runner.pool.run
+
+    def recording(rows, embeds, *args, **kwargs):
+        steps.append(tuple(embeds.shape[:2]))
+        return run(rows, embeds, *args, **kwargs)
+
+    runner.pool.run = recording
+    return steps
+
+
 def test_pieces_of_several_rows_prefilled_together_equal_each_alone(our_model):
     """Conversations at different lengths each take a piece of their own length in a batched
     step (pieces of 1 to 32 tokens, then one over 32: the wider graph), as a voice server's turns
     arrive together; the next decode steps then read the same caches as after pieces alone.
-    Five pieces make a step of four rows and one alone, three a step padded to four rows; a piece
-    too long to batch runs alone beside the batch."""
-    from mindone_ext.generation.decode import PREFILL_CHUNK, ROWS_TOGETHER, ExtendRequest
+    Pieces of one graph width run together: five short ones a step of eight rows, three a step
+    padded to four, two wide ones (33 and PREFILL_CHUNK tokens) a step of four beside the short
+    ones'; a piece too long to batch runs alone beside the batch, in chunks."""
+    from mindone_ext.generation.decode import PREFILL_CHUNK, SMALL_PIECE, ExtendRequest
 
     pooled, alone = runner_of(our_model, rows=5), runner_of(our_model)
     pairs = [pair(our_model, pooled, alone, n, seed, slots=512) for seed, n in enumerate((3, 31, 32, 33, 140))]
     rng = np.random.default_rng(9)
+    steps = steps_run(pooled)
 
     def pieces(lengths):
         out = []
@@ -133,11 +147,15 @@ def test_pieces_of_several_rows_prefilled_together_equal_each_alone(our_model):
             out.append((embeds, np.broadcast_to(np.arange(p.cache.length, p.cache.length + t), (3, 1, t)).copy()))
         return out
 
-    for lengths in ((1, 32, 7, 2, 5), (33, 1, 20, PREFILL_CHUNK, 3), (2, 17, 5), (4, PREFILL_CHUNK + 5, 1, 9, 2)):
+    small, wide = SMALL_PIECE, PREFILL_CHUNK
+    for lengths, want_steps in (((1, 32, 7, 2, 5), [(8, small)]),
+                                ((33, 1, 20, PREFILL_CHUNK, 3), [(4, small), (4, wide)]),
+                                ((2, 17, 5), [(4, small)]),
+                                ((4, PREFILL_CHUNK + 5, 1, 9, 2), [(4, small), (1, wide), (1, small)])):
         inputs = pieces(lengths)
-        shapes = set(pooled.shapes)
+        steps.clear()
         got = pooled.extend_requests([ExtendRequest(p.cache, e, q) for (p, _), (e, q) in zip(pairs, inputs)])
-        assert {rows for rows, tokens, _ in pooled.shapes - shapes if tokens > 1} <= {1, ROWS_TOGETHER}
+        assert steps == want_steps, lengths
         for (p, a), (embeds, positions), (logits, hidden), t in zip(pairs, inputs, got, lengths):
             want = alone.extend(a.cache, embeds, positions)
             assert hidden.shape == (1, t, want[1].shape[-1]) and p.cache.length == a.cache.length
@@ -145,3 +163,37 @@ def test_pieces_of_several_rows_prefilled_together_equal_each_alone(our_model):
         step_all(pooled, pairs)
     with pytest.raises(ValueError, match="one cache"):
         pooled.extend_requests([ExtendRequest(pairs[0][0].cache, *pieces((1,))[0])] * 2)
+
+
+@pytest.mark.parametrize("width", ["short", "wide"])
+def test_a_batched_prefill_step_holds_at_most_step_tokens(our_model, width):
+    """Around the most pieces one step holds (STEP_TOKENS // width: 16 short, 4 wide) and the
+    power-of-two row counts below it: n pieces run as ceil(n / most) steps, each padded to a power
+    of two from 4 rows, a piece left over alone; every row's logits equal its piece's alone."""
+    from mindone_ext.generation.decode import PREFILL_CHUNK, SMALL_PIECE, STEP_TOKENS, ExtendRequest
+
+    t, graph_width = (5, SMALL_PIECE) if width == "short" else (40, PREFILL_CHUNK)
+    most = STEP_TOKENS // graph_width
+    counts = sorted({1, 2, 3, 4, 5, most - 1, most, most + 1} | ({7, 8, 9} if width == "short" else set()))
+    pooled, alone = runner_of(our_model, rows=most + 1), runner_of(our_model)
+    steps = steps_run(pooled)
+    rng = np.random.default_rng(11)
+    for n in counts:
+        pairs = [pair(our_model, pooled, alone, 3, seed, slots=256) for seed in range(n)]
+        inputs = [(our_model.thinker.embed(rng.integers(0, 400, size=(1, t))),
+                   np.broadcast_to(np.arange(3, 3 + t), (3, 1, t)).copy()) for _ in range(n)]
+        steps.clear()
+        got = pooled.extend_requests([ExtendRequest(p.cache, e, q) for (p, _), (e, q) in zip(pairs, inputs)])
+        full, rest = divmod(n, most)
+        want_steps = [(most, graph_width)] * full
+        if rest > 1:
+            want_steps.append((max(4, 1 << (rest - 1).bit_length()), graph_width))
+        elif rest == 1:
+            want_steps.append((1, graph_width))
+        assert steps == want_steps, n
+        for (p, a), (embeds, positions), (logits, _) in zip(pairs, inputs, got):
+            want = alone.extend(a.cache, embeds, positions)
+            assert max_abs_diff(logits, want[0]) <= 1e-5
+        for p, a in pairs:
+            p.cache.release()
+            a.cache.release()
