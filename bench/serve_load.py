@@ -5,27 +5,35 @@ batched engine and with the interleaved one, each in its own server process, in 
     python bench/serve_load.py --clients 32 --max_active 8 --model_path /models/Qwen2.5-Omni-7B
 
 Each client holds a WebSocket conversation and speaks `--turns` questions (generated speech-like
-clips, sent at once, ended with "end"). Clients follow one of `--scripts` scripts; every script is
-first run alone, which gives the answers each turn must reproduce under load (greedy text, seeded
-speech: a session that saw another's text or cache would differ) and the time to first audio with
-no load. A turn refused as busy is retried after a pause (the server forgot it, so the retry
-continues the same conversation). Afterwards the server must hold no session and no cache, and
-its resident memory is compared with what it was before the load.
+clips ended with "end"), each as soon as the previous answer is done: sent at once (`--pace
+burst`, the most load clients can make), or as people talk (`--pace realtime`: the audio sent as
+it is spoken, in frames of `--frame_seconds`, and the next question asked once the answer has
+played, its playback begun with its first audio chunk; the throughput is then what the clients
+ask for, not what the server could give). Clients start together, or each at a random moment of
+the first `--stagger` seconds (people do not all speak at once; together, their turns stay in
+step: each answer starts with all the others). Clients follow one of `--scripts` scripts; every
+script is first run alone, which gives the answers each turn must reproduce under load (greedy
+text, seeded speech: a session that saw another's text or cache would differ) and the time to
+first audio with no load. A turn refused as busy is retried after a pause (the server forgot it,
+so the retry continues the same conversation). Afterwards the server must hold no session and no
+cache, and its resident memory is compared with what it was before the load.
 
 Prints a JSON line per engine: answered / busy refusals / hung / mismatched turns, throughput
 (answers per minute and codec tokens per second under load: audio seconds x 50 / wall time), p50
-and p95 of the time from "end" to the first audio chunk under load and alone, and the server's
-memory before and after; then a summary line with the batched engine's ratios (first audio under
-load vs alone, throughput vs the interleaved engine) and the throughput ratio's ceiling on this
-machine: the interleaved engine's wall time per answer over the batched engine's Token2Wav seconds
-per answer (its ODE and vocoder batches: compute-bound on a CPU, a batch of 16 ODE windows costs
-~5x one window), the ratio the batched engine would reach if all its other work cost nothing and
-its Token2Wav batches stayed as this load made them. Each engine's line holds where its model
-thread's time went under the load (the server's `busy_seconds`, per answer; `idle`: the rest of the
-wall time, waiting for the clients' turns and the engine's loop). The compiled graphs the server
-holds are reported with the memory (a round that met a new shape compiled a graph, which stays allocated:
-memory that grows in a round that compiled nothing is a leak). Exits 1 when a turn hung or mismatched, or a
-server kept state.
+and p95 of the time from "end" to the first audio chunk under load and alone, p50 of the time from
+"end" to the answer's end (`answer_p50_s`: these short answers' audio is one window, so their
+first audio comes near their end, and with clients that wait for it a turn lasts about clients /
+throughput), and the server's memory before and after; then a summary line with the batched
+engine's ratios (first audio under load vs alone, throughput vs the interleaved engine) and the
+throughput ratio's ceiling on this machine: the interleaved engine's wall time per answer over the
+batched engine's Token2Wav seconds per answer (its ODE and vocoder batches: compute-bound on a
+CPU, a batch of 16 ODE windows costs ~5x one window), the ratio the batched engine would reach if
+all its other work cost nothing and its Token2Wav batches stayed as this load made them. Each
+engine's line holds where its model thread's time went under the load (the server's
+`busy_seconds`, per answer; `idle`: the rest of the wall time, waiting for the clients' turns and
+the engine's loop). The compiled graphs the server holds are reported with the memory (a round
+that met a new shape compiled a graph, which stays allocated: memory that grows in a round that
+compiled nothing is a leak). Exits 1 when a turn hung or mismatched, or a server kept state.
 """
 import argparse
 import asyncio
@@ -43,7 +51,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples", "qwen2_5_omni"))
 
 from demo_media import speech_like  # noqa: E402
-from voice_server_client import ServerError, speak_turn, start  # noqa: E402
+from voice_server_client import OUT_RATE, ServerError, speak_turn, start  # noqa: E402
 
 from mindone_ext.serve.process import ServerProcess  # noqa: E402
 
@@ -56,29 +64,36 @@ def question(script, turn):
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def timed_turn(ws, pcm, timeout):
-    """One spoken turn: (text, audio, seconds from the turn's end to the first audio chunk)."""
+async def timed_turn(ws, pcm, args):
+    """One spoken turn: (text, audio, seconds from the turn's end to the first audio chunk and to
+    the answer's end); with `--pace realtime`, returns once the answer has played."""
     ended, first_audio = [], []
 
     def heard(_):
         if not first_audio:
             first_audio.append(time.perf_counter() - ended[0])
 
-    async with asyncio.timeout(timeout):
-        text, audio = await speak_turn(ws, pcm, frame_seconds=1.0, on_audio=heard,
-                                       on_end=lambda: ended.append(time.perf_counter()))
-    return text, audio, first_audio[0] if first_audio else None
+    async with asyncio.timeout(args.timeout):
+        text, audio = await speak_turn(ws, pcm, frame_seconds=args.frame_seconds, on_audio=heard,
+                                       on_end=lambda: ended.append(time.perf_counter()),
+                                       realtime=args.pace == "realtime")
+    answered = time.perf_counter() - ended[0]
+    if args.pace == "realtime" and first_audio:  # the listener hears it to its end
+        await asyncio.sleep(max(0.0, first_audio[0] + len(audio) / OUT_RATE - answered))
+    return text, audio, first_audio[0] if first_audio else None, answered
 
 
-async def client(url, script, turns, settings, args, stats, reference=None):
-    """Runs a script; returns [(text, audio, first_audio)] per answered turn."""
+async def client(url, script, turns, settings, args, stats, reference=None, delay=0.0):
+    """Runs a script, starting after `delay` seconds; returns [(text, audio, first_audio, answered)]
+    per answered turn."""
     answers = []
+    await asyncio.sleep(delay)
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         await start(ws, settings)
         for turn in range(turns):
             for attempt in range(args.retries + 1):
                 try:
-                    answers.append(await timed_turn(ws, question(script, turn), args.timeout))
+                    answers.append(await timed_turn(ws, question(script, turn), args))
                     break
                 except ServerError as e:
                     if e.code != "busy":
@@ -92,8 +107,8 @@ async def client(url, script, turns, settings, args, stats, reference=None):
                 stats["refused"] += turns - turn  # gave up: the rest of the script is not spoken
                 return answers
             if reference is not None:
-                want_text, want_audio, _ = reference[turn]
-                text, audio, _ = answers[-1]
+                want_text, want_audio = reference[turn][:2]
+                text, audio = answers[-1][:2]
                 same = text == want_text and audio.shape == want_audio.shape and \
                     (not len(audio) or float(np.abs(audio - want_audio).max()) <= 1e-5)
                 stats["mismatched"] += not same
@@ -129,7 +144,8 @@ async def run(server, args, engine):
     await asyncio.gather(*(client(server.ws_url, i % args.scripts, args.turns, settings, args, stats)
                            for i in range(min(args.max_active, args.clients))))
     references = [await client(server.ws_url, s, args.turns, settings, args, stats) for s in range(args.scripts)]
-    alone = [first for answers in references for _, _, first in answers if first is not None]
+    alone = [first for answers in references for _, _, first, _ in answers if first is not None]
+    alone_answers = [answered for answers in references for *_, answered in answers]
     before = await settle(server.url)
     graphs_before = before["graphs"]
     rss_before = server.rss_mb()
@@ -137,24 +153,28 @@ async def run(server, args, engine):
     results, rss_after, graphs_after = [], [], []
     for _ in range(args.rounds):
         results += await asyncio.gather(*(client(server.ws_url, i % args.scripts, args.turns, settings, args, stats,
-                                                 references[i % args.scripts]) for i in range(args.clients)))
+                                                 references[i % args.scripts], args.stagger * random.random())
+                                          for i in range(args.clients)))
         after = await settle(server.url)
         rss_after.append(round(server.rss_mb(), 1))
         graphs_after.append(after["graphs"])
     wall = time.perf_counter() - start
-    under_load = [first for answers in results for _, _, first in answers if first is not None]
+    under_load = [first for answers in results for _, _, first, _ in answers if first is not None]
+    answer_times = [answered for answers in results for *_, answered in answers]
     answered = sum(len(a) for a in results)
     busy_ms = {kind: round(1000 * (after["busy_seconds"][kind] - seconds) / max(answered, 1), 1)
                for kind, seconds in before["busy_seconds"].items()}
     busy_ms["idle"] = round(1000 * wall / max(answered, 1) - sum(busy_ms.values()), 1)  # (and the loop between)
-    codec_tokens = sum(len(audio) for answers in results for _, audio, _ in answers) / SAMPLES_PER_CODEC_TOKEN
+    codec_tokens = sum(len(audio) for answers in results for _, audio, *_ in answers) / SAMPLES_PER_CODEC_TOKEN
     return {"bench": "serve_load", "impl": "mindone_ext", "engine": engine, "clients": args.clients,
-            "turns": args.turns, "max_active": args.max_active, "max_queue": args.max_queue,
+            "turns": args.turns, "pace": args.pace, "stagger_s": args.stagger, "max_active": args.max_active,
+            "max_queue": args.max_queue,
             "answers_per_min": round(60 * answered / wall, 2), "codec_tokens_per_s": round(codec_tokens / wall, 2),
             "answered": answered, "busy_refusals": stats["busy_refusals"],
             "refused": stats["refused"], "hung": stats["hung"], "mismatched": stats["mismatched"],
             "first_audio_p50_s": percentile(under_load, 50), "first_audio_p95_s": percentile(under_load, 95),
             "alone_first_audio_p50_s": percentile(alone, 50), "alone_first_audio_p95_s": percentile(alone, 95),
+            "answer_p50_s": percentile(answer_times, 50), "alone_answer_p50_s": percentile(alone_answers, 50),
             "busy_ms_per_answer": busy_ms, "rounds": args.rounds, "wall_s": round(wall, 1),
             "rss_before_mb": round(rss_before, 1),
             "rss_after_mb": rss_after, "graphs_before": graphs_before, "graphs_after": graphs_after,
@@ -170,6 +190,10 @@ def main():
     ap.add_argument("--max_active", type=int, default=4)
     ap.add_argument("--engines", default="batched,interleaved", help="comma-separated, each its own server")
     ap.add_argument("--max_queue", type=int, default=8)
+    ap.add_argument("--pace", choices=["burst", "realtime"], default="burst",
+                    help="questions sent at once, or as spoken with answers heard to their end (see above)")
+    ap.add_argument("--frame_seconds", type=float, default=1.0, help="audio per WebSocket frame of a question")
+    ap.add_argument("--stagger", type=float, default=0.0, help="seconds over which the clients' starts are spread")
     ap.add_argument("--max_new_tokens", type=int, default=6)
     ap.add_argument("--talker_max_new_tokens", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1, help="times the clients connect and talk (memory after each)")

@@ -83,11 +83,15 @@ async def start(ws, config):
     await receive(ws)  # config.done
 
 
-async def speak_turn(ws, pcm, frame_seconds=0.5, on_text=None, on_audio=None, on_end=None):
+async def speak_turn(ws, pcm, frame_seconds=0.5, on_text=None, on_audio=None, on_end=None, realtime=False):
     """One spoken turn: returns (the answer's text, its float32 24 kHz audio). The callbacks see
-    each text delta, each audio chunk, and the moment the turn's "end" was sent."""
+    each text delta, each audio chunk, and the moment the turn's "end" was sent. `realtime`: each
+    frame is sent once it would have been spoken (after its duration), as a microphone's are;
+    else all at once, as from a file."""
     step = int(frame_seconds * IN_RATE) * 2
     for offset in range(0, len(pcm), step):
+        if realtime:
+            await asyncio.sleep(len(pcm[offset:offset + step]) / 2 / IN_RATE)
         await ws.send_bytes(pcm[offset:offset + step])
     await ws.send_str(json.dumps({"type": "end"}))
     if on_end:

@@ -81,6 +81,40 @@ def test_cli_client_runs_as_is(tmp_path):
         assert (f.getframerate(), f.getnchannels()) == (24000, 1) and f.getnframes() > 0
 
 
+class RecordingSocket:
+    """A WebSocket that records when each frame was sent and answers every turn at once."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def send_bytes(self, data):
+        self.sent.append((time.monotonic(), len(data)))
+
+    async def send_str(self, data):
+        self.sent.append((time.monotonic(), json.loads(data)["type"]))
+
+    async def receive(self):
+        return aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, json.dumps({"type": "response.done"}), None)
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+def test_a_client_speaking_in_real_time_sends_each_frame_once_it_is_spoken(realtime):
+    """bench/serve_load.py's --pace realtime: the example client's frames leave as a microphone
+    gives them (frame n once n + 1 frames' duration has passed; the last, short one after its own
+    length), then "end"; else all at once."""
+    from voice_server_client import speak_turn
+
+    socket, pcm = RecordingSocket(), bytes(2 * 16000 * 45 // 100)  # 0.45 s: 4 frames of 0.1 s and one of 0.05
+    began = time.monotonic()
+    assert asyncio.run(speak_turn(socket, pcm, frame_seconds=0.1, realtime=realtime))[0] == ""
+    assert [what for _, what in socket.sent] == [3200] * 4 + [1600, "end"]
+    sent = [when - began for when, _ in socket.sent]
+    if realtime:
+        assert all(at >= spoken - 0.005 for at, spoken in zip(sent, (0.1, 0.2, 0.3, 0.4, 0.45, 0.45))), sent
+    else:
+        assert sent[-1] < 0.1, sent
+
+
 def test_openai_client_streams_text_and_speech(server, our_model, processor):
     import openai
 
