@@ -115,14 +115,15 @@ def test_a_cache_of_its_own_grows_into_a_kept_pool_and_pools_are_reused(our_mode
 
 
 def steps_run(runner):
-    """A list that receives (rows, width) of each prefill step `runner`'s shared pool runs."""
-    steps, run = [], runner.pool.run
+    """A list that receives (rows, width, slots attended) of each prefill step `runner` runs."""
+    steps, run = [], runner.run_step
 
-    def recording(rows, embeds, *args, **kwargs):
-        steps.append(tuple(embeds.shape[:2]))
-        return run(rows, embeds, *args, **kwargs)
+    def recording(buffers, whole, inputs):
+        embeds, _, mask = inputs[:3]
+        steps.append((*embeds.shape[:2], mask.shape[-1]))
+        return run(buffers, whole, inputs)
 
-    runner.pool.run = recording
+    runner.run_step = recording
     return steps
 
 
@@ -155,7 +156,7 @@ def test_pieces_of_several_rows_prefilled_together_equal_each_alone(our_model):
         inputs = pieces(lengths)
         steps.clear()
         got = pooled.extend_requests([ExtendRequest(p.cache, e, q) for (p, _), (e, q) in zip(pairs, inputs)])
-        assert steps == want_steps, lengths
+        assert [step[:2] for step in steps] == want_steps, lengths
         for (p, a), (embeds, positions), (logits, hidden), t in zip(pairs, inputs, got, lengths):
             want = alone.extend(a.cache, embeds, positions)
             assert hidden.shape == (1, t, want[1].shape[-1]) and p.cache.length == a.cache.length
@@ -163,6 +164,37 @@ def test_pieces_of_several_rows_prefilled_together_equal_each_alone(our_model):
         step_all(pooled, pairs)
     with pytest.raises(ValueError, match="one cache"):
         pooled.extend_requests([ExtendRequest(pairs[0][0].cache, *pieces((1,))[0])] * 2)
+
+
+def test_a_batched_step_attends_to_its_rows_ends_not_the_pools(our_model):
+    """A pool grown by a long conversation (1024 slots): pieces batched with a short row attend to
+    the slots up to their furthest end, rounded up to a power of two (256 or 512 here), as a piece
+    alone does. For every start of the long row's piece near 256, the batch's span is that
+    rounding, and a decode step after it (which reads every written slot back) equals each
+    conversation's alone."""
+    from mindone_ext.generation.decode import SMALL_PIECE, ExtendRequest, cache_slots
+
+    pooled, alone = runner_of(our_model, rows=3), runner_of(our_model)
+    grown = pooled.allocate(1, 1024, our_model.cache_dtype)  # the long conversation that grew the pool
+    assert pooled.pool.slots == 1024
+    steps = steps_run(pooled)
+    rng = np.random.default_rng(5)
+    edge = MIN_CACHE_SLOTS
+    for start in range(edge - SMALL_PIECE - 2, edge + 2):
+        pairs = [pair(our_model, pooled, alone, n, seed, slots=512) for seed, n in ((start, start), (start + 1, 3))]
+        inputs = [(our_model.thinker.embed(rng.integers(0, 400, size=(1, t))),
+                   np.broadcast_to(np.arange(p.cache.length, p.cache.length + t), (3, 1, t)).copy())
+                  for (p, _), t in zip(pairs, (7, 20))]
+        steps.clear()
+        got = pooled.extend_requests([ExtendRequest(p.cache, e, q) for (p, _), (e, q) in zip(pairs, inputs)])
+        assert steps == [(4, SMALL_PIECE, cache_slots(start + SMALL_PIECE))], start  # 256, or 512 past the edge
+        for (p, a), (embeds, positions), (logits, _) in zip(pairs, inputs, got):
+            assert max_abs_diff(logits, alone.extend(a.cache, embeds, positions)[0]) <= 1e-5, start
+        step_all(pooled, pairs)
+        for p, a in pairs:
+            p.cache.release()
+            a.cache.release()
+    grown.release()
 
 
 @pytest.mark.parametrize("width", ["short", "wide"])
@@ -190,7 +222,7 @@ def test_a_batched_prefill_step_holds_at_most_step_tokens(our_model, width):
             want_steps.append((max(4, 1 << (rest - 1).bit_length()), graph_width))
         elif rest == 1:
             want_steps.append((1, graph_width))
-        assert steps == want_steps, n
+        assert [step[:2] for step in steps] == want_steps, n
         for (p, a), (embeds, positions), (logits, _) in zip(pairs, inputs, got):
             want = alone.extend(a.cache, embeds, positions)
             assert max_abs_diff(logits, want[0]) <= 1e-5
