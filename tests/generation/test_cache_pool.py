@@ -132,8 +132,8 @@ def test_pieces_of_several_rows_prefilled_together_equal_each_alone(our_model):
     step (pieces of 1 to 32 tokens, then one over 32: the wider graph), as a voice server's turns
     arrive together; the next decode steps then read the same caches as after pieces alone.
     Pieces of one graph width run together: five short ones a step of eight rows, three a step
-    padded to four, two wide ones (33 and PREFILL_CHUNK tokens) a step of four beside the short
-    ones'; a piece too long to batch runs alone beside the batch, in chunks."""
+    padded to four, two wide ones (33 and PREFILL_CHUNK tokens) a step of four of their own; a
+    piece too long to batch runs alone beside the batch, in chunks."""
     from mindone_ext.generation.decode import PREFILL_CHUNK, SMALL_PIECE, ExtendRequest
 
     pooled, alone = runner_of(our_model, rows=5), runner_of(our_model)
@@ -202,7 +202,7 @@ def test_a_batched_prefill_step_holds_at_most_step_tokens(our_model, width):
     """Around the most pieces one step holds (STEP_TOKENS // width: 16 short, 4 wide) and the
     power-of-two row counts below it: n pieces run as ceil(n / most) steps, each padded to a power
     of two from 4 rows, a piece left over alone; every row's logits equal its piece's alone."""
-    from mindone_ext.generation.decode import PREFILL_CHUNK, SMALL_PIECE, STEP_TOKENS, ExtendRequest
+    from mindone_ext.generation.decode import PREFILL_CHUNK, ROWS_TOGETHER, SMALL_PIECE, STEP_TOKENS, ExtendRequest
 
     t, graph_width = (5, SMALL_PIECE) if width == "short" else (40, PREFILL_CHUNK)
     most = STEP_TOKENS // graph_width
@@ -219,7 +219,7 @@ def test_a_batched_prefill_step_holds_at_most_step_tokens(our_model, width):
         full, rest = divmod(n, most)
         want_steps = [(most, graph_width)] * full
         if rest > 1:
-            want_steps.append((max(4, 1 << (rest - 1).bit_length()), graph_width))
+            want_steps.append((max(ROWS_TOGETHER, 1 << (rest - 1).bit_length()), graph_width))
         elif rest == 1:
             want_steps.append((1, graph_width))
         assert [step[:2] for step in steps] == want_steps, n
