@@ -201,6 +201,9 @@ def main():
     ap.add_argument("--backoff", type=float, default=1.0, help="seconds before a retry (times 1 to 2)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds a turn may take before it counts as hung")
     args = ap.parse_args()
+    if args.frame_seconds * 16000 < 1 or args.stagger < 0:
+        ap.error(f"--frame_seconds must hold a sample (>= 1/16000) and --stagger be >= 0; got {args.frame_seconds} "
+                 f"and {args.stagger}")
     results = {}
     for engine in args.engines.split(","):
         random.seed(0)

@@ -145,6 +145,14 @@ def test_serve_load_bench_answers_every_turn_and_frees_the_server():
     assert result["answer_p50_s"] >= result["first_audio_p50_s"] > 0 and result["pace"] == "burst"
 
 
+@pytest.mark.parametrize("bad", [("--frame_seconds", "0"), ("--stagger", "-1")])
+def test_serve_load_bench_refuses_bad_pacing_before_starting_a_server(bad):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serve_load.py"), *bad], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "--frame_seconds must hold a sample" in done.stderr, done.stderr[-2000:]
+    assert not done.stdout  # no JSON line: nothing ran
+
+
 def test_server_start_bench_output_form():
     """A warmed-up server's first client meets no graph for the first time; one started with
     --no_warmup builds them in that client's turn."""
