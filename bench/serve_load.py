@@ -64,21 +64,20 @@ def question(script, turn):
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def timed_turn(ws, pcm, args):
+async def timed_turn(ws, pcm, timeout, frame_seconds=1.0, realtime=False):
     """One spoken turn: (text, audio, seconds from the turn's end to the first audio chunk and to
-    the answer's end); with `--pace realtime`, returns once the answer has played."""
+    the answer's end); `realtime`: the audio sent as spoken, and returns once the answer has played."""
     ended, first_audio = [], []
 
     def heard(_):
         if not first_audio:
             first_audio.append(time.perf_counter() - ended[0])
 
-    async with asyncio.timeout(args.timeout):
-        text, audio = await speak_turn(ws, pcm, frame_seconds=args.frame_seconds, on_audio=heard,
-                                       on_end=lambda: ended.append(time.perf_counter()),
-                                       realtime=args.pace == "realtime")
+    async with asyncio.timeout(timeout):
+        text, audio = await speak_turn(ws, pcm, frame_seconds=frame_seconds, on_audio=heard,
+                                       on_end=lambda: ended.append(time.perf_counter()), realtime=realtime)
     answered = time.perf_counter() - ended[0]
-    if args.pace == "realtime" and first_audio:  # the listener hears it to its end
+    if realtime and first_audio:  # the listener hears it to its end
         await asyncio.sleep(max(0.0, first_audio[0] + len(audio) / OUT_RATE - answered))
     return text, audio, first_audio[0] if first_audio else None, answered
 
@@ -93,7 +92,8 @@ async def client(url, script, turns, settings, args, stats, reference=None, dela
         for turn in range(turns):
             for attempt in range(args.retries + 1):
                 try:
-                    answers.append(await timed_turn(ws, question(script, turn), args))
+                    answers.append(await timed_turn(ws, question(script, turn), args.timeout, args.frame_seconds,
+                                                    args.pace == "realtime"))
                     break
                 except ServerError as e:
                     if e.code != "busy":

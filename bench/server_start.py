@@ -41,7 +41,7 @@ async def first_turn(server, settings):
     async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as ws:
         await start(ws, settings)
         began = time.perf_counter()
-        _, audio, first_audio = await timed_turn(ws, question(0, 3), timeout=600)
+        _, audio, first_audio, _ = await timed_turn(ws, question(0, 3), timeout=600)
         return first_audio, time.perf_counter() - began, len(audio)
 
 
