@@ -90,9 +90,10 @@ async def speak_turn(ws, pcm, frame_seconds=0.5, on_text=None, on_audio=None, on
     else all at once, as from a file."""
     step = int(frame_seconds * IN_RATE) * 2
     for offset in range(0, len(pcm), step):
+        frame = pcm[offset:offset + step]
         if realtime:
-            await asyncio.sleep(len(pcm[offset:offset + step]) / 2 / IN_RATE)
-        await ws.send_bytes(pcm[offset:offset + step])
+            await asyncio.sleep(len(frame) / 2 / IN_RATE)
+        await ws.send_bytes(frame)
     await ws.send_str(json.dumps({"type": "end"}))
     if on_end:
         on_end()
