@@ -105,14 +105,33 @@ bool row_layout(int ndims, const int64_t *shape, int64_t *channels, int64_t *n, 
   return true;
 }
 
+// A batch's real samples per row: `valid` int32, one value for every batch row or one per batch row
+// (windows of several answers vocoded together), each clipped to 1..n.
+struct Valid {
+  const int32_t *values;
+  bool per_row;
+
+  int64_t of(int64_t batch_row, int64_t n) const {
+    return std::min(std::max<int64_t>(values[per_row ? batch_row : 0], 1), n);
+  }
+};
+
+// `valid` of an entry's inputs (params[at]) for a batch of `batch` rows, or false when it holds
+// neither one value nor one per row.
+bool valid_input(void **params, int *ndims, int64_t **shapes, int at, int64_t batch, Valid *valid) {
+  const int64_t count = native::count(ndims[at], shapes[at]);
+  if (count != 1 && count != batch) return false;
+  *valid = Valid{static_cast<const int32_t *>(params[at]), count != 1};
+  return true;
+}
+
 // Activations of `rows` rows of x (each plus bias[channel] when bias is given; y added first when
-// given, the sum written to `sum`). valid: int32, one value; log_alpha, log_beta (C,) as the
-// checkpoint holds them (the kernel takes e^alpha and 1 / (e^beta + 1e-9) per channel, which as
+// given, the sum written to `sum`); a batch row's real samples `valid`; log_alpha, log_beta (C,) as
+// the checkpoint holds them (the kernel takes e^alpha and 1 / (e^beta + 1e-9) per channel, which as
 // graph ops were 4 kernels per activation); taps (12,).
-void activate(const float *x, const float *y, const float *bias, float *sum, const void *valid,
+void activate(const float *x, const float *y, const float *bias, float *sum, Valid valid,
               const float *log_alpha, const float *log_beta, const float *taps, float *out, int64_t channels,
               int64_t n, int64_t rows) {
-  const int64_t v = std::min(std::max<int64_t>(*static_cast<const int32_t *>(valid), 1), n);
   std::vector<float> alpha(channels), inv_beta(channels);
   for (int64_t c = 0; c < channels; ++c) {
     alpha[c] = std::exp(log_alpha[c]);
@@ -129,10 +148,12 @@ void activate(const float *x, const float *y, const float *bias, float *sum, con
         row = sum + r * n;
         shift = 0.f;
       }
-      activate_row(row, shift, n, v, alpha[c], inv_beta[c], taps, out + r * n, buffers);
+      activate_row(row, shift, n, valid.of(r / channels, n), alpha[c], inv_beta[c], taps, out + r * n, buffers);
     }
   };
-  native::parallel_ranges(rows, rows * v, SAMPLES_PER_THREAD, run);
+  int64_t work = 0;  // real samples
+  for (int64_t b = 0; b < rows / channels; ++b) work += channels * valid.of(b, n);
+  native::parallel_ranges(rows, work, SAMPLES_PER_THREAD, run);
 }
 
 // Output samples per block: the unrolled block (input rows x taps x samples) near 128 KB, 128 to
@@ -188,7 +209,7 @@ bool convolution_shape(int64_t channels, int ndims, const int64_t *shape, int64_
 
 // The activation of x's rows ([y and] bias as `activate` takes them) into the calling thread's
 // buffer, then the convolution of that into out.
-int activated_convolution(const float *x, const float *y, const float *bias, float *sum, const void *valid,
+int activated_convolution(const float *x, const float *y, const float *bias, float *sum, Valid valid,
                           void **activation, int64_t batch, int64_t channels, int64_t n, void **convolution,
                           int *ndims, int64_t **shapes, int weight_at, float *out) {
   const int64_t dilation = *static_cast<const int32_t *>(convolution[1]);
@@ -206,12 +227,16 @@ int activated_convolution(const float *x, const float *y, const float *bias, flo
 
 }  // namespace
 
-// MindSpore's AOT custom-op entries. AntiAliasedSnake: x, valid, alpha, beta, taps -> out (x's shape).
+// MindSpore's AOT custom-op entries; each `valid` one int32 value, or one per batch row (see Valid).
+// AntiAliasedSnake: x, valid, alpha, beta, taps -> out (x's shape).
 extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   int64_t channels, n, rows;
-  if (nparam != 6 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows)) return 1;
-  activate(static_cast<const float *>(params[0]), nullptr, nullptr, nullptr, params[1],
+  Valid valid;
+  if (nparam != 6 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows) ||
+      !valid_input(params, ndims, shapes, 1, shapes[0][0], &valid))
+    return 1;
+  activate(static_cast<const float *>(params[0]), nullptr, nullptr, nullptr, valid,
            static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
            static_cast<const float *>(params[4]), static_cast<float *>(params[5]), channels, n, rows);
   return 0;
@@ -221,8 +246,11 @@ extern "C" int AntiAliasedSnake(int nparam, void **params, int *ndims, int64_t *
 extern "C" int BiasedAntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                       void *stream, void *extra) {
   int64_t channels, n, rows;
-  if (nparam != 7 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows)) return 1;
-  activate(static_cast<const float *>(params[0]), nullptr, static_cast<const float *>(params[1]), nullptr, params[2],
+  Valid valid;
+  if (nparam != 7 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows) ||
+      !valid_input(params, ndims, shapes, 2, shapes[0][0], &valid))
+    return 1;
+  activate(static_cast<const float *>(params[0]), nullptr, static_cast<const float *>(params[1]), nullptr, valid,
            static_cast<const float *>(params[3]), static_cast<const float *>(params[4]),
            static_cast<const float *>(params[5]), static_cast<float *>(params[6]), channels, n, rows);
   return 0;
@@ -232,9 +260,12 @@ extern "C" int BiasedAntiAliasedSnake(int nparam, void **params, int *ndims, int
 extern "C" int ResidualAntiAliasedSnake(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                         void *stream, void *extra) {
   int64_t channels, n, rows;
-  if (nparam != 9 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows)) return 1;
+  Valid valid;
+  if (nparam != 9 || !row_layout(ndims[0], shapes[0], &channels, &n, &rows) ||
+      !valid_input(params, ndims, shapes, 3, shapes[0][0], &valid))
+    return 1;
   activate(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-           static_cast<const float *>(params[2]), static_cast<float *>(params[7]), params[3],
+           static_cast<const float *>(params[2]), static_cast<float *>(params[7]), valid,
            static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
            static_cast<const float *>(params[6]), static_cast<float *>(params[8]), channels, n, rows);
   return 0;
@@ -270,8 +301,10 @@ extern "C" int SameConvolution(int nparam, void **params, int *ndims, int64_t **
 // the convolution of x's activation, (B, C_out, 1, n).
 extern "C" int ActivatedConvolution(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                     void *stream, void *extra) {
-  if (nparam != 8 || ndims[0] != 4 || shapes[0][2] != 1) return 1;
-  return activated_convolution(static_cast<const float *>(params[0]), nullptr, nullptr, nullptr, params[1], params + 2,
+  Valid valid;
+  if (nparam != 8 || ndims[0] != 4 || shapes[0][2] != 1 || !valid_input(params, ndims, shapes, 1, shapes[0][0], &valid))
+    return 1;
+  return activated_convolution(static_cast<const float *>(params[0]), nullptr, nullptr, nullptr, valid, params + 2,
                                shapes[0][0], shapes[0][1], shapes[0][3], params + 5, ndims, shapes, 5,
                                static_cast<float *>(params[7]));
 }
@@ -280,9 +313,11 @@ extern "C" int ActivatedConvolution(int nparam, void **params, int *ndims, int64
 // convolution of the activation of x + bias.
 extern "C" int BiasedActivatedConvolution(int nparam, void **params, int *ndims, int64_t **shapes,
                                           const char **dtypes, void *stream, void *extra) {
-  if (nparam != 9 || ndims[0] != 4 || shapes[0][2] != 1) return 1;
+  Valid valid;
+  if (nparam != 9 || ndims[0] != 4 || shapes[0][2] != 1 || !valid_input(params, ndims, shapes, 2, shapes[0][0], &valid))
+    return 1;
   return activated_convolution(static_cast<const float *>(params[0]), nullptr, static_cast<const float *>(params[1]),
-                               nullptr, params[2], params + 3, shapes[0][0], shapes[0][1], shapes[0][3], params + 6,
+                               nullptr, valid, params + 3, shapes[0][0], shapes[0][1], shapes[0][3], params + 6,
                                ndims, shapes, 6, static_cast<float *>(params[8]));
 }
 
@@ -290,9 +325,12 @@ extern "C" int BiasedActivatedConvolution(int nparam, void **params, int *ndims,
 // (x + y + bias, the convolution of its activation).
 extern "C" int ResidualActivatedConvolution(int nparam, void **params, int *ndims, int64_t **shapes,
                                             const char **dtypes, void *stream, void *extra) {
-  if (nparam != 11 || ndims[0] != 4 || shapes[0][2] != 1 || ndims[1] != 4) return 1;
+  Valid valid;
+  if (nparam != 11 || ndims[0] != 4 || shapes[0][2] != 1 || ndims[1] != 4 ||
+      !valid_input(params, ndims, shapes, 3, shapes[0][0], &valid))
+    return 1;
   return activated_convolution(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-                               static_cast<const float *>(params[2]), static_cast<float *>(params[9]), params[3],
+                               static_cast<const float *>(params[2]), static_cast<float *>(params[9]), valid,
                                params + 4, shapes[0][0], shapes[0][1], shapes[0][3], params + 7, ndims, shapes, 7,
                                static_cast<float *>(params[10]));
 }

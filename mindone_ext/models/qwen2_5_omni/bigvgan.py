@@ -3,11 +3,12 @@ multi-receptive-field AMP blocks with snake-beta activations applied at twice th
 through Kaiser-windowed sinc up/down-sampling (anti-aliasing). Names mirror the reference
 (`token2wav.code2wav_bigvgan_model.*`).
 
-Every layer also takes `valid`, the number of real samples at its rate (a tensor in a compiled
-graph): the input may be longer, and the output's first `valid` samples are what the reference
-gives on the real samples alone. Zero padding is made exact by zeroing what lies past `valid`
-before each convolution, replicate padding by reading indices clipped to `valid`. One compiled
-graph of a given width then serves every shorter mel (see vocoder.py's `Vocoder`).
+Every layer also takes `valid`, the number of real samples at its rate, one for all rows or one
+per batch row (a tensor in a compiled graph): the input may be longer, and each row's output's
+first `valid` samples are what the reference gives on its real samples alone. Zero padding is
+made exact by zeroing what lies past `valid` before each convolution, replicate padding by
+reading indices clipped to `valid`. One compiled graph of a given width then serves every shorter
+mel, and a batch of mels of different lengths (see vocoder.py's `Vocoder`).
 
 Each layer's `apply` computes it from weights given as arguments (`weights()` lists them, flat):
 a compiled graph of the vocoder then holds no parameters, so it can be stored and reused by
@@ -126,19 +127,28 @@ def whole_row(x, valid):
     return ops.scalar_to_tensor(x.shape[-1], ms.int32) if valid is None else valid
 
 
+def per_row(valid, x):
+    """`valid` (one count, or one per batch row of x) shaped to broadcast over x's last axis."""
+    return valid.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 def keep_valid(x, valid):
-    """x with the samples past `valid` (None: all are valid) zeroed, as a zero-padded conv expects."""
+    """x with the samples past `valid` (None: all are valid; one count or one per batch row)
+    zeroed, as a zero-padded conv expects."""
     if valid is None:
         return x
-    return x * (ops.arange(x.shape[-1], dtype=ms.int32) < valid).astype(x.dtype)
+    return x * (ops.arange(x.shape[-1], dtype=ms.int32) < per_row(valid, x)).astype(x.dtype)
 
 
 def replicate_pad(x, left, right, valid):
-    """torch's replicate padding of the last axis as if it ended after `valid` samples."""
+    """torch's replicate padding of the last axis as if it ended after `valid` samples (one count,
+    or one per batch row)."""
     if valid is None:
         return P.pad1d(x, left, right, "replicate")
-    index = ops.minimum(ops.relu(ops.arange(-left, x.shape[-1] + right, dtype=ms.int32)), valid - 1)
-    return ops.gather(x, index, x.ndim - 1)
+    index = ops.minimum(ops.relu(ops.arange(-left, x.shape[-1] + right, dtype=ms.int32)), per_row(valid, x) - 1)
+    if index.shape[0] == 1:  # one count for every row: one index for all
+        return ops.gather(x, index.reshape(-1), x.ndim - 1)
+    return ops.gather_elements(x, x.ndim - 1, ops.broadcast_to(index, x.shape[:-1] + index.shape[-1:]))
 
 
 class SnakeBeta(nn.Cell):
@@ -364,8 +374,8 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
 
     def apply(self, mel_spectrogram, frames, weights):
         """mel (B, mel_dim, T) -> waveform (B * 240 T samples, squeezed), clamped to [-1, 1].
-        `frames`: how many of the T frames are real (None: all); samples past 240 * frames are
-        then not the waveform of anything. `weights`: as `weights()` lists them."""
+        `frames`: how many of the T frames are real (None: all; one count, or one per row: windows
+        of several answers); a row's samples past 240 * its frames are then not the waveform of anything. `weights`: as `weights()` lists them."""
         rows = self.kernels is not None  # the CPU's layout (B, C, 1, n), see the module's docstring
         valid = frames
         x = keep_valid(self.normalise_mel(mel_spectrogram), valid)
