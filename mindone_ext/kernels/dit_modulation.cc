@@ -5,10 +5,9 @@
 // LayerNorm alone took ~70 us over the tiny checkpoint's 400 x 32 values). The biases are those of
 // the projections before them, which the graphs then compute without.
 // scale, shift and gate hold one row per batch row, or one row for every batch row.
-#include <cmath>
 #include <cstdint>
 
-#include "exp.h"
+#include "dit_steps.h"
 #include "parallel.h"
 #include "tensors.h"
 
@@ -19,7 +18,6 @@ namespace {
 // at the tiny checkpoint's width, ran its norms on one thread at 1 << 16)
 const int64_t SUM_VALUES_PER_THREAD = 1 << 16;
 const int64_t VALUES_PER_THREAD = 1 << 14;
-const double EPS = 1e-6;                     // the reference's LayerNorm epsilon
 
 // The frames of each batch row when x (B, T, D), or its (B * T, D) rows, has `rows` rows and the
 // per-row values (scale, shift, gate) `per_row` (B, D) or (1, D), shared by all.
@@ -42,13 +40,8 @@ extern "C" int ModulatedNorm(int nparam, void **params, int *ndims, int64_t **sh
   const bool shared = shapes[1][0] == 1;
   auto run = [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      const float *xr = x + r * dim;
       const int64_t b = shared ? 0 : r / frames;
-      const float *sc = scale + b * dim, *sh = shift + b * dim;
-      float m, inv;
-      native::row_moments(xr, dim, EPS, &m, &inv);
-      float *o = out + r * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = (xr[d] - m) * inv * (1.f + sc[d]) + sh[d];
+      native::modulated_norm_row(x + r * dim, scale + b * dim, shift + b * dim, dim, out + r * dim);
     }
   };
   native::parallel_ranges(rows, rows * dim, VALUES_PER_THREAD, run);
@@ -71,17 +64,15 @@ extern "C" int GatedResidual(int nparam, void **params, int *ndims, int64_t **sh
   const bool shared = shapes[1][0] == 1;
   auto run = [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      const float *g = gate + (shared ? 0 : r / frames) * dim, *xr = x + r * dim, *yr = y + r * dim;
-      float *o = out + r * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = xr[d] + g[d] * (yr[d] + bias[d]);
+      native::gated_residual_row(x + r * dim, gate + (shared ? 0 : r / frames) * dim, y + r * dim, bias, dim,
+                                 out + r * dim);
     }
   };
   native::parallel_ranges(rows, rows * dim, SUM_VALUES_PER_THREAD, run);
   return 0;
 }
 
-// GELU's tanh form of x + bias (x's projection's bias, added here as for GatedResidual), as
-// nn/ops.py's exact_gelu computes it: h sigmoid(h (c + c 0.044715 h h)), c = 2 sqrt(2 / pi).
+// GELU's tanh form of x + bias (x's projection's bias, added here as for GatedResidual).
 // Inputs: x (..., D), bias (D,); output like x.
 extern "C" int GeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                         void *extra) {
@@ -91,18 +82,8 @@ extern "C" int GeluTanh(int nparam, void **params, int *ndims, int64_t **shapes,
   float *out = static_cast<float *>(params[2]);
   const int64_t dim = shapes[1][0];
   const int64_t n = native::count(ndims[0], shapes[0]);
-  const double c = 2.0 * std::sqrt(2.0 / M_PI);
-  const float scale = static_cast<float>(c), cubic = static_cast<float>(c * 0.044715);
   auto run = [&](int64_t first, int64_t last) {  // rows first..last
-    for (int64_t r = first; r < last; ++r) {
-      const float *xr = x + r * dim;
-      float *o = out + r * dim;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) {
-        const float h = xr[d] + bias[d], u = h * (scale + cubic * h * h);
-        o[d] = h * native::sigmoid(u);
-      }
-    }
+    for (int64_t r = first; r < last; ++r) native::gelu_tanh_row(x + r * dim, bias, dim, out + r * dim);
   };
   native::parallel_ranges(n / dim, n, VALUES_PER_THREAD, run);
   return 0;

@@ -21,6 +21,7 @@ from .ecapa import ECAPA_TimeDelayNet
 
 ATTENTION_SOURCE = native_kernels.source("window_attention.cc")
 MODULATION_SOURCE = native_kernels.source("dit_modulation.cc")
+BLOCK_SOURCE = "dit_block.cc"  # built against MindSpore's oneDNN (native_linear.onednn_library)
 
 
 class SiLU(nn.Cell):
@@ -153,11 +154,14 @@ def attention_kernel(library):
 class DiTKernels(NamedTuple):
     """The DiT's native CPU kernels (MindSpore custom ops), each None for MindSpore ops: the window
     attention with its rotary embedding (kernels/window_attention.cc) and the element-wise steps
-    around it (kernels/dit_modulation.cc). `libraries`: the built files' paths, part of a graph's key."""
+    around it (kernels/dit_modulation.cc), used where a block is not one kernel; the whole block
+    (kernels/dit_block.cc, with oneDNN's sgemm). `libraries`: the built files' paths, part of a
+    graph's key."""
     attention: Any = None
     modulated_norm: Any = None
     gated_residual: Any = None
     gelu_tanh: Any = None
+    block: Any = None
     libraries: tuple = ()
 
     @classmethod
@@ -167,9 +171,11 @@ class DiTKernels(NamedTuple):
             return cls()
         native_linear.enable()  # (its large linears too: nn/native_linear.py)
         attention, modulation = native_kernels.library(ATTENTION_SOURCE), native_kernels.library(MODULATION_SOURCE)
+        block = native_linear.onednn_library(BLOCK_SOURCE)
         element_wise = [native_kernels.custom_op(modulation, name) for name in ("ModulatedNorm", "GatedResidual",
                                                                                  "GeluTanh")]
-        return cls(attention_kernel(attention), *element_wise, (attention, modulation))
+        return cls(attention_kernel(attention), *element_wise, native_kernels.custom_op(block, "DiTBlock"),
+                   (attention, modulation, block))
 
 
 class DiTTimestepEmbedding(nn.Cell):
@@ -251,11 +257,16 @@ def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, kernels=DiTK
     MLP. Written over weights rather than a cell so that one compiled graph serves every layer:
     MindSpore's CPU backend keeps each graph's intermediates allocated, and 22 per-layer graphs
     (or one graph of the whole DiT) held 7.5 GB at 10 s of speech against ~1 GB for one shared.
-    `kernels`: the native CPU kernels to use (`DiTKernels`; default none: MindSpore ops). On the
-    CPU the 7B's projections run through the native linear (nn/native_linear.py) in the
-    checkpoint's layout: it took 0.57-0.91x the time of MatMul on (in, out) copies of the matrices,
-    which the graphs had taken before (+0.7 GB, measured then; 4 evaluations of 1 x 48 frames 1.22-1.26 s ->
-    0.82-0.84 s, 144 frames 3.1-3.6 s -> 2.06-2.18 s, 456 frames 7.2-7.7 s -> 6.45-6.53 s)."""
+    `kernels`: the native CPU kernels to use (`DiTKernels`; default none: MindSpore ops): the whole
+    block as one (kernels/dit_block.cc: the tiny checkpoint's block is bound by its ~14 kernels'
+    launches; an ODE window of one answer 76 -> 52 ms; the released shapes' block as fast as its
+    steps), else its steps. On the CPU the 7B's projections run through oneDNN's sgemm in the
+    checkpoint's layout (nn/native_linear.py; in the block kernel, sgemm.h): it took 0.57-0.91x the
+    time of MatMul on (in, out) copies of the matrices, which the graphs had taken before (+0.7 GB,
+    measured then; 4 evaluations of 1 x 48 frames 1.22-1.26 s -> 0.82-0.84 s, 144 frames 3.1-3.6 s
+    -> 2.06-2.18 s, 456 frames 7.2-7.7 s -> 6.45-6.53 s)."""
+    if kernels.block is not None:  # the whole block as one kernel: the same steps (see kernels/dit_block.cc)
+        return kernels.block(x, t_emb, *weights, cos, sin, *window, Tensor(np.array([head_dim**-0.5], np.float32)))
     norm_w, norm_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, up_w, up_b, down_w, down_b = weights
     linear = P.linear
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 6, 1)

@@ -6,8 +6,9 @@ reduction; its variants that add a convolution's bias first, or a residual sum (
 return), on rows laid out (B, C, n) and (B, C, 1, n); its narrow "same"-padded convolution at every
 row length near the padding and block edges. The DiT's rotary window attention: every frame count near the block boundaries, padded
 lengths, a frame count per row, each layer's window shape; its modulated norm and gated residual:
-per-row and shared modulation, the tiny and the released widths, rows far from zero; its GELU.
-Op by op and inside a compiled graph."""
+per-row and shared modulation, the tiny and the released widths, rows far from zero; its GELU; and
+the whole block as one kernel against the same block as ops (frame counts near the block
+boundaries, guided rows sharing a time, rows with their own). Op by op and inside a compiled graph."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -16,8 +17,8 @@ from mindspore import Tensor
 from mindone_ext.models.qwen2_5_omni.bigvgan import (NATIVE_CONVOLUTION_CHANNELS, AntiAliasedActivation,
                                                      narrow_convolution, snake_kernels, vocoder_library)
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
-                                                 gated_residual, gelu_tanh, modulated_norm, rotary_window_attention,
-                                                 rotation_tables)
+                                                 dit_layer, gated_residual, gelu_tanh, modulated_norm,
+                                                 rotary_window_attention, rotation_tables)
 from mindone_ext.nn.device import on_ascend
 from mindone_ext.nn.layers import Conv1d
 from mindone_ext.utils import native_kernels
@@ -269,7 +270,7 @@ def test_window_attention_inside_a_compiled_graph(attention):
 @pytest.fixture(scope="module")
 def dit_kernels():
     kernels = DiTKernels.build(ms.float32)
-    assert None not in kernels[:4] and None not in kernels.libraries, "this machine builds the native kernels"
+    assert None not in kernels and None not in kernels.libraries, "this machine builds the native kernels"
     return kernels
 
 
@@ -320,3 +321,55 @@ def test_modulated_norm_and_gated_residual_inside_a_compiled_graph(dit_kernels):
 
     want = gated_residual(x, gate, gelu_tanh(modulated_norm(x, scale, shift) * y, bias), bias)
     assert max_abs_diff(compiled(x, y, scale, shift, gate, bias).asnumpy(), want.asnumpy()) <= 1e-5
+
+
+def block_weights(dim, heads, head_dim, hidden):
+    """A DiT block's 14 weights (dit_layer's order) at random, as a checkpoint's shapes."""
+    inner = heads * head_dim
+    shapes = [(6 * dim, dim), (6 * dim,), (inner, dim), (inner,), (inner, dim), (inner,), (inner, dim), (inner,),
+              (dim, inner), (dim,), (hidden, dim), (hidden,), (dim, hidden), (dim,)]
+    return tuple(Tensor((rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)) for shape in shapes)
+
+
+@pytest.mark.parametrize("dim, heads, head_dim, hidden", [(32, 2, 16, 64), (1024, 16, 64, 2048)])
+@pytest.mark.parametrize("back, ahead", [(1, 0), (0, 1)])
+def test_a_dit_block_as_one_kernel_equals_its_steps_as_ops(dit_kernels, dim, heads, head_dim, hidden, back, ahead):
+    """The tiny DiT's widths and the released one's; one guided row (its two halves share a time
+    embedding, one frame count) and two answers' rows (each its own time and frame count); frame
+    counts near the block boundaries, solved at their length or padded past a block; the frames as
+    (rows, frames, D) or as (rows x frames, D) rows."""
+    weights = block_weights(dim, heads, head_dim, hidden)
+    element_wise = dit_kernels._replace(block=None)
+    for frames in ((1, 23, 24, 25, 48, 49) if dim == 32 else (25,)):
+        for length in sorted({frames, -(-frames // 24) * 24 + 24}):
+            for counts, times in ((frames, 1), ([frames, max(1, frames - 7), frames, max(1, frames - 7)], 4)):
+                rows = 2 if isinstance(counts, int) else len(counts)
+                x = Tensor((rng.standard_normal((rows, length, dim)) * 2).astype(np.float32))
+                t_emb = Tensor(rng.standard_normal((times, dim)).astype(np.float32))
+                _, _, _, _, cos, sin = rotary_inputs(1, length, heads, head_dim)
+                window = block_window(counts, 24, back, ahead, length)
+                want = dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim).asnumpy()
+                tolerance = 2e-5 * max(1, np.abs(want).max())
+                for kernels in (dit_kernels, element_wise):
+                    got = dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, kernels).asnumpy()
+                    assert got.shape == want.shape and max_abs_diff(got, want) <= tolerance, (frames, length, counts)
+                as_rows = dit_layer(x.reshape(-1, dim), t_emb, cos, sin, window, weights, heads, head_dim, dit_kernels)
+                np.testing.assert_array_equal(as_rows.asnumpy(), dit_layer(
+                    x, t_emb, cos, sin, window, weights, heads, head_dim, dit_kernels).asnumpy().reshape(-1, dim))
+
+
+def test_a_dit_block_as_one_kernel_inside_a_compiled_graph(dit_kernels):
+    heads, head_dim, dim = 2, 16, 32
+    weights = block_weights(dim, heads, head_dim, 64)
+    x = Tensor(rng.standard_normal((2 * 48, dim)).astype(np.float32))
+    t_emb = Tensor(rng.standard_normal((1, dim)).astype(np.float32))
+    _, _, _, _, cos, sin = rotary_inputs(1, 48, heads, head_dim)
+    window = block_window(40, 24, 1, 1, 48)
+
+    @ms.jit
+    def compiled(x, t_emb, cos, sin, keys, valid, weights):
+        return dit_layer(x, t_emb, cos, sin, (keys, valid), weights, heads, head_dim, dit_kernels)
+
+    want = dit_layer(x.reshape(2, 48, dim), t_emb, cos, sin, window, weights, heads, head_dim).asnumpy()
+    got = compiled(x, t_emb, cos, sin, *window, weights).asnumpy()
+    assert max_abs_diff(got, want.reshape(-1, dim)) <= 2e-5 * max(1, np.abs(want).max())
