@@ -235,20 +235,30 @@ class DiTInputEmbedding(nn.Cell):
                   code_embed_uncond=None, apply_cfg=True, voice=None):
         if voice is None:
             voice = self.reference_voice(condition_vector, drop_audio_cond, apply_cfg)
-        return input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, self.proj.weight,
-                               self.proj.bias, drop_audio_cond, apply_cfg)
+        conditions = frame_conditions(speaker_embedding, code_embed, code_embed_uncond, voice, drop_audio_cond,
+                                      apply_cfg)
+        return input_embedding(x, conditions, self.proj.weight, self.proj.bias, apply_cfg)
 
 
-def input_embedding(x, speaker_embedding, code_embed, code_embed_uncond, voice, weight, bias, drop_audio_cond,
-                    apply_cfg):
+def frame_conditions(speaker_embedding, code_embed, code_embed_uncond, voice, drop_audio_cond, apply_cfg):
+    """What the input projection reads of each frame besides the noisy mel, (B, T, ...) or (2B, ...)
+    with the unconditioned half: the speaker's voice, the codes' embedding and the conditioning
+    vector, in the reference's order. Nothing in it changes during an ODE solve, so a solve makes it
+    once, not in each of its 36 DiT evaluations (~17 of the tiny DiT's ~44 graph kernels each)."""
     if apply_cfg:  # conditioned and unconditioned halves in one batch
-        x = ops.cat((x, x), 0)
         speaker_embedding = ops.cat((speaker_embedding, ops.zeros_like(speaker_embedding)), 0)
         code_embed = ops.cat((code_embed, code_embed_uncond), 0)
     elif drop_audio_cond:
         speaker_embedding = ops.zeros_like(speaker_embedding)
-    speaker = ops.tile(voice.expand_dims(1), (1, x.shape[1], 1))
-    return P.linear(ops.cat((x, speaker, code_embed, speaker_embedding), -1), weight, bias)
+    speaker = ops.tile(voice.expand_dims(1), (1, code_embed.shape[1], 1))
+    return ops.cat((speaker, code_embed, speaker_embedding), -1)
+
+
+def input_embedding(x, conditions, weight, bias, apply_cfg):
+    """The input projection of the noisy mel x (B, T, mel) beside its `frame_conditions`."""
+    if apply_cfg:
+        x = ops.cat((x, x), 0)
+    return P.linear(ops.cat((x, conditions), -1), weight, bias)
 
 
 def dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, kernels=DiTKernels()):
@@ -388,23 +398,28 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         return embed + blocks + (self.norm_out.linear.weight, self.norm_out.linear.bias, self.proj_out.weight,
                                  self.proj_out.bias)
 
-    def embed(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
-              drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None):
-        """The blocks' input (B, T, hidden), or (2B, ...) with the unconditioned half, and the
-        time embedding. `voice`, the input embedding's `reference_voice`, saves computing it again.
-        `weights`: the input side's of `weights()` (default this model's own)."""
+    def conditions(self, condition_vector, speaker_embedding, quantized_code, drop_audio_conditioning=False,
+                   drop_code=False, apply_cfg=True, voice=None, weights=None):
+        """The forward's `frame_conditions` (see `run`). `voice`, the input embedding's
+        `reference_voice`, saves computing it again. `weights`: the input side's of `weights()`
+        (default this model's own)."""
         if voice is None:
             voice = self.input_embed.reference_voice(condition_vector, drop_audio_conditioning, apply_cfg)
+        table = (self.weights()[:EMBED_WEIGHTS] if weights is None else weights)[4]
+        code = codec_embedding(quantized_code, table, self.repeats, False if apply_cfg else drop_code)
+        code_uncond = codec_embedding(quantized_code, table, self.repeats, True) if apply_cfg else None
+        return frame_conditions(speaker_embedding, code, code_uncond, voice, drop_audio_conditioning, apply_cfg)
+
+    def embed(self, hidden_states, conditions, time_step, apply_cfg=True, weights=None):
+        """The blocks' input (B, T, hidden), or (2B, ...) with the unconditioned half, and the
+        time embedding. `weights`: the input side's of `weights()` (default this model's own)."""
         weights = self.weights()[:EMBED_WEIGHTS] if weights is None else weights
-        time_w1, time_b1, time_w2, time_b2, table, proj_w, proj_b = weights
+        time_w1, time_b1, time_w2, time_b2, _, proj_w, proj_b = weights
         b = hidden_states.shape[0]
         if time_step.ndim == 0:
             time_step = ops.tile(time_step.reshape(1), (b,))
         t_emb = timestep_embedding(time_step, (time_w1, time_b1, time_w2, time_b2), self.time_embed.freq_dim)
-        code = codec_embedding(quantized_code, table, self.repeats, False if apply_cfg else drop_code)
-        code_uncond = codec_embedding(quantized_code, table, self.repeats, True) if apply_cfg else None
-        x = input_embedding(hidden_states, speaker_embedding, code, code_uncond, voice, proj_w, proj_b,
-                            drop_audio_conditioning, apply_cfg)
+        x = input_embedding(hidden_states, conditions, proj_w, proj_b, apply_cfg)
         if apply_cfg and b > 1:  # one row of t_emb broadcasts over both halves; B rows must be repeated
             t_emb = ops.cat((t_emb, t_emb), 0)
         return x, t_emb
@@ -416,15 +431,14 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         scale, shift = ops.chunk(linear(P.silu(t_emb), norm_w, norm_b), 2, 1)
         return linear(modulated_norm(x, scale, shift, self.kernels.modulated_norm), proj_w, proj_b)
 
-    def run(self, hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-            drop_audio_conditioning=False, drop_code=False, apply_cfg=True, voice=None, weights=None):
-        """The forward on prepared frame inputs (see `frame_inputs`) and `weights` (default this
-        model's own, see `weights()`); Token2Wav compiles it whole, or its `embed`, `dit_layer` per
-        block and `output` (see Qwen2_5OmniToken2WavModel.velocity)."""
+    def run(self, hidden_states, conditions, time_step, cos, sin, masks, apply_cfg=True, weights=None):
+        """The forward on prepared frame inputs (see `frame_inputs`) and `conditions` (see
+        `conditions`), with `weights` (default this model's own, see `weights()`); Token2Wav compiles
+        it whole, or its `embed`, `dit_layer` per block and `output` (see
+        Qwen2_5OmniToken2WavModel.velocity)."""
         embed, blocks, output = split_weights(self.weights() if weights is None else weights,
                                               len(self.transformer_blocks))
-        x, t_emb = self.embed(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step,
-                              drop_audio_conditioning, drop_code, apply_cfg, voice, embed)
+        x, t_emb = self.embed(hidden_states, conditions, time_step, apply_cfg, embed)
         shape = x.shape
         if self.kernels.attention is not None and self.kernels.modulated_norm is not None:
             # the native kernels take the frames as (B * T, hidden) rows: no reshape around each
@@ -441,5 +455,6 @@ class Qwen2_5OmniToken2WavDiTModel(nn.Cell):
         speaker_embedding (B, T, enc_emb_dim); quantized_code (B, T / repeats); time_step () or (B,).
         With apply_cfg the batch doubles: conditioned outputs first, unconditioned second."""
         cos, sin, masks = self.frame_inputs(hidden_states.shape[1], hidden_states.dtype)
-        return self.run(hidden_states, condition_vector, speaker_embedding, quantized_code, time_step, cos, sin, masks,
-                        drop_audio_conditioning, drop_code, apply_cfg)
+        conditions = self.conditions(condition_vector, speaker_embedding, quantized_code, drop_audio_conditioning,
+                                     drop_code, apply_cfg)
+        return self.run(hidden_states, conditions, time_step, cos, sin, masks, apply_cfg)

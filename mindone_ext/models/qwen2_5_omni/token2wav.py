@@ -13,7 +13,7 @@ from ...utils.graph_cache import StoredGraph
 from ...utils.notice import compiling
 from ...utils.stored_values import stored_value
 from .bigvgan import Qwen2_5OmniToken2WavBigVGANModel
-from .dit import Qwen2_5OmniToken2WavDiTModel, dit_layer, split_weights
+from .dit import EMBED_WEIGHTS, Qwen2_5OmniToken2WavDiTModel, dit_layer, split_weights
 from .vocoder import Vocoder
 
 ONE_GRAPH_BYTES = 256 << 20  # see Qwen2_5OmniToken2WavModel.one_graph
@@ -136,12 +136,14 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
                 guided, null = ops.chunk(out, 2, 0)
                 return guided + (guided - null) * guidance_scale
 
-            def whole(x, cond, code, t, voice, cos, sin, masks, guidance_scale, weights):
-                return guide(dit.run(x, None, cond, code, t, cos, sin, masks, apply_cfg=apply_cfg, voice=voice,
-                                     weights=weights), guidance_scale)
+            def conditions(cond, code, voice, weights):
+                return dit.conditions(None, cond, code, apply_cfg=apply_cfg, voice=voice, weights=weights)
 
-            def embed(x, cond, code, t, voice, weights):
-                return dit.embed(x, None, cond, code, t, apply_cfg=apply_cfg, voice=voice, weights=weights)
+            def whole(x, conditions, t, cos, sin, masks, guidance_scale, weights):
+                return guide(dit.run(x, conditions, t, cos, sin, masks, apply_cfg, weights), guidance_scale)
+
+            def embed(x, conditions, t, weights):
+                return dit.embed(x, conditions, t, apply_cfg, weights)
 
             def block(x, t_emb, cos, sin, window, weights):
                 return dit_layer(x, t_emb, cos, sin, window, weights, heads, head_dim, dit.kernels)
@@ -149,14 +151,14 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
             def output(x, t_emb, guidance_scale, weights):
                 return guide(dit.output(x, t_emb, weights), guidance_scale)
 
-            def step(y, t0, t_a, t_b, t1, h, third, cond, code, voice, cos, sin, masks, guidance_scale, weights):
+            def step(y, t0, t_a, t_b, t1, h, third, conditions, cos, sin, masks, guidance_scale, weights):
                 def f(t, x):
-                    return whole(x, cond, code, t, voice, cos, sin, masks, guidance_scale, weights)
+                    return whole(x, conditions, t, cos, sin, masks, guidance_scale, weights)
                 return rk4_step(f, y, (t0, t_a, t_b, t1), h, third)
 
             self._compiled[apply_cfg] = tuple(StoredGraph(f"dit_{name}", function, constants) for name, function in
                                               (("whole", whole), ("embed", embed), ("block", block),
-                                               ("output", output), ("rk4_step", step)))
+                                               ("output", output), ("rk4_step", step), ("conditions", conditions)))
         return self._compiled[apply_cfg]
 
     def velocity(self, x, cond, code, t, cos, sin, masks, guidance_scale, voice, weights=None):
@@ -164,18 +166,28 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         non-zero (guided + (guided - unconditioned) * scale). `voice`: the speaker's embedding
         for that scale (`speaker_voice`; rows of several speakers stacked as solve_rows does).
         `weights`: `graph_weights()`, made once for the many evaluations of one solve."""
+        weights = weights or self.graph_weights()
+        conditions = self.frame_conditions(cond, code, voice, guidance_scale, weights)
+        return self._velocity(x, conditions, t, cos, sin, masks, guidance_scale, weights)
+
+    def frame_conditions(self, cond, code, voice, guidance_scale, weights):
+        """What the DiT reads of each frame besides the noisy mel (the DiT's `conditions`): the same
+        for every evaluation of a solve, so made once for it."""
+        graph = self._graphs(guidance_scale >= 1e-5)[5]
+        return graph(cond, code, voice, ms.mutable(weights[:EMBED_WEIGHTS]))
+
+    def _velocity(self, x, conditions, t, cos, sin, masks, guidance_scale, weights):
         dit = self.code2wav_dit_model
-        whole, embed, layer, output, _ = self._graphs(guidance_scale >= 1e-5)
+        whole, embed, layer, output, _, _ = self._graphs(guidance_scale >= 1e-5)
         scale = Tensor(np.float32(guidance_scale))
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
-        weights = weights or self.graph_weights()
         # mutable: the tensors are graph inputs, not constants baked into a new graph per call
         with compiling(new):
             if self.one_graph(x.shape[0] * x.shape[1]):
-                return whole(x, cond, code, t, voice, cos, sin, ms.mutable(masks), scale, ms.mutable(weights))
+                return whole(x, conditions, t, cos, sin, ms.mutable(masks), scale, ms.mutable(weights))
             first, blocks, last = split_weights(weights, len(dit.transformer_blocks))
-            h, t_emb = embed(x, cond, code, t, voice, ms.mutable(first))
+            h, t_emb = embed(x, conditions, t, ms.mutable(first))
             for window, block_weights in zip(masks, blocks):
                 h = layer(h, t_emb, cos, sin, ms.mutable(window), ms.mutable(block_weights))
             return output(h, t_emb, scale, ms.mutable(last))
@@ -249,11 +261,11 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         # one row keeps the unbatched mask (and its graphs); several have a mask per row (x2 with guidance)
         cos, sin, masks = dit.frame_inputs(frames[0] if len(rows) == 1 else frames * (1 + apply_cfg), ms.float32,
                                            length)
-        code_t, weights = Tensor(code, ms.int32), self.graph_weights()
+        weights = self.graph_weights()
+        conditions = self.frame_conditions(cond, Tensor(code, ms.int32), voice, guidance_scale, weights)
 
         def velocity(t, x):
-            return self.velocity(x, cond, code_t, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, voice,
-                                 weights)
+            return self._velocity(x, conditions, Tensor(t, ms.float32), cos, sin, masks, guidance_scale, weights)
 
         step = None
         if self.one_graph(RK4_EVALUATIONS * len(rows) * length, STEP_GRAPH_BYTES):
@@ -266,8 +278,8 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
                 new = None if shape in self._shapes else f"the DiT for {length} mel frames"  # (its first step only)
                 self._shapes.add(shape)
                 with compiling(new):
-                    return step_graph(y, *(Tensor(t, ms.float32) for t in times), h, third, cond, code_t, voice, cos,
-                                      sin, ms.mutable(masks), scale, ms.mutable(weights))
+                    return step_graph(y, *(Tensor(t, ms.float32) for t in times), h, third, conditions, cos, sin,
+                                      ms.mutable(masks), scale, ms.mutable(weights))
             step = whole_step
 
         return rk4_integrate(velocity, Tensor(noise), sway_timesteps(num_steps, sway_coefficient), step)[:count]
