@@ -334,3 +334,46 @@ extern "C" int ResidualActivatedConvolution(int nparam, void **params, int *ndim
                                params + 4, shapes[0][0], shapes[0][1], shapes[0][3], params + 7, ndims, shapes, 7,
                                static_cast<float *>(params[10]));
 }
+
+// AMPBlock: x (B, C, 1, n), valid, taps, then per dilation its 8 weights (the first activation's
+// alpha and beta, the first convolution's weight (C, C, 1, K) and bias, the second activation's
+// alpha and beta, the second convolution's weight and bias), then the dilations (D,) int32 -> the
+// block's output, like x: bigvgan.py's AMPBlock._fused_rows (its 2 D fused activation-convolutions
+// and the last residual sum) in one call, the same functions in the same order. A graph of the tiny
+// vocoder spent most of its time launching its ~220 kernels.
+extern "C" int AMPBlock(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  const int units = (nparam - 5) / 8, dilations_at = nparam - 2;
+  Valid valid;
+  if (units < 1 || nparam != 5 + 8 * units || ndims[0] != 4 || shapes[0][2] != 1 ||
+      native::count(ndims[dilations_at], shapes[dilations_at]) != units ||
+      !valid_input(params, ndims, shapes, 1, shapes[0][0], &valid))
+    return 1;
+  const int64_t batch = shapes[0][0], channels = shapes[0][1], n = shapes[0][3];
+  const int32_t *dilations = static_cast<const int32_t *>(params[dilations_at]);
+  static const int32_t one = 1;  // the second convolution's dilation
+  float *out = static_cast<float *>(params[nparam - 1]);
+  std::vector<float> h(batch * channels * n), sum(batch * channels * n);
+  const float *residual = static_cast<const float *>(params[0]);  // the unit's input: x, then the running sums
+  int failed = 0;
+  for (int i = 0; i < units; ++i) {
+    const int at = 3 + 8 * i;  // this unit's weights
+    void *first[2] = {params[at + 2], const_cast<int32_t *>(dilations + i)};
+    void *first_activation[3] = {params[at], params[at + 1], params[2]};
+    if (i == 0) {
+      failed |= activated_convolution(residual, nullptr, nullptr, nullptr, valid, first_activation, batch, channels, n,
+                                      first, ndims, shapes, at + 2, h.data());
+    } else {  // the last unit's sum (its input, its second convolution in out, that one's bias), then on
+      failed |= activated_convolution(residual, out, static_cast<const float *>(params[at - 1]), sum.data(), valid,
+                                      first_activation, batch, channels, n, first, ndims, shapes, at + 2, h.data());
+      residual = sum.data();
+    }
+    void *second[2] = {params[at + 6], const_cast<int32_t *>(&one)};
+    void *second_activation[3] = {params[at + 4], params[at + 5], params[2]};
+    failed |= activated_convolution(h.data(), nullptr, static_cast<const float *>(params[at + 3]), nullptr, valid,
+                                    second_activation, batch, channels, n, second, ndims, shapes, at + 6, out);
+  }
+  const float *bias = static_cast<const float *>(params[3 + 8 * units - 1]);
+  for (int64_t r = 0; r < batch * channels; ++r) residual_row(residual + r * n, out + r * n, bias[r % channels], n, out + r * n);
+  return failed;
+}

@@ -69,7 +69,8 @@ class SnakeKernels(NamedTuple):
     """The native kernels of the vocoder (float32, CPU): the activation alone; of x + bias; and
     of a residual sum x + y + bias, which it also returns; the residual sum alone; a "same"-padded
     convolution (see Conv1d.apply_rows); and that convolution of the activation, of the biased
-    one, and of the residual one (which also returns the sum): the activation stays in the kernel."""
+    one, and of the residual one (which also returns the sum): the activation stays in the kernel;
+    and a whole AMP block of those (`AMPBlock._fused_rows` in one call)."""
     activation: Any
     biased: Any
     residual: Any
@@ -78,6 +79,7 @@ class SnakeKernels(NamedTuple):
     activated_convolution: Any
     biased_activated_convolution: Any
     residual_activated_convolution: Any
+    amp_block: Any
 
 
 def _pair(first, *_):
@@ -112,7 +114,7 @@ def snake_kernels(path):
                         op("ResidualAntiAliasedSnake", _pair, _pair), op("BiasedResidual"),
                         op("SameConvolution", _convolved), op("ActivatedConvolution", _activated_convolved),
                         op("BiasedActivatedConvolution", _activated_convolved),
-                        op("ResidualActivatedConvolution", _residual_convolved, _pair))
+                        op("ResidualActivatedConvolution", _residual_convolved, _pair), op("AMPBlock"))
 
 
 def narrow_convolution(kernels, channels):
@@ -235,13 +237,15 @@ class AMPBlock(nn.Cell):
                                          for _ in range(2 * len(dilations))])
         self.weight_count = 8 * len(dilations)
         # `apply_rows`'s kernels, each a cell attribute (what a compiled graph can read)
-        kernels = snake_kernels(native if dtype == ms.float32 else None) or SnakeKernels(*[None] * 8)
+        kernels = snake_kernels(native if dtype == ms.float32 else None) or SnakeKernels(*[None] * 9)
         self.snake, self.biased_snake, self.residual_snake, self.biased_residual = kernels[:4]
         self.convolution = narrow_convolution(kernels, channels)
-        # with the native convolution, each runs fused with the activation before it
-        fused = kernels[5:] if self.convolution is not None else (None, None, None)
-        self.activated_convolution, self.biased_activated_convolution, self.residual_activated_convolution = fused
+        # with the native convolution, each runs fused with the activation before it, the block in one call
+        fused = kernels[5:] if self.convolution is not None else (None,) * 4
+        (self.activated_convolution, self.biased_activated_convolution, self.residual_activated_convolution,
+         self.whole_block) = fused
         self.dilations = tuple(Tensor(np.array([conv.dilation], np.int32)) for conv in self.convs1)
+        self.all_dilations = Tensor(np.array([conv.dilation for conv in self.convs1], np.int32))
         self.second_dilation = Tensor(np.array([1], np.int32))
 
     def weights(self):
@@ -270,6 +274,8 @@ class AMPBlock(nn.Cell):
         feeds the next dilation's first activation): 6 graph kernels a dilation instead of ~13; 2
         with the native convolution, each fused with the activation before it (`_fused_rows`)."""
         taps, valid, last = self.activations[0].taps, whole_row(x, valid), len(self.convs1) - 1
+        if self.whole_block is not None:  # `_fused_rows` as one kernel (the same functions in the same order)
+            return self.whole_block(x, valid, taps, *weights, self.all_dilations)
         if self.activated_convolution is not None:
             return self._fused_rows(x, valid, weights, taps)
         h = self.snake(x, valid, weights[0], weights[1], taps)

@@ -4,8 +4,9 @@ both ways). BigVGAN's anti-aliased activation: every row length and real length 
 the filters' padding, rows of a padded window, inputs large enough to need the sine's range
 reduction; its variants that add a convolution's bias first, or a residual sum (which they also
 return), on rows laid out (B, C, n) and (B, C, 1, n); its narrow "same"-padded convolution at every
-row length near the padding and block edges. The DiT's rotary window attention: every frame count near the block boundaries, padded
-lengths, a frame count per row, each layer's window shape; its modulated norm and gated residual:
+row length near the padding and block edges; a whole AMP block as one kernel. The DiT's rotary
+window attention: every frame count near the block boundaries, padded lengths, a frame count per
+row, each layer's window shape; its modulated norm and gated residual:
 per-row and shared modulation, the tiny and the released widths, rows far from zero; its GELU; and
 the whole block as one kernel against the same block as ops (frame counts near the block
 boundaries, guided rows sharing a time, rows with their own). Op by op and inside a compiled graph."""
@@ -14,7 +15,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_ext.models.qwen2_5_omni.bigvgan import (NATIVE_CONVOLUTION_CHANNELS, AntiAliasedActivation,
+from mindone_ext.models.qwen2_5_omni.bigvgan import (NATIVE_CONVOLUTION_CHANNELS, AMPBlock, AntiAliasedActivation,
                                                      narrow_convolution, snake_kernels, vocoder_library)
 from mindone_ext.models.qwen2_5_omni.dit import (ATTENTION_SOURCE, DiTKernels, attention_kernel, block_window,
                                                  dit_layer, gated_residual, gelu_tanh, modulated_norm,
@@ -160,6 +161,45 @@ def test_a_convolution_fused_with_its_activation_is_the_two_kernels_in_turn(chan
             got_total, got = k.residual_activated_convolution(x, y, bias, valid, alpha, beta, taps_filter, weight, d)
             np.testing.assert_array_equal(got_total.asnumpy(), total.asnumpy())
             np.testing.assert_array_equal(got.asnumpy(), k.same_convolution(activated, weight, d).asnumpy())
+
+
+@pytest.mark.parametrize("channels, kernel_size, dilations", [(4, 3, (1, 3, 5)), (16, 7, (1, 3)), (2, 11, (1,))])
+def test_an_amp_block_as_one_kernel_is_its_fused_kernels_in_turn(channels, kernel_size, dilations):
+    """AMPBlock's one-call kernel against its per-unit fused kernels (`_fused_rows`), to the bit:
+    the released checkpoint's kernel sizes and dilations and fewer; lengths around the
+    convolution's block widths, the real samples fewer than the row's or all of it, one count for
+    the rows or one each; op by op and inside a compiled graph."""
+    block = AMPBlock(channels, kernel_size, dilations, ms.float32, vocoder_library())
+    assert block.whole_block is not None
+    weights = []
+    for i in range(len(dilations)):
+        for conv in (block.convs1[i], block.convs2[i]):
+            weights += [Tensor(rng.uniform(-1, 1, channels).astype(np.float32)) for _ in range(2)]  # alpha, beta
+            weights += [Tensor((rng.standard_normal((channels, channels, 1, kernel_size)) * 0.3).astype(np.float32)),
+                        Tensor(rng.standard_normal(channels).astype(np.float32))]
+    weights = tuple(weights)
+    whole = block.whole_block
+
+    def per_unit(x, valid):
+        block.whole_block = None
+        try:
+            return block.apply_rows(x, valid, weights).asnumpy()
+        finally:
+            block.whole_block = whole
+
+    for n in (5, 127, 128, 129, 300):
+        x = Tensor(rng.standard_normal((2, channels, 1, n)).astype(np.float32))
+        for real in sorted({n, max(1, n - 7)}):
+            for valid in (np.array(real, np.int32), np.array([real, max(1, real - 3)], np.int32)):
+                got = block.apply_rows(x, Tensor(valid), weights).asnumpy()
+                np.testing.assert_array_equal(got, per_unit(x, Tensor(valid)), err_msg=f"n {n}, valid {valid}")
+
+    @ms.jit
+    def compiled(x, valid, weights):
+        return block.apply_rows(x, valid, weights)
+
+    x, valid = Tensor(rng.standard_normal((2, channels, 1, 200)).astype(np.float32)), Tensor(np.array([200, 150], np.int32))
+    np.testing.assert_array_equal(compiled(x, valid, weights).asnumpy(), per_unit(x, valid))
 
 
 def test_only_narrow_same_padded_convolutions_run_natively():
