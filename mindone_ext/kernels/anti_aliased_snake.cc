@@ -374,6 +374,7 @@ extern "C" int AMPBlock(int nparam, void **params, int *ndims, int64_t **shapes,
                                     second_activation, batch, channels, n, second, ndims, shapes, at + 6, out);
   }
   const float *bias = static_cast<const float *>(params[3 + 8 * units - 1]);
-  for (int64_t r = 0; r < batch * channels; ++r) residual_row(residual + r * n, out + r * n, bias[r % channels], n, out + r * n);
+  for (int64_t r = 0; r < batch * channels; ++r)
+    residual_row(residual + r * n, out + r * n, bias[r % channels], n, out + r * n);
   return failed;
 }

@@ -66,7 +66,9 @@ extern "C" int DiTBlock(int nparam, void **params, int *ndims, int64_t **shapes,
   };
   std::vector<float> h(rows * dim), q(rows * inner), k(rows * inner), v(rows * inner), attended(rows * inner);
   std::vector<float> y(rows * dim), up(rows * hidden);
-  each_row([&](int64_t r) { native::modulated_norm_row(x + r * dim, part(r, 1), part(r, 0), dim, h.data() + r * dim); });
+  each_row([&](int64_t r) {
+    native::modulated_norm_row(x + r * dim, part(r, 1), part(r, 0), dim, h.data() + r * dim);
+  });
   const Input projections[] = {Q_W, K_W, V_W};
   float *projected[] = {q.data(), k.data(), v.data()};
   for (int i = 0; i < 3; ++i)

@@ -381,7 +381,8 @@ class Qwen2_5OmniToken2WavBigVGANModel(nn.Cell):
     def apply(self, mel_spectrogram, frames, weights):
         """mel (B, mel_dim, T) -> waveform (B * 240 T samples, squeezed), clamped to [-1, 1].
         `frames`: how many of the T frames are real (None: all; one count, or one per row: windows
-        of several answers); a row's samples past 240 * its frames are then not the waveform of anything. `weights`: as `weights()` lists them."""
+        of several answers); a row's samples past 240 * its frames are then not the waveform of
+        anything. `weights`: as `weights()` lists them."""
         rows = self.kernels is not None  # the CPU's layout (B, C, 1, n), see the module's docstring
         valid = frames
         x = keep_valid(self.normalise_mel(mel_spectrogram), valid)

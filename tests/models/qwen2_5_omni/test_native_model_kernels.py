@@ -198,7 +198,8 @@ def test_an_amp_block_as_one_kernel_is_its_fused_kernels_in_turn(channels, kerne
     def compiled(x, valid, weights):
         return block.apply_rows(x, valid, weights)
 
-    x, valid = Tensor(rng.standard_normal((2, channels, 1, 200)).astype(np.float32)), Tensor(np.array([200, 150], np.int32))
+    x = Tensor(rng.standard_normal((2, channels, 1, 200)).astype(np.float32))
+    valid = Tensor(np.array([200, 150], np.int32))
     np.testing.assert_array_equal(compiled(x, valid, weights).asnumpy(), per_unit(x, valid))
 
 
