@@ -5,8 +5,6 @@
 // checkpoint's shapes a block's kernels cost mostly their launches (an ODE window of one answer
 // spent ~85% of its time outside the kernels' own work), and a solve runs 36 DiT evaluations.
 // Built against MindSpore's oneDNN (sgemm.h).
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
