@@ -350,6 +350,9 @@ extern "C" int AMPBlock(int nparam, void **params, int *ndims, int64_t **shapes,
       !valid_input(params, ndims, shapes, 1, shapes[0][0], &valid))
     return 1;
   const int64_t batch = shapes[0][0], channels = shapes[0][1], n = shapes[0][3];
+  for (int i = 0; i < units; ++i)  // each convolution keeps the channels (the output and buffers are x's size)
+    for (int weight : {3 + 8 * i + 2, 3 + 8 * i + 6})
+      if (shapes[weight][0] != channels) return 1;
   const int32_t *dilations = static_cast<const int32_t *>(params[dilations_at]);
   static const int32_t one = 1;  // the second convolution's dilation
   float *out = static_cast<float *>(params[nparam - 1]);

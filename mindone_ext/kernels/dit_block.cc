@@ -25,6 +25,12 @@ enum Input { X, TIME, NORM_W, NORM_B, Q_W, Q_B, K_W, K_B, V_W, V_B, O_W, O_B, UP
 
 const float *in(void **params, int i) { return static_cast<const float *>(params[i]); }
 
+// Whether input i is a matrix (rows, cols), or a vector (rows,) when cols is 0.
+bool shaped(int *ndims, int64_t **shapes, int i, int64_t rows, int64_t cols = 0) {
+  return cols == 0 ? ndims[i] == 1 && shapes[i][0] == rows
+                   : ndims[i] == 2 && shapes[i][0] == rows && shapes[i][1] == cols;
+}
+
 }  // namespace
 
 // MindSpore's AOT custom-op entry. Inputs: x (B, T, D) float32 or its (B * T, D) rows; t_emb (B or
@@ -42,10 +48,14 @@ extern "C" int DiTBlock(int nparam, void **params, int *ndims, int64_t **shapes,
   const int64_t heads = shapes[COS][0], frames = shapes[COS][1], head_dim = shapes[COS][2], inner = heads * head_dim;
   const int64_t embed = shapes[TIME][1], times = shapes[TIME][0], hidden = shapes[UP_W][0];
   const int64_t batch = rows / frames;
-  if (rows % frames != 0 || (times != 1 && times != batch) || shapes[NORM_W][0] != 6 * dim ||
-      shapes[NORM_W][1] != embed || shapes[Q_W][0] != inner || shapes[Q_W][1] != dim || shapes[O_W][0] != dim ||
-      shapes[O_W][1] != inner || shapes[UP_W][1] != dim || shapes[DOWN_W][0] != dim || shapes[DOWN_W][1] != hidden)
+  if (rows % frames != 0 || (times != 1 && times != batch) || !shaped(ndims, shapes, NORM_W, 6 * dim, embed) ||
+      !shaped(ndims, shapes, NORM_B, 6 * dim) || !shaped(ndims, shapes, O_W, dim, inner) ||
+      !shaped(ndims, shapes, O_B, dim) || !shaped(ndims, shapes, UP_W, hidden, dim) ||
+      !shaped(ndims, shapes, UP_B, hidden) || !shaped(ndims, shapes, DOWN_W, dim, hidden) ||
+      !shaped(ndims, shapes, DOWN_B, dim) || native::count(ndims[SIN], shapes[SIN]) != heads * frames * head_dim)
     return 1;
+  for (int i = Q_W; i <= V_B; i += 2)  // q, k, v and their biases
+    if (!shaped(ndims, shapes, i, inner, dim) || !shaped(ndims, shapes, i + 1, inner)) return 1;
   const float *x = in(params, X);
   float *out = static_cast<float *>(params[OUT]);
   // the six modulations (shift, scale, gate of the attention, then of the MLP), (times, 6 D)

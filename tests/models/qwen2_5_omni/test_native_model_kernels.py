@@ -203,6 +203,20 @@ def test_an_amp_block_as_one_kernel_is_its_fused_kernels_in_turn(channels, kerne
     np.testing.assert_array_equal(compiled(x, valid, weights).asnumpy(), per_unit(x, valid))
 
 
+def test_the_amp_block_kernel_refuses_a_convolution_that_changes_the_channels():
+    block = AMPBlock(4, 3, (1, 3), ms.float32, vocoder_library())
+    x = Tensor(rng.standard_normal((1, 4, 1, 20)).astype(np.float32))
+    valid = Tensor(np.array(20, np.int32))
+    fitting = [Tensor(rng.uniform(-1, 1, shape).astype(np.float32)) for _ in range(2 * 2)  # 2 units, 2 halves
+               for shape in ((4,), (4,), (4, 4, 1, 3), (4,))]
+    assert block.apply_rows(x, valid, tuple(fitting)).shape == x.shape
+    for changed in (2, 6, 14):  # the first unit's first or second convolution, the last unit's second
+        weights = list(fitting)
+        weights[changed] = Tensor(np.zeros((5, 4, 1, 3), np.float32))
+        with pytest.raises(RuntimeError, match="AMPBlock"):
+            block.apply_rows(x, valid, tuple(weights)).asnumpy()
+
+
 def test_only_narrow_same_padded_convolutions_run_natively():
     kernels = snake_kernels(vocoder_library())
     assert narrow_convolution(kernels, NATIVE_CONVOLUTION_CHANNELS) is kernels.same_convolution
@@ -397,6 +411,21 @@ def test_a_dit_block_as_one_kernel_equals_its_steps_as_ops(dit_kernels, dim, hea
                 as_rows = dit_layer(x.reshape(-1, dim), t_emb, cos, sin, window, weights, heads, head_dim, dit_kernels)
                 np.testing.assert_array_equal(as_rows.asnumpy(), dit_layer(
                     x, t_emb, cos, sin, window, weights, heads, head_dim, dit_kernels).asnumpy().reshape(-1, dim))
+
+
+def test_the_dit_block_kernel_refuses_weights_of_other_shapes(dit_kernels):
+    """Each weight's shape is checked against x's and the rotary table's before any is read (a k
+    projection of other widths than q's would be read past its end)."""
+    heads, head_dim, dim = 2, 16, 32
+    x = Tensor(rng.standard_normal((48, dim)).astype(np.float32))
+    t_emb = Tensor(rng.standard_normal((1, dim)).astype(np.float32))
+    _, _, _, _, cos, sin = rotary_inputs(1, 48, heads, head_dim)
+    window = block_window(48, 24, 1, 1, 48)
+    for at, shape in ((4, (heads * head_dim - 8, dim)), (5, (heads * head_dim + 1,)), (12, (64, dim + 1))):
+        weights = list(block_weights(dim, heads, head_dim, 64))
+        weights[at] = Tensor(np.zeros(shape, np.float32))
+        with pytest.raises(RuntimeError, match="DiTBlock"):
+            dit_layer(x, t_emb, cos, sin, window, tuple(weights), heads, head_dim, dit_kernels).asnumpy()
 
 
 def test_a_dit_block_as_one_kernel_inside_a_compiled_graph(dit_kernels):
