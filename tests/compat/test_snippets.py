@@ -4,8 +4,11 @@ renamed, transformers' model card with PyTorch swapped for MindSpore; each file'
 exactly what differs from the original). Their model name ("Qwen/Qwen2.5-Omni-7B") and dataset
 name resolve to folders in the working directory, as a download would; only their media
 placeholders are replaced by real files. Each result is also checked against our own API on the
-same inputs."""
+same inputs. This project's own README's Python blocks run here too, one after another as in a
+notebook."""
+import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -231,3 +234,100 @@ def test_loading_arguments_from_transformers_and_mindone():
     ids = np.array([[1, 2, 3]])
     assert model.generate(input_ids=ids, eos_token_id=[]).shape == (1, 3 + 64)
     assert model.generate(input_ids=ids, eos_token_id=[], max_new_tokens=5).shape == (1, 3 + 5)
+
+
+def readme_python_blocks():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M)
+
+
+def prefix_kept(text_ids, inputs):
+    """The new ids follow the prompt, which generate returns first."""
+    ids, prompt = text_ids.asnumpy(), np.asarray(inputs["input_ids"])
+    assert ids.shape[1] > prompt.shape[1]
+    np.testing.assert_array_equal(ids[:, :prompt.shape[1]], prompt)
+
+
+def check_media_block(g, folder):
+    assert g["model"].dtype == ms.bfloat16
+    for name in ("pixel_values_videos", "pixel_values", "input_features"):  # the video's sound too
+        assert name in g["inputs"], name
+    prefix_kept(g["text_ids"], g["inputs"])
+
+
+def check_text_only_block(g, folder):
+    assert not g["model"].has_talker
+    prefix_kept(g["text_ids"], g["inputs"])
+
+
+def check_speech_block(g, folder):
+    audio, model = g["audio"], g["model"]
+    assert isinstance(audio, ms.Tensor) and audio.dtype == ms.float32 and audio.ndim == 1
+    assert audio.shape[0] > 0 and audio.shape[0] % model.samples_per_codec_token == 0
+    prefix_kept(g["text_ids"], g["inputs"])
+
+
+def check_streaming_block(g, folder):
+    assert g["played"] and all(isinstance(a, ms.Tensor) and a.dtype == ms.float32 and a.ndim == 1 for a in g["played"])
+    assert len(g["session"].clips) == 1  # the spoken turn, kept in the cache beside the typed one
+
+
+def check_lora_block(g, folder):
+    assert os.path.isfile(folder / "omni_lora" / "adapter_model.safetensors")
+    with open(folder / "omni_lora" / "adapter_config.json") as f:
+        config = json.load(f)
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 8, 16, 0.05)
+
+
+def check_export_block(g, folder):
+    """The exported folder loads, its weights the merged model's rounded to bfloat16."""
+    from mindone_ext import Qwen2_5OmniForConditionalGeneration
+
+    exported = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(folder / "omni-finetuned"),
+                                                                   mindspore_dtype=ms.bfloat16)
+    ours = dict(g["model"].parameters_and_names())
+    theirs = dict(exported.parameters_and_names())
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        want = ours[name].astype(ms.bfloat16).astype(ms.float32).asnumpy()
+        np.testing.assert_array_equal(value.astype(ms.float32).asnumpy(), want, err_msg=name)
+
+
+README_CHECKS = [check_media_block, check_text_only_block, check_speech_block, check_streaming_block,
+                 check_lora_block, check_export_block]
+
+
+def test_the_readme_python_blocks_run_one_after_another(workdir):
+    """Our README's Python blocks as a user runs them, one after another in one session (a
+    notebook): the model folder is the bundled checkpoint, the README's video and photo real files
+    (a video whose soundtrack speaks, a picture), `microphone()` the spoken question in uneven
+    pieces and `play` a list; what each block makes is checked."""
+    blocks = readme_python_blocks()
+    assert len(blocks) == len(README_CHECKS), "a README block was added or removed: check what it makes here"
+    if not os.path.exists(workdir / "clip.mp4"):
+        os.symlink(workdir / "video.mp4", workdir / "clip.mp4")
+    rm.convert(str(workdir / "speech.wav"), str(workdir / "speech16k.wav"), rate=16000)  # what a microphone gives
+    speech, rate = sf.read(workdir / "speech16k.wav", dtype="float32")
+    assert rate == 16000
+
+    def microphone():
+        for lo in range(0, len(speech), 3001):
+            yield speech[lo:lo + 3001]
+
+    played = []
+    g = {"__name__": "__main__", "microphone": microphone, "play": played.append, "played": played}
+    placeholders = {'"/models/Qwen2.5-Omni-7B"': repr(CHECKPOINT), '"file:///data/photo.jpg"': repr(
+        f"file://{workdir / 'image.png'}"), '"/models/omni-finetuned"': repr(str(workdir / "omni-finetuned"))}
+    code = "\n".join(blocks)
+    for placeholder in placeholders:
+        assert placeholder in code, f"the README no longer holds {placeholder}"
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for n, (block, check) in enumerate(zip(blocks, README_CHECKS)):
+            for placeholder, value in placeholders.items():
+                block = block.replace(placeholder, value)
+            exec(compile(block, f"README.md python block {n + 1}", "exec"), g)
+            check(g, workdir)
+    finally:
+        os.chdir(cwd)
