@@ -62,7 +62,7 @@ def kv_write_seconds(text_config, slots, repeats):
     new = Tensor(np.ones((kv, d), np.float32))
     start = slots // 2
 
-    class InPlace(nn.Cell):  # as generation.decode.PoolBuffers holds a cache
+    class InPlace(nn.Cell):  # as generation.cache_pool.PoolBuffers holds a cache
         def __init__(self):
             super().__init__()
             self.buffers = ParameterTuple([Parameter(ops.zeros((kv * slots, d), ms.float32), name=f"kv{i}",
@@ -110,7 +110,7 @@ def main():
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     from mindone_ext import Qwen2_5OmniForConditionalGeneration
-    from mindone_ext.generation.decode import cache_slots
+    from mindone_ext.generation.cache_pool import cache_slots
 
     config = build_config(shape)
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-from .decode import CompiledDecoder, TokenLookup
+from .cache_pool import TokenLookup
+from .decode import CompiledDecoder
 from .loop import DecodeRequest, Step, TokenLoop
 from .sampling import Sampler, SamplingConfig
 

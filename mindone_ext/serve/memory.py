@@ -1,7 +1,7 @@
 """The memory of the conversations' state: the most the server's limits let it take, checked at start.
 
 Every conversation's cache is a row of a shared pool (one per decoder), and a pool's rows all
-have the slots of its longest conversation (a power of two, see generation.decode). So the
+have the slots of its longest conversation (a power of two, see generation.cache_pool). So the
 caches can grow to every row at the longest conversation the limits allow: that is the bound,
 and the server refuses to start when it exceeds `--cache_memory_mb`, rather than run out of
 memory when a long conversation comes. Beside its cache, a conversation keeps its tokens' input
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from mindspore import ops
 
-from ..generation.decode import cache_slots
+from ..generation.cache_pool import cache_slots
 
 MB = 1 << 20
 

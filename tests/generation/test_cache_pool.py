@@ -3,7 +3,8 @@ equal its own cache's, decoding alone, as rows join, leave, are reused and the p
 import numpy as np
 import pytest
 
-from mindone_ext.generation.decode import MIN_CACHE_SLOTS, CacheFull, CompiledDecoder
+from mindone_ext.generation.cache_pool import MIN_CACHE_SLOTS, CacheFull
+from mindone_ext.generation.decode import CompiledDecoder
 from tests.conftest import max_abs_diff
 
 
@@ -172,7 +173,8 @@ def test_a_batched_step_attends_to_its_rows_ends_not_the_pools(our_model):
     alone does. For every start of the long row's piece near 256, the batch's span is that
     rounding, and a decode step after it (which reads every written slot back) equals each
     conversation's alone."""
-    from mindone_ext.generation.decode import SMALL_PIECE, ExtendRequest, cache_slots
+    from mindone_ext.generation.cache_pool import cache_slots
+    from mindone_ext.generation.decode import SMALL_PIECE, ExtendRequest
 
     pooled, alone = runner_of(our_model, rows=3), runner_of(our_model)
     grown = pooled.allocate(1, 1024, our_model.cache_dtype)  # the long conversation that grew the pool

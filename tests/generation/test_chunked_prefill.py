@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mindone_ext.generation.decode import MIN_CACHE_SLOTS, PREFILL_CHUNK, SMALL_PIECE, cache_slots
+from mindone_ext.generation.cache_pool import MIN_CACHE_SLOTS, cache_slots
+from mindone_ext.generation.decode import PREFILL_CHUNK, SMALL_PIECE
 from tests.conftest import max_abs_diff
 
 

@@ -13,7 +13,8 @@ from mindspore import Parameter, Tensor
 
 from types import SimpleNamespace
 
-from mindone_ext.generation.decode import CachePool, CompiledDecoder
+from mindone_ext.generation.cache_pool import CachePool
+from mindone_ext.generation.decode import CompiledDecoder
 from mindone_ext.nn import ops as P
 from mindone_ext.nn.decoder import attend
 from mindone_ext.nn.decoder_kernels import (PIECE_MACS, DecoderKernels, cached_attention, cached_attention_kernel,
