@@ -28,7 +28,11 @@ engine's ratios (first audio under load vs alone, throughput vs the interleaved 
 throughput ratio's ceiling on this machine: the interleaved engine's wall time per answer over the
 batched engine's Token2Wav seconds per answer (its ODE and vocoder batches: compute-bound on a
 CPU, a batch of 16 ODE windows costs ~5x one window), the ratio the batched engine would reach if
-all its other work cost nothing and its Token2Wav batches stayed as this load made them. Each
+all its other work cost nothing and its Token2Wav batches stayed as this load made them; with
+burst clients, also the first-audio ratio's floor by the same token: clients that ask again at
+once make a turn last clients / throughput on average (Little's law), and the model thread makes
+at most one answer per its Token2Wav seconds, so a turn lasts at least clients x those seconds
+(these answers' first audio comes near their turn's end), here over the first audio alone. Each
 engine's line holds where its model thread's time went under the load (the server's
 `busy_seconds`, per answer; `idle`: the rest of the wall time, waiting for the clients' turns and
 the engine's loop). The compiled graphs the server holds are reported with the memory (a round
@@ -220,7 +224,10 @@ def main():
                           "ratio_throughput_batched_vs_interleaved": ratio(batched["codec_tokens_per_s"],
                                                                            interleaved["codec_tokens_per_s"]),
                           "ratio_throughput_ceiling": ratio(60000 / interleaved["answers_per_min"],
-                                                            batched["busy_ms_per_answer"]["token2wav"])}),
+                                                            batched["busy_ms_per_answer"]["token2wav"]),
+                          "ratio_first_audio_floor": ratio(args.clients * batched["busy_ms_per_answer"]["token2wav"],
+                                                           1000 * batched["alone_first_audio_p50_s"])
+                          if args.pace == "burst" else None}),
               flush=True)
     failed = any(r["hung"] or r["mismatched"] or r["sessions_after"] or r["caches_after"] for r in results.values())
     sys.exit(1 if failed else 0)
