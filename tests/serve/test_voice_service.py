@@ -185,6 +185,41 @@ def test_openai_client_sends_real_speech_and_a_picture(server, our_model, proces
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
 
 
+def test_the_docs_openai_example_runs_as_written(server, our_model, processor, tmp_path):
+    """docs/voice_service.md's OpenAI example, as a user copies it (the server's address and key
+    filled in), on a spoken question made by espeak-ng: it prints the answer's text, generate's
+    on the same conversation, and writes its speech as a 24 kHz WAV."""
+    from mindone_ext import process_mm_info
+    from tests.reference_media import real_media
+
+    assert not real_media.missing_tools(), "apt-get install espeak-ng sox ffmpeg"
+    with open(os.path.join(ROOT, "docs", "voice_service.md")) as f:
+        (code,) = re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M)
+    for placeholder, value in (('"http://127.0.0.1:8000/v1"', repr(server.url + "/v1")), ('"KEY"', repr(API_KEY))):
+        assert placeholder in code, f"the example no longer holds {placeholder}"
+        code = code.replace(placeholder, value)
+    question = real_media.speech(str(tmp_path), "What is the capital of France?", name="question.wav")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        g = {"__name__": "__main__"}
+        exec(compile(code, "docs/voice_service.md", "exec"), g)
+    finally:
+        os.chdir(cwd)
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+                    {"role": "user", "content": [{"type": "audio", "audio": question},
+                                                 {"type": "text", "text": "Answer the question in the recording."}]}]
+    audios, _, _ = process_mm_info(conversation)
+    inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
+                       audio=audios)
+    ids = our_model.generate(**inputs, max_new_tokens=LIMITS["max_new_tokens"], return_audio=False)
+    assert "".join(g["transcript"]) == processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:],
+                                                                   skip_special_tokens=True)
+    with wave.open(str(tmp_path / "answer.wav")) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (24000, 1, 2)
+        assert 0 < f.getnframes() and f.getnframes() % our_model.samples_per_codec_token == 0
+
+
 async def _barge_in(server):
     from demo_media import speech_like
 
