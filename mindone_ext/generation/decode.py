@@ -72,12 +72,16 @@ class ExtendRequest(NamedTuple):
     positions: np.ndarray
 
 
-def prompt_parts(cache, embeds, positions):
-    """A prompt (1, T, E) written from slot 0 as a generator of ExtendRequests of at most
-    PREFILL_CHUNK tokens, each sent back (logits, hidden) (a driver runs other work between them)
-    -> the last logits and the prompt's hidden states, as `prefill` gives them."""
-    cache.length, hidden = 0, []
-    for lo in range(0, embeds.shape[1], PREFILL_CHUNK):
+def prompt_parts(cache, embeds, positions, start=0):
+    """A prompt (1, T, E) written from slot `start` (its first `start` tokens are in the cache
+    already: a kept prefix) as a generator of ExtendRequests of at most PREFILL_CHUNK tokens, each
+    sent back (logits, hidden) (a driver runs other work between them) -> the last logits and the
+    hidden states of the tokens written, as `prefill` gives them."""
+    if not 0 <= start < embeds.shape[1]:
+        raise ValueError(f"a prompt of {embeds.shape[1]} tokens cannot start at slot {start}")
+    cache.truncate(start)
+    hidden = []
+    for lo in range(start, embeds.shape[1], PREFILL_CHUNK):
         part = slice(lo, lo + PREFILL_CHUNK)
         logits, states = yield ExtendRequest(cache, embeds[:, part], positions[..., part])
         hidden.append(states)

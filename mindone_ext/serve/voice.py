@@ -129,9 +129,10 @@ class VoiceConversation:
         if self.session is None:
             kwargs = {} if self.system_prompt is None else {
                 "system_prompt": self.system_prompt, "system_ids": await self.tokens(system_turn(self.system_prompt))}
+            # the Talker's caches are a row per answer in progress (serve/memory.py), not per conversation
             self.session = await self.engine.call(lambda: ConversationSession(
                 self.model, self.processor, max_tokens=self.options.max_context_tokens,
-                answer_room=self.settings.max_new_tokens, **kwargs))
+                answer_room=self.settings.max_new_tokens, keep_talker_cache=False, **kwargs))
         return self.session
 
     # ------------------------------------------------------------------ messages

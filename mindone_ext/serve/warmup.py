@@ -66,7 +66,8 @@ async def _spoken_turn(engine, model, processor, options, clip):
     settings.max_new_tokens = min(settings.max_new_tokens, TEXT_TOKENS)
     settings.talker_max_new_tokens = min(settings.talker_max_new_tokens, SPEECH_TOKENS)
     session = await engine.call(lambda: ConversationSession(model, processor, max_tokens=options.max_context_tokens,
-                                                            answer_room=settings.max_new_tokens))
+                                                            answer_room=settings.max_new_tokens,
+                                                            keep_talker_cache=False))
     generation = None
     try:
         await engine.call_steps(session.begin_audio_steps)

@@ -329,6 +329,26 @@ async def _limits_and_keys(server):
         await client.close()
 
 
+async def _between_answers(server):
+    client = await VoiceClient.connect(server)
+    await client.send({"type": "config", "talker_max_new_tokens": 20, "seed": 0})
+    await client.until("config.done")
+    await client.send({"type": "text", "text": "Say something."})
+    await client.until("response.done")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/health") as response:
+            health = await response.json()
+    await client.close()
+    return health
+
+
+def test_a_conversation_between_spoken_answers_holds_its_thinker_row_only(server):
+    """The server's memory bound counts a Talker cache per answer in progress, so its
+    conversations do not keep theirs between answers (ConversationSession(keep_talker_cache=False))."""
+    health = asyncio.run(_between_answers(server))
+    assert (health["sessions"], health["active"], health["caches"]) == (1, 0, 1), health
+
+
 def test_limits_keys_disconnects_and_idle_timeout(server):
     asyncio.run(_limits_and_keys(server))
 

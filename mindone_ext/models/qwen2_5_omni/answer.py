@@ -50,10 +50,11 @@ class AnswerRequest:
 class Answer:
     """One conversation's answer (batch size 1). A `cache` passed in already holds the prompt and
     stays open (the session that owns it continues the conversation); otherwise one is allocated
-    and freed. `record` (a list) receives the Thinker's steps. Call `close()` at the end, also
-    after an error or to stop early: it stops the Talker and frees the caches."""
+    and freed; so with `talker_cache` (a speech.KeptTalkerCache) for the Talker's. `record` (a
+    list) receives the Thinker's steps. Call `close()` at the end, also after an error or to stop
+    early: it stops the Talker and frees the caches."""
 
-    def __init__(self, model, request, tokenizer=None, chunking=None, cache=None, record=None):
+    def __init__(self, model, request, tokenizer=None, chunking=None, cache=None, record=None, talker_cache=None):
         self.request = request
         runner = model.thinker_runner()
         self.own_cache = cache is None
@@ -65,7 +66,7 @@ class Answer:
         self.thinker = model.thinker_loop(request, cache)
         self.text = TextDecoder(tokenizer)
         self.record = record
-        self.speech = _Speech(model, request, chunking) if request.return_audio else None
+        self.speech = _Speech(model, request, chunking, talker_cache) if request.return_audio else None
         self.done = False  # the last event was produced
         # called once by close(error): a conversation keeps the answer (its prefills, yielded) or drops it
         self.on_close = None
@@ -186,8 +187,8 @@ def stream(answer):
 class _Speech:
     """The Talker fed one answer token at a time, and Token2Wav fed its codec tokens."""
 
-    def __init__(self, model, request, chunking):
-        self.model, self.answer_request = model, request
+    def __init__(self, model, request, chunking, kept=None):
+        self.model, self.answer_request, self.kept = model, request, kept
         self.first_steps = []
         self.prompt = self.codes = None
         self.start_taken = self.started = False  # the codes' prompt prefill: handed to the driver, done
@@ -207,7 +208,7 @@ class _Speech:
             self.first_steps.append(step)
             if len(self.first_steps) == 2:  # the Talker's prompt ends with the first answer token's state
                 self.prompt = self.model.talker_prompt(self.answer_request, *self.first_steps)
-                self.codes = self.model.codec_loop(self.answer_request, self.prompt)
+                self.codes = self.model.codec_loop(self.answer_request, self.prompt, self.kept)
         else:
             self.prompt.add_reply(step.embeds, step.hidden)
         if thinker_done:

@@ -200,17 +200,18 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
         caches; the model stays usable."""
         return stream(self.answer(tokenizer, chunking, **kwargs))
 
-    def answer(self, tokenizer=None, chunking=None, cache=None, record=None, prepared=None, **kwargs):
+    def answer(self, tokenizer=None, chunking=None, cache=None, record=None, prepared=None, talker_cache=None,
+               **kwargs):
         """generate_stream's answer as an explicit pipeline (answer.Answer), for a caller that runs
         the decode steps itself (the voice server batches those of many answers). `cache` and
         `prepared`: a conversation whose prompt is in that cache already; `record` (a list)
-        receives the Thinker's steps."""
+        receives the Thinker's steps; `talker_cache`: the conversation's KeptTalkerCache, if it keeps one."""
         args = self.bind_generate_args(kwargs)
         request = self.plan_answer(args, args.pop("kwargs"), prepared, media_in_parts=True)
         if request.ids.shape[0] != 1:
             raise ValueError(f"generate_stream streams one conversation (batch size 1); got a batch of "
                              f"{request.ids.shape[0]}")
-        return Answer(self, request, tokenizer, chunking, cache, record)
+        return Answer(self, request, tokenizer, chunking, cache, record, talker_cache)
 
     def bind_generate_args(self, kwargs):
         """Keyword arguments -> all of generate()'s parameters (defaults filled in, extras in "kwargs")."""
@@ -294,13 +295,14 @@ class Qwen2_5OmniForConditionalGeneration(nn.Cell):
             first_step.hidden, int(first_step.tokens[0]), second_step.embeds, second_step.hidden,
             request.voice.bos_token)
 
-    def codec_loop(self, request, talker_prompt):
-        """The Talker's codec token loop (speech.CodecLoop) for `talker_prompt`."""
+    def codec_loop(self, request, talker_prompt, kept=None):
+        """The Talker's codec token loop (speech.CodecLoop) for `talker_prompt`, over `kept`'s
+        cache (a conversation's speech.KeptTalkerCache) when given."""
         settings = {**speech.TALKER_DEFAULTS, "max_new_tokens": self.talker_max_new_tokens, **request.talker_args}
         positions, deltas = speech.talker_positions(self.config.talker_config, talker_prompt, request.media,
                                                     request.use_audio_in_video)
         return speech.CodecLoop(self.talker, self.talker_runner(), talker_prompt, positions, deltas, settings,
-                                None if request.seed is None else request.seed + 1)
+                                None if request.seed is None else request.seed + 1, kept)
 
     def _speak(self, request, steps):
         if len(steps) < 2:  # nothing was said before the stop token

@@ -34,6 +34,7 @@ from .audio_features import clip_features
 from .media_parts import audio_request
 from .prefills import prefill_now
 from .prompts import SYSTEM_PROMPT  # noqa: F401  (where callers have imported it from)
+from .speech import KeptTalkerCache
 from .answer import stream
 
 # The system prompt the released model needs before it will speak (its model card says so).
@@ -69,10 +70,14 @@ class ConversationSession:
     """`max_tokens`: the conversation's limit (default and at most the Thinker's context);
     `answer_room`: tokens a turn must leave free for its answer (an answer's max_new_tokens);
     `system_ids`: the tokens of system_turn(system_prompt) when the caller made them already (a
-    server tokenizes off the model's thread, as it does a typed turn's: see ask_steps)."""
+    server tokenizes off the model's thread, as it does a typed turn's: see ask_steps);
+    `keep_talker_cache`: the Talker's cache stays from one spoken answer to the next, so each
+    prefills only the conversation's new part (its prompt is the whole conversation); a server
+    whose memory bound counts a Talker cache per answer in progress, not per conversation, passes
+    False."""
 
     def __init__(self, model, processor, system_prompt=SYSTEM_PROMPT, max_tokens=None, answer_room=0,
-                 system_ids=None):
+                 system_ids=None, keep_talker_cache=True):
         self.model, self.processor = model, processor
         config = model.config.thinker_config
         context = config.text_config.max_position_embeddings
@@ -85,6 +90,7 @@ class ConversationSession:
         self.extractor = processor.feature_extractor
         self.runner = model.thinker_runner()
         self.cache = self.runner.allocate(1, min(512, self.max_tokens), model.thinker.model.embed_tokens.weight.dtype)
+        self.talker = KeptTalkerCache() if keep_talker_cache and model.has_talker else None
         self.ids = np.zeros((1, 0), np.int64)
         self.embeds, self.hidden = [], []  # per prefilled piece, (1, n, E) and (1, n, H)
         self.clips = []  # each finished audio clip: (cache slot of its first token, mel frames)
@@ -138,6 +144,8 @@ class ConversationSession:
         self.embeds, self.hidden = self.embeds[:kept], self.hidden[:kept]
         self.ids = self.ids[:, :length]
         self.cache.truncate(length)
+        if self.talker is not None:
+            self.talker.forget_from(length)
 
     def add_text(self, text, what="this turn", answer=True):
         prefill_now(self._add_text(text, what, answer))
@@ -298,7 +306,7 @@ class ConversationSession:
         with self._turn():
             prepared = _Prepared(ops.cat(self.embeds, 1), ops.cat(self.hidden, 1), self.logits.copy(), media)
             answer = model.answer(tokenizer, chunking, cache=self.cache, record=steps, prepared=prepared,
-                                  input_ids=self.ids, **kwargs)
+                                  talker_cache=self.talker, input_ids=self.ids, **kwargs)
             self._check_room(answer.request.max_new + ANSWER_CLOSING,
                              f"an answer of up to {answer.request.max_new} tokens", answer=False)
         # closed by an error: the conversation as before the user's turn; else it keeps the answer
@@ -322,8 +330,10 @@ class ConversationSession:
         yield from self._append(ids, self.model.thinker.embed(np.asarray([ids])))
 
     def close(self):
-        """Free the cache (the session is over)."""
+        """Free the caches (the session is over)."""
         self.cache.release()
+        if self.talker is not None:
+            self.talker.release()
         self.embeds, self.hidden, self.audio = [], [], None
 
 

@@ -43,6 +43,7 @@ class TalkerPrompt:
         codec = talker.codec_embedding(np.array([[talker.codec_pad_token, talker.codec_bos_token]]))
         tail = ops.cat((self.embed([speaker_bos]), first_hidden + first_embeds), 1) + codec
         self.embeds = ops.cat((prompt_hidden + prompt_embeds, tail), 1)
+        self.conversation = prompt_ids.shape[1]  # its first tokens: the conversation (the Thinker's prompt)
         self.text_ids = np.concatenate([prompt_ids, [[speaker_bos, first_answer_id]]], 1)
         self.codec_ids = np.concatenate([np.full_like(prompt_ids, talker.codec_mask_token),
                                          [[talker.codec_pad_token, talker.codec_bos_token]]], 1)
@@ -75,16 +76,44 @@ def talker_positions(talker_config, prompt, media, use_audio_in_video):
                           media.get("video_second_per_grid"))
 
 
+class KeptTalkerCache:
+    """A conversation's Talker cache, kept from one answer to the next. An answer's Talker prompt
+    starts with the whole conversation so far, whose keys do not change as it grows (causal
+    attention, the same inputs and positions), so the next answer prefills only what follows
+    `prefix`: the conversation's tokens whose keys the cache holds (an answer's own prompt tail
+    and codec steps come after them, and are overwritten)."""
+
+    def __init__(self):
+        self.cache, self.prefix = None, 0
+
+    def forget_from(self, length):
+        """The conversation was cut back to its first `length` tokens."""
+        self.prefix = min(self.prefix, length)
+
+    def release(self):
+        if self.cache is not None:
+            self.cache.release()
+        self.cache, self.prefix = None, 0
+
+
 class CodecLoop:
     """The Talker's codec tokens for one answer, as an explicit loop (see generation.TokenLoop):
     `first()` prefills the prompt and gives the first code; then, while not `done`, `request()`
     is the next decode step when its input is known (None while the prompt still waits for the
     Thinker's answer token it reads) and `accept` gives the code it produced. Codes include the
-    last one (a stop token or the cut). `release()` frees the cache."""
+    last one (a stop token or the cut). `release()` frees the cache, unless it is `kept`'s (a
+    KeptTalkerCache: the prompt's part already in it is not prefilled again)."""
 
-    def __init__(self, talker, runner, prompt, positions, deltas, settings, seed):
-        self.talker, self.runner, self.prompt, self.positions = talker, runner, prompt, positions
-        self.cache = runner.allocate(1, prompt.embeds.shape[1] + settings["max_new_tokens"], prompt.embeds.dtype)
+    def __init__(self, talker, runner, prompt, positions, deltas, settings, seed, kept=None):
+        self.talker, self.runner, self.prompt, self.positions, self.kept = talker, runner, prompt, positions, kept
+        slots = prompt.embeds.shape[1] + settings["max_new_tokens"]
+        if kept is None or kept.cache is None:
+            self.cache = runner.allocate(1, slots, prompt.embeds.dtype)
+            if kept is not None:
+                kept.cache, kept.prefix = self.cache, 0
+        else:
+            self.cache = kept.cache
+            runner.reserve(self.cache, slots)
         self.loop = TokenLoop(runner, self.cache, prompt.codec_ids, deltas, settings["max_new_tokens"],
                               SamplingConfig.from_settings(settings, seed), list(settings["eos_token_id"]),
                               talker.codec_pad_token, self._embed_next, suppress_ids=[talker.codec_bos_token])
@@ -101,7 +130,12 @@ class CodecLoop:
 
     def first_steps(self):
         """`first` as a generator of the prompt's prefill in parts (generation.decode.prompt_parts)."""
-        logits, hidden = yield from prompt_parts(self.cache, self.prompt.embeds, self.positions)
+        start = 0
+        if self.kept is not None:  # while the rest is written, what is before it stays valid
+            start = self.kept.prefix = min(self.kept.prefix, self.prompt.conversation)
+        logits, hidden = yield from prompt_parts(self.cache, self.prompt.embeds, self.positions, start)
+        if self.kept is not None:
+            self.kept.prefix = self.prompt.conversation
         return int(self.loop.first(logits, hidden, self.prompt.embeds).tokens[0])
 
     def request(self):
@@ -123,7 +157,8 @@ class CodecLoop:
             self.release()
 
     def release(self):
-        self.cache.release()
+        if self.kept is None:
+            self.cache.release()
 
 
 def talker_runner(talker):

@@ -243,3 +243,66 @@ def test_texts_tokenized_by_the_caller_make_the_same_conversation_without_tokeni
     np.testing.assert_array_equal(given.logits, own.logits)
     own.close()
     given.close()
+
+
+def test_a_conversation_keeps_its_talker_cache_and_each_answer_prefills_only_what_is_new(our_model, processor,
+                                                                                         monkeypatch):
+    """The Talker's prompt is the whole conversation (and 2 tokens: the voice's and the first
+    answer token's): a session keeps the Talker's cache between spoken answers, and each answer
+    prefills only what came after the previous answer's conversation; what it says is what a
+    session that prefills the whole prompt each time says (text and waveform), through a failed
+    answer, a rewind below what the cache holds, audio turns and another voice."""
+    runner = our_model.talker_runner()
+    written = []  # tokens of each Talker prefill piece
+    extend = runner.extend
+    monkeypatch.setattr(runner, "extend", lambda cache, embeds, *a, **k: written.append(embeds.shape[1]) or extend(
+        cache, embeds, *a, **k))
+    args = dict(spk="Ethan", max_new_tokens=6, eos_token_id=[], talker_do_sample=False, talker_max_new_tokens=30,
+                seed=3)
+
+    def conversation(keep):
+        session = ConversationSession(our_model, processor, keep_talker_cache=keep)
+        said, prefilled, lengths = [], [], []
+
+        def answer(**extra):
+            written.clear()
+            lengths.append(session.ids.shape[1])
+            events = list(session.respond(**{**args, **extra}))
+            said.append(([e.token_id for e in events if isinstance(e, TextDelta)],
+                         np.concatenate([e.audio for e in events if isinstance(e, AudioChunk)])))
+            prefilled.append(sum(written))
+
+        session.begin_audio()
+        wave = crescendo(0.6, seed=4)
+        for i in range(0, len(wave), 1500):
+            session.feed_audio(wave[i:i + 1500])
+        session.end_audio()
+        answer()
+        after_first = session.cache.length
+        session.ask("And then?")
+        answer()
+        session.ask("Say it again.")
+        with pytest.raises(TypeError, match="unsupported arguments: bogus"):  # fails: its turn is dropped
+            next(session.respond(**args, bogus=1))
+        session.ask("Once more?")
+        answer()
+        session.rewind(after_first)  # back to before the second question, below what the Talker's cache holds
+        session.ask("Something else.")
+        answer()
+        session.begin_audio()
+        session.feed_audio(crescendo(0.4, seed=5))
+        session.end_audio("What was that?")
+        answer(spk="Chelsie")  # another voice: only the prompt's tail differs
+        session.close()
+        return said, prefilled, lengths, after_first, session
+
+    kept, kept_prefilled, lengths, after_first, kept_session = conversation(True)
+    fresh, fresh_prefilled, fresh_lengths, _, _ = conversation(False)
+    assert lengths == fresh_lengths
+    for (tokens, audio), (want_tokens, want_audio) in zip(kept, fresh):
+        assert tokens == want_tokens
+        np.testing.assert_array_equal(audio, want_audio)
+    assert fresh_prefilled == [n + 2 for n in lengths]
+    held = [0, lengths[0], lengths[1], after_first, lengths[3]]  # what the Talker's cache held at each answer
+    assert kept_prefilled == [n + 2 - h for n, h in zip(lengths, held)]
+    assert kept_session.talker.cache is None and runner.caches_in_use() == 0  # closed: freed
