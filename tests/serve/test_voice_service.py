@@ -220,13 +220,19 @@ def test_the_docs_openai_example_runs_as_written(server, our_model, processor, t
         assert 0 < f.getnframes() and f.getnframes() % our_model.samples_per_codec_token == 0
 
 
+async def spoken_turn(server, text, talker_max_new_tokens):
+    """A new conversation whose first turn, `text`, has just been sent for a spoken answer (seeded)."""
+    client = await VoiceClient.connect(server)
+    await client.send({"type": "config", "talker_max_new_tokens": talker_max_new_tokens, "seed": 0})
+    await client.until("config.done")
+    await client.send({"type": "text", "text": text})
+    return client
+
+
 async def _barge_in(server):
     from demo_media import speech_like
 
-    client = await VoiceClient.connect(server)
-    await client.send({"type": "config", "talker_max_new_tokens": 200, "seed": 0})
-    await client.until("config.done")
-    await client.send({"type": "text", "text": "Tell me a long story."})
+    client = await spoken_turn(server, "Tell me a long story.", 200)
     await client.until("response.start")
     await client.until("audio")  # the answer is being spoken
     chunk = len(client.take_audio())
@@ -330,10 +336,7 @@ async def _limits_and_keys(server):
 
 
 async def _between_answers(server):
-    client = await VoiceClient.connect(server)
-    await client.send({"type": "config", "talker_max_new_tokens": 20, "seed": 0})
-    await client.until("config.done")
-    await client.send({"type": "text", "text": "Say something."})
+    client = await spoken_turn(server, "Say something.", 20)
     await client.until("response.done")
     async with aiohttp.ClientSession() as http:
         async with http.get(server.url + "/health") as response:
