@@ -113,16 +113,24 @@ def stream(model, settings):
                 stream_total_s=round(time.perf_counter() - start, 3), stream_chunks=chunks)
 
 
-def run_reference(args):
-    start = time.perf_counter()
+def reference_model(path):
+    """The PyTorch reference on `path`, float32."""
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model_path, dtype=torch.float32).eval()
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     # Random weights may emit codes past the DiT's table (the Talker's vocabulary is larger), on
     # which the reference's Token2Wav fails with an IndexError; they are dropped first, as ours does.
     token2wav, limit = model.token2wav.forward, model.config.token2wav_config.dit_config.num_embeds
     model.token2wav.forward = lambda code, *rest, **kw: token2wav(code[:, code[0] < limit], *rest, **kw)
+    return model
+
+
+def run_reference(args):
+    start = time.perf_counter()
+    import torch
+
+    model = reference_model(args.model_path)
     feed, question_s = inputs(args.model_path, args.wav)
     feed = {k: torch.tensor(v) for k, v in feed.items()}
     loaded = round(time.perf_counter() - start, 3)

@@ -89,6 +89,20 @@ def test_latency_bench_output_form():
         median("whole_cold_s", ours, ours_2) / median("whole_warm_s", ours, ours_2), 3)
 
 
+def test_conversation_bench_output_form():
+    """Ours keeping the Talker's cache prefills an answer's new part only; re-prefilling, the
+    conversation and its 2 tokens; the reference answers the same conversations."""
+    lines = run_bench("conversation.py", "--turns", "3", "--timed", "2", "--text_tokens", "4", "--codec_tokens", "20")
+    kept, whole, reference, summary = lines
+    assert [r.get("impl") for r in lines] == ["ours", "ours_whole_talker_prompt", "reference", None]
+    assert kept["conversation_tokens"] == whole["conversation_tokens"] == reference["conversation_tokens"]
+    assert whole["talker_tokens_prefilled"] == [n + 2 for n in whole["conversation_tokens"]]
+    previous = kept["conversation_tokens"]  # the kept cache holds the previous answer's conversation
+    assert kept["talker_tokens_prefilled"][1] == previous[1] + 2 - previous[0]
+    assert all(r["whole_s"] > 0 for r in lines[:3]) and kept["first_audio_s"] > 0
+    assert summary["ratio_first_audio_kept_vs_whole_talker_prompt"] > 0 and summary["ratio_whole_vs_reference_whole"] > 0
+
+
 def test_cold_start_bench_output_form():
     lines = run_bench("cold_start.py", "--text_tokens", "4", "--codec_tokens", "30", "--answers", "2")
     graphs, summary = lines[:-1], lines[-1]
