@@ -3,6 +3,7 @@ classifier-free guidance, then mel -> 24 kHz waveform by BigVGAN. Names mirror t
 (`token2wav.code2wav_dit_model`, `token2wav.code2wav_bigvgan_model`)."""
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import mindspore as ms
@@ -28,6 +29,16 @@ ONE_GRAPH_BYTES = 256 << 20  # see Qwen2_5OmniToken2WavModel.one_graph
 # 1.79-1.84 s against 1.97-2.08, later streams alike
 STEP_GRAPH_BYTES = 8 << 20
 RK4_EVALUATIONS = 4  # the DiT's evaluations in one RK4 step (its graph keeps the activations of each)
+
+
+class DiTGraphs(NamedTuple):
+    """The compiled pieces of the ODE's velocity (Qwen2_5OmniToken2WavModel._graphs)."""
+    whole: StoredGraph  # the whole DiT, guidance included
+    embed: StoredGraph  # its input embedding and time embedding
+    block: StoredGraph  # one DiT block, shared by all blocks
+    output: StoredGraph  # its output, guidance included
+    rk4_step: StoredGraph  # a whole RK4 step: four evaluations of the whole DiT
+    conditions: StoredGraph  # the frame conditions, made once per solve
 ACTIVATIONS_PER_LAYER = 16  # (frames x hidden)-sized tensors a DiT block's graph keeps, roughly
 NOISE_FRAMES = 30000  # the reference draws this much noise once and uses its first frames
 VOICES_KEPT = 8  # speakers whose ECAPA embedding is kept (see speaker_voice)
@@ -120,11 +131,11 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         return 2 * frames * hidden * layers * ACTIVATIONS_PER_LAYER * 4 <= (budget or ONE_GRAPH_BYTES)
 
     def _graphs(self, apply_cfg):
-        """The compiled pieces of one velocity evaluation, with or without guidance: the whole DiT
-        as one graph, or its input embedding, one DiT block shared by all blocks and its output,
-        each with the guidance; and a whole RK4 step (four evaluations of the whole DiT). All take
-        the weights as inputs, so each is stored once per machine (utils/graph_cache.py) and
-        compiles once per frame count."""
+        """The compiled pieces of one velocity evaluation, with or without guidance (DiTGraphs): the
+        whole DiT as one graph, or its input embedding, one DiT block shared by all blocks and its
+        output, each with the guidance; a whole RK4 step (four evaluations of the whole DiT); and the
+        frame conditions a solve makes once. All take the weights as inputs, so each is stored once
+        per machine (utils/graph_cache.py) and compiles once per frame count."""
         if apply_cfg not in self._compiled:
             dit = self.code2wav_dit_model
             heads, head_dim = dit.transformer_blocks[0].heads, dit.head_dim
@@ -156,9 +167,11 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
                     return whole(x, conditions, t, cos, sin, masks, guidance_scale, weights)
                 return rk4_step(f, y, (t0, t_a, t_b, t1), h, third)
 
-            self._compiled[apply_cfg] = tuple(StoredGraph(f"dit_{name}", function, constants) for name, function in
-                                              (("whole", whole), ("embed", embed), ("block", block),
-                                               ("output", output), ("rk4_step", step), ("conditions", conditions)))
+            self._compiled[apply_cfg] = DiTGraphs(*(StoredGraph(f"dit_{name}", function, constants)
+                                                    for name, function in (("whole", whole), ("embed", embed),
+                                                                           ("block", block), ("output", output),
+                                                                           ("rk4_step", step),
+                                                                           ("conditions", conditions))))
         return self._compiled[apply_cfg]
 
     def velocity(self, x, cond, code, t, cos, sin, masks, guidance_scale, voice, weights=None):
@@ -173,24 +186,24 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
     def frame_conditions(self, cond, code, voice, guidance_scale, weights):
         """What the DiT reads of each frame besides the noisy mel (the DiT's `conditions`): the same
         for every evaluation of a solve, so made once for it."""
-        graph = self._graphs(guidance_scale >= 1e-5)[5]
+        graph = self._graphs(guidance_scale >= 1e-5).conditions
         return graph(cond, code, voice, ms.mutable(weights[:EMBED_WEIGHTS]))
 
     def _velocity(self, x, conditions, t, cos, sin, masks, guidance_scale, weights):
         dit = self.code2wav_dit_model
-        whole, embed, layer, output, _, _ = self._graphs(guidance_scale >= 1e-5)
+        graphs = self._graphs(guidance_scale >= 1e-5)
         scale = Tensor(np.float32(guidance_scale))
         new = None if x.shape in self._shapes else f"the DiT for {x.shape[1]} mel frames"
         self._shapes.add(x.shape)
         # mutable: the tensors are graph inputs, not constants baked into a new graph per call
         with compiling(new):
             if self.one_graph(x.shape[0] * x.shape[1]):
-                return whole(x, conditions, t, cos, sin, ms.mutable(masks), scale, ms.mutable(weights))
+                return graphs.whole(x, conditions, t, cos, sin, ms.mutable(masks), scale, ms.mutable(weights))
             first, blocks, last = split_weights(weights, len(dit.transformer_blocks))
-            h, t_emb = embed(x, conditions, t, ms.mutable(first))
+            h, t_emb = graphs.embed(x, conditions, t, ms.mutable(first))
             for window, block_weights in zip(masks, blocks):
-                h = layer(h, t_emb, cos, sin, ms.mutable(window), ms.mutable(block_weights))
-            return output(h, t_emb, scale, ms.mutable(last))
+                h = graphs.block(h, t_emb, cos, sin, ms.mutable(window), ms.mutable(block_weights))
+            return graphs.output(h, t_emb, scale, ms.mutable(last))
 
     def clip_codes(self, code):
         """The Talker's vocabulary is larger than the DiT's codec table: a code past the table
@@ -271,7 +284,7 @@ class Qwen2_5OmniToken2WavModel(nn.Cell):
         if self.one_graph(RK4_EVALUATIONS * len(rows) * length, STEP_GRAPH_BYTES):
             # one call a step, not 8: on the CPU each graph call costs ~0.5 ms beyond its work, a
             # third of a streamed window's solve on the tiny checkpoint (1 x 48 frames: 102 -> 71 ms)
-            step_graph, scale = self._graphs(apply_cfg)[4], Tensor(np.float32(guidance_scale))
+            step_graph, scale = self._graphs(apply_cfg).rk4_step, Tensor(np.float32(guidance_scale))
             shape = (len(rows), length, "step")
 
             def whole_step(y, times, h, third):
